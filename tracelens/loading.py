@@ -1,0 +1,160 @@
+"""`load_model`: any supported causal LM as a raw-mode TransformerLens `TransformerBridge`.
+
+Raw mode (no weight processing) keeps every activation bit-identical to the eager HF model. The
+bridge wraps the HF model in place; its tokenizer is a configured copy at `model.tokenizer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+# Architectures whose hook sites are checked against HF to the bit in tracelens' own tests.
+TESTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+# TransformerLens 4.3 reads the KV cache only from `past_key_values`; transformers 5.24 passes it as
+# `cache=`, so cached generation silently runs without a cache (wrong decode logits).
+_FIRST_BROKEN_TRANSFORMERS = Version("5.24")
+
+_names = itertools.count()
+
+
+def load_model(
+    source: str | os.PathLike | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    name: str | None = None,
+) -> TransformerBridge:
+    """Load a causal LM as a raw-mode `TransformerBridge` in eval mode.
+
+    Args:
+        source: `"default"` (SmolLM2-135M-Instruct, see `tracelens.default_model`), a local folder
+            written by `save_pretrained`, an HF model id already in the local HF cache (nothing is
+            downloaded), or an in-memory `PreTrainedModel` (then `tokenizer` is required; the model
+            is wrapped in place, so keep a `copy.deepcopy` if you need the untouched original).
+        tokenizer: overrides the tokenizer saved with the model. It is copied, never mutated.
+        dtype: weights' dtype; default float32 from disk, unchanged for an in-memory model.
+        device: default CUDA when available, else CPU; an in-memory model is moved there.
+        name: a label for TransformerLens; defaults to a unique one.
+    """
+    _check_transformers_version()
+    if isinstance(source, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("load_model(model) with an in-memory model needs tokenizer=...")
+        hf_model = source
+        _check_architecture(type(hf_model).__name__)
+        if dtype is not None:
+            hf_model = hf_model.to(dtype)
+    else:
+        folder = _resolve_folder(source)
+        _check_architecture(_read_architecture(folder))
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or torch.float32, attn_implementation="eager"
+        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    device = torch.device(device) if device is not None else _default_device()
+    hf_model = hf_model.to(device).eval()
+    label = name or getattr(hf_model.config, "name_or_path", None) or type(hf_model).__name__
+    bridge = TransformerBridge.boot_transformers(
+        f"{label}#{next(_names)}",
+        hf_model=hf_model,
+        tokenizer=_prepare_tokenizer(tokenizer, label),
+        device=device,
+        dtype=next(hf_model.parameters()).dtype,
+    )
+    return bridge.eval()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_transformers_version() -> None:
+    installed = metadata.version("transformers")
+    if Version(installed) >= _FIRST_BROKEN_TRANSFORMERS:
+        raise RuntimeError(
+            f"transformers {installed} is installed, but TransformerLens 4.3 gives "
+            "silently wrong KV-cached generation with transformers >= 5.24. "
+            "Install a known-good release: pip install 'transformers>=5.9,<5.24'"
+        )
+
+
+def _resolve_folder(source: str | os.PathLike) -> Path:
+    """A local model folder for `source`: "default", a path, or an id in the local HF cache."""
+    if str(source) == "default":
+        from tracelens.default_model import default_model_path
+
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a saved HF model")
+        return path
+    looked = [str(path.resolve())]
+    if "/" in str(source) and not path.is_absolute() and not str(source).startswith("."):
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(source), local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+            looked.append(f"the HF cache at {constants.HF_HUB_CACHE}")
+    raise FileNotFoundError(
+        f"model {str(source)!r} not found; looked in: {', '.join(looked)}. tracelens never downloads: "
+        "pass a folder written by save_pretrained, an id already in the HF cache, or 'default'."
+    )
+
+
+def _read_architecture(folder: Path) -> str:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    archs = config.get("architectures") or []
+    return archs[0] if archs else f"<no 'architectures' in {folder / 'config.json'}>"
+
+
+def _check_architecture(architecture: str) -> None:
+    if architecture in TESTED_ARCHITECTURES:
+        return
+    if architecture in SUPPORTED_ARCHITECTURES:
+        warnings.warn(
+            f"{architecture} loads through TransformerLens but is untested in tracelens; tested: "
+            f"{', '.join(TESTED_ARCHITECTURES)}. Check hook sites against HF before trusting results.",
+            stacklevel=3,
+        )
+        return
+    raise ValueError(
+        f"unsupported architecture {architecture!r}: TransformerLens 4.3 cannot bridge it. "
+        f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
+    )
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, label: str) -> PreTrainedTokenizerBase:
+    """A copy with the init kwargs TransformerLens reads (it mutates the tokenizer it gets)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.init_kwargs.setdefault("name_or_path", label)
+    if "add_bos_token" not in tok.init_kwargs:
+        ids = tok.encode("a")
+        tok.init_kwargs["add_bos_token"] = bool(
+            tok.bos_token_id is not None and len(ids) > 1 and ids[0] == tok.bos_token_id
+        )
+    return tok
