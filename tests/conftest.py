@@ -34,7 +34,9 @@ def tiny_sharp(request):
 
 
 def _active_hooks(model) -> list[str]:
-    return [name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+    """TL hook points with hooks, plus torch pre-hooks left on the wrapped HF model."""
+    names = [name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+    return names + ["original_model pre-hook"] * len(model.original_model._forward_pre_hooks)
 
 
 def encode(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
