@@ -40,7 +40,7 @@ def add(h: Float[Tensor, "*pos d"], vector: Float[Tensor, "d"], coefficient: flo
 
 def project(h: Float[Tensor, "*pos d"], unit_vectors: Float[Tensor, "d"] | Float[Tensor, "n d"]) -> Tensor:
     """Float32 scores `<h, v>`: `[*pos]` for one `[d]` direction, `[*pos, n]` for `[n, d]` directions."""
-    return h.float() @ unit_vectors.T
+    return h.float() @ (unit_vectors if unit_vectors.dim() == 1 else unit_vectors.T)
 
 
 def ablate(h: Float[Tensor, "*pos d"], unit_direction: Float[Tensor, "d"]) -> Float[Tensor, "*pos d"]:

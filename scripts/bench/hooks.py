@@ -1,0 +1,134 @@
+"""Forward-pass cost of tracelens hook adapters, as ratios measured in one process.
+
+Variants, run alternately (A B C ... A B C ...) so drift hits all alike; the median of the rounds is
+reported:
+  hf plain            the eager HF model, no hooks
+  hf raw capture      the same HF model, torch forward hooks copying every layer's output to CPU
+  plain               the tracelens model (TransformerBridge), no hooks
+  capture all         MultiLayerCapture of every residual layer
+  steer one           one SteeringHook
+  project all         MultiLayerProjection of every residual layer
+Target: capture and projection within 1.10x of the raw-torch-hook capture.
+
+    python scripts/bench/hooks.py [--rounds 10] [--models default,mid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+# glibc's default malloc thresholds make large-activation timings swing several-fold on this kind of
+# machine; fix them before torch allocates anything (re-exec so the allocator sees them).
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+           "MALLOC_TOP_PAD_": "1073741824"}
+if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path, load_model  # noqa: E402
+from tracelens.testing import make_tokenizer, tiny_hf_model  # noqa: E402
+
+
+def _models(name: str):
+    """(bridge, untouched HF copy, description)."""
+    if name == "default":
+        from tracelens.default_model import default_model_path
+
+        path = default_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
+    hf = tiny_hf_model("llama", n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048, vocab_size=512)
+    bridge = load_model(copy.deepcopy(hf), make_tokenizer())
+    return bridge, hf, "mid random Llama (16 layers, d 768, ~110M non-embedding params)"
+
+
+def _raw_capture(hf):
+    """Context manager: torch forward hooks copying each decoder layer's output to CPU."""
+    store: list[torch.Tensor] = []
+
+    class Raw:
+        def __enter__(self):
+            def hook(module, inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                store.append(out.detach().to("cpu"))
+
+            self.handles = [layer.register_forward_hook(hook) for layer in hf.model.layers]
+            return self
+
+        def __exit__(self, *exc):
+            for h in self.handles:
+                h.remove()
+            store.clear()
+
+    return Raw()
+
+
+def bench(name: str, rounds: int, batch: int, seq: int) -> None:
+    model, hf, desc = _models(name)
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.cfg.d_vocab, (batch, seq), generator=g)
+    vec = torch.randn(d, generator=g)
+    vectors = {layer: torch.randn(d, generator=g) for layer in range(n)}
+
+    def timed(fn, ctx_factory):
+        def run():
+            with ctx_factory():
+                start = time.perf_counter()
+                fn(ids)
+                return time.perf_counter() - start
+
+        return run
+
+    null = lambda: _Null()  # noqa: E731
+    variants = {
+        "hf plain": timed(hf, null),
+        "hf raw capture": timed(hf, lambda: _raw_capture(hf)),
+        "plain": timed(model, null),
+        "capture all": timed(model, lambda: MultiLayerCapture(model)),
+        "steer one": timed(model, lambda: SteeringHook(model, vec, get_hook_path(n // 2), 4.0)),
+        "project all": timed(model, lambda: MultiLayerProjection(model, vectors)),
+    }
+    times = {k: [] for k in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn()
+        for _ in range(rounds):
+            for k, fn in variants.items():
+                times[k].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n### {desc}, batch {batch} x {seq} tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
+    print("| variant | median ms | vs plain (tracelens) | vs hf raw capture |")
+    print("|---|---|---|---|")
+    for k, t in med.items():
+        print(f"| {k} | {t * 1e3:.1f} | {t / med['plain']:.3f}x | {t / med['hf raw capture']:.3f}x |")
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--models", default="default,mid")
+    args = p.parse_args()
+    for name in args.models.split(","):
+        bench(name, args.rounds, args.batch, args.seq)
+
+
+if __name__ == "__main__":
+    main()
