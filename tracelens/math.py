@@ -185,7 +185,8 @@ def representational_similarity(
 
     For each layer, the upper triangle (above the diagonal) of its cosine matrix is one vector; entry
     ``[i, j]`` compares layers i and j by Spearman correlation (``method="spearman"``) or by cosine
-    (``"cosine"``). Layers come back sorted. Needs n >= 3 so the triangles have at least 3 entries.
+    (``"cosine"``). Layers come back sorted. Needs n >= 3 so the triangles have at least 3 entries; a layer
+    whose cosines are all equal correlates 0 with every layer, itself included.
     """
     if method not in ("spearman", "cosine"):
         raise ValueError(f"method must be 'spearman' or 'cosine', got {method!r}.")
@@ -287,7 +288,8 @@ def remove_massive_dims(
     """Zero ``activations[..., dim]`` for each dim (massive activations, Sun et al. 2024).
 
     Dims ``>= d`` are ignored (a calibration list may cover a wider model); an empty list returns the input
-    itself. With ``clone=False`` the input is edited in place. Keeps the input dtype.
+    itself. With ``clone=False`` the input is edited in place. Keeps the input dtype. Negative dims raise
+    ValueError (they would silently index from the end).
     """
     if any(dim < 0 for dim in dims):
         raise ValueError(f"massive dims must be non-negative indices, got {list(dims)}.")

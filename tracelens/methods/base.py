@@ -106,8 +106,8 @@ class ExtractionMethod(ABC):
     ) -> dict[str, Any]:
         """Find a direction separating ``pos_acts`` from ``neg_acts``; see the module docstring for the contract.
 
-        ``val_pos_acts``/``val_neg_acts`` (both or neither) are a held-out split; only ``rfm`` uses it, the other
-        methods check and ignore it. Method hyper-parameters (``seed=``...) are keyword arguments; an unknown one
+        ``val_pos_acts``/``val_neg_acts`` (both or neither) are a held-out split; ``rfm`` and ``gradient`` tune on it
+        (else they hold out part of the training rows), the other methods check and ignore it. Method hyper-parameters (``seed=``...) are keyword arguments; an unknown one
         raises TypeError listing those the method accepts.
         """
         pos, neg = _check_pair(pos_acts, neg_acts, ("pos_acts", "neg_acts"), self.min_rows_per_class, self.name)

@@ -35,14 +35,17 @@ class RFM(ExtractionMethod):
     (the direction is unchanged by this affine map).
 
     Every ``bandwidth x center_grads`` pair is fitted (kernel ridge ``reg``, up to ``iters`` RFM rounds, xrfm's
-    early stopping on validation AUC). The kernel's diagonal is 1, so the original's ``reg=1e-3`` nearly
-    interpolates the labels and the AGOP then follows the sharp bumps around training rows; the default ``reg=1``
-    smooths the fit (on the planted-direction benchmark it raised the cosine to the planted direction from about
-    0.86 to about 0.94 at equal AUROC; see docs/performance.md). Each pair's top AGOP eigenvector, oriented on the training means, is scored by the AUROC of
-    its projections on the validation split: the given ``val_pos_acts``/``val_neg_acts``, else ``val_fraction``
-    of each class held out with ``seed``. The best-scoring pair wins (the first in grid order on ties); note the
-    original scored the RFM predictor instead, which can prefer a pair whose eigenvector is worse. Pairs whose fit
-    fails are recorded in ``grid``; if all fail, RuntimeError names each cause.
+    early stopping on validation AUC). Each pair's top AGOP eigenvector, oriented on the training means, is scored
+    by the AUROC of its projections on the validation split: the given ``val_pos_acts``/``val_neg_acts``, else
+    ``val_fraction`` of each class held out with ``seed`` (the fit then uses the rest). The best-scoring pair wins
+    (the first in grid order on ties). Pairs whose fit fails are recorded in ``grid``; if all fail, RuntimeError
+    names each cause.
+
+    Two departures from the original: it scored the RFM predictor rather than the eigenvector, which can prefer a
+    pair whose eigenvector is worse; and it used ``reg=1e-3``. The kernel's diagonal is 1, so ``1e-3`` nearly
+    interpolates the labels and the AGOP then follows the sharp bumps around training rows; ``reg=1`` smooths the
+    fit (on the planted-direction benchmark, docs/performance.md, it raised the cosine to the planted direction
+    from about 0.86 to about 0.94 at equal AUROC).
 
     Extras: ``val_auc``, ``bandwidth``, ``center_grads``, ``grid`` (one dict per pair). Needs 2 rows per class.
     """
