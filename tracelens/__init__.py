@@ -1,8 +1,8 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
 from tracelens.hooks import (
-    ActivationCappingHook,
     AblationHook,
+    ActivationCappingHook,
     CaptureHook,
     HookAdapter,
     MultiLayerAblation,
@@ -17,26 +17,57 @@ from tracelens.hooks import (
     calibrate_cap_threshold,
 )
 from tracelens.loading import load_model
+from tracelens.math import (
+    batch_cosine_similarity,
+    compute_top_pcs_by_variance,
+    cosine_similarity,
+    denoise_with_pcs,
+    grand_mean_center,
+    normalize_projections,
+    orthogonalize,
+    pairwise_cosine_matrix,
+    pca,
+    pca_norm_correlation,
+    project_out_subspace,
+    projection,
+    remove_massive_dims,
+    representational_similarity,
+    trait_clusters,
+    vector_set_comparison,
+)
+from tracelens.methods import (
+    METHODS,
+    RFM,
+    ExtractionMethod,
+    Gradient,
+    MeanDiff,
+    PreCleanedMethod,
+    Probe,
+    RandomBaseline,
+    get_method,
+)
+from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
+from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
+from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
 
 __all__ = [
-    "AblationHook",
-    "ActivationCappingHook",
-    "COMPONENTS",
-    "CaptureHook",
-    "HookAdapter",
-    "MultiLayerAblation",
-    "MultiLayerActivationCapping",
-    "MultiLayerCapture",
-    "MultiLayerProjection",
-    "MultiLayerSteering",
-    "PerPositionSteeringHook",
-    "PerSampleSteering",
-    "ProjectionHook",
-    "SteeringHook",
-    "calibrate_cap_threshold",
-    "detect_contribution_paths",
-    "get_hook_path",
-    "load_model",
-    "resolve_hook_name",
+    # loading and hook sites
+    "load_model", "COMPONENTS", "get_hook_path", "detect_contribution_paths", "resolve_hook_name",
+    # hook adapters
+    "HookAdapter", "CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering",
+    "PerPositionSteeringHook", "PerSampleSteering", "AblationHook", "MultiLayerAblation",
+    "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
+    "ProjectionHook", "MultiLayerProjection",
+    # extraction methods
+    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "RandomBaseline", "RFM",
+    "PreCleanedMethod",
+    # vector math and metrics
+    "projection", "batch_cosine_similarity", "cosine_similarity", "orthogonalize", "pairwise_cosine_matrix",
+    "pca", "project_out_subspace", "grand_mean_center", "compute_top_pcs_by_variance", "denoise_with_pcs",
+    "trait_clusters", "representational_similarity", "pca_norm_correlation", "vector_set_comparison",
+    "remove_massive_dims", "normalize_projections",
+    "accuracy", "effect_size", "polarity_correct", "pearson_correlation", "auroc",
+    # positions and prompts
+    "parse_position", "resolve_position", "tokens_needed", "sanitize_position", "format_prompt", "tokenize_batch",
 ]

@@ -1,0 +1,21 @@
+"""Every public name resolves, and the seed's import paths work."""
+
+import tracelens
+
+
+def test_every_name_in_all_resolves_and_is_unique():
+    assert len(set(tracelens.__all__)) == len(tracelens.__all__)
+    for name in tracelens.__all__:
+        assert getattr(tracelens, name) is not None, name
+
+
+def test_the_seeds_core_math_helpers_import_from_tracelens_math():
+    from tracelens.math import (  # noqa: F401
+        compute_top_pcs_by_variance,
+        denoise_with_pcs,
+        grand_mean_center,
+        pca_norm_correlation,
+        representational_similarity,
+        trait_clusters,
+        vector_set_comparison,
+    )
