@@ -29,3 +29,20 @@ def test_bridge_logits_equal_hf_logits_on_the_converted_folder(default_model):
     with torch.inference_mode():
         assert torch.equal(default_model(ids), hf(ids).logits)
     assert (default_model.cfg.n_layers, default_model.cfg.d_model) == (30, 576)
+
+
+def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_counts(default_model):
+    from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
+
+    backend = LocalBackend.from_model(default_model)
+    v = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    cfg = GenerationConfig(max_new_tokens=12)
+    prompts = ["How are you today?"]
+    plain = backend.generate(prompts, cfg)
+    steered = backend.generate(prompts, cfg, [SteeringSpec(15, v / v.norm(), 20.0)])
+    assert plain[0] and steered[0] and plain != steered
+    [r] = backend.generate_with_capture(prompts, cfg, CaptureSpec([3, 15]))
+    assert r.response_text == plain[0]
+    for layer in (3, 15):
+        assert r.prompt_activations[layer]["residual"].shape == (len(r.prompt_token_ids), 576)
+        assert r.response_activations[layer]["residual"].shape == (len(r.response_token_ids), 576)

@@ -1,0 +1,91 @@
+"""LocalBackend: generation, capture at prompt and response positions, batching and OOM halving."""
+
+import pytest
+import torch
+
+from tracelens import get_hook_path
+from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, _batched
+from tracelens.prompts import tokenize_batch
+
+PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]
+
+
+def _unit(d, seed):
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    cfg = GenerationConfig(max_new_tokens=5)
+    steering = [SteeringSpec(1, _unit(tiny.model.cfg.d_model, 0), 4.0)]
+    together = backend.generate(PROMPTS, cfg, steering)
+    backend.batch_size = 1
+    assert backend.generate(PROMPTS, cfg, steering) == together
+    assert backend.generate(PROMPTS, cfg) != together
+
+
+@pytest.mark.parametrize("positions", ["all", "response"])
+def test_capture_results_equal_a_forward_over_prompt_and_response(tiny, positions):
+    backend = LocalBackend.from_model(tiny.model)
+    v = _unit(tiny.model.cfg.d_model, 1)
+    steering = [SteeringSpec(0, v, 3.0, positions=positions)]
+    results = backend.generate_with_capture(PROMPTS, GenerationConfig(max_new_tokens=4), CaptureSpec([1], ["residual", "mlp_out"]), steering)
+    for r in results:
+        ids = torch.tensor([r.prompt_token_ids + r.response_token_ids])
+        first = 0 if positions == "all" else len(r.prompt_token_ids) - 1
+
+        def edit(act, hook):
+            out = act.clone()
+            out[:, first:] += 3.0 * v
+            return out
+
+        with torch.no_grad(), tiny.model.hooks(fwd_hooks=[(get_hook_path(0), edit)]):
+            _, cache = tiny.model.run_with_cache(ids)
+        n = len(r.prompt_token_ids)
+        for comp in ("residual", "mlp_out"):
+            full = cache[get_hook_path(1, comp)][0]
+            assert r.prompt_activations[1][comp].shape == (n, tiny.model.cfg.d_model)
+            assert r.response_activations[1][comp].shape == (len(r.response_token_ids), tiny.model.cfg.d_model)
+            assert (r.prompt_activations[1][comp] - full[:n]).abs().max() <= 1e-5
+            assert (r.response_activations[1][comp] - full[n:]).abs().max() <= 1e-5
+        assert r.response_tokens == tiny.tokenizer.convert_ids_to_tokens(r.response_token_ids)
+
+
+def test_stream_matches_generate(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    cfg = GenerationConfig(max_new_tokens=5)
+    tokens = list(backend.stream(PROMPTS[0], cfg, CaptureSpec([0])))
+    text = backend.generate(PROMPTS[:1], cfg)[0]
+    assert tiny.tokenizer.decode([t.token_id for t in tokens], skip_special_tokens=True).strip() == text
+    assert tokens[0].activations[0]["residual"].shape == (tiny.model.cfg.d_model,)
+
+
+def test_forward_with_capture_and_properties(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    ids, mask = tokenize_batch(tiny.tokenizer, PROMPTS)
+    acts = backend.forward_with_capture(ids, mask, CaptureSpec([0, 1], ["residual", "attn_contribution"]))
+    assert set(acts) == {0, 1} and set(acts[0]) == {"residual", "attn_contribution"}
+    assert acts[1]["residual"].shape == (*ids.shape, backend.hidden_dim)
+    assert (backend.n_layers, backend.hidden_dim, backend.device.type) == (2, 64, "cpu")
+    with pytest.raises(NotImplementedError, match="use LocalBackend.from_model"):
+        LocalBackend.from_experiment("demo")
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_order():
+    class Owner:
+        batch_size = None
+
+    sizes = []
+
+    def run(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [x * 10 for x in batch]
+
+    owner = Owner()
+    assert _batched(list(range(7)), run, 8, owner, "t") == [0, 10, 20, 30, 40, 50, 60]
+    assert sizes[:3] == [7, 4, 2] and owner.batch_size == 2
+    with pytest.raises(ValueError):
+        _batched([1], lambda b: (_ for _ in ()).throw(ValueError("not memory")), 4, owner, "t")

@@ -1,0 +1,270 @@
+"""Generation backends: one interface for generation with steering and activation capture.
+
+`LocalBackend` runs a loaded tracelens model in this process. Prompts are formatted with the chat
+template (explicit `use_chat_template` > experiment config > the tokenizer has a template), batched
+automatically (a batch size from free memory, halved on out-of-memory) with a progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig, _ResponseSteering
+from tracelens.hooks import MultiLayerCapture, SteeringHook, _layers
+from tracelens.prompts import encode, format_prompt, tokenize_batch
+from tracelens.sites import get_hook_path
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class SteeringSpec:
+    """Add `coefficient * vector` at `component` of `layer` (`positions`: "all" or "response")."""
+
+    layer: int
+    vector: Tensor
+    coefficient: float = 1.0
+    component: str = "residual"
+    positions: str = "all"
+
+    def to_config(self) -> SteeringConfig:
+        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions)
+
+
+@dataclass
+class CaptureSpec:
+    layers: Sequence[int] | None = None
+    components: Sequence[str] = ("residual",)
+
+
+@dataclass
+class CaptureResult:
+    """One prompt's generation with activations at every prompt and response token position:
+    `prompt_activations[layer][component]` `[n_prompt_tokens, d]`, likewise for the response."""
+
+    prompt_text: str
+    response_text: str
+    prompt_tokens: list[str]
+    response_tokens: list[str]
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    prompt_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    response_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class TokenResult:
+    token: str
+    token_id: int
+    activations: dict[int, dict[str, Tensor]]
+
+
+class LocalBackend:
+    """Generation, capture and steering on a model loaded in this process."""
+
+    def __init__(self, model, tokenizer=None, use_chat_template: bool | None = None) -> None:
+        self._model = model
+        self._tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        self.use_chat_template = use_chat_template
+        self.batch_size: int | None = None  # learned: halved on out-of-memory, then kept
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, use_chat_template: bool | None = None) -> "LocalBackend":
+        return cls(model, tokenizer, use_chat_template)
+
+    @classmethod
+    def from_experiment(cls, experiment: str, variant: str | None = None, **kwargs) -> "LocalBackend":
+        raise NotImplementedError(
+            "LocalBackend.from_experiment needs experiment configs, which this version of tracelens does "
+            "not have yet; load the model with tracelens.load_model and use LocalBackend.from_model"
+        )
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return self._model.cfg.n_layers
+
+    @property
+    def hidden_dim(self) -> int:
+        return self._model.cfg.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._model.cfg.device)
+
+    def format(self, prompt: str, system_prompt: str | None = None) -> str:
+        return format_prompt(self._tokenizer, prompt, system_prompt, self.use_chat_template)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
+                 steering: Sequence[SteeringSpec] | None = None) -> list[str]:
+        """Response texts, in prompt order (special tokens skipped, whitespace stripped)."""
+        return [r.response_text for r in self._generate(prompts, config, steering, capture=None)]
+
+    def generate_with_capture(self, prompts: Sequence[str], config: GenerationConfig | None = None,
+                              capture: CaptureSpec | None = None,
+                              steering: Sequence[SteeringSpec] | None = None) -> list[CaptureResult]:
+        """Responses plus activations at every prompt and response position, read by one
+        teacher-forced forward over prompt + response under the same steering."""
+        return self._generate(prompts, config, steering, capture or CaptureSpec())
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
+               steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenResult]:
+        """Yield tokens of one prompt as they are generated; activations are those that produced each token."""
+        config = config or GenerationConfig()
+        ids, mask = tokenize_batch(self._tokenizer, [self.format(prompt)])
+        cap = CaptureConfig(capture.layers, tuple(capture.components)) if capture else None
+        for tok in HookedGenerator(self._model).stream(
+            ids, mask, config.max_new_tokens, config.temperature, cap, _configs(steering),
+            config.stop_token_ids, config.seed,
+        ):
+            yield TokenResult(self._tokenizer.decode([tok.token_id]), tok.token_id, tok.activations)
+
+    def forward_with_capture(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
+                             capture: CaptureSpec) -> dict[int, dict[str, Tensor]]:
+        """One forward pass; `{layer: {component: [batch, pos, d]}}` (on the model's device)."""
+        device = self.device
+        captures = {c: MultiLayerCapture(self._model, capture.layers, c, keep_on_gpu=True) for c in capture.components}
+        mask = None if attention_mask is None else attention_mask.to(device)
+        with torch.inference_mode():
+            for cap in captures.values():
+                cap.__enter__()
+            try:
+                self._model(input_ids.to(device), attention_mask=mask)
+            finally:
+                for cap in reversed(captures.values()):
+                    cap.__exit__(None, None, None)
+        return {l: {c: captures[c].get(l) for c in capture.components} for l in _layers(self._model, capture.layers)}
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _generate(self, prompts, config, steering, capture) -> list[CaptureResult]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        config = config or GenerationConfig()
+        texts = [self.format(p) for p in prompts]
+
+        def run(batch: list[str]) -> list[CaptureResult]:
+            ids, mask = tokenize_batch(self._tokenizer, batch)
+            outs = HookedGenerator(self._model).generate(
+                ids, mask, config.max_new_tokens, config.temperature, None, _configs(steering),
+                config.stop_token_ids, config.seed,
+            )
+            results = [self._result(text, o.token_ids) for text, o in zip(batch, outs)]
+            if capture is not None:
+                self._capture_positions(results, capture, steering)
+            return results
+
+        return _batched(texts, run, self._initial_batch_size(texts, config.max_new_tokens), self, "generate")
+
+    def _result(self, prompt_text: str, response_ids: list[int]) -> CaptureResult:
+        tok = self._tokenizer
+        prompt_ids = encode(tok, prompt_text)
+        return CaptureResult(
+            prompt_text=prompt_text,
+            response_text=tok.decode(response_ids, skip_special_tokens=True).strip(),
+            prompt_tokens=tok.convert_ids_to_tokens(prompt_ids),
+            response_tokens=tok.convert_ids_to_tokens(response_ids),
+            prompt_token_ids=prompt_ids,
+            response_token_ids=list(response_ids),
+        )
+
+    def _capture_positions(self, results: list[CaptureResult], capture: CaptureSpec, steering) -> None:
+        """Fill prompt/response activations from one left-padded forward over prompt + response."""
+        rows = [r.prompt_token_ids + r.response_token_ids for r in results]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        steer = _full_sequence_steering(self._model, steering, results, width)
+        with steer:
+            acts = self.forward_with_capture(ids, mask, capture)
+        for i, r in enumerate(results):
+            start, split = width - len(rows[i]), width - len(r.response_token_ids)
+            r.prompt_activations = {l: {c: a[i, start:split].float().cpu() for c, a in comps.items()} for l, comps in acts.items()}
+            r.response_activations = {l: {c: a[i, split:].float().cpu() for c, a in comps.items()} for l, comps in acts.items()}
+
+    def _initial_batch_size(self, texts: list[str], max_new_tokens: int) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        cfg = self._model.cfg
+        seq = max(len(encode(self._tokenizer, t)) for t in texts) + max_new_tokens
+        kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        bytes_per = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
+        # KV cache + a few residual-width activations per token + float32 logits of the last position
+        per_row = seq * cfg.n_layers * 2 * kv_heads * cfg.d_head * bytes_per + seq * cfg.d_model * 16 * bytes_per + cfg.d_vocab * 8
+        return max(1, min(64, int(_free_memory_bytes(self.device) * 0.5 // per_row)))
+
+
+def _configs(steering: Sequence[SteeringSpec] | None) -> list[SteeringConfig] | None:
+    return None if not steering else [s.to_config() for s in steering]
+
+
+def _full_sequence_steering(model, steering, results, width) -> ExitStack:
+    """The generation's steering, applied to one forward over the whole left-padded sequence."""
+    stack = ExitStack()
+    for spec in steering or ():
+        cfg = spec.to_config()
+        if cfg.positions == "all":
+            hook = SteeringHook(model, cfg.vector, get_hook_path(cfg.layer, cfg.component, model), cfg.coefficient)
+        else:  # from each row's last prompt token on
+            first = torch.tensor([width - len(r.response_token_ids) - 1 for r in results])
+            hook = _ResponseSteering(model, cfg, first, lambda: 0)
+        stack.enter_context(hook)
+    return stack
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
+def _batched(items: list, run: Callable[[list], list], batch_size: int, owner: LocalBackend, desc: str) -> list:
+    """`run` over consecutive batches with a progress bar; an out-of-memory error halves the batch."""
+    out: list = []
+    with tqdm(total=len(items), desc=desc, disable=len(items) <= batch_size) as bar:
+        i = 0
+        while i < len(items):
+            try:
+                out.extend(run(items[i : i + batch_size]))
+            except BaseException as err:
+                if not _is_oom(err) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                owner.batch_size = batch_size
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            bar.update(min(batch_size, len(items) - i))
+            i += batch_size
+    return out

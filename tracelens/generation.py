@@ -1,0 +1,243 @@
+"""`HookedGenerator`: KV-cached, batched generation with per-token capture and steering.
+
+The 1:1 token -> activation mapping: the activation recorded for generated token k is the hidden
+state at the position that produced it (the last prompt position for token 0, token k-1's position
+for token k). Each decode step runs one new token through the model (KV cache), so generation is
+O(n). Steering applies to the prompt and to every step, exactly like `SteeringHook` around
+generation; `SteeringConfig(positions="response")` steers from the last prompt position on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tracelens import edits
+from tracelens.hooks import HookAdapter, SteeringHook, _checked_vector, _edit_flat, _layers
+from tracelens.sites import get_hook_path
+
+
+@dataclass
+class CaptureConfig:
+    """What to record per generated token: `layers` (None = all) x `components`."""
+
+    layers: Sequence[int] | None = None
+    components: Sequence[str] = ("residual",)
+
+
+@dataclass
+class SteeringConfig:
+    """Add `coefficient * vector` at `component` of `layer`; `positions` is "all" or "response"
+    (the last prompt position and every generated token)."""
+
+    vector: Tensor
+    layer: int
+    component: str = "residual"
+    coefficient: float = 1.0
+    positions: str = "all"
+
+
+@dataclass
+class TokenOutput:
+    """One generated token: `activations[layer][component]` is `[d]`."""
+
+    token_id: int
+    step: int
+    activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+@dataclass
+class SequenceOutput:
+    """One row's generation: `token_ids` (ending at the stop token when one was produced) and
+    `activations[layer][component]` `[n_tokens, d]`, row k pairs with token k."""
+
+    token_ids: list[int]
+    activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+@dataclass
+class _Step:
+    tokens: Int[Tensor, "batch"]
+    activations: dict[int, dict[str, Tensor]]  # [batch, d] each
+    logits: Float[Tensor, "batch vocab"]
+    stopped: torch.BoolTensor  # rows whose token this step is a stop token
+
+
+class _ResponseSteering(HookAdapter):
+    """Steer absolute indices >= `first` (an int, or one per row) of the left-padded sequence;
+    `offset()` gives the index of the current forward call's first position."""
+
+    def __init__(self, model, config: SteeringConfig, first: int | Tensor, offset) -> None:
+        super().__init__(model)
+        self.hook_name = get_hook_path(config.layer, config.component, model)
+        self.vector = _checked_vector(model, self.hook_name, config.vector)
+        self.coefficient, self.first, self.offset = float(config.coefficient), first, offset
+
+    def _hooks(self):
+        return [(self.hook_name, self._steer)]
+
+    def _steer(self, act: Tensor, hook) -> Tensor:
+        v = self.vector.to(act.device)
+        steered = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
+        idx = self.offset() + torch.arange(act.shape[1], device=act.device)
+        first = torch.as_tensor(self.first, device=act.device).reshape(-1, 1)
+        keep = (idx[None, :] >= first).view(first.shape[0], -1, *([1] * (act.dim() - 2)))
+        return torch.where(keep, steered, act)
+
+
+class HookedGenerator:
+    """Generation with capture and steering on a tracelens model (see the module docstring)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def generate(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        max_new_tokens: int = 50,
+        temperature: float = 0.0,
+        capture: CaptureConfig | None = None,
+        steering: Sequence[SteeringConfig] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        *,
+        use_cache: bool = True,
+        output_logits: bool = False,
+    ) -> list[SequenceOutput]:
+        """One `SequenceOutput` per row. Left-padded batches need `attention_mask`. `temperature=0` is
+        greedy; otherwise softmax sampling reproducible with `seed`. `use_cache=False` recomputes the
+        whole sequence every step (for checking the cache)."""
+        batch = input_ids.shape[0]
+        rows: list[list[_Step]] = [[] for _ in range(batch)]
+        for step in self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
+                                stop_token_ids, seed, use_cache):
+            for r in range(batch):
+                if not rows[r] or not rows[r][-1].stopped[r]:
+                    rows[r].append(step)
+        return [self._package(r, steps, output_logits) for r, steps in enumerate(rows)]
+
+    def stream(
+        self,
+        input_ids: Int[Tensor, "1 pos"],
+        attention_mask: Int[Tensor, "1 pos"] | None = None,
+        max_new_tokens: int = 50,
+        temperature: float = 0.0,
+        capture: CaptureConfig | None = None,
+        steering: Sequence[SteeringConfig] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[TokenOutput]:
+        """Yield each generated token of a single prompt (batch 1) as it is produced."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
+        for k, step in enumerate(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
+                                             steering, stop_token_ids, seed, True)):
+            acts = {l: {c: a[0] for c, a in comps.items()} for l, comps in step.activations.items()}
+            yield TokenOutput(int(step.tokens[0]), k, acts, step.logits[0])
+            if step.stopped[0]:
+                return
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _package(self, row: int, steps: list[_Step], output_logits: bool) -> SequenceOutput:
+        out = SequenceOutput([int(s.tokens[row]) for s in steps])
+        if steps:
+            out.activations = {
+                l: {c: torch.stack([s.activations[l][c][row] for s in steps]) for c in comps}
+                for l, comps in steps[0].activations.items()
+            }
+            if output_logits:
+                out.logits = torch.stack([s.logits[row] for s in steps])
+        return out
+
+    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> Tensor:
+        ids: set[int] = set(stop_token_ids or ())
+        for source in (self.model.original_model.generation_config, self.model.original_model.config):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
+               stop_token_ids, seed, use_cache) -> Iterator[_Step]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        device = torch.device(self.model.cfg.device)
+        ids = input_ids.to(device)
+        mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+        if (mask[:, -1] == 0).any():
+            raise ValueError("the batch must be left-padded: every row's last position must be a real token")
+        stop_ids = self._stop_ids(stop_token_ids).to(device)
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        prompt_len = ids.shape[1]
+        state = {"offset": 0}
+        grabbed: dict[int, dict[str, Tensor]] = {}
+
+        # Hooks stay registered while a stream is suspended at `yield` and go when it is closed.
+        with contextlib.ExitStack() as stack:
+            for cfg in steering or ():
+                if cfg.positions == "all":
+                    hook = SteeringHook(self.model, cfg.vector, get_hook_path(cfg.layer, cfg.component, self.model),
+                                        cfg.coefficient)
+                elif cfg.positions == "response":
+                    hook = _ResponseSteering(self.model, cfg, prompt_len - 1, lambda: state["offset"])
+                else:
+                    raise ValueError(f"SteeringConfig.positions must be 'all' or 'response', got {cfg.positions!r}")
+                stack.enter_context(hook)
+            if capture is not None:
+                stack.enter_context(self.model.hooks(fwd_hooks=self._capture_hooks(capture, grabbed)))
+
+            cache, inputs = None, ids
+            stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
+                with torch.inference_mode():
+                    out = self.model.original_model(
+                        input_ids=inputs, attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=use_cache,
+                    )
+                logits = out.logits[:, -1, :].float()
+                token = self._sample(logits, temperature, gen)
+                token = torch.where(stopped, torch.zeros_like(token), token)
+                now_stopped = ~stopped & torch.isin(token, stop_ids)
+                yield _Step(token.cpu(), {l: dict(c) for l, c in grabbed.items()}, logits.cpu(), (now_stopped | stopped).cpu())
+                stopped |= now_stopped
+                if stopped.all():
+                    return
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if use_cache:
+                    cache, inputs = out.past_key_values, token[:, None]
+                    state["offset"] = ids.shape[1]
+                    ids = torch.cat([ids, token[:, None]], dim=1)
+                else:
+                    ids = torch.cat([ids, token[:, None]], dim=1)
+                    inputs = ids
+
+    def _capture_hooks(self, capture: CaptureConfig, grabbed: dict) -> list:
+        """Hooks keeping the last position of each forward call (the one that produces the next token)."""
+        pairs = []
+        for layer in _layers(self.model, capture.layers):
+            grabbed[layer] = {}
+            for component in capture.components:
+                def keep(act, hook, _l=layer, _c=component):
+                    grabbed[_l][_c] = act[:, -1].detach().flatten(1).to("cpu")
+                pairs.append((get_hook_path(layer, component, self.model), keep))
+        return pairs
+
+    @staticmethod
+    def _sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
