@@ -1,5 +1,8 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
+from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.capture import capture_at_position
+from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
 from tracelens.hooks import (
     AblationHook,
     ActivationCappingHook,
@@ -68,6 +71,8 @@ __all__ = [
     "trait_clusters", "representational_similarity", "pca_norm_correlation", "vector_set_comparison",
     "remove_massive_dims", "normalize_projections",
     "accuracy", "effect_size", "polarity_correct", "pearson_correlation", "auroc",
-    # positions and prompts
+    # positions, prompts, capture and generation
     "parse_position", "resolve_position", "tokens_needed", "sanitize_position", "format_prompt", "tokenize_batch",
+    "capture_at_position", "HookedGenerator", "CaptureConfig", "SteeringConfig", "TokenOutput", "SequenceOutput",
+    "LocalBackend", "GenerationConfig", "SteeringSpec", "CaptureSpec", "CaptureResult", "TokenResult",
 ]
