@@ -105,9 +105,10 @@ def test_token_k_pairs_with_the_hidden_state_that_produced_it(tiny):
 def test_decode_steps_run_one_token_through_the_model(tiny):
     ids, mask = tokenize_batch(tiny.tokenizer, PROMPTS[:1])
     with CaptureHook(tiny.model, get_hook_path(0)) as cap:
-        [out] = HookedGenerator(tiny.model).generate(ids, mask, STEPS, stop_token_ids=[])
+        [out] = HookedGenerator(tiny.model).generate(ids, mask, STEPS, stop_at_eos=False)
     shapes = [a.shape[1] for a in cap.get(concat=False)]
-    assert shapes == [ids.shape[1]] + [1] * (len(out.token_ids) - 1)
+    assert len(out.token_ids) == STEPS
+    assert shapes == [ids.shape[1]] + [1] * (STEPS - 1)
 
 
 def test_stream_yields_the_same_tokens_and_activations_as_generate(tiny_sharp):
@@ -128,10 +129,11 @@ def test_stream_yields_the_same_tokens_and_activations_as_generate(tiny_sharp):
 def test_a_stopped_row_stops_growing_while_others_continue(tiny_sharp):
     t = tiny_sharp
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS)
-    free = HookedGenerator(t.model).generate(ids, mask, STEPS, stop_token_ids=[], capture=CaptureConfig([0]))
+    free = HookedGenerator(t.model).generate(ids, mask, STEPS, stop_at_eos=False, capture=CaptureConfig([0]))
     stop = free[0].token_ids[1]
     assert stop not in free[1].token_ids, "pick prompts whose rows differ for this test"
-    out = HookedGenerator(t.model).generate(ids, mask, STEPS, stop_token_ids=[stop], capture=CaptureConfig([0]))
+    out = HookedGenerator(t.model).generate(ids, mask, STEPS, stop_token_ids=[stop], stop_at_eos=False,
+                                           capture=CaptureConfig([0]))
     k = free[0].token_ids.index(stop) + 1
     assert out[0].token_ids == free[0].token_ids[:k]
     assert out[0].activations[0]["residual"].shape[0] == k
@@ -142,7 +144,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_sharp):
     t = tiny_sharp
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS)
     gen = HookedGenerator(t.model)
-    run = lambda seed: [o.token_ids for o in gen.generate(ids, mask, 10, temperature=1.5, seed=seed, stop_token_ids=[])]  # noqa: E731
+    run = lambda seed: [o.token_ids for o in gen.generate(ids, mask, 10, temperature=1.5, seed=seed, stop_at_eos=False)]  # noqa: E731
     assert run(7) == run(7)
     assert run(7) != run(8)
 

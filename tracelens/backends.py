@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig, _ResponseSteering
 from tracelens.hooks import MultiLayerCapture, SteeringHook, _layers
-from tracelens.prompts import encode, format_prompt, tokenize_batch
+from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
 from tracelens.sites import get_hook_path
 
 
@@ -119,16 +119,25 @@ class LocalBackend:
     # --- generation ---------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
-                 steering: Sequence[SteeringSpec] | None = None) -> list[str]:
-        """Response texts, in prompt order (special tokens skipped, whitespace stripped)."""
-        return [r.response_text for r in self._generate(prompts, config, steering, capture=None)]
+                 steering: Sequence[SteeringSpec] | None = None,
+                 system_prompts: Sequence[str | None] | None = None) -> list[str]:
+        """Response texts, in prompt order (special tokens skipped, whitespace stripped).
+        `system_prompts`, one per prompt (None entries allowed), go through the chat template."""
+        return [r.response_text for r in self.generate_results(prompts, config, steering, system_prompts)]
+
+    def generate_results(self, prompts: Sequence[str], config: GenerationConfig | None = None,
+                         steering: Sequence[SteeringSpec] | None = None,
+                         system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
+        """Like `generate`, with the prompt text and prompt/response token ids of each result (no activations)."""
+        return self._generate(prompts, config, steering, None, system_prompts)
 
     def generate_with_capture(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                               capture: CaptureSpec | None = None,
-                              steering: Sequence[SteeringSpec] | None = None) -> list[CaptureResult]:
+                              steering: Sequence[SteeringSpec] | None = None,
+                              system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
         """Responses plus activations at every prompt and response position, read by one
         teacher-forced forward over prompt + response under the same steering."""
-        return self._generate(prompts, config, steering, capture or CaptureSpec())
+        return self._generate(prompts, config, steering, capture or CaptureSpec(), system_prompts)
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
                steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenResult]:
@@ -160,11 +169,13 @@ class LocalBackend:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _generate(self, prompts, config, steering, capture) -> list[CaptureResult]:
+    def _generate(self, prompts, config, steering, capture, system_prompts=None) -> list[CaptureResult]:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
+        if system_prompts is not None and len(system_prompts) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
         config = config or GenerationConfig()
-        texts = [self.format(p) for p in prompts]
+        texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
 
         def run(batch: list[str]) -> list[CaptureResult]:
             ids, mask = tokenize_batch(self._tokenizer, batch)
@@ -194,11 +205,8 @@ class LocalBackend:
     def _capture_positions(self, results: list[CaptureResult], capture: CaptureSpec, steering) -> None:
         """Fill prompt/response activations from one left-padded forward over prompt + response."""
         rows = [r.prompt_token_ids + r.response_token_ids for r in results]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        ids, mask = left_pad(rows)
+        width = ids.shape[1]
         steer = _full_sequence_steering(self._model, steering, results, width)
         with steer:
             acts = self.forward_with_capture(ids, mask, capture)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from tracelens.hooks import MultiLayerCapture
 from tracelens.positions import parse_position, resolve_position
-from tracelens.prompts import format_prompt, tokenize_batch
+from tracelens.prompts import encode, format_prompt, left_pad
 
 POOLS = ("mean", "first", "last", "none")
 
@@ -33,8 +33,6 @@ def capture_at_position(
     Prompts go through `format_prompt` unless `pre_formatted`. Batches are left-padded (default 8
     prompts); results equal one-prompt-at-a-time capture. An empty slice raises with the prompt index.
     """
-    if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
     if parse_position(position).frame == "response":
         raise ValueError(f"position {position!r} reads the response, but capture_at_position is prefill-only; "
                          "use a 'prompt[...]' or 'all[...]' position")
@@ -43,25 +41,51 @@ def capture_at_position(
     squeeze = isinstance(layers, int)
     layer_list = [layers] if squeeze else list(layers)
     texts = list(prompts) if pre_formatted else [format_prompt(tokenizer, p) for p in prompts]
-    batch_size = batch_size or 8
-    out: list[Tensor] = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="capture", disable=len(texts) <= batch_size):
-        ids, mask = tokenize_batch(tokenizer, texts[start : start + batch_size])
-        device = model.cfg.device
-        with MultiLayerCapture(model, layer_list, component, keep_on_gpu=True) as cap, torch.inference_mode():
-            model(ids.to(device), attention_mask=mask.to(device))
-        acts = torch.stack([cap.get(l) for l in layer_list], dim=1)  # [batch, n_layers, pos, d]
-        for row in range(ids.shape[0]):
-            n = int(mask[row].sum())
-            s, e = resolve_position(position, n, n)
-            if e <= s:
-                raise ValueError(f"position {position!r} selects no tokens of prompt {start + row} ({n} tokens)")
-            pad = ids.shape[1] - n
-            out.append(_pool(acts[row, :, pad + s : pad + e].float().cpu(), pool))
+    rows = [encode(tokenizer, t) for t in texts]
+    out = capture_sequences(model, rows, [len(r) for r in rows], layer_list, position, pool, component, batch_size)
     if pool == "none":
         return [a[0] for a in out] if squeeze else out
-    stacked = torch.stack(out)
-    return stacked[:, 0] if squeeze else stacked
+    return out[:, 0] if squeeze else out
+
+
+def capture_sequences(
+    model,
+    rows: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    layers: Sequence[int],
+    position: str,
+    pool: str = "mean",
+    component: str = "residual",
+    batch_size: int | None = None,
+) -> Tensor | list[Tensor]:
+    """Pooled activations of token sequences (prompt + response ids) at `position`, float32 on CPU.
+
+    `prompt_lens[i]` splits row i into its prompt and response frames. Returns `[n, n_layers, d]`, or
+    for `pool="none"` a list of `[n_layers, n_tokens, d]`. Rows are left-padded in batches of
+    `batch_size` (default 8); an empty slice raises with the row index.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+    if len(rows) != len(prompt_lens):
+        raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
+    batch_size = batch_size or 8
+    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
+    out: list[Tensor] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="capture", disable=len(rows) <= batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = left_pad(chunk, pad_id)
+        width = ids.shape[1]
+        device = model.cfg.device
+        with MultiLayerCapture(model, layers, component, keep_on_gpu=True) as cap, torch.inference_mode():
+            model(ids.to(device), attention_mask=mask.to(device))
+        acts = torch.stack([cap.get(l) for l in layers], dim=1)  # [batch, n_layers, pos, d]
+        for i, r in enumerate(chunk):
+            s, e = resolve_position(position, prompt_lens[start + i], len(r))
+            if e <= s:
+                raise ValueError(f"position {position!r} selects no tokens of prompt {start + i} ({len(r)} tokens)")
+            pad = width - len(r)
+            out.append(_pool(acts[i, :, pad + s : pad + e].float().cpu(), pool))
+    return out if pool == "none" else torch.stack(out)
 
 
 def _pool(acts: Tensor, pool: str) -> Tensor:

@@ -1,55 +1,103 @@
-"""The `tracelens` command line: a thin shell over the library's public functions."""
+"""The `tracelens` command line: a thin shell over the library's pipeline functions."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Load a model, answer one chat prompt greedily, capture one layer's residual, print a summary."""
-    import torch
+    from tracelens.demo import DemoSettings, run_demo
+    from tracelens.loading import load_model
 
-    from tracelens import get_hook_path, load_model
+    run_demo(load_model("default"), DemoSettings(trait=args.trait))
 
-    start = time.perf_counter()
-    model = load_model(args.model)
-    tok = model.tokenizer
-    loaded = time.perf_counter() - start
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+
+def extract(args: argparse.Namespace) -> None:
+    from tracelens.extraction import ExtractionConfig, run_extraction
+
+    config = ExtractionConfig(
+        methods=_csv(args.methods), position=args.position, layers=args.layers, component=args.component,
+        val_split=args.val_split, max_new_tokens=args.max_new_tokens, force=args.force,
     )
-    # The chat template writes its own special tokens; do not let the tokenizer add a second BOS.
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.cfg.device)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, verbose=False)
-        answer_ids = out[0, ids.shape[1] :]
-        layer = args.layer if args.layer is not None else model.cfg.n_layers // 2
-        hook = get_hook_path(layer, "residual", model)
-        _, cache = model.run_with_cache(out, names_filter=hook)
-    acts = cache[hook][0].float()
-    norms = acts.norm(dim=-1)
-    print(f"model        {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model} (loaded in {loaded:.1f}s)")
-    print(f"prompt       {args.prompt!r} -> {ids.shape[1]} tokens with the chat template")
-    print(f"answer       {tok.decode(answer_ids, skip_special_tokens=True).strip()!r} ({len(answer_ids)} tokens, greedy)")
-    print(f"captured     {hook}: {tuple(acts.shape)} (tokens x d_model)")
-    print(
-        f"token norms  mean {norms.mean():.1f}, min {norms.min():.1f}, max {norms.max():.1f}; "
-        f"largest dim {int(acts.abs().amax(dim=0).argmax())} (|value| up to {acts.abs().max():.1f})"
-    )
-    print(f"total time   {time.perf_counter() - start:.1f}s")
+    for trait, report in run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant).items():
+        b = report["best"]
+        print(f"{trait}: best {b['method']} layer {b['layer']} held-out accuracy {b['val_accuracy']:.3f} "
+              f"AUROC {b['val_auroc']:.3f}")
+
+
+def steer(args: argparse.Namespace) -> None:
+    from tracelens.experiments import get_model_variant
+    from tracelens.steering_eval import SteeringEvalConfig, fit_offline_judge, run_steering_eval
+
+    for trait in _csv(args.traits):
+        if args.judge == "offline":
+            variant = get_model_variant(args.experiment, args.variant, mode="extraction").name
+            judge, validity = fit_offline_judge(args.experiment, trait, variant)
+            print(f"{trait}: offline judge validity (held-out AUROC) {validity:.3f}")
+        else:
+            from tracelens.judge import OpenAIJudge
+
+            judge = OpenAIJudge(args.judge_url, model=args.judge_model)
+        config = SteeringEvalConfig(
+            layers=args.layers, method=args.method, position=args.position, component=args.component,
+            coefficients=[float(c) for c in _csv(args.coefficients)] if args.coefficients else None,
+            search_steps=args.search_steps, subset=args.subset, max_new_tokens=args.max_new_tokens,
+            direction=args.direction,
+        )
+        results = run_steering_eval(args.experiment, trait, judge, config, variant=args.variant)
+        best = results.best_run()
+        base = results.baseline
+        print(f"{trait}: baseline trait {base.trait_mean} coherence {base.coherence_mean}")
+        if best is None:
+            print(f"{trait}: no run kept coherence >= threshold")
+        else:
+            print(f"{trait}: best layer {best.layer} coef {best.coefficient} trait {best.result.trait_mean} "
+                  f"(delta {results.delta(best):+.1f}) coherence {best.result.coherence_mean}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracelens", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="load the default model, answer a prompt and capture a layer")
-    p.add_argument("--model", default="default", help="'default', a local HF folder, or a cached HF id")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--layer", type=int, default=None, help="layer to capture (default: the middle one)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+
+    p = sub.add_parser("demo", help="extract -> evaluate -> steer -> select on the default model")
+    p.add_argument("--trait", default="starter/optimism")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("extract", help="generate contrastive responses, capture activations, fit and evaluate vectors")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--traits", required=True, help="category/trait[,category/trait...]")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--methods", default="probe,mean_diff,gradient")
+    p.add_argument("--position", default=None, help="position DSL, e.g. 'response[:]' (default by model type)")
+    p.add_argument("--layers", default="all", help="all | 30%%-60%% | 0-20:5 | 3,5,7")
+    p.add_argument("--component", default="residual")
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.set_defaults(func=extract)
+
+    p = sub.add_parser("steer", help="baseline + adaptive coefficient search, judged")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--traits", required=True)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--layers", default="30%-60%")
+    p.add_argument("--method", default="probe")
+    p.add_argument("--position", default="response[:]")
+    p.add_argument("--component", default="residual")
+    p.add_argument("--coefficients", default=None, help="explicit coefficients (no search), e.g. 50,100")
+    p.add_argument("--search-steps", type=int, default=5)
+    p.add_argument("--subset", type=int, default=5, help="steering questions used")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--direction", choices=["positive", "negative"], default=None)
+    p.add_argument("--judge", choices=["offline", "openai"], default="offline")
+    p.add_argument("--judge-url", default="https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="gpt-4.1-mini")
+    p.set_defaults(func=steer)
     return parser
 
 

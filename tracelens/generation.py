@@ -109,16 +109,19 @@ class HookedGenerator:
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
         *,
+        stop_at_eos: bool = True,
         use_cache: bool = True,
         output_logits: bool = False,
     ) -> list[SequenceOutput]:
         """One `SequenceOutput` per row. Left-padded batches need `attention_mask`. `temperature=0` is
-        greedy; otherwise softmax sampling reproducible with `seed`. `use_cache=False` recomputes the
-        whole sequence every step (for checking the cache)."""
+        greedy; otherwise softmax sampling reproducible with `seed`. Rows stop at the model's EOS ids
+        (unless `stop_at_eos=False`) and at `stop_token_ids`. `use_cache=False` recomputes the whole
+        sequence every step (for checking the cache)."""
         batch = input_ids.shape[0]
         rows: list[list[_Step]] = [[] for _ in range(batch)]
+        stops = self._stop_ids(stop_token_ids, stop_at_eos)
         for step in self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
-                                stop_token_ids, seed, use_cache):
+                                stops, seed, use_cache):
             for r in range(batch):
                 if not rows[r] or not rows[r][-1].stopped[r]:
                     rows[r].append(step)
@@ -138,8 +141,9 @@ class HookedGenerator:
         """Yield each generated token of a single prompt (batch 1) as it is produced."""
         if input_ids.shape[0] != 1:
             raise ValueError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
+        stops = self._stop_ids(stop_token_ids, True)
         for k, step in enumerate(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
-                                             steering, stop_token_ids, seed, True)):
+                                             steering, stops, seed, True)):
             acts = {l: {c: a[0] for c, a in comps.items()} for l, comps in step.activations.items()}
             yield TokenOutput(int(step.tokens[0]), k, acts, step.logits[0])
             if step.stopped[0]:
@@ -158,15 +162,16 @@ class HookedGenerator:
                 out.logits = torch.stack([s.logits[row] for s in steps])
         return out
 
-    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> Tensor:
+    def _stop_ids(self, stop_token_ids: Sequence[int] | None, stop_at_eos: bool) -> Tensor:
         ids: set[int] = set(stop_token_ids or ())
-        for source in (self.model.original_model.generation_config, self.model.original_model.config):
+        sources = (self.model.original_model.generation_config, self.model.original_model.config) if stop_at_eos else ()
+        for source in sources:
             eos = getattr(source, "eos_token_id", None)
             ids.update([eos] if isinstance(eos, int) else (eos or []))
         return torch.tensor(sorted(ids), dtype=torch.long)
 
     def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
-               stop_token_ids, seed, use_cache) -> Iterator[_Step]:
+               stop_ids: Tensor, seed, use_cache) -> Iterator[_Step]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 1:
@@ -178,7 +183,7 @@ class HookedGenerator:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
         if (mask[:, -1] == 0).any():
             raise ValueError("the batch must be left-padded: every row's last position must be a real token")
-        stop_ids = self._stop_ids(stop_token_ids).to(device)
+        stop_ids = stop_ids.to(device)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         prompt_len = ids.shape[1]
         state = {"offset": 0}

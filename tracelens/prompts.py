@@ -52,13 +52,17 @@ def tokenize_batch(tokenizer, texts: Sequence[str]) -> tuple[Int[Tensor, "batch 
     """Left-padded `input_ids` and `attention_mask` for `texts` (each encoded by `encode`)."""
     if not texts:
         raise ValueError("tokenize_batch needs at least one text")
-    rows = [encode(tokenizer, t) for t in texts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    return left_pad([encode(tokenizer, t) for t in texts], pad)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token-id rows as a left-padded `[batch, pos]` tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids, mask

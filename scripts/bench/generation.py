@@ -1,0 +1,115 @@
+"""Generation throughput (tokens/s) of HookedGenerator against HF `generate`, in one process.
+
+Variants, run alternately each round (median over rounds reported), greedy, 64 new tokens, no early stop:
+  hf plain            HF `generate` on an untouched eager copy of the model
+  hf steered          the same with a torch forward hook adding a vector at one layer
+  tl steered          TransformerLens `bridge.generate` under a SteeringHook
+  hooked plain        HookedGenerator
+  hooked steered      HookedGenerator with one SteeringConfig
+  hooked steer+cap3   HookedGenerator, steered, capturing the residual of 3 layers per token
+Peak memory: this process's peak resident set after each table (all variants so far together).
+Targets: hooked steered >= 0.9x hf steered at batch 8; steer + capture >= 0.8x.
+
+    python scripts/bench/generation.py [--rounds 3] [--models default,mid] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+           "MALLOC_TOP_PAD_": "1073741824"}
+if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from tracelens import CaptureConfig, HookedGenerator, SteeringConfig, SteeringHook, get_hook_path, load_model  # noqa: E402
+from tracelens.testing import make_tokenizer, tiny_hf_model  # noqa: E402
+
+NEW_TOKENS = 64
+
+
+def _models(name: str):
+    if name == "default":
+        from tracelens.default_model import default_model_path
+
+        path = default_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
+    hf = tiny_hf_model("llama", n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536, vocab_size=512)
+    return load_model(copy.deepcopy(hf), make_tokenizer()), hf, "mid random Llama (8 layers, d 512)"
+
+
+def bench(name: str, batch: int, rounds: int) -> None:
+    model, hf, desc = _models(name)
+    hf.generation_config.eos_token_id = None  # no early stop: every variant makes exactly NEW_TOKENS
+    layer = model.cfg.n_layers // 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.cfg.d_vocab, (batch, 24), generator=g)
+    mask = torch.ones_like(ids)
+    v = torch.randn(model.cfg.d_model, generator=g)
+    v = v / v.norm()
+    gen = HookedGenerator(model)
+    steer = [SteeringConfig(v, layer, coefficient=4.0)]
+    cap3 = CaptureConfig(layers=[layer - 2, layer, layer + 2])
+
+    def hf_steered():
+        handle = hf.model.layers[layer].register_forward_hook(lambda m, i, o: (o[0] + 4.0 * v,) + tuple(o[1:])
+                                                              if isinstance(o, tuple) else o + 4.0 * v)
+        try:
+            hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        finally:
+            handle.remove()
+
+    def tl_steered():
+        with SteeringHook(model, v, get_hook_path(layer), 4.0):
+            model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, stop_at_eos=False, verbose=False)
+
+    variants = {
+        "hf plain": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
+        "hf steered": hf_steered,
+        "tl steered": tl_steered,
+        "hooked plain": lambda: gen.generate(ids, mask, NEW_TOKENS, stop_at_eos=False),
+        "hooked steered": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, stop_at_eos=False),
+        "hooked steer+cap3": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, capture=cap3, stop_at_eos=False),
+    }
+    times = {k: [] for k in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn()
+        for _ in range(rounds):
+            for k, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    tps = {k: batch * NEW_TOKENS / statistics.median(t) for k, t in times.items()}
+    print(f"\n### {desc}, batch {batch}, {NEW_TOKENS} new tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
+    print("| variant | tokens/s | vs hf plain | vs hf steered |")
+    print("|---|---|---|---|")
+    for k, t in tps.items():
+        print(f"| {k} | {t:.1f} | {t / tps['hf plain']:.3f}x | {t / tps['hf steered']:.3f}x |")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nprocess peak RSS so far: {peak_mib:.0f} MiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--models", default="default,mid")
+    p.add_argument("--batches", default="1,8")
+    args = p.parse_args()
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            bench(name, batch, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

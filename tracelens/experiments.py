@@ -1,0 +1,126 @@
+"""Experiments: `experiments/{name}/config.json` and every path of an experiment's layout.
+
+All paths of the on-disk layout are built here and nowhere else. The root is `$TRACELENS_EXPERIMENTS`,
+else `./experiments`. Config (as the original):
+
+    {"defaults": {"extraction": "instruct", "application": "instruct"},
+     "model_variants": {"instruct": {"model": "default", "lora": null}},
+     "use_chat_template": true}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracelens.io import write_json
+from tracelens.positions import sanitize_position
+from tracelens.types import ModelVariant
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODES = ("application", "extraction")
+
+
+def experiments_root() -> Path:
+    return Path(os.environ.get("TRACELENS_EXPERIMENTS", "experiments")).expanduser()
+
+
+def _safe_parts(value: str, what: str, max_parts: int) -> list[str]:
+    """Split `value` on "/" and reject anything that could leave its folder."""
+    parts = value.split("/") if isinstance(value, str) else []
+    if not parts or len(parts) > max_parts or not all(_NAME.match(p) and p not in (".", "..") for p in parts):
+        raise ValueError(
+            f"invalid {what} name {value!r}: use letters, digits, '.', '_' or '-' "
+            f"({'category/name' if max_parts > 1 else 'one folder name'}), no '..' or absolute paths"
+        )
+    return parts
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment folder; methods return paths in its layout (nothing is created)."""
+
+    name: str
+    root: Path
+
+    @classmethod
+    def named(cls, name: str, root: Path | None = None) -> "Experiment":
+        _safe_parts(name, "experiment", 1)
+        return cls(name, Path(root) if root is not None else experiments_root())
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+    def config(self) -> dict:
+        path = self.config_path
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment {self.name!r} has no config at {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(config.get("model_variants"), dict) or not config["model_variants"]:
+            raise ValueError(f"{path} needs a non-empty 'model_variants' object")
+        return config
+
+    def write_config(self, model_variants: dict[str, dict], defaults: dict[str, str] | None = None,
+                     use_chat_template: bool | None = None) -> None:
+        config = {"defaults": defaults or {}, "model_variants": model_variants}
+        if use_chat_template is not None:
+            config["use_chat_template"] = use_chat_template
+        write_json(self.config_path, config)
+
+    # --- extraction -----------------------------------------------------------------------------
+
+    def extraction_dir(self, trait: str, variant: str) -> Path:
+        return self.dir / "extraction" / Path(*_safe_parts(trait, "trait", 2)) / _safe_parts(variant, "variant", 1)[0]
+
+    def responses_dir(self, trait: str, variant: str) -> Path:
+        return self.extraction_dir(trait, variant) / "responses"
+
+    def activations_dir(self, trait: str, variant: str, position: str, component: str) -> Path:
+        return self.extraction_dir(trait, variant) / "activations" / sanitize_position(position) / component
+
+    def vectors_root(self, trait: str, variant: str, position: str, component: str) -> Path:
+        """The folder holding one sub-folder per extraction method."""
+        return self.extraction_dir(trait, variant) / "vectors" / sanitize_position(position) / component
+
+    def vectors_dir(self, trait: str, variant: str, position: str, component: str, method: str) -> Path:
+        return self.vectors_root(trait, variant, position, component) / _safe_parts(method, "method", 1)[0]
+
+    def vector_path(self, trait: str, variant: str, position: str, component: str, method: str, layer: int) -> Path:
+        return self.vectors_dir(trait, variant, position, component, method) / f"layer{layer}.safetensors"
+
+    def evaluation_path(self, trait: str, variant: str, position: str, component: str) -> Path:
+        return self.extraction_dir(trait, variant) / "evaluation" / sanitize_position(position) / f"{component}.json"
+
+    # --- steering -------------------------------------------------------------------------------
+
+    def steering_dir(self, trait: str, variant: str, position: str, prompt_set: str = "steering") -> Path:
+        return (self.dir / "steering" / Path(*_safe_parts(trait, "trait", 2)) / _safe_parts(variant, "variant", 1)[0]
+                / sanitize_position(position) / _safe_parts(prompt_set, "prompt set", 1)[0])
+
+    def steering_results_path(self, trait: str, variant: str, position: str, prompt_set: str = "steering") -> Path:
+        return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
+
+
+def get_model_variant(experiment: str | Experiment, variant: str | None = None, mode: str = "application") -> ModelVariant:
+    """The experiment's model variant: `variant`, else `defaults[mode]`, else the first one listed."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    config = exp.config()
+    variants = config["model_variants"]
+    name = variant or config.get("defaults", {}).get(mode) or next(iter(variants))
+    if name not in variants:
+        raise KeyError(f"experiment {exp.name!r} has no model variant {name!r}; it has {sorted(variants)}")
+    entry = variants[name]
+    return ModelVariant(name=name, model=entry["model"], lora=entry.get("lora"))

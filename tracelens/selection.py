@@ -1,0 +1,89 @@
+"""Vector selection: walk the validation hierarchy and say where each answer came from.
+
+1. steering: the best valid steering run (coherence >= `min_coherence`) per (layer, method, component),
+   ranked by its trait delta over the baseline in the trait's direction;
+2. evaluation: held-out separation (accuracy, then AUROC) from the extraction stage;
+3. unscored: vectors on disk with no evidence, only when `allow_unscored=True`.
+A lower level is used only when no higher level has any candidate.
+"""
+
+from __future__ import annotations
+
+from tracelens.experiments import Experiment, get_model_variant
+from tracelens.extraction import ALWAYS_EVALUATED
+from tracelens.io import read_json, read_jsonl
+from tracelens.types import MIN_COHERENCE, SteeringResults, VectorResult
+
+
+def select_vectors(experiment: str | Experiment, trait: str, n: int = 3, *, variant: str | None = None,
+                   position: str = "response[:]", component: str = "residual", layer: int | None = None,
+                   method: str | None = None, min_coherence: float = MIN_COHERENCE,
+                   allow_unscored: bool = False) -> list[VectorResult]:
+    """Up to `n` `VectorResult`s, best first, from the highest level of evidence available."""
+    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    name = get_model_variant(exp, variant, mode="extraction").name
+
+    def wanted(l: int, m: str) -> bool:
+        return (layer is None or l == layer) and (method is None or m == method) and m != ALWAYS_EVALUATED
+
+    for level in (_from_steering, _from_evaluation, _unscored):
+        if level is _unscored and not allow_unscored:
+            break
+        found = [r for r in level(exp, trait, name, position, component, min_coherence) if wanted(r.layer, r.method)]
+        if found:
+            return found[:n]
+    raise FileNotFoundError(
+        f"no scored vectors for {trait!r} in experiment {exp.name!r} ({position}, {component}): run "
+        "`tracelens extract` (and `tracelens steer`), or pass allow_unscored=True"
+    )
+
+
+def select_vector(experiment: str | Experiment, trait: str, **kwargs) -> VectorResult:
+    """The single best vector (see `select_vectors`)."""
+    return select_vectors(experiment, trait, n=1, **kwargs)[0]
+
+
+def _from_steering(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
+    path = exp.steering_results_path(trait, variant, position)
+    lines = read_jsonl(path)
+    if not lines:
+        return []
+    results = SteeringResults.from_jsonl_lines(lines)
+    sign = 1.0 if results.header.direction == "positive" else -1.0
+    best: dict[tuple, VectorResult] = {}
+    for run in results.valid_runs(min_coherence):
+        delta = results.delta(run)
+        if delta is None or run.component != component:
+            continue
+        key = (run.layer, run.method, run.component)
+        if key not in best or sign * delta > sign * best[key].delta:
+            best[key] = VectorResult(
+                layer=run.layer, method=run.method, position=position, component=run.component, score=delta,
+                direction=results.header.direction, source="steering", coefficient=run.coefficient,
+                delta=delta, coherence=run.result.coherence_mean,
+            )
+    return sorted(best.values(), key=lambda r: -sign * r.delta)
+
+
+def _from_evaluation(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
+    path = exp.evaluation_path(trait, variant, position, component)
+    if not path.is_file():
+        return []
+    rows = read_json(path)["results"]
+    ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_auroc"]))
+    return [
+        VectorResult(layer=r["layer"], method=r["method"], position=position, component=component,
+                     score=r["val_accuracy"], source="evaluation", val_accuracy=r["val_accuracy"],
+                     val_auroc=r["val_auroc"], val_effect_size=r["effect_size"])
+        for r in ranked
+    ]
+
+
+def _unscored(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
+    root = exp.vectors_root(trait, variant, position, component)
+    found = []
+    for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+        for f in sorted(method_dir.glob("layer*.safetensors"), key=lambda p: int(p.stem[5:])):
+            found.append(VectorResult(layer=int(f.stem[5:]), method=method_dir.name, position=position,
+                                      component=component, source="unscored"))
+    return found
