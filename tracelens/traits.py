@@ -1,0 +1,317 @@
+"""Trait datasets: contrastive scenarios, a judge rubric and steering questions, loaded and validated.
+
+A trait lives in a folder `<root>/<category>/<name>/` (deeper nesting such as `base/alignment/deception` works too):
+
+- `positive.jsonl` / `negative.jsonl`: one `{"prompt": str, "system_prompt"?: str | null}` object per line, or
+  `positive.txt` / `negative.txt`: one scenario per line (stripped, blank lines skipped, no system prompt).
+  Row i of the positive file is paired with row i of the negative file, so both must hold the same number of rows.
+- `definition.txt`: the judge rubric (score 0-100 with HIGH / MID / LOW bands and "Key distinction" notes).
+- `steering.json`: `{"questions": [str | {"question": str}], "direction"?: "positive" | "negative",
+  "eval_prompt"?: str, "coherence_prompt"?: str, "vet_prompt"?: str}`.
+
+The package ships starter traits under `tracelens/data/traits` (see `list_traits()`); pass `root=` to load an
+experiment's own datasets. Files are only ever parsed as text and JSON; nothing in them is executed.
+
+Example:
+    >>> trait = load_trait("starter/optimism")
+    >>> trait.name, len(trait.pairs) >= 40, trait.steering.direction
+    ('starter/optimism', True, 'positive')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+POLARITIES = ("positive", "negative")
+SCENARIO_FORMATS = (".jsonl", ".txt")
+DIRECTIONS = ("positive", "negative")
+_ROW_KEYS = ("prompt", "system_prompt")
+_STEERING_KEYS = ("questions", "direction", "eval_prompt", "coherence_prompt", "vet_prompt")
+# One path segment of a trait name: no separators, no leading dot (so no "." or ".."), no drive letters.
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+class TraitDataError(ValueError):
+    """A trait dataset file exists but its content is invalid (the message names the file and, if known, the line)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One extraction prompt: the user `prompt` and an optional `system_prompt` (None = no system turn)."""
+
+    prompt: str
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class SteeringQuestions:
+    """The contents of `steering.json`.
+
+    `questions` are neutral prompts used to check that steering changes behaviour; `direction` says which way a
+    successful steer moves the trait ("positive": adding the vector should raise the judge's score). The optional
+    prompts override the judge's default trait, coherence and response-vetting prompts.
+    """
+
+    questions: list[str]
+    direction: Literal["positive", "negative"] = "positive"
+    eval_prompt: str | None = None
+    coherence_prompt: str | None = None
+    vet_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class TraitDataset:
+    """A loaded, validated trait.
+
+    Attributes:
+        name: the trait name as given to `load_trait`, e.g. "starter/optimism".
+        positive, negative: matched scenario lists; `positive[i]` and `negative[i]` form pair i.
+        definition: the judge rubric from `definition.txt`, stripped.
+        steering: the parsed `steering.json`.
+        path: the trait folder.
+        input_hash: sha256 hex digest over the two scenario files (their names and bytes). It changes whenever
+            a scenario file changes and is stable otherwise, so extraction outputs can be cached on it.
+        files: the scenario files that were read, keyed by polarity.
+    """
+
+    name: str
+    positive: list[Scenario]
+    negative: list[Scenario]
+    definition: str
+    steering: SteeringQuestions
+    path: Path
+    input_hash: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> list[tuple[Scenario, Scenario]]:
+        """`(positive[i], negative[i])` for every i."""
+        return list(zip(self.positive, self.negative))
+
+    def __len__(self) -> int:
+        """The number of matched pairs."""
+        return len(self.positive)
+
+
+def default_traits_root() -> Path:
+    """The folder of traits shipped with tracelens (`tracelens/data/traits`)."""
+    root = resources.files("tracelens").joinpath("data", "traits")
+    path = Path(str(root))
+    if not path.is_dir():
+        raise FileNotFoundError(f"tracelens' shipped trait folder is missing: expected a directory at {path}")
+    return path
+
+
+def list_traits(root: str | Path | None = None) -> list[str]:
+    """Names ("category/name") of every trait folder under `root` (default: the shipped traits), sorted.
+
+    A trait folder is one that holds a `positive.jsonl` or `positive.txt` file; it is listed whether or not the rest
+    of it is valid (`load_trait` reports what is wrong).
+    """
+    base = _resolve_root(root)
+    names = {
+        found.parent.relative_to(base).as_posix()
+        for fmt in SCENARIO_FORMATS
+        for found in base.rglob(f"positive{fmt}")
+        if found.is_file() and found.parent != base
+    }
+    return sorted(names)
+
+
+def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
+    """Load and validate the trait `trait` ("category/name") from `root` (default: the shipped traits).
+
+    Args:
+        trait: a relative, "/"-separated name such as "starter/optimism". Absolute paths, "." / ".." segments and
+            backslashes are rejected, so a name can never point outside `root`.
+        root: the folder holding trait folders, e.g. an experiment's own dataset folder.
+
+    Returns:
+        A `TraitDataset` with matched positive/negative scenarios, the rubric and the steering questions.
+
+    Raises:
+        ValueError: `trait` is not a safe relative name.
+        FileNotFoundError: the trait folder or one of its files is missing.
+        TraitDataError: a file is malformed (bad JSON, a row without a string `prompt`, an empty file, unequal
+            positive/negative counts, a `steering.json` without questions or with a bad direction, ...).
+    """
+    base = _resolve_root(root)
+    folder = base.joinpath(*_check_trait_name(trait))
+    if not folder.is_dir():
+        available = list_traits(base)
+        shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "")
+        raise FileNotFoundError(
+            f"trait {trait!r} not found: no folder {folder}. Traits under {base}: {shown or 'none'}"
+        )
+
+    files = {polarity: _scenario_file(folder, polarity) for polarity in POLARITIES}
+    scenarios = {polarity: _read_scenarios(path) for polarity, path in files.items()}
+    n_pos, n_neg = len(scenarios["positive"]), len(scenarios["negative"])
+    if n_pos != n_neg:
+        raise TraitDataError(
+            f"{files['positive'].name} has {n_pos} scenarios but {files['negative'].name} has {n_neg}; "
+            f"they are matched by line, so both need the same count (in {folder})"
+        )
+
+    return TraitDataset(
+        name=trait,
+        positive=scenarios["positive"],
+        negative=scenarios["negative"],
+        definition=_read_definition(folder / "definition.txt"),
+        steering=_read_steering(folder / "steering.json"),
+        path=folder,
+        input_hash=_hash_files([files["positive"], files["negative"]]),
+        files=files,
+    )
+
+
+# --- private helpers -------------------------------------------------------------------------------------------
+
+
+def _resolve_root(root: str | Path | None) -> Path:
+    if root is None:
+        return default_traits_root()
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"trait root must be an existing directory, got {str(root)!r}")
+    return path
+
+
+def _check_trait_name(trait: str) -> list[str]:
+    """Split a trait name into path segments, rejecting anything that could leave the root."""
+    if not isinstance(trait, str):
+        raise ValueError(f"trait must be a string like 'starter/optimism', got {type(trait).__name__} {trait!r}")
+    segments = trait.split("/")
+    bad = [s for s in segments if not _SEGMENT.match(s)]
+    if not trait or bad:
+        raise ValueError(
+            f"invalid trait name {trait!r}: expected a relative name like 'starter/optimism' made of '/'-separated "
+            "parts of letters, digits, '_', '-' and '.', with no empty, '.' or '..' parts and no leading '/' "
+            f"(bad parts: {bad})"
+        )
+    return segments
+
+
+def _scenario_file(folder: Path, polarity: str) -> Path:
+    present = [folder / f"{polarity}{fmt}" for fmt in SCENARIO_FORMATS if (folder / f"{polarity}{fmt}").is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"missing {polarity}.jsonl (or {polarity}.txt) in {folder}: each trait needs positive and negative "
+            "scenario files"
+        )
+    if len(present) > 1:
+        raise TraitDataError(
+            f"both {' and '.join(p.name for p in present)} exist in {folder}; keep one format per polarity"
+        )
+    return present[0]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TraitDataError(f"{path} is not valid UTF-8 text ({err})") from None
+
+
+def _read_scenarios(path: Path) -> list[Scenario]:
+    text = _read_text(path)
+    if path.suffix == ".txt":
+        scenarios = [Scenario(line.strip()) for line in text.splitlines() if line.strip()]
+    else:
+        scenarios = [_parse_row(path, lineno, line) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not scenarios:
+        raise TraitDataError(f"{path} has no scenarios (the file is empty or only blank lines)")
+    return scenarios
+
+
+def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
+    where = f"{path}, line {lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TraitDataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
+    if not isinstance(row, dict):
+        raise TraitDataError(
+            f'{where}: expected a JSON object like {{"prompt": "...", "system_prompt": "..."}}, '
+            f"got {type(row).__name__}"
+        )
+    unknown = sorted(set(row) - set(_ROW_KEYS))
+    if unknown:
+        raise TraitDataError(f"{where}: unknown keys {unknown}; allowed keys are {list(_ROW_KEYS)}")
+    if "prompt" not in row:
+        raise TraitDataError(f"{where}: missing 'prompt' (got keys {sorted(row)})")
+    prompt, system_prompt = row["prompt"], row.get("system_prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TraitDataError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+        raise TraitDataError(
+            f"{where}: 'system_prompt' must be a non-empty string or null (or left out), got {system_prompt!r}"
+        )
+    return Scenario(prompt, system_prompt)
+
+
+def _read_definition(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"missing {path.name} in {path.parent}: each trait needs a judge rubric (score 0-100 with HIGH/MID/LOW bands)"
+        )
+    text = _read_text(path).strip()
+    if not text:
+        raise TraitDataError(f"{path} is empty; it should hold the judge rubric")
+    return text
+
+
+def _read_steering(path: Path) -> SteeringQuestions:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'missing {path.name} in {path.parent}: each trait needs {{"questions": [...], "direction": "positive"}}'
+        )
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TraitDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise TraitDataError(f'{path}: expected a JSON object like {{"questions": [...]}}, got {type(data).__name__}')
+    unknown = sorted(set(data) - set(_STEERING_KEYS))
+    if unknown:
+        raise TraitDataError(f"{path}: unknown keys {unknown}; allowed keys are {list(_STEERING_KEYS)}")
+    raw = data.get("questions")
+    if not isinstance(raw, list) or not raw:
+        raise TraitDataError(f"{path}: 'questions' must be a non-empty list of strings, got {raw!r}")
+    questions = [_parse_question(path, i, q) for i, q in enumerate(raw)]
+    direction = data.get("direction", "positive")
+    if direction not in DIRECTIONS:
+        raise TraitDataError(f"{path}: 'direction' must be 'positive' or 'negative', got {direction!r}")
+    optional = {}
+    for key in ("eval_prompt", "coherence_prompt", "vet_prompt"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise TraitDataError(f"{path}: {key!r} must be a non-empty string or left out, got {value!r}")
+        optional[key] = value
+    return SteeringQuestions(questions=questions, direction=direction, **optional)
+
+
+def _parse_question(path: Path, index: int, item: object) -> str:
+    question = item.get("question") if isinstance(item, dict) else item
+    if not isinstance(question, str) or not question.strip():
+        raise TraitDataError(
+            f'{path}: questions[{index}] must be a non-empty string or {{"question": "..."}}, got {item!r}'
+        )
+    return question
+
+
+def _hash_files(paths: list[Path]) -> str:
+    """sha256 over each file's name, size and bytes, in order (the name makes a .txt -> .jsonl switch count)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        data = path.read_bytes()
+        digest.update(f"{path.name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
