@@ -1,0 +1,271 @@
+"""Record types: JSON round trips (also through json.dumps/loads), unknown keys ignored, derived properties."""
+
+import dataclasses
+import doctest
+import json
+
+import pytest
+
+import tracelens.types
+from tracelens.types import (
+    ActivationMetadata,
+    JudgeResult,
+    ModelVariant,
+    ProjectionConfig,
+    ProjectionEntry,
+    ProjectionRecord,
+    ResponseRecord,
+    SteeringHeader,
+    SteeringResults,
+    SteeringRunRecord,
+    VectorResult,
+    VectorSpec,
+)
+
+
+def _run(layer, coef, trait, coherence, method="probe"):
+    return SteeringRunRecord(
+        result=JudgeResult(trait, coherence, 5, 3.0, 0.6, 10.0, 90.0),
+        config=ProjectionConfig.single(layer, "residual", "response[:]", method, weight=coef),
+        eval_judge="embedding",
+        timestamp="2026-11-27T10:00:00",
+    )
+
+
+def _built_entry():
+    return ProjectionEntry.build("probe", 9, "steering", 0.25, [1.0, 2.0], [3.0, -1.0, 0.5], [2.0, 2.0], [4.0, 4.0, 1.0])
+
+
+def _entry():
+    """An entry as read back from a file: to_dict rounds to 4 decimals, so exact round trips start from there."""
+    return ProjectionEntry.from_dict(_built_entry().to_dict())
+
+
+EXAMPLES = {
+    "VectorSpec": VectorSpec(9, "attn_contribution", "response[:5]", "probe", 0.5),
+    "ProjectionConfig": ProjectionConfig(
+        [VectorSpec(9, "attn_contribution", "response[:]", "probe", 0.5), VectorSpec(12, "residual", "response[:]", "mean_diff", 0.3)]
+    ),
+    "VectorResult": VectorResult(
+        layer=12, method="probe", position="response[:]", component="residual", score=31.5, direction="positive",
+        source="steering", coefficient=4.2, naturalness=70.0, delta=31.5, coherence=82.0, val_accuracy=0.9, val_auroc=0.97,
+    ),
+    "JudgeResult": JudgeResult(62.5, 81.25, 4, 12.1, 0.75, 40.0, 90.0),
+    "ModelVariant": ModelVariant("instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "some/lora"),
+    "ActivationMetadata": ActivationMetadata(
+        n_layers=30, hidden_dim=576, captured_layers=[3, 10], activation_norms={3: 12.5, 10: 40.25},
+        n_examples_pos=45, n_examples_neg=44, n_val_pos=5, n_val_neg=5, model="smollm2", position="response[:]",
+    ),
+    "ResponseRecord": ResponseRecord(
+        prompt="Hi", response="Hello there", tokens=["<s>", "Hi", "Hello", " there"], token_ids=[1, 5, 6, 7],
+        prompt_end=2, inference_model="smollm2", capture_date="2026-11-27", system_prompt="Be kind.", tags=["demo"],
+        sentence_boundaries=[2, 4],
+    ),
+    "ProjectionEntry": _entry(),
+    "ProjectionRecord": ProjectionRecord(
+        prompt_id=3, prompt_set="harmless", n_prompt_tokens=2, n_response_tokens=3, projections=[_entry(), _entry()],
+        position="response[:]", centered=True, projection_date="2026-11-27",
+    ),
+    "SteeringRunRecord": dataclasses.replace(_run(12, 4.2, 70.0, 85.0), input_hashes={"prompts": "abc"}),
+    "SteeringHeader": SteeringHeader(
+        trait="mood/happy", direction="positive", steering_model="smollm2", steering_experiment="demo",
+        vector_source={"model": "smollm2", "experiment": "demo", "trait": "mood/happy"},
+        eval={"model": "embedding", "method": "classifier", "trait_judge": "embedding"}, prompts_file="q.json",
+        prompts_hash="123", n_questions=5,
+    ),
+    "SteeringResults": SteeringResults(
+        header=SteeringHeader(trait="mood/happy"), baseline=JudgeResult(20.0, 90.0, 5),
+        runs=[_run(10, 3.0, 50.0, 90.0), _run(12, 4.0, 70.0, 80.0)], baseline_timestamp="t0",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_to_dict_from_dict_round_trips_also_through_json(name):
+    obj = EXAMPLES[name]
+    d = obj.to_dict()
+    assert json.loads(json.dumps(d)) == d, "to_dict must already be plain JSON data"
+    assert type(obj).from_dict(d) == obj
+    assert type(obj).from_dict(json.loads(json.dumps(d))) == obj
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_from_dict_ignores_unknown_keys(name):
+    obj = EXAMPLES[name]
+    d = obj.to_dict()
+    d["added_by_a_newer_version"] = {"x": 1}
+    assert type(obj).from_dict(d) == obj
+
+
+def test_every_record_type_has_an_example():
+    public = {name for name in dir(tracelens.types) if hasattr(getattr(tracelens.types, name), "from_dict")}
+    assert public == set(EXAMPLES)
+
+
+def test_module_doctest_runs():
+    assert doctest.testmod(tracelens.types).failed == 0
+
+
+def test_vector_spec_dict_has_the_five_upstream_keys():
+    assert VectorSpec(9, "residual", "response[:]", "probe").to_dict() == {
+        "layer": 9, "component": "residual", "position": "response[:]", "method": "probe", "weight": 1.0,
+    }
+
+
+def test_projection_config_single_and_ensemble():
+    single = ProjectionConfig.single(9, "residual", "response[:]", "probe", weight=0.9)
+    assert single.vectors == [VectorSpec(9, "residual", "response[:]", "probe", 0.9)]
+    assert not single.is_ensemble
+    assert EXAMPLES["ProjectionConfig"].is_ensemble
+    assert ProjectionConfig.from_dict({"vectors": [{"layer": "9", "component": "residual", "position": "p",
+                                                    "method": "probe"}]}).vectors[0].layer == 9
+
+
+def test_normalized_weights():
+    config = ProjectionConfig([VectorSpec(9, "r", "p", "m", 0.5), VectorSpec(12, "r", "p", "m", 0.3),
+                               VectorSpec(15, "r", "p", "m", 0.2)])
+    assert config.normalized_weights == pytest.approx([0.5, 0.3, 0.2])
+    doubled = ProjectionConfig([VectorSpec(9, "r", "p", "m", 2.0), VectorSpec(12, "r", "p", "m", 6.0)])
+    assert doubled.normalized_weights == pytest.approx([0.25, 0.75])
+    zero = ProjectionConfig([VectorSpec(9, "r", "p", "m", 1.0), VectorSpec(12, "r", "p", "m", -1.0),
+                             VectorSpec(15, "r", "p", "m", 0.0)])
+    assert zero.normalized_weights == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+
+
+def test_projection_config_rejects_no_vectors():
+    with pytest.raises(ValueError, match="at least one VectorSpec"):
+        ProjectionConfig([])
+
+
+def test_vector_result_to_vector_spec():
+    result = EXAMPLES["VectorResult"]
+    assert result.to_vector_spec() == VectorSpec(12, "residual", "response[:]", "probe", 1.0)
+    assert result.to_vector_spec(weight=4.2).weight == 4.2
+
+
+def test_vector_result_checks_source_direction_and_steering_only_fields():
+    VectorResult(3, "probe", "response[:]", source="evaluation", score=0.9, val_auroc=0.9)
+    with pytest.raises(ValueError, match="source must be one of"):
+        VectorResult(3, "probe", "response[:]", source="judged")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        VectorResult(3, "probe", "response[:]", direction="up")
+    with pytest.raises(ValueError, match="come from steering runs, but source='evaluation'"):
+        VectorResult(3, "probe", "response[:]", source="evaluation", delta=10.0)
+    with pytest.raises(ValueError, match="come from steering runs"):
+        VectorResult(3, "probe", "response[:]", source="unscored", coherence=80.0)
+
+
+def test_judge_result_empty():
+    assert JudgeResult.empty() == JudgeResult(None, None, 0, 0.0, 0.0, None, None)
+    assert JudgeResult.from_dict(JudgeResult.empty().to_dict()) == JudgeResult.empty()
+
+
+def test_model_variant_is_a_named_tuple_with_optional_lora():
+    variant = ModelVariant("base", "gpt2")
+    assert variant == ("base", "gpt2", None)
+    assert variant.lora is None
+    assert ModelVariant.from_dict({"name": "base", "model": "gpt2", "extra": 1}) == variant
+
+
+def test_activation_metadata_layer_keys_are_ints_in_python_and_strings_in_json():
+    meta = EXAMPLES["ActivationMetadata"]
+    d = meta.to_dict()
+    assert d["activation_norms"] == {"3": 12.5, "10": 40.25}
+    loaded = ActivationMetadata.from_dict(json.loads(json.dumps(d)))
+    assert loaded.activation_norms == {3: 12.5, 10: 40.25}
+    assert loaded.n_train == 89 and loaded.n_val == 10
+
+
+def test_response_record_split_and_checks():
+    rec = EXAMPLES["ResponseRecord"]
+    assert rec.prompt_tokens == ["<s>", "Hi"]
+    assert rec.response_tokens == ["Hello", " there"]
+    with pytest.raises(ValueError, match="3 tokens but 2 token_ids"):
+        ResponseRecord("p", "r", ["a", "b", "c"], [1, 2], 1)
+    with pytest.raises(ValueError, match=r"prompt_end must be in \[0, 2\], got 3"):
+        ResponseRecord("p", "r", ["a", "b"], [1, 2], 3)
+
+
+def test_projection_entry_normalizes_by_the_segment_mean_norm_and_rounds_to_4_decimals():
+    entry = _built_entry()
+    # prompt norms mean 2 -> [1/2, 2/2]; response norms mean (4 + 4 + 1) / 3 = 3 -> [3/3, -1/3, 0.5/3]
+    assert entry.normalized_prompt == pytest.approx([0.5, 1.0])
+    assert entry.normalized_response == pytest.approx([1.0, -1 / 3, 0.5 / 3])
+    d = entry.to_dict()
+    assert d["normalized_response"] == [1.0, -0.3333, 0.1667]
+    assert d["token_norms"] == {"prompt": [2.0, 2.0], "response": [4.0, 4.0, 1.0]}
+    zero = ProjectionEntry.build("probe", 1, "unscored", 0.0, [1.5], [], [0.0], [])
+    assert zero.normalized_prompt == [1.5] and zero.normalized_response == []
+    with pytest.raises(ValueError, match="prompt 2 scores vs 1 norms"):
+        ProjectionEntry.build("probe", 1, "unscored", 0.0, [1.0, 2.0], [], [1.0], [])
+
+
+def test_projection_record_file_layout():
+    d = EXAMPLES["ProjectionRecord"].to_dict()
+    assert set(d) == {"metadata", "projections"}
+    assert d["metadata"]["n_vectors"] == 2
+    assert d["metadata"]["multi_vector"] is True
+    assert d["metadata"]["score_mode"] == "raw+normalized"
+    assert d["metadata"]["prompt_id"] == 3 and d["metadata"]["centered"] is True
+
+
+def test_steering_run_record_properties_and_line_format():
+    run = SteeringRunRecord(
+        result=JudgeResult(70.0, 85.0, 5),
+        config=ProjectionConfig([VectorSpec(14, "attn_contribution", "response[:5]", "mean_diff", 6.5),
+                                 VectorSpec(20, "residual", "response[:5]", "probe", 1.0)]),
+        eval_judge="gpt-4.1-mini",
+    )
+    assert (run.layer, run.coefficient, run.method, run.component) == (14, 6.5, "mean_diff", "attn_contribution")
+    d = run.to_dict()
+    assert d["type"] == "run" and d["eval"] == {"trait_judge": "gpt-4.1-mini"}
+    assert "input_hashes" not in d
+    assert d["config"]["vectors"][0]["weight"] == 6.5
+    assert run.is_valid() and not run.is_valid(min_coherence=90)
+    assert not dataclasses.replace(run, result=JudgeResult(None, 90.0, 0)).is_valid()
+
+
+def test_steering_results_best_run_is_direction_aware_and_needs_coherence():
+    results = SteeringResults(
+        header=SteeringHeader(trait="t"),
+        baseline=JudgeResult(30.0, 92.0, 5),
+        runs=[_run(10, 2.0, 55.0, 88.0), _run(12, 3.0, 80.0, 60.0), _run(14, 2.5, 65.0, 77.0), _run(16, 1.0, 10.0, 95.0)],
+    )
+    best = results.best_run()
+    assert (best.layer, best.coefficient) == (14, 2.5)  # layer 12 goes further but is incoherent (60 < 77)
+    assert results.delta(best) == pytest.approx(35.0)
+    assert results.best_run(min_coherence=50).layer == 12
+    assert results.best_run(layer=10).layer == 10
+    assert results.best_run(method="gradient") is None
+    assert [r.layer for r in results.valid_runs()] == [10, 14, 16]
+    negative = dataclasses.replace(results, header=SteeringHeader(trait="t", direction="negative"))
+    assert negative.best_run().layer == 16
+    assert negative.delta(negative.best_run()) == pytest.approx(-20.0)
+    assert SteeringResults(header=SteeringHeader(trait="t")).delta(results.runs[0]) is None
+
+
+def test_results_jsonl_save_and_load(tmp_path):
+    results = EXAMPLES["SteeringResults"]
+    path = tmp_path / "steering" / "results.jsonl"
+    results.save(path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["type"] for line in lines] == ["header", "baseline", "run", "run"]
+    assert lines[1] == {"type": "baseline", "result": results.baseline.to_dict(), "timestamp": "t0"}
+    with path.open("a") as f:  # unknown line types and blank lines are tolerated
+        f.write('\n{"type": "note", "text": "hi"}\n')
+    assert SteeringResults.load(path) == results
+
+
+def test_results_jsonl_without_header_is_rejected():
+    with pytest.raises(ValueError, match="no .*header.* line"):
+        SteeringResults.from_jsonl_lines([{"type": "baseline", "result": JudgeResult.empty().to_dict()}])
+
+
+def test_steering_header_checks_direction():
+    with pytest.raises(ValueError, match="direction must be one of"):
+        SteeringHeader(trait="t", direction="up")
+
+
+def test_from_dict_rejects_non_mappings():
+    with pytest.raises(TypeError, match="VectorSpec.from_dict expects a mapping, got list"):
+        VectorSpec.from_dict([9, "residual"])

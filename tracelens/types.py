@@ -1,0 +1,616 @@
+"""Record types shared by the pipeline stages, each a small dataclass with a JSON round trip.
+
+Every type has ``to_dict()``, which returns plain JSON-serialisable data (``json.loads(json.dumps(d)) == d``:
+integer layer keys are written as strings, tuples as lists), and ``from_dict(d)``, which rebuilds the record,
+ignores keys it does not know (files written by newer versions still load) and accepts layer keys as strings
+or ints. Nested records round-trip too. The on-disk formats follow the upstream files:
+
+- ``results.jsonl`` of a steering run: one ``SteeringResults.to_jsonl_lines()`` object per line
+  (``{"type": "header", ...}``, ``{"type": "baseline", ...}``, ``{"type": "run", ...}``).
+- ``responses/{prompt_set}/{id}.json``: ``ResponseRecord``; ``projections/{trait}/{prompt_set}/{id}.json``:
+  ``ProjectionRecord`` holding one ``ProjectionEntry`` per projected vector.
+- ``activations/.../metadata.json``: ``ActivationMetadata``.
+
+Example::
+
+    >>> config = ProjectionConfig.single(9, "residual", "response[:]", "probe", weight=0.9)
+    >>> ProjectionConfig.from_dict(config.to_dict()) == config
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+SOURCES = ("steering", "evaluation", "unscored")
+DIRECTIONS = ("positive", "negative")
+MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches this (upstream MIN_COHERENCE)
+
+
+def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that are init fields of dataclass ``cls`` (unknown keys are dropped)."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _int_keys(d: Mapping[Any, Any] | None) -> dict[int, Any]:
+    """``{int(k): v}``: JSON turns integer layer keys into strings."""
+    return {int(k): v for k, v in (d or {}).items()}
+
+
+def _str_keys(d: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in d.items()}
+
+
+def _round4(xs: Sequence[float]) -> list[float]:
+    return [round(float(x), 4) for x in xs]
+
+
+# --------------------------------------------------------------------------------------------------- vectors
+
+
+@dataclass
+class VectorSpec:
+    """One trait vector: where it was extracted (``layer``, ``component``, ``position``) and by which ``method``.
+
+    ``weight`` is the steering coefficient when steering, and the relative weight in an ensemble projection.
+    """
+
+    layer: int
+    component: str
+    position: str
+    method: str
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VectorSpec:
+        kw = _known(cls, d)
+        kw["layer"] = int(kw["layer"])
+        return cls(**kw)
+
+
+@dataclass
+class ProjectionConfig:
+    """One or more weighted vectors, projected (or steered) together. Needs at least one vector."""
+
+    vectors: list[VectorSpec]
+
+    def __post_init__(self) -> None:
+        if not self.vectors:
+            raise ValueError("ProjectionConfig needs at least one VectorSpec, got an empty list.")
+
+    @classmethod
+    def single(cls, layer: int, component: str, position: str, method: str, weight: float = 1.0) -> ProjectionConfig:
+        """A one-vector config."""
+        return cls(vectors=[VectorSpec(layer, component, position, method, weight)])
+
+    @property
+    def is_ensemble(self) -> bool:
+        """True when the config has more than one vector."""
+        return len(self.vectors) > 1
+
+    @property
+    def normalized_weights(self) -> list[float]:
+        """The weights divided by their sum; uniform ``1/n`` when they sum to 0."""
+        weights = [float(v.weight) for v in self.vectors]
+        total = sum(weights)
+        if total == 0:
+            return [1.0 / len(weights)] * len(weights)
+        return [w / total for w in weights]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vectors": [v.to_dict() for v in self.vectors]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionConfig:
+        return cls(vectors=[VectorSpec.from_dict(v) for v in _known(cls, d)["vectors"]])
+
+
+@dataclass
+class VectorResult:
+    """A candidate vector with the evidence that ranked it, as returned by vector selection.
+
+    ``source`` says what the evidence is: ``"steering"`` (an LLM-judged steering run: ``score`` is the
+    steering delta, and ``delta``/``coherence``/``coefficient`` are that run's), ``"evaluation"`` (held-out
+    separation only: ``score`` is the ranking metric, e.g. ``val_auroc``) or ``"unscored"`` (no evidence).
+    ``delta`` and ``coherence`` may only be set when ``source == "steering"`` (ValueError otherwise).
+    ``direction`` is ``"positive"``, ``"negative"`` or None; ``naturalness`` is 0-100 or None.
+    """
+
+    layer: int
+    method: str
+    position: str
+    component: str = "residual"
+    score: float | None = None
+    direction: str | None = None
+    source: str = "unscored"
+    coefficient: float | None = None
+    naturalness: float | None = None
+    delta: float | None = None
+    coherence: float | None = None
+    val_accuracy: float | None = None
+    val_auroc: float | None = None
+    val_effect_size: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"VectorResult.source must be one of {SOURCES}, got {self.source!r}.")
+        if self.direction is not None and self.direction not in DIRECTIONS:
+            raise ValueError(f"VectorResult.direction must be one of {DIRECTIONS} or None, got {self.direction!r}.")
+        if self.source != "steering" and (self.delta is not None or self.coherence is not None):
+            raise ValueError(
+                f"VectorResult.delta and .coherence come from steering runs, but source={self.source!r}; "
+                "set source='steering' or leave them None."
+            )
+
+    def to_vector_spec(self, weight: float = 1.0) -> VectorSpec:
+        """This vector as a ``VectorSpec`` with the given weight (a steering coefficient or ensemble weight)."""
+        return VectorSpec(self.layer, self.component, self.position, self.method, weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VectorResult:
+        kw = _known(cls, d)
+        kw["layer"] = int(kw["layer"])
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------------------------------- judging
+
+
+@dataclass
+class JudgeResult:
+    """Judge scores of one condition (baseline or steered) over its questions, on the 0-100 scale.
+
+    ``n`` counts the responses with a trait score; ``trait_std`` is the population std; ``success_rate`` is
+    the fraction of trait scores above 50; ``min_score``/``max_score`` are over trait scores. Means are None
+    when nothing could be scored. Built by ``tracelens.judge.summarize_judge_scores``.
+    """
+
+    trait_mean: float | None
+    coherence_mean: float | None
+    n: int
+    trait_std: float = 0.0
+    success_rate: float = 0.0
+    min_score: float | None = None
+    max_score: float | None = None
+
+    @classmethod
+    def empty(cls) -> JudgeResult:
+        """The result of judging nothing: means None, n 0."""
+        return cls(trait_mean=None, coherence_mean=None, n=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JudgeResult:
+        return cls(**_known(cls, d))
+
+
+class ModelVariant(NamedTuple):
+    """A named model of an experiment: ``name`` (e.g. "instruct"), the ``model`` id, an optional ``lora``."""
+
+    name: str
+    model: str
+    lora: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelVariant:
+        return cls(**{k: v for k, v in d.items() if k in cls._fields})
+
+
+# --------------------------------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ActivationMetadata:
+    """What ``activations/{position}/{component}/metadata.json`` records about captured activations.
+
+    The training tensor is ``cat(pos, neg)`` on dim 0, so rows ``[:n_examples_pos]`` are positive; likewise
+    the validation tensor splits at ``n_val_pos``. ``activation_norms[layer]`` is the mean ``||h||`` over
+    captured tokens at that layer (it sets the starting steering coefficient). Layer keys are ints here and
+    strings in the JSON file.
+    """
+
+    n_layers: int
+    hidden_dim: int
+    captured_layers: list[int]
+    activation_norms: dict[int, float]
+    n_examples_pos: int
+    n_examples_neg: int
+    n_val_pos: int = 0
+    n_val_neg: int = 0
+    model: str | None = None
+    position: str | None = None
+    component: str = "residual"
+
+    def __post_init__(self) -> None:
+        self.captured_layers = [int(layer) for layer in self.captured_layers]
+        self.activation_norms = {int(k): float(v) for k, v in self.activation_norms.items()}
+
+    @property
+    def n_train(self) -> int:
+        return self.n_examples_pos + self.n_examples_neg
+
+    @property
+    def n_val(self) -> int:
+        return self.n_val_pos + self.n_val_neg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["activation_norms"] = _str_keys(self.activation_norms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ActivationMetadata:
+        kw = _known(cls, d)
+        kw["activation_norms"] = _int_keys(kw.get("activation_norms"))
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class ResponseRecord:
+    """One generated response of a monitoring prompt set, with its tokens.
+
+    ``tokens``/``token_ids`` cover prompt then response; ``prompt_end`` is the index of the first response
+    token, so ``tokens[:prompt_end]`` is the prompt. ``tags`` is a list of labels; the ``None`` fields are
+    optional annotations (``turn_boundaries`` and ``sentence_boundaries`` are token indices).
+    """
+
+    prompt: str
+    response: str
+    tokens: list[str]
+    token_ids: list[int]
+    prompt_end: int
+    inference_model: str | None = None
+    capture_date: str | None = None
+    system_prompt: str | None = None
+    prompt_note: str | None = None
+    tags: list[str] = field(default_factory=list)
+    turn_boundaries: list[Any] | None = None
+    source: str | None = None
+    sentence_boundaries: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.token_ids):
+            raise ValueError(
+                f"ResponseRecord has {len(self.tokens)} tokens but {len(self.token_ids)} token_ids; "
+                "they must describe the same sequence."
+            )
+        if not 0 <= self.prompt_end <= len(self.tokens):
+            raise ValueError(f"ResponseRecord.prompt_end must be in [0, {len(self.tokens)}], got {self.prompt_end}.")
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        return self.tokens[: self.prompt_end]
+
+    @property
+    def response_tokens(self) -> list[str]:
+        return self.tokens[self.prompt_end :]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ResponseRecord:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class ProjectionEntry:
+    """Per-token projections of one response onto one vector.
+
+    ``prompt``/``response`` are the raw projections per token; ``token_norms`` holds ``||h||`` per token
+    (``{"prompt": [...], "response": [...]}``); ``normalized_*`` are the raw scores divided by the mean
+    ``||h||`` of that segment (see ``build``). ``baseline`` is the vector's ``((mu_pos + mu_neg) / 2) . v``;
+    ``selection_source`` is the ``VectorResult.source`` that picked the vector. ``to_dict`` rounds every
+    score to 4 decimals, as the files store them.
+    """
+
+    method: str
+    layer: int
+    selection_source: str
+    baseline: float
+    prompt: list[float]
+    response: list[float]
+    token_norms: dict[str, list[float]] = field(default_factory=lambda: {"prompt": [], "response": []})
+    normalized_prompt: list[float] = field(default_factory=list)
+    normalized_response: list[float] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        layer: int,
+        selection_source: str,
+        baseline: float,
+        prompt: Sequence[float],
+        response: Sequence[float],
+        prompt_norms: Sequence[float],
+        response_norms: Sequence[float],
+    ) -> ProjectionEntry:
+        """An entry whose normalized scores are ``raw / mean(norms of that segment)``.
+
+        A segment whose mean norm is 0 (or that is empty) keeps its raw scores as the normalized ones.
+        Raises ValueError when a segment has not exactly one norm per score.
+        """
+        if len(prompt) != len(prompt_norms) or len(response) != len(response_norms):
+            raise ValueError(
+                f"each segment needs one norm per score: prompt {len(prompt)} scores vs {len(prompt_norms)} "
+                f"norms, response {len(response)} scores vs {len(response_norms)} norms."
+            )
+
+        def normalize(scores: Sequence[float], norms: Sequence[float]) -> list[float]:
+            mean = sum(norms) / len(norms) if norms else 0.0
+            return [float(s) / (mean if mean > 0 else 1.0) for s in scores]
+
+        return cls(
+            method=method,
+            layer=int(layer),
+            selection_source=selection_source,
+            baseline=float(baseline),
+            prompt=[float(x) for x in prompt],
+            response=[float(x) for x in response],
+            token_norms={"prompt": [float(x) for x in prompt_norms], "response": [float(x) for x in response_norms]},
+            normalized_prompt=normalize(prompt, prompt_norms),
+            normalized_response=normalize(response, response_norms),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "selection_source": self.selection_source,
+            "baseline": round(float(self.baseline), 4),
+            "prompt": _round4(self.prompt),
+            "response": _round4(self.response),
+            "token_norms": {k: _round4(v) for k, v in self.token_norms.items()},
+            "normalized_prompt": _round4(self.normalized_prompt),
+            "normalized_response": _round4(self.normalized_response),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionEntry:
+        kw = _known(cls, d)
+        kw["layer"] = int(kw["layer"])
+        return cls(**kw)
+
+
+@dataclass
+class ProjectionRecord:
+    """The projections of one response onto one or more vectors, stored as
+    ``{"metadata": {...}, "projections": [ProjectionEntry, ...]}``.
+
+    The metadata fields are flattened onto the record; ``n_vectors`` (the number of entries),
+    ``multi_vector`` (always true) and ``score_mode`` ("raw+normalized") are derived when writing.
+    """
+
+    prompt_id: int | str
+    prompt_set: str
+    n_prompt_tokens: int
+    n_response_tokens: int
+    projections: list[ProjectionEntry]
+    component: str = "residual"
+    position: str | None = None
+    centered: bool = False
+    projection_date: str | None = None
+
+    _METADATA = ("prompt_id", "prompt_set", "n_prompt_tokens", "n_response_tokens", "component", "position",
+                 "centered", "projection_date")
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.projections)
+
+    def to_dict(self) -> dict[str, Any]:
+        metadata = {name: getattr(self, name) for name in self._METADATA}
+        metadata.update(multi_vector=True, n_vectors=self.n_vectors, score_mode="raw+normalized")
+        return {"metadata": metadata, "projections": [p.to_dict() for p in self.projections]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionRecord:
+        meta = {k: v for k, v in d.get("metadata", {}).items() if k in cls._METADATA}
+        return cls(projections=[ProjectionEntry.from_dict(p) for p in d.get("projections", [])], **meta)
+
+
+# --------------------------------------------------------------------------------------------------- steering
+
+
+@dataclass
+class SteeringRunRecord:
+    """One steered condition: its ``JudgeResult`` under the vectors and coefficients of ``config``.
+
+    A ``results.jsonl`` run line: ``{"type": "run", "result", "config", "eval": {"trait_judge"},
+    "timestamp", "input_hashes"?}``. ``layer``/``method``/``component`` are those of the first vector and
+    ``coefficient`` is its weight.
+    """
+
+    result: JudgeResult
+    config: ProjectionConfig
+    eval_judge: str | None = None
+    timestamp: str | None = None
+    input_hashes: dict[str, str] | None = None
+
+    @property
+    def layer(self) -> int:
+        return self.config.vectors[0].layer
+
+    @property
+    def coefficient(self) -> float:
+        return self.config.vectors[0].weight
+
+    @property
+    def method(self) -> str:
+        return self.config.vectors[0].method
+
+    @property
+    def component(self) -> str:
+        return self.config.vectors[0].component
+
+    def is_valid(self, min_coherence: float = MIN_COHERENCE) -> bool:
+        """True when the run has a trait mean and its mean coherence is at least ``min_coherence``."""
+        c = self.result.coherence_mean
+        return self.result.trait_mean is not None and c is not None and c >= min_coherence
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "type": "run",
+            "result": self.result.to_dict(),
+            "config": self.config.to_dict(),
+            "eval": {"trait_judge": self.eval_judge},
+            "timestamp": self.timestamp,
+        }
+        if self.input_hashes is not None:
+            d["input_hashes"] = dict(self.input_hashes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SteeringRunRecord:
+        return cls(
+            result=JudgeResult.from_dict(d["result"]),
+            config=ProjectionConfig.from_dict(d["config"]),
+            eval_judge=(d.get("eval") or {}).get("trait_judge", d.get("eval_judge")),
+            timestamp=d.get("timestamp"),
+            input_hashes=d.get("input_hashes"),
+        )
+
+
+@dataclass
+class SteeringHeader:
+    """The first line of ``results.jsonl``: what was steered, with which vectors, judged how.
+
+    ``direction`` is "positive" (steer towards the trait) or "negative"; ``vector_source`` is
+    ``{"model", "experiment", "trait"}``; ``eval`` is ``{"model", "method", "trait_judge"}``.
+    """
+
+    trait: str
+    direction: str = "positive"
+    steering_model: str | None = None
+    steering_experiment: str | None = None
+    vector_source: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    prompts_file: str | None = None
+    prompts_hash: str | None = None
+    n_questions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"SteeringHeader.direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "header", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SteeringHeader:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class SteeringResults:
+    """A whole ``results.jsonl``: the header, the unsteered baseline and every steered run, in file order.
+
+    ``delta(run)`` is the run's trait mean minus the baseline's; ``best_run()`` is the valid run
+    (coherence >= ``min_coherence``) with the largest delta in the header's direction.
+    """
+
+    header: SteeringHeader
+    baseline: JudgeResult | None = None
+    runs: list[SteeringRunRecord] = field(default_factory=list)
+    baseline_timestamp: str | None = None
+
+    def delta(self, run: SteeringRunRecord) -> float | None:
+        """``run.trait_mean - baseline.trait_mean``; None without a baseline or a trait mean."""
+        if self.baseline is None or self.baseline.trait_mean is None or run.result.trait_mean is None:
+            return None
+        return run.result.trait_mean - self.baseline.trait_mean
+
+    def valid_runs(self, min_coherence: float = MIN_COHERENCE) -> list[SteeringRunRecord]:
+        return [r for r in self.runs if r.is_valid(min_coherence)]
+
+    def best_run(
+        self, min_coherence: float = MIN_COHERENCE, layer: int | None = None, method: str | None = None
+    ) -> SteeringRunRecord | None:
+        """The valid run that moves the trait furthest in ``header.direction``, optionally restricted to one
+        ``layer``/``method``; None when no run qualifies. Ties keep the earliest run."""
+        sign = 1.0 if self.header.direction == "positive" else -1.0
+        best, best_key = None, -math.inf
+        for run in self.valid_runs(min_coherence):
+            if (layer is not None and run.layer != layer) or (method is not None and run.method != method):
+                continue
+            key = sign * run.result.trait_mean
+            if key > best_key:
+                best, best_key = run, key
+        return best
+
+    def to_jsonl_lines(self) -> list[dict[str, Any]]:
+        """The objects of ``results.jsonl``, one per line: header, baseline (if any), runs."""
+        lines = [self.header.to_dict()]
+        if self.baseline is not None:
+            lines.append({"type": "baseline", "result": self.baseline.to_dict(), "timestamp": self.baseline_timestamp})
+        return lines + [run.to_dict() for run in self.runs]
+
+    @classmethod
+    def from_jsonl_lines(cls, lines: Iterable[Mapping[str, Any]]) -> SteeringResults:
+        """Rebuild from parsed lines. Lines of unknown type are skipped; a later baseline replaces an earlier
+        one. Raises ValueError when there is no header."""
+        header, baseline, baseline_ts, runs = None, None, None, []
+        for line in lines:
+            kind = line.get("type")
+            if kind == "header":
+                header = SteeringHeader.from_dict(line)
+            elif kind == "baseline":
+                baseline, baseline_ts = JudgeResult.from_dict(line["result"]), line.get("timestamp")
+            elif kind == "run":
+                runs.append(SteeringRunRecord.from_dict(line))
+        if header is None:
+            raise ValueError('results.jsonl has no {"type": "header"} line; it is not a steering results file.')
+        return cls(header=header, baseline=baseline, runs=runs, baseline_timestamp=baseline_ts)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``results.jsonl`` (one JSON object per line), creating parent folders."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in self.to_jsonl_lines()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringResults:
+        """Read a ``results.jsonl``; blank lines are skipped."""
+        text = Path(path).read_text()
+        return cls.from_jsonl_lines(json.loads(line) for line in text.splitlines() if line.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "header": self.header.to_dict(),
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
+            "baseline_timestamp": self.baseline_timestamp,
+            "runs": [r.to_dict() for r in self.runs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SteeringResults:
+        return cls(
+            header=SteeringHeader.from_dict(d["header"]),
+            baseline=None if d.get("baseline") is None else JudgeResult.from_dict(d["baseline"]),
+            runs=[SteeringRunRecord.from_dict(r) for r in d.get("runs", [])],
+            baseline_timestamp=d.get("baseline_timestamp"),
+        )
