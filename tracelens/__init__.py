@@ -2,6 +2,8 @@
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
 from tracelens.capture import capture_at_position
+from tracelens.experiments import Experiment, get_model_variant
+from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
 from tracelens.hooks import (
     AblationHook,
@@ -52,7 +54,22 @@ from tracelens.methods import (
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
 from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
 from tracelens.prompts import format_prompt, tokenize_batch
+from tracelens.selection import select_vector, select_vectors
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
+from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
+from tracelens.types import (
+    ActivationMetadata,
+    JudgeResult,
+    ModelVariant,
+    ProjectionConfig,
+    ProjectionEntry,
+    ProjectionRecord,
+    ResponseRecord,
+    SteeringResults,
+    SteeringRunRecord,
+    VectorResult,
+    VectorSpec,
+)
 
 __all__ = [
     # loading and hook sites
@@ -75,4 +92,11 @@ __all__ = [
     "parse_position", "resolve_position", "tokens_needed", "sanitize_position", "format_prompt", "tokenize_batch",
     "capture_at_position", "HookedGenerator", "CaptureConfig", "SteeringConfig", "TokenOutput", "SequenceOutput",
     "LocalBackend", "GenerationConfig", "SteeringSpec", "CaptureSpec", "CaptureResult", "TokenResult",
+    # records
+    "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
+    "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
+    # traits, experiments and the pipeline
+    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError",
+    "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
+    "select_vector", "select_vectors",
 ]
