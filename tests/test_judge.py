@@ -322,9 +322,13 @@ def test_a_full_url_is_used_as_is_and_bad_settings_are_rejected():
         OpenAIJudge("http://h/v1", max_concurrency=0)
 
 
-def test_both_judges_follow_the_protocol():
+def test_both_judges_follow_the_protocol_and_have_a_name():
     assert isinstance(OpenAIJudge("http://h/v1"), Judge)
     assert isinstance(EmbeddingJudge(), Judge)
+    assert OpenAIJudge("http://h/v1").name == "gpt-4.1-mini"
+    offline = EmbeddingJudge()
+    offline.name = "embedding-judge:optimism"
+    assert (offline.name, EmbeddingJudge().name) == ("embedding-judge:optimism", "embedding-judge")
 
 
 # ---------------------------------------------------------------------------------------------- offline judge

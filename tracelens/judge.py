@@ -206,6 +206,7 @@ class OpenAIJudge(_BatchScoring):
         timeout: seconds per request.
 
     The standard library does the HTTP (no ``openai`` package). Requests to loopback hosts bypass proxies.
+    ``name`` (the model name) is what results files record as the judge.
     """
 
     def __init__(
@@ -225,6 +226,7 @@ class OpenAIJudge(_BatchScoring):
             )
         self.base_url = base_url
         self.model = model
+        self.name = model  # recorded as the judge in results.jsonl
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.retries = retries
@@ -479,6 +481,7 @@ class EmbeddingJudge(_BatchScoring):
     """
 
     FEATURES = ("embedding+tfidf", "embedding")
+    name = "embedding-judge"  # recorded as the judge in results.jsonl; callers may set a more specific one
 
     def __init__(
         self,
