@@ -33,7 +33,9 @@ def _run(layer, coef, trait, coherence, method="probe"):
 
 
 def _built_entry():
-    return ProjectionEntry.build("probe", 9, "steering", 0.25, [1.0, 2.0], [3.0, -1.0, 0.5], [2.0, 2.0], [4.0, 4.0, 1.0])
+    return ProjectionEntry.build(
+        "probe", 9, "steering", 0.25, [1.0, 2.0], [3.0, -1.0, 0.5], [2.0, 2.0], [4.0, 4.0, 1.0]
+    )
 
 
 def _entry():
@@ -44,11 +46,15 @@ def _entry():
 EXAMPLES = {
     "VectorSpec": VectorSpec(9, "attn_contribution", "response[:5]", "probe", 0.5),
     "ProjectionConfig": ProjectionConfig(
-        [VectorSpec(9, "attn_contribution", "response[:]", "probe", 0.5), VectorSpec(12, "residual", "response[:]", "mean_diff", 0.3)]
+        [
+            VectorSpec(9, "attn_contribution", "response[:]", "probe", 0.5),
+            VectorSpec(12, "residual", "response[:]", "mean_diff", 0.3),
+        ]
     ),
     "VectorResult": VectorResult(
         layer=12, method="probe", position="response[:]", component="residual", score=31.5, direction="positive",
-        source="steering", coefficient=4.2, naturalness=70.0, delta=31.5, coherence=82.0, val_accuracy=0.9, val_auroc=0.97,
+        source="steering", coefficient=4.2, naturalness=70.0, delta=31.5, coherence=82.0, val_accuracy=0.9,
+        val_auroc=0.97,
     ),
     "JudgeResult": JudgeResult(62.5, 81.25, 4, 12.1, 0.75, 40.0, 90.0),
     "ModelVariant": ModelVariant("instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "some/lora"),
@@ -229,7 +235,9 @@ def test_steering_results_best_run_is_direction_aware_and_needs_coherence():
     results = SteeringResults(
         header=SteeringHeader(trait="t"),
         baseline=JudgeResult(30.0, 92.0, 5),
-        runs=[_run(10, 2.0, 55.0, 88.0), _run(12, 3.0, 80.0, 60.0), _run(14, 2.5, 65.0, 77.0), _run(16, 1.0, 10.0, 95.0)],
+        runs=[
+            _run(10, 2.0, 55.0, 88.0), _run(12, 3.0, 80.0, 60.0), _run(14, 2.5, 65.0, 77.0), _run(16, 1.0, 10.0, 95.0)
+        ],
     )
     best = results.best_run()
     assert (best.layer, best.coefficient) == (14, 2.5)  # layer 12 goes further but is incoherent (60 < 77)
