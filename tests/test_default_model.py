@@ -46,3 +46,26 @@ def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_count
     for layer in (3, 15):
         assert r.prompt_activations[layer]["residual"].shape == (len(r.prompt_token_ids), 576)
         assert r.response_activations[layer]["residual"].shape == (len(r.response_token_ids), 576)
+
+
+def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, tmp_path):
+    from tracelens.backends import LocalBackend
+    from tracelens.experiments import Experiment
+    from tracelens.extraction import ExtractionConfig, run_extraction
+    from tracelens.selection import select_vector
+    from tracelens.steering_eval import SteeringEvalConfig, fit_offline_judge, run_steering_eval
+
+    exp = Experiment.named("e2e", tmp_path)
+    exp.write_config({"instruct": {"model": "default"}}, {"extraction": "instruct"}, use_chat_template=True)
+    backend = LocalBackend.from_model(default_model, use_chat_template=True)
+    trait = "starter/enthusiasm"
+    config = ExtractionConfig(methods=("probe",), layers="12,15", max_new_tokens=12, limit=10, val_split=0.2)
+    report = run_extraction(exp, [trait], config, backend=backend)[trait]
+    assert {r["layer"] for r in report["results"]} == {12, 15}
+    judge, validity = fit_offline_judge(exp, trait, "instruct", val_split=0.2)
+    assert 0.0 <= validity <= 1.0
+    results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], search_steps=1, subset=2,
+                                                                      max_new_tokens=12), backend=backend)
+    assert results.baseline.n == 2 and len(results.runs) == 1
+    chosen = select_vector(exp, trait)
+    assert chosen.layer in (12, 15) and chosen.source in ("steering", "evaluation")

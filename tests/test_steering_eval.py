@@ -90,3 +90,15 @@ def test_selection_prefers_valid_steering_runs_over_held_out_accuracy(extracted)
     assert ranked[0].source == "steering" and ranked[0].coherence == 90.0
     deltas = [r.delta for r in ranked]
     assert deltas == sorted(deltas, reverse=True)
+
+
+def test_re_extracted_vectors_invalidate_old_steering_runs(extracted):
+    exp, backend = extracted
+    run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    assert select_vector(exp, TRAIT).source == "steering"
+    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3, limit=30), backend=backend)
+    assert select_vector(exp, TRAIT).source == "evaluation"  # old runs describe vectors that are gone
+    run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    folder = exp.steering_results_path(TRAIT, "base", "response[:]").parent
+    assert len(list(folder.glob("results.*.stale.jsonl"))) == 1 and len(_runs(exp)) == 6
+    assert select_vector(exp, TRAIT).source == "steering"

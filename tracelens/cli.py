@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="extract -> evaluate -> steer -> select on the default model")
-    p.add_argument("--trait", default="starter/optimism")
+    p.add_argument("--trait", default="starter/enthusiasm")
     p.set_defaults(func=demo)
 
     p = sub.add_parser("extract", help="generate contrastive responses, capture activations, fit and evaluate vectors")

@@ -17,8 +17,9 @@ VARIANT = "instruct"
 
 @dataclass
 class DemoSettings:
-    trait: str = "starter/optimism"
-    max_new_tokens: int = 32
+    trait: str = "starter/enthusiasm"
+    max_new_tokens: int = 48
+    val_split: float = 0.2
     steer_layers: int = 3  # how many of the best probe layers (within 30%-60% of depth) to steer
     search_steps: int = 3
     subset: int = 5
@@ -43,13 +44,14 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
     n = model.cfg.n_layers
 
     log(f"[1/4] extract {s.trait}: responses, activations at every layer, probe / mean_diff / gradient vectors")
-    report = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens), backend=backend)[s.trait]
+    config = ExtractionConfig(max_new_tokens=s.max_new_tokens, val_split=s.val_split)
+    report = run_extraction(exp, [s.trait], config, backend=backend)[s.trait]
     best = report["best"]
     log(f"      best held-out: {best['method']} at layer {best['layer']}, accuracy {best['val_accuracy']:.2f}, "
         f"AUROC {best['val_auroc']:.2f}")
 
     log("[2/4] judge: offline embedding judge fitted on the training responses")
-    judge, validity = fit_offline_judge(exp, s.trait, VARIANT)
+    judge, validity = fit_offline_judge(exp, s.trait, VARIANT, s.val_split)
     log(f"      judge validity (AUROC on held-out responses): {validity:.2f}")
 
     lo, hi = round(0.3 * (n - 1)), round(0.6 * (n - 1))

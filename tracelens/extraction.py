@@ -48,6 +48,7 @@ class ExtractionConfig:
     val_split: float = 0.1
     max_new_tokens: int | None = None
     temperature: float = 0.0
+    limit: int | None = None  # use only the first `limit` pairs (quick runs)
     batch_size: int | None = None
     force: bool = False
     method_kwargs: dict[str, dict] = field(default_factory=dict)
@@ -106,13 +107,13 @@ def generate_responses(exp: Experiment, trait: str, variant: str, backend: Local
     data = load_trait(trait)
     out = exp.responses_dir(trait, variant)
     input_hash = _hash("responses", data.input_hash, model_id, config.max_new_tokens, config.temperature,
-                       backend.use_chat_template)
+                       backend.use_chat_template, config.limit)
     if _up_to_date(out / "metadata.json", input_hash, config.force):
         return input_hash
     gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=0)
     if config.batch_size:
         backend.batch_size = config.batch_size
-    for polarity, scenarios in (("pos", data.positive), ("neg", data.negative)):
+    for polarity, scenarios in (("pos", data.positive[: config.limit]), ("neg", data.negative[: config.limit])):
         results = backend.generate_results([s.prompt for s in scenarios], gen,
                                            system_prompts=[s.system_prompt for s in scenarios])
         rows = [

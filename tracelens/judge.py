@@ -520,7 +520,9 @@ class EmbeddingJudge(_BatchScoring):
             )
         texts = positive_texts + negative_texts
         labels = np.r_[np.ones(len(positive_texts)), np.zeros(len(negative_texts))]
-        self.tfidf_ = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts) if self._tfidf else None
+        # "!" and "?" count as tokens: punctuation carries register and excitement that words alone miss.
+        tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b|[!?]")
+        self.tfidf_ = tfidf.fit(texts) if self._tfidf else None
         self.classifier_ = LogisticRegression(C=self.C, max_iter=5000).fit(self._features(texts), labels)
         self.n_train_ = (len(positive_texts), len(negative_texts))
         return self

@@ -49,6 +49,10 @@ def _from_steering(exp, trait, variant, position, component, min_coherence) -> l
     if not lines:
         return []
     results = SteeringResults.from_jsonl_lines(lines)
+    source = results.header.vector_source
+    current = exp.vectors_dir(trait, variant, position, component, source.get("method", "probe")) / "metadata.json"
+    if not current.is_file() or read_json(current).get("input_hash") != source.get("input_hash"):
+        return []  # the vectors were re-extracted after this search: its runs no longer describe them
     sign = 1.0 if results.header.direction == "positive" else -1.0
     best: dict[tuple, VectorResult] = {}
     for run in results.valid_runs(min_coherence):

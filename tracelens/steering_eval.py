@@ -21,7 +21,7 @@ from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import load_activation_metadata, load_vector, parse_layers
 from tracelens.generation import HookedGenerator
 from tracelens.hooks import PerSampleSteering
-from tracelens.io import append_jsonl, read_jsonl
+from tracelens.io import append_jsonl, read_json, read_jsonl
 from tracelens.judge import summarize_judge_scores
 from tracelens.prompts import tokenize_batch
 from tracelens.traits import load_trait
@@ -84,12 +84,21 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     direction = config.direction or data.steering.direction
     sign = 1.0 if direction == "positive" else -1.0
     path = exp.steering_results_path(trait, mv.name, config.position)
+    judge_name = getattr(judge, "name", type(judge).__name__)
+    header = SteeringHeader(
+        trait=trait, direction=direction, steering_model=mv.model, steering_experiment=exp.name,
+        vector_source={"model": mv.model, "experiment": exp.name, "trait": trait, "method": config.method,
+                       "component": config.component,
+                       "input_hash": vectors_hash(exp, trait, extraction_variant, config.position, config.component,
+                                                  config.method)},
+        eval={"model": judge_name, "method": "judge"}, prompts_hash=data.input_hash, n_questions=len(questions),
+    )
     lines = read_jsonl(path)
-    if not any(line.get("type") == "header" for line in lines):
-        header = SteeringHeader(trait=trait, direction=direction, steering_model=mv.model, steering_experiment=exp.name,
-                                vector_source={"model": mv.model, "experiment": exp.name, "trait": trait},
-                                eval={"model": getattr(judge, "name", type(judge).__name__), "method": "judge"},
-                                prompts_hash=data.input_hash, n_questions=len(questions))
+    if lines and not _same_setup(lines[0], header):
+        # Other vectors, judge or questions: those runs are not comparable with new ones. Keep them aside.
+        path.rename(path.with_name(f"results.{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.stale.jsonl"))
+        lines = []
+    if not lines:
         append_jsonl(path, header.to_dict())
         lines.append(header.to_dict())
     if not any(line.get("type") == "baseline" for line in lines):
@@ -126,6 +135,16 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     return SteeringResults.from_jsonl_lines(read_jsonl(path))
 
 
+def vectors_hash(exp: Experiment, trait: str, variant: str, position: str, component: str, method: str) -> str:
+    """The input hash of the vectors on disk for one method (changes whenever they are re-fitted)."""
+    return read_json(exp.vectors_dir(trait, variant, position, component, method) / "metadata.json")["input_hash"]
+
+
+def _same_setup(first_line: dict, header: SteeringHeader) -> bool:
+    keys = ("trait", "direction", "vector_source", "eval", "prompts_hash", "n_questions")
+    return first_line.get("type") == "header" and all(first_line.get(k) == getattr(header, k) for k in keys)
+
+
 def fit_offline_judge(experiment: str | Experiment, trait: str, variant: str, val_split: float = 0.1):
     """An `EmbeddingJudge` fitted on the trait's training responses, and its validity (AUROC) on the
     held-out responses of the same extraction split."""
@@ -137,7 +156,8 @@ def fit_offline_judge(experiment: str | Experiment, trait: str, variant: str, va
     kp, kn = split_point(len(pos), val_split), split_point(len(neg), val_split)
     texts = lambda rows: [r["response"] for r in rows]  # noqa: E731
     judge = EmbeddingJudge().fit(texts(pos[:kp]), texts(neg[:kn]))
-    judge.name = f"embedding-judge:{trait}"
+    responses_hash = read_json(exp.responses_dir(trait, variant) / "metadata.json")["input_hash"]
+    judge.name = f"embedding-judge:{trait}:{responses_hash}:val{val_split}"
     return judge, judge.validity(texts(pos[kp:]), texts(neg[kn:]))
 
 

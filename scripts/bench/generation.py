@@ -16,36 +16,23 @@ Targets: hooked steered >= 0.9x hf steered at batch 8; steer + capture >= 0.8x.
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import resource
 import statistics
-import sys
 import time
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-           "MALLOC_TOP_PAD_": "1073741824"}
-if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from common import model_pair, reexec_with_malloc_settings  # noqa: E402
+
+reexec_with_malloc_settings()
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-from tracelens import CaptureConfig, HookedGenerator, SteeringConfig, SteeringHook, get_hook_path, load_model  # noqa: E402
-from tracelens.testing import make_tokenizer, tiny_hf_model  # noqa: E402
+from tracelens import CaptureConfig, HookedGenerator, SteeringConfig, SteeringHook, get_hook_path  # noqa: E402
 
 NEW_TOKENS = 64
 
 
 def _models(name: str):
-    if name == "default":
-        from tracelens.default_model import default_model_path
-
-        path = default_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
-    hf = tiny_hf_model("llama", n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536, vocab_size=512)
-    return load_model(copy.deepcopy(hf), make_tokenizer()), hf, "mid random Llama (8 layers, d 512)"
+    return model_pair(name, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536)
 
 
 def bench(name: str, batch: int, rounds: int) -> None:

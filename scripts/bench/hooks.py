@@ -16,37 +16,20 @@ Target: capture and projection within 1.10x of the raw-torch-hook capture.
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import statistics
-import sys
 import time
 
-# glibc's default malloc thresholds make large-activation timings swing several-fold on this kind of
-# machine; fix them before torch allocates anything (re-exec so the allocator sees them).
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-           "MALLOC_TOP_PAD_": "1073741824"}
-if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from common import model_pair, reexec_with_malloc_settings  # noqa: E402
+
+reexec_with_malloc_settings()
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path, load_model  # noqa: E402
-from tracelens.testing import make_tokenizer, tiny_hf_model  # noqa: E402
+from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path  # noqa: E402
 
 
 def _models(name: str):
-    """(bridge, untouched HF copy, description)."""
-    if name == "default":
-        from tracelens.default_model import default_model_path
-
-        path = default_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
-    hf = tiny_hf_model("llama", n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048, vocab_size=512)
-    bridge = load_model(copy.deepcopy(hf), make_tokenizer())
-    return bridge, hf, "mid random Llama (16 layers, d 768, ~110M non-embedding params)"
+    return model_pair(name, n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048)
 
 
 def _raw_capture(hf):

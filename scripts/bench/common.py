@@ -1,0 +1,36 @@
+"""Shared set-up of the benchmarks: allocator settings and the model pairs they compare."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+# glibc's default malloc thresholds make large-activation timings swing several-fold on this kind of
+# machine; the benchmarks fix them before torch allocates anything.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+          "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def reexec_with_malloc_settings() -> None:
+    """Restart this script with `MALLOC` in the environment (the allocator reads it at start-up)."""
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+
+
+def model_pair(name: str, **mid_shape):
+    """(tracelens model, untouched eager HF copy, description) for "default" or a "mid" random Llama."""
+    from transformers import AutoModelForCausalLM
+
+    from tracelens import load_model
+    from tracelens.testing import make_tokenizer, tiny_hf_model
+
+    if name == "default":
+        from tracelens.default_model import default_model_path
+
+        path = default_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
+    hf = tiny_hf_model("llama", vocab_size=512, **mid_shape)
+    shape = ", ".join(f"{k} {v}" for k, v in mid_shape.items())
+    return load_model(copy.deepcopy(hf), make_tokenizer()), hf, f"mid random Llama ({shape})"
