@@ -112,3 +112,29 @@ def test_unknown_variants_modes_and_unsafe_names_are_rejected(tmp_path):
         exp.extraction_dir("../../etc", "base")
     with pytest.raises(FileNotFoundError, match="no scored vectors"):
         select_vectors(exp, TRAIT)
+
+
+class IndexJudge:
+    """A test double with the Judge interface. First call (positive side): pair i scores 100 unless
+    i % 4 == 0 (then 50); second call (negative side): 0 unless i % 3 == 0 (then 41)."""
+
+    name = "index"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, items, trait_name=None, definition=None):
+        self.calls += 1
+        if self.calls == 1:
+            return [{"trait_score": 50.0 if i % 4 == 0 else 100.0} for i in range(len(items))]
+        return [{"trait_score": 41.0 if i % 3 == 0 else 0.0} for i in range(len(items))]
+
+
+def test_vetting_keeps_matched_pairs_that_pass_both_thresholds(tmp_path, tiny):
+    exp = _experiment(tmp_path)
+    run_extraction(exp, [TRAIT], CONFIG, backend=LocalBackend.from_model(tiny.model), vet_judge=IndexJudge())
+    expected = [i for i in range(54) if i % 4 != 0 and i % 3 != 0]  # 60 > 50 fails; 41 > 40 fails
+    vetting = json.loads(exp.vetting_path(TRAIT, "base").read_text())
+    assert vetting["kept_indices"] == expected and vetting["summary"] == {"n_pairs": 54, "n_kept": len(expected)}
+    meta = load_activation_metadata(exp, TRAIT, "base", "response[:]")
+    assert meta.n_examples_pos + meta.n_val_pos == len(expected)

@@ -157,14 +157,10 @@ class LocalBackend:
         device = self.device
         captures = {c: MultiLayerCapture(self._model, capture.layers, c, keep_on_gpu=True) for c in capture.components}
         mask = None if attention_mask is None else attention_mask.to(device)
-        with torch.inference_mode():
+        with ExitStack() as stack, torch.inference_mode():
             for cap in captures.values():
-                cap.__enter__()
-            try:
-                self._model(input_ids.to(device), attention_mask=mask)
-            finally:
-                for cap in reversed(captures.values()):
-                    cap.__exit__(None, None, None)
+                stack.enter_context(cap)
+            self._model(input_ids.to(device), attention_mask=mask)
         return {l: {c: captures[c].get(l) for c in capture.components} for l in _layers(self._model, capture.layers)}
 
     # --- internals ----------------------------------------------------------------------------------

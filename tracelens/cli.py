@@ -24,7 +24,13 @@ def extract(args: argparse.Namespace) -> None:
         methods=_csv(args.methods), position=args.position, layers=args.layers, component=args.component,
         val_split=args.val_split, max_new_tokens=args.max_new_tokens, force=args.force,
     )
-    for trait, report in run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant).items():
+    vet_judge = None
+    if args.vet:
+        from tracelens.judge import OpenAIJudge
+
+        vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
+    reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge)
+    for trait, report in reports.items():
         b = report["best"]
         print(f"{trait}: best {b['method']} layer {b['layer']} held-out accuracy {b['val_accuracy']:.3f} "
               f"AUROC {b['val_auroc']:.3f}")
@@ -79,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--vet", action="store_true", help="keep only pairs an LLM judge scores pos >= 60, neg <= 40")
+    p.add_argument("--judge-url", default="https://api.openai.com/v1", help="chat-completions endpoint for --vet")
+    p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=extract)
 
     p = sub.add_parser("steer", help="baseline + adaptive coefficient search, judged")

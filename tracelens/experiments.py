@@ -86,6 +86,9 @@ class Experiment:
     def responses_dir(self, trait: str, variant: str) -> Path:
         return self.extraction_dir(trait, variant) / "responses"
 
+    def vetting_path(self, trait: str, variant: str) -> Path:
+        return self.extraction_dir(trait, variant) / "vetting" / "response_scores.json"
+
     def activations_dir(self, trait: str, variant: str, position: str, component: str) -> Path:
         return self.extraction_dir(trait, variant) / "activations" / sanitize_position(position) / component
 

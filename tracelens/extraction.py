@@ -6,6 +6,7 @@ an `input_hash` of everything it depends on; a stage whose outputs carry the cur
 
 Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.experiments`):
   responses/pos.json, neg.json, metadata.json
+  vetting/response_scores.json (only with a vetting judge: pairs kept where pos >= 60 and neg <= 40)
   activations/{position}/{component}/train_all_layers.safetensors, val_all_layers.safetensors, metadata.json
       train = cat(pos, neg) on dim 0, split at n_examples_pos; float16 (bfloat16 if float16 would overflow)
   vectors/{position}/{component}/{method}/layer{N}.safetensors (unit float32 "vector"), metadata.json
@@ -135,6 +136,47 @@ def load_responses(exp: Experiment, trait: str, variant: str) -> tuple[list[dict
     return read_json(d / "pos.json"), read_json(d / "neg.json")
 
 
+# --- optional stage: vetting ---------------------------------------------------------------------
+
+POS_THRESHOLD, NEG_THRESHOLD, MIN_KEPT = 60.0, 40.0, 10
+
+
+def vet_responses(exp: Experiment, trait: str, variant: str, judge, responses_hash: str, force: bool = False) -> str:
+    """Judge every response's trait score and keep the pairs whose positive side scores >= 60 and negative
+    side <= 40 (pairs stay matched). Use a judge independent of these responses (e.g. `OpenAIJudge`)."""
+    path = exp.vetting_path(trait, variant)
+    input_hash = _hash("vetting", responses_hash, getattr(judge, "name", type(judge).__name__))
+    if _up_to_date(path, input_hash, force):
+        return input_hash
+    data = load_trait(trait)
+    pos, neg = load_responses(exp, trait, variant)
+    scores = {}
+    for polarity, rows in (("pos", pos), ("neg", neg)):
+        items = [{"question": r["prompt"], "response": r["response"]} for r in rows]
+        scores[polarity] = [s["trait_score"] for s in judge.score(items, trait, data.definition)]
+    kept = [i for i, (p, n) in enumerate(zip(scores["pos"], scores["neg"]))
+            if p is not None and n is not None and p >= POS_THRESHOLD and n <= NEG_THRESHOLD]
+    write_json(path, {
+        "results": [{"idx": i, "polarity": pol, "score": s} for pol in ("pos", "neg") for i, s in enumerate(scores[pol])],
+        "thresholds": {"pos": POS_THRESHOLD, "neg": NEG_THRESHOLD}, "kept_indices": kept,
+        "failed_indices": [i for i in range(len(pos)) if i not in set(kept)],
+        "summary": {"n_pairs": len(pos), "n_kept": len(kept)}, "input_hash": input_hash,
+    })
+    return input_hash
+
+
+def kept_pairs(exp: Experiment, trait: str, variant: str, vetted: bool) -> tuple[list[dict], list[dict]]:
+    """The responses the activations stage uses: every pair, or the pairs that passed vetting."""
+    pos, neg = load_responses(exp, trait, variant)
+    if not vetted:
+        return pos, neg
+    kept = read_json(exp.vetting_path(trait, variant))["kept_indices"]
+    if len(kept) < MIN_KEPT:
+        raise ValueError(f"only {len(kept)} of {len(pos)} pairs of {trait} passed vetting (need {MIN_KEPT}); "
+                         "check the scenarios or the judge, or extract without vetting")
+    return [pos[i] for i in kept], [neg[i] for i in kept]
+
+
 # --- stage 2: activations -------------------------------------------------------------------------
 
 
@@ -146,13 +188,13 @@ def split_point(n: int, val_split: float) -> int:
 
 
 def capture_activations(exp: Experiment, trait: str, variant: str, model, config: ExtractionConfig,
-                        responses_hash: str, model_id: str) -> str:
-    """Capture every layer at the position for each response; float16 on disk."""
+                        responses_hash: str, model_id: str, vetted: bool = False) -> str:
+    """Capture every layer at the position for each (kept) response; float16 on disk."""
     out = exp.activations_dir(trait, variant, config.position, config.component)
     input_hash = _hash("activations", responses_hash, config.position, config.component, config.val_split)
     if _up_to_date(out / "metadata.json", input_hash, config.force):
         return input_hash
-    pos, neg = load_responses(exp, trait, variant)
+    pos, neg = kept_pairs(exp, trait, variant, vetted)
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers))
 
@@ -273,8 +315,8 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
 
 
 def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: ExtractionConfig | None = None,
-                   variant: str | None = None, backend: LocalBackend | None = None) -> dict[str, dict]:
-    """Run every stage for each trait; returns the evaluation report per trait."""
+                   variant: str | None = None, backend: LocalBackend | None = None, vet_judge=None) -> dict[str, dict]:
+    """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation report per trait."""
     from tracelens.experiments import get_model_variant
     from tracelens.loading import load_model
 
@@ -287,7 +329,9 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     reports = {}
     for trait in traits:
         h = generate_responses(exp, trait, mv.name, backend, config, mv.model)
-        h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.model)
+        if vet_judge is not None:
+            h = vet_responses(exp, trait, mv.name, vet_judge, h, config.force)
+        h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.model, vetted=vet_judge is not None)
         vh = fit_vectors(exp, trait, mv.name, config, layers, h, mv.model)
         reports[trait] = evaluate_vectors(exp, trait, mv.name, config, layers, vh)
     return reports
