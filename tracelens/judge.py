@@ -449,6 +449,16 @@ def repetition_score(text: str) -> float:
     return 100.0 * min(_distinct_ratio(words, REPETITION_WORD_N), _distinct_ratio(chars, REPETITION_CHAR_N))
 
 
+def _both_sides(positive_texts: Sequence[str], negative_texts: Sequence[str], what: str) -> tuple[list[str], list[str]]:
+    positive_texts, negative_texts = list(positive_texts), list(negative_texts)
+    if not positive_texts or not negative_texts:
+        raise ValueError(
+            f"{what} needs at least one positive and one negative text, got {len(positive_texts)} positive and "
+            f"{len(negative_texts)} negative."
+        )
+    return positive_texts, negative_texts
+
+
 class EmbeddingJudge(_BatchScoring):
     """An offline judge for ONE trait: a classifier fitted on that trait's contrastive responses.
 
@@ -512,12 +522,7 @@ class EmbeddingJudge(_BatchScoring):
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
-        positive_texts, negative_texts = list(positive_texts), list(negative_texts)
-        if not positive_texts or not negative_texts:
-            raise ValueError(
-                f"fit needs at least one positive and one negative text, got {len(positive_texts)} positive and "
-                f"{len(negative_texts)} negative."
-            )
+        positive_texts, negative_texts = _both_sides(positive_texts, negative_texts, "fit")
         texts = positive_texts + negative_texts
         labels = np.r_[np.ones(len(positive_texts)), np.zeros(len(negative_texts))]
         # "!" and "?" count as tokens: punctuation carries register and excitement that words alone miss.
@@ -591,10 +596,5 @@ class EmbeddingJudge(_BatchScoring):
         """AUROC of trait scores on held-out positive vs negative responses: 1.0 perfect, 0.5 chance."""
         from tracelens.metrics import auroc
 
-        positive_texts, negative_texts = list(positive_texts), list(negative_texts)
-        if not positive_texts or not negative_texts:
-            raise ValueError(
-                f"validity needs held-out positive and negative texts, got {len(positive_texts)} and "
-                f"{len(negative_texts)}."
-            )
+        positive_texts, negative_texts = _both_sides(positive_texts, negative_texts, "validity")
         return auroc(self.score_texts(positive_texts).tolist(), self.score_texts(negative_texts).tolist())

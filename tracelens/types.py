@@ -224,9 +224,9 @@ class ActivationMetadata:
     """What ``activations/{position}/{component}/metadata.json`` records about captured activations.
 
     The training tensor is ``cat(pos, neg)`` on dim 0, so rows ``[:n_examples_pos]`` are positive; likewise
-    the validation tensor splits at ``n_val_pos``. ``activation_norms[layer]`` is the mean ``||h||`` over
-    captured tokens at that layer (it sets the starting steering coefficient). Layer keys are ints here and
-    strings in the JSON file.
+    the validation tensor splits at ``n_val_pos``. ``activation_norms[layer]`` is the mean ``||h||`` of the
+    captured (position-pooled) training activations at that layer (it sets the starting steering
+    coefficient). Layer keys are ints here and strings in the JSON file.
     """
 
     n_layers: int

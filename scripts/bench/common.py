@@ -34,3 +34,20 @@ def model_pair(name: str, **mid_shape):
     hf = tiny_hf_model("llama", vocab_size=512, **mid_shape)
     shape = ", ".join(f"{k} {v}" for k, v in mid_shape.items())
     return load_model(copy.deepcopy(hf), make_tokenizer()), hf, f"mid random Llama ({shape})"
+
+
+def alternate(variants, rounds: int) -> dict[str, float]:
+    """Median seconds of each variant (a callable returning its own elapsed seconds): one warm-up
+    call each, then `rounds` rounds running every variant in turn, so drift hits all alike."""
+    import statistics
+
+    import torch
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn()
+        for _ in range(rounds):
+            for k, fn in variants.items():
+                times[k].append(fn())
+    return {k: statistics.median(t) for k, t in times.items()}

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import time
 
-from common import model_pair, reexec_with_malloc_settings  # noqa: E402
+from common import alternate, model_pair, reexec_with_malloc_settings  # noqa: E402
 
 reexec_with_malloc_settings()
 
@@ -60,6 +59,14 @@ def bench(name: str, batch: int, rounds: int) -> None:
         with SteeringHook(model, v, get_hook_path(layer), 4.0):
             model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, stop_at_eos=False, verbose=False)
 
+    def timed(fn):
+        def run():
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        return run
+
     variants = {
         "hf plain": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
         "hf steered": hf_steered,
@@ -68,16 +75,8 @@ def bench(name: str, batch: int, rounds: int) -> None:
         "hooked steered": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, stop_at_eos=False),
         "hooked steer+cap3": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, capture=cap3, stop_at_eos=False),
     }
-    times = {k: [] for k in variants}
-    with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        for _ in range(rounds):
-            for k, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
-    tps = {k: batch * NEW_TOKENS / statistics.median(t) for k, t in times.items()}
+    med = alternate({k: timed(fn) for k, fn in variants.items()}, rounds)
+    tps = {k: batch * NEW_TOKENS / t for k, t in med.items()}
     print(f"\n### {desc}, batch {batch}, {NEW_TOKENS} new tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
     print("| variant | tokens/s | vs hf plain | vs hf steered |")
     print("|---|---|---|---|")

@@ -16,10 +16,9 @@ Target: capture and projection within 1.10x of the raw-torch-hook capture.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
-from common import model_pair, reexec_with_malloc_settings  # noqa: E402
+from common import alternate, model_pair, reexec_with_malloc_settings  # noqa: E402
 
 reexec_with_malloc_settings()
 
@@ -79,14 +78,7 @@ def bench(name: str, rounds: int, batch: int, seq: int) -> None:
         "steer one": timed(model, lambda: SteeringHook(model, vec, get_hook_path(n // 2), 4.0)),
         "project all": timed(model, lambda: MultiLayerProjection(model, vectors)),
     }
-    times = {k: [] for k in variants}
-    with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        for _ in range(rounds):
-            for k, fn in variants.items():
-                times[k].append(fn())
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = alternate(variants, rounds)
     print(f"\n### {desc}, batch {batch} x {seq} tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
     print("| variant | median ms | vs plain (tracelens) | vs hf raw capture |")
     print("|---|---|---|---|")
