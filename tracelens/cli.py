@@ -66,6 +66,26 @@ def steer(args: argparse.Namespace) -> None:
                   f"(delta {results.delta(best):+.1f}) coherence {best.result.coherence_mean}")
 
 
+def monitor(args: argparse.Namespace) -> None:
+    from tracelens.monitoring import MonitorConfig, run_monitoring
+
+    config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
+    written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant)
+    print(f"wrote {written['responses']} response records and {written['projections']} projection records")
+
+
+def massive(args: argparse.Namespace) -> None:
+    from tracelens.massive import candidate_dims
+    from tracelens.monitoring import run_massive
+
+    report = run_massive(args.experiment, args.prompt_set, args.per_token, variant=args.variant)
+    agg = report["aggregate"]
+    print(f"{agg['tokens_seen']} tokens from {agg['n_prompts']} prompts")
+    for dim in candidate_dims(report, "top5-3layers"):
+        peak = max(agg["dim_magnitude_by_layer"][str(dim)])
+        print(f"dim {dim}: up to {peak:.0f}x the mean |activation| of its layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-url", default="https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=steer)
+
+    p = sub.add_parser("monitor", help="per-token projections of a prompt set's responses onto selected vectors")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--prompt-set", required=True, help="a shipped set (general, neutral) or a JSON file")
+    p.add_argument("--traits", required=True)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--layers", default="best,best+5")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--one-pass", action="store_true", help="record projections while generating")
+    p.set_defaults(func=monitor)
+
+    p = sub.add_parser("massive", help="calibrate massive activation dims on neutral prompts")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--prompt-set", default="neutral")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--per-token", action="store_true")
+    p.set_defaults(func=massive)
     return parser
 
 

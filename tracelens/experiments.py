@@ -115,6 +115,23 @@ class Experiment:
         return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
 
 
+    # --- inference / monitoring -----------------------------------------------------------------
+
+    def inference_dir(self, variant: str) -> Path:
+        return self.dir / "inference" / _safe_parts(variant, "variant", 1)[0]
+
+    def response_record_path(self, variant: str, prompt_set: str, prompt_id: int | str) -> Path:
+        return (self.inference_dir(variant) / "responses" / _safe_parts(prompt_set, "prompt set", 2)[-1]
+                / f"{_safe_parts(str(prompt_id), 'prompt id', 1)[0]}.json")
+
+    def projection_record_path(self, variant: str, trait: str, prompt_set: str, prompt_id: int | str) -> Path:
+        return (self.inference_dir(variant) / "projections" / Path(*_safe_parts(trait, "trait", 2))
+                / _safe_parts(prompt_set, "prompt set", 2)[-1] / f"{_safe_parts(str(prompt_id), 'prompt id', 1)[0]}.json")
+
+    def massive_activations_path(self, variant: str, name: str = "calibration") -> Path:
+        return self.inference_dir(variant) / "massive_activations" / f"{_safe_parts(name, 'prompt set', 2)[-1]}.json"
+
+
 def get_model_variant(experiment: str | Experiment, variant: str | None = None, mode: str = "application") -> ModelVariant:
     """The experiment's model variant: `variant`, else `defaults[mode]`, else the first one listed."""
     if mode not in MODES:

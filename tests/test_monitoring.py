@@ -1,0 +1,88 @@
+"""Monitoring on a tiny model: records, exact normalized scores, equality with capture-then-project, skips."""
+
+import json
+
+import pytest
+import torch
+
+from tracelens import get_hook_path
+from tracelens.backends import LocalBackend, SteeringSpec
+from tracelens.experiments import Experiment
+from tracelens.extraction import ExtractionConfig, load_vector, run_extraction
+from tracelens.hooks import CaptureHook
+from tracelens.monitoring import MonitorConfig, resolve_monitor_layers, run_monitoring
+from tracelens.types import ProjectionRecord, ResponseRecord
+
+TRAIT = "starter/optimism"
+
+
+@pytest.fixture
+def setup(tmp_path, tiny):
+    exp = Experiment.named("mon", tmp_path)
+    exp.write_config({"base": {"model": "tiny"}}, {"extraction": "base", "application": "base"})
+    backend = LocalBackend.from_model(tiny.model)
+    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3, limit=12, val_split=0.25),
+                   backend=backend)
+    prompts = tmp_path / "mini.json"
+    prompts.write_text(json.dumps({"name": "mini", "description": "three prompts",
+                                   "prompts": [{"id": i, "text": t} for i, t in enumerate(
+                                       ["How are you?", "Tell me about the sea.", "What is two plus two?"])]}))
+    return exp, backend, str(prompts)
+
+
+def test_resolve_monitor_layers():
+    assert resolve_monitor_layers("best,best+5", 3, 10) == [3, 8]
+    assert resolve_monitor_layers("best,best+5", 7, 10) == [7, 9]  # clamped to the last layer
+    assert resolve_monitor_layers("best-1,2", 3, 10) == [2]
+    with pytest.raises(ValueError, match="bad monitor layer 'worst'"):
+        resolve_monitor_layers("worst", 3, 10)
+
+
+def test_projection_records_equal_capture_then_project_and_reruns_skip(setup):
+    exp, backend, prompt_set = setup
+    config = MonitorConfig(layers="best", max_new_tokens=4, calibrate=False)
+    assert run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend) == {"responses": 3, "projections": 3}
+    assert run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend) == {"responses": 0, "projections": 0}
+    rec = ResponseRecord.from_dict(json.loads(exp.response_record_path("base", "mini", 1).read_text()))
+    proj = ProjectionRecord.from_dict(json.loads(exp.projection_record_path("base", TRAIT, "mini", 1).read_text()))
+    entry = proj.projections[0]
+    v = load_vector(exp, TRAIT, "base", "response[:]", "residual", entry.method, entry.layer)
+    with CaptureHook(backend.model, get_hook_path(entry.layer)) as cap, torch.no_grad():
+        backend.model(torch.tensor([rec.token_ids]))
+    h = cap.get()[0]
+    by_hand = h @ (v / v.norm())
+    n = rec.prompt_end
+    assert proj.n_prompt_tokens == n and proj.n_response_tokens == len(rec.token_ids) - n
+    assert entry.prompt == pytest.approx(by_hand[:n].tolist(), abs=1e-4)
+    assert entry.response == pytest.approx(by_hand[n:].tolist(), abs=1e-4)
+    norms = h.norm(dim=-1)
+    assert entry.normalized_response == pytest.approx((by_hand[n:] / norms[n:].mean()).tolist(), abs=1e-4)
+
+
+def test_first_run_calibrates_and_later_records_carry_massive_dim_data(setup, tmp_path):
+    exp, backend, _ = setup
+    long_set = tmp_path / "long.json"
+    text = "Please describe, in a few careful sentences, what you would pack for a long weekend trip to the sea."
+    long_set.write_text(json.dumps({"name": "long", "description": "d",
+                                    "prompts": [{"id": i, "text": f"{i}. {text}"} for i in range(6)]}))
+    config = MonitorConfig(layers="best", max_new_tokens=3, target_tokens=100)
+    run_monitoring(exp, str(long_set), [TRAIT], config, backend=backend)
+    calibration = json.loads(exp.massive_activations_path("base").read_text())
+    assert 100 <= calibration["aggregate"]["tokens_seen"]
+    record = json.loads(exp.projection_record_path("base", TRAIT, "long", 0).read_text())
+    data = record["massive_dim_data"]
+    layer = str(record["projections"][0]["layer"])
+    assert set(data["prompt"][layer]) == {str(d) for d in data["all_candidates"]}
+    assert len(data["response"][layer][str(data["all_candidates"][0])]) == record["metadata"]["n_response_tokens"]
+
+
+def test_one_pass_monitors_a_steered_generation(setup):
+    exp, backend, prompt_set = setup
+    v = torch.ones(backend.hidden_dim) / backend.hidden_dim**0.5
+    config = MonitorConfig(layers="best", max_new_tokens=5, calibrate=False, one_pass=True)
+    run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[SteeringSpec(0, v, 2.0)])
+    rec = ResponseRecord.from_dict(json.loads(exp.response_record_path("base", "mini", 0).read_text()))
+    proj = ProjectionRecord.from_dict(json.loads(exp.projection_record_path("base", TRAIT, "mini", 0).read_text()))
+    assert proj.n_response_tokens == len(rec.token_ids) - rec.prompt_end
+    with pytest.raises(ValueError, match="needs one_pass=True"):
+        run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(), backend=backend, steering=[SteeringSpec(0, v, 2.0)])

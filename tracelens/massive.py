@@ -1,0 +1,144 @@
+"""Massive activations: a few residual dimensions 100-1000x the median (Sun et al. 2024) that act as
+fixed biases in projections. Calibrate which they are, then correct projections by removing their share.
+
+`MassiveDimCollector` calibrates passively: residual hooks on every layer read prefill passes only
+(decode steps, seq len 1, are ignored) and real tokens only, until `target_tokens` tokens are seen,
+then stop; `finalize()` removes the hooks and writes `calibration.json`, with running sums under
+`_state` so an interrupted calibration resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tracelens.hooks import _TokenPositions
+from tracelens.io import read_json, write_json
+from tracelens.sites import get_hook_path
+
+CLEAN_MODES = ("none", "top5-3layers", "all")
+
+
+class MassiveDimCollector:
+    """Passive calibration of massive dims over prefill passes (see the module docstring)."""
+
+    def __init__(self, model, path: Path, target_tokens: int = 5000, top_k: int = 5, info: dict | None = None) -> None:
+        self.model, self.path, self.target_tokens, self.top_k = model, Path(path), target_tokens, top_k
+        self.info = info or {}
+        n, d = model.cfg.n_layers, model.cfg.d_model
+        self.sums = torch.zeros(n, d, dtype=torch.float64)
+        self.unit_sums = torch.zeros(n, d, dtype=torch.float64)
+        self.norm_sums = torch.zeros(n, dtype=torch.float64)
+        self.tokens_seen, self.n_prompts = 0, 0
+        self._stack: contextlib.ExitStack | None = None
+        self._positions = _TokenPositions(model)
+        if self.path.is_file():
+            self._resume(read_json(self.path))
+
+    def _resume(self, saved: dict) -> None:
+        state = saved.get("_state") or {}
+        if state:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64)
+            self.unit_sums = torch.tensor(state["unit_sums"], dtype=torch.float64)
+            self.norm_sums = torch.tensor(state["norm_sums"], dtype=torch.float64)
+            self.tokens_seen, self.n_prompts = int(state["tokens_seen"]), int(state["n_prompts"])
+
+    def should_skip(self) -> bool:
+        return self.tokens_seen >= self.target_tokens
+
+    @property
+    def active(self) -> bool:
+        return self._stack is not None
+
+    def register(self) -> None:
+        """Add the hooks (idempotent; nothing is added once the budget is reached)."""
+        if self.active or self.should_skip():
+            return
+        stack = contextlib.ExitStack()
+        self._positions.register(stack)
+        hooks = [(get_hook_path(l, "residual"), self._make_hook(l)) for l in range(self.model.cfg.n_layers)]
+        stack.enter_context(self.model.hooks(fwd_hooks=hooks))
+        self._stack = stack
+
+    def _make_hook(self, layer: int):
+        def hook(act: Tensor, hook) -> None:
+            if act.shape[1] <= 1 or self.tokens_seen >= self.target_tokens:
+                return None  # decode steps carry no new prompt tokens; stop once calibrated
+            _, real = self._positions.current(act.shape[0], act.shape[1], act.device)
+            h = act.detach()[real].double().cpu()  # [n_real, d]
+            self.sums[layer] += h.sum(0)
+            norms = h.norm(dim=-1)
+            self.norm_sums[layer] += norms.sum()
+            self.unit_sums[layer] += (h / norms.clamp(min=1e-12)[:, None]).sum(0)
+            if layer == self.model.cfg.n_layers - 1:  # count once per pass, after every layer has seen it
+                self.tokens_seen += h.shape[0]
+                self.n_prompts += act.shape[0]
+            return None
+
+        return hook
+
+    def finalize(self) -> dict | None:
+        """Remove the hooks and write the calibration file; None (nothing written) under 100 tokens."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        if self.tokens_seen < 100:
+            return None
+        report = {**self.info, "prompt_set": self.info.get("prompt_set", "calibration"),
+                  "is_calibration": True, "source": self.info.get("source", "inference_passive"),
+                  "aggregate": aggregate(self.sums, self.unit_sums, self.norm_sums, self.tokens_seen, self.n_prompts,
+                                         self.top_k),
+                  "_state": {"sums": self.sums.tolist(), "unit_sums": self.unit_sums.tolist(),
+                             "norm_sums": self.norm_sums.tolist(), "tokens_seen": self.tokens_seen,
+                             "n_prompts": self.n_prompts}}
+        write_json(self.path, report)
+        return report
+
+
+def aggregate(sums: Tensor, unit_sums: Tensor, norm_sums: Tensor, tokens: int, n_prompts: int, top_k: int) -> dict:
+    """The calibration summary from running sums over `tokens` tokens (`[n_layers, d]` sums)."""
+    mean = sums / tokens  # mean activation per layer [L, d]
+    abs_mean = mean.abs()
+    top = abs_mean.topk(top_k, dim=1).indices  # [L, k]
+    dims = sorted({int(d) for d in top.flatten()})
+    scale = abs_mean.mean(dim=1, keepdim=True).clamp(min=1e-12)
+    direction = mean / mean.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    alignment = (unit_sums / tokens * direction).sum(dim=1)  # mean token cosine to the mean direction
+    consecutive = torch.nn.functional.cosine_similarity(mean[1:], mean[:-1], dim=1)
+    return {
+        "n_prompts": n_prompts,
+        "tokens_seen": tokens,
+        "mean_alignment_by_layer": [round(float(a), 4) for a in alignment],
+        "top_dims_by_layer": {str(l): [int(d) for d in top[l]] for l in range(len(top))},
+        "dim_magnitude_by_layer": {str(d): [round(float(x), 2) for x in (abs_mean[:, d:d + 1] / scale)[:, 0]]
+                                   for d in dims},
+        "layer_norms": [round(float(n / tokens), 3) for n in norm_sums],
+        "consecutive_cosine": [round(float(c), 4) for c in consecutive],
+    }
+
+
+def candidate_dims(calibration: dict, mode: str) -> list[int]:
+    """Dims to clean: "top5-3layers" = in some layer's top 5 at 3 or more layers; "all" = every top dim."""
+    if mode not in CLEAN_MODES:
+        raise ValueError(f"unknown clean mode {mode!r}; use one of {CLEAN_MODES}")
+    if mode == "none":
+        return []
+    counts: dict[int, int] = {}
+    for dims in calibration["aggregate"]["top_dims_by_layer"].values():
+        for d in dims[:5]:
+            counts[int(d)] = counts.get(int(d), 0) + 1
+    if mode == "all":
+        return sorted(counts)
+    return sorted(d for d, c in counts.items() if c >= 3)
+
+
+def clean_projection(scores: Tensor, acts_at_dims: Tensor, unit_vector_at_dims: Tensor) -> Tensor:
+    """Projection with the massive dims' share removed: `scores - acts[..., dims] @ v[dims]`.
+
+    `scores` `[*pos]`, `acts_at_dims` `[*pos, n_dims]` (activation values at the dims), `unit_vector_at_dims`
+    `[n_dims]` (the unit vector's entries there).
+    """
+    return scores - acts_at_dims.float() @ unit_vector_at_dims.float()
