@@ -23,6 +23,8 @@ from tracelens.hooks import (
 )
 from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
 from tracelens.loading import load_model
+from tracelens.massive import MassiveDimCollector, candidate_dims, clean_projection
+from tracelens.monitoring import MonitorConfig, run_massive, run_monitoring
 from tracelens.math import (
     batch_cosine_similarity,
     compute_top_pcs_by_variance,
@@ -54,10 +56,12 @@ from tracelens.methods import (
 )
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
 from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
+from tracelens.prompt_sets import Prompt, PromptSet, PromptSetError, list_prompt_sets, load_prompt_set
 from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
 from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
+from tracelens.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
@@ -102,4 +106,8 @@ __all__ = [
     "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
+    # monitoring, massive activations, prompt sets, profiling
+    "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_projection",
+    "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt", "PromptSetError",
+    "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
 ]

@@ -471,11 +471,11 @@ class MultiLayerProjection(_PerLayer):
         self.parts = {resolve_layer(l, model.cfg.n_layers): ProjectionHook(model, v, get_hook_path(l, component, model))
                       for l, v in vectors_by_layer.items()}
 
-    def get(self, layer: int) -> Tensor:
-        return self._part(layer).get()
+    def get(self, layer: int, concat: bool = True) -> Tensor | list[Tensor]:
+        return self._part(layer).get(concat)
 
-    def get_norms(self, layer: int) -> Tensor:
-        return self._part(layer).get_norms()
+    def get_norms(self, layer: int, concat: bool = True) -> Tensor | list[Tensor]:
+        return self._part(layer).get_norms(concat)
 
     def get_all(self) -> dict[int, Tensor]:
         return {layer: part.get() for layer, part in self.parts.items()}
