@@ -24,7 +24,6 @@ from tracelens.hooks import (
 from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
 from tracelens.loading import load_model
 from tracelens.massive import MassiveDimCollector, candidate_dims, clean_projection
-from tracelens.monitoring import MonitorConfig, run_massive, run_monitoring
 from tracelens.math import (
     batch_cosine_similarity,
     compute_top_pcs_by_variance,
@@ -55,13 +54,13 @@ from tracelens.methods import (
     get_method,
 )
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
+from tracelens.monitoring import MonitorConfig, run_massive, run_monitoring
 from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
 from tracelens.prompt_sets import Prompt, PromptSet, PromptSetError, list_prompt_sets, load_prompt_set
 from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
 from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
-from tracelens.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
@@ -75,6 +74,7 @@ from tracelens.types import (
     VectorResult,
     VectorSpec,
 )
+from tracelens.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
 
 __all__ = [
     # loading and hook sites
