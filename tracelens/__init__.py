@@ -2,6 +2,8 @@
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
 from tracelens.capture import capture_at_position
+from tracelens.cleaning import clean_scores
+from tracelens.dashboard import make_server, serve, serve_in_thread
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
@@ -23,7 +25,7 @@ from tracelens.hooks import (
 )
 from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
 from tracelens.loading import load_model
-from tracelens.massive import MassiveDimCollector, candidate_dims, clean_projection
+from tracelens.massive import MassiveDimCollector, candidate_dims
 from tracelens.math import (
     batch_cosine_similarity,
     compute_top_pcs_by_variance,
@@ -107,7 +109,8 @@ __all__ = [
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
     # monitoring, massive activations, prompt sets, profiling
-    "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_projection",
+    "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
+    "serve", "make_server", "serve_in_thread",
     "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt", "PromptSetError",
     "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
 ]

@@ -86,6 +86,12 @@ def massive(args: argparse.Namespace) -> None:
         print(f"dim {dim}: up to {peak:.0f}x the mean |activation| of its layer")
 
 
+def serve(args: argparse.Namespace) -> None:
+    from tracelens.dashboard import main_serve
+
+    main_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None)
     p.add_argument("--per-token", action="store_true")
     p.set_defaults(func=massive)
+
+    p = sub.add_parser("serve", help="the Trait Dynamics dashboard for an experiment (local web page)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
+    p.set_defaults(func=serve)
     return parser
 
 

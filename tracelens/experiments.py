@@ -115,21 +115,64 @@ class Experiment:
         return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
 
 
-    # --- inference / monitoring -----------------------------------------------------------------
+    def steering_variant_dir(self, trait: str, variant: str) -> Path:
+        """The folder holding one sub-folder per sanitized position of a trait's steering runs."""
+        return self.dir / "steering" / Path(*_safe_parts(trait, "trait", 2)) / _safe_parts(variant, "variant", 1)[0]
+
+    def evaluation_dir(self, trait: str, variant: str) -> Path:
+        """The folder holding `{sanitized position}/{component}.json` held-out evaluations."""
+        return self.extraction_dir(trait, variant) / "evaluation"
+
+    def evaluation_paths(self, trait: str, variant: str) -> list[Path]:
+        """The evaluation files that exist for a trait, whatever their position and component."""
+        root = self.evaluation_dir(trait, variant)
+        return sorted(root.glob("*/*.json")) if root.is_dir() else []
+
+    def steering_results_paths(self, trait: str, variant: str, prompt_set: str = "steering") -> dict[str, Path]:
+        """`{sanitized position: results.jsonl}` for every position of a trait that has steering results."""
+        root = self.steering_variant_dir(trait, variant)
+        name = _safe_parts(prompt_set, "prompt set", 1)[0]
+        dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return {d.name: d / name / "results.jsonl" for d in dirs if (d / name / "results.jsonl").is_file()}
+
+    def stage_root(self, stage: str) -> Path:
+        """`extraction/`, `steering/` or `inference/` of the experiment (their sub-folders are traits or variants)."""
+        if stage not in ("extraction", "steering", "inference"):
+            raise ValueError(f"stage must be extraction, steering or inference, got {stage!r}")
+        return self.dir / stage
+
+    # --- inference (monitoring) -----------------------------------------------------------------
 
     def inference_dir(self, variant: str) -> Path:
         return self.dir / "inference" / _safe_parts(variant, "variant", 1)[0]
 
-    def response_record_path(self, variant: str, prompt_set: str, prompt_id: int | str) -> Path:
-        return (self.inference_dir(variant) / "responses" / _safe_parts(prompt_set, "prompt set", 2)[-1]
-                / f"{_safe_parts(str(prompt_id), 'prompt id', 1)[0]}.json")
+    def inference_responses_dir(self, variant: str, prompt_set: str | None = None) -> Path:
+        """`responses/` of a variant, or the folder of one prompt set ("name" or "category/name")."""
+        base = self.inference_dir(variant) / "responses"
+        return base if prompt_set is None else base / Path(*_safe_parts(prompt_set, "prompt set", 2))
 
-    def projection_record_path(self, variant: str, trait: str, prompt_set: str, prompt_id: int | str) -> Path:
-        return (self.inference_dir(variant) / "projections" / Path(*_safe_parts(trait, "trait", 2))
-                / _safe_parts(prompt_set, "prompt set", 2)[-1] / f"{_safe_parts(str(prompt_id), 'prompt id', 1)[0]}.json")
+    def inference_response_path(self, variant: str, prompt_set: str, prompt_id: str | int) -> Path:
+        name = _safe_parts(str(prompt_id), "prompt id", 1)[0]
+        return self.inference_responses_dir(variant, prompt_set) / f"{name}.json"
+
+    def projections_dir(self, variant: str, trait: str | None = None) -> Path:
+        """`projections/` of a variant, or the folder of one trait ("category/name")."""
+        base = self.inference_dir(variant) / "projections"
+        return base if trait is None else base / Path(*_safe_parts(trait, "trait", 2))
+
+    def projection_path(self, variant: str, trait: str, prompt_set: str, prompt_id: str | int) -> Path:
+        name = _safe_parts(str(prompt_id), "prompt id", 1)[0]
+        return self.projections_dir(variant, trait) / Path(*_safe_parts(prompt_set, "prompt set", 2)) / f"{name}.json"
 
     def massive_activations_path(self, variant: str, name: str = "calibration") -> Path:
-        return self.inference_dir(variant) / "massive_activations" / f"{_safe_parts(name, 'prompt set', 2)[-1]}.json"
+        """`massive_activations/{name}.json`: the passive "calibration" or a deliberate run's prompt set."""
+        return self.inference_dir(variant) / "massive_activations" / f"{_safe_parts(name, 'prompt set', 1)[0]}.json"
+
+
+def check_name(value: str, what: str, max_parts: int = 1) -> str:
+    """`value` if it is a safe folder name (or "a/b" with `max_parts=2`); ValueError otherwise."""
+    _safe_parts(value, what, max_parts)
+    return value
 
 
 def get_model_variant(experiment: str | Experiment, variant: str | None = None, mode: str = "application") -> ModelVariant:

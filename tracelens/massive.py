@@ -1,5 +1,6 @@
 """Massive activations: a few residual dimensions 100-1000x the median (Sun et al. 2024) that act as
-fixed biases in projections. Calibrate which they are, then correct projections by removing their share.
+fixed biases in projections. Calibrate which they are here; `tracelens.cleaning.clean_scores` then removes
+their share from projections.
 
 `MassiveDimCollector` calibrates passively: residual hooks on every layer read prefill passes only
 (decode steps, seq len 1, are ignored) and real tokens only, until `target_tokens` tokens are seen,
@@ -15,11 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tracelens.cleaning import CLEAN_MODES
 from tracelens.hooks import _TokenPositions
 from tracelens.io import read_json, write_json
 from tracelens.sites import get_hook_path
-
-CLEAN_MODES = ("none", "top5-3layers", "all")
 
 
 class MassiveDimCollector:
@@ -123,7 +123,7 @@ def aggregate(sums: Tensor, unit_sums: Tensor, norm_sums: Tensor, tokens: int, n
 def candidate_dims(calibration: dict, mode: str) -> list[int]:
     """Dims to clean: "top5-3layers" = in some layer's top 5 at 3 or more layers; "all" = every top dim."""
     if mode not in CLEAN_MODES:
-        raise ValueError(f"unknown clean mode {mode!r}; use one of {CLEAN_MODES}")
+        raise ValueError(f"unknown clean mode {mode!r}; use one of {list(CLEAN_MODES)}")
     if mode == "none":
         return []
     counts: dict[int, int] = {}
@@ -133,12 +133,3 @@ def candidate_dims(calibration: dict, mode: str) -> list[int]:
     if mode == "all":
         return sorted(counts)
     return sorted(d for d, c in counts.items() if c >= 3)
-
-
-def clean_projection(scores: Tensor, acts_at_dims: Tensor, unit_vector_at_dims: Tensor) -> Tensor:
-    """Projection with the massive dims' share removed: `scores - acts[..., dims] @ v[dims]`.
-
-    `scores` `[*pos]`, `acts_at_dims` `[*pos, n_dims]` (activation values at the dims), `unit_vector_at_dims`
-    `[n_dims]` (the unit vector's entries there).
-    """
-    return scores - acts_at_dims.float() @ unit_vector_at_dims.float()

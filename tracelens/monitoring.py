@@ -87,8 +87,8 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     records, one_pass_scores = {}, {}
     try:  # stage 1: responses (their prefill passes calibrate the massive dims)
         for prompt in ps.prompts:
-            rpath = exp.response_record_path(mv.name, ps.name, prompt.id)
-            pending = [t for t in traits if not exp.projection_record_path(mv.name, t, ps.name, prompt.id).is_file()]
+            rpath = exp.inference_response_path(mv.name, ps.name, prompt.id)
+            pending = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt.id).is_file()]
             if rpath.is_file():
                 if pending:
                     records[prompt.id] = ResponseRecord.from_dict(read_json(rpath))
@@ -107,7 +107,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     calibration = read_json(calib_path) if calib_path.is_file() else None
     for prompt_id, record in records.items():  # stage 2: projections
         for trait in traits:
-            path = exp.projection_record_path(mv.name, trait, ps.name, prompt_id)
+            path = exp.projection_path(mv.name, trait, ps.name, prompt_id)
             if path.is_file():
                 continue
             scores = one_pass_scores.get(prompt_id, {}).get(trait)
@@ -198,8 +198,9 @@ def _massive_dim_data(backend, record: ResponseRecord, target: _Target, calibrat
         for c in caps.values():
             stack.enter_context(c)
         backend.model(ids)
-    data = {"dims": dims, "top5_3layers": candidate_dims(calibration, "top5-3layers"), "all_candidates": dims,
-            "prompt": {}, "response": {}, "vector": {}}
+    top = calibration["aggregate"]["top_dims_by_layer"]
+    data = {"dims": {str(l): top[str(l)] for l in target.vectors}, "all_candidates": dims,
+            "top5_3layers": candidate_dims(calibration, "top5-3layers"), "prompt": {}, "response": {}, "vector": {}}
     for l, cap in caps.items():
         acts = cap.get()[0][:, dims].float()
         data["prompt"][str(l)] = {str(d): [round(float(x), 4) for x in acts[:n, i]] for i, d in enumerate(dims)}

@@ -1,0 +1,386 @@
+"""The Trait Dynamics dashboard: a local, read-only web page over one experiment's files.
+
+``serve("my_exp")`` serves http://127.0.0.1:8000 with the standard library only. The page (plain HTML,
+vanilla JS and inline SVG, in ``tracelens/data/dashboard/``) calls a JSON API:
+
+- ``GET /api/info`` -> ``{experiment, variants, default_variant}``
+- ``GET /api/prompt-sets?variant=V`` -> ``{prompt_sets: [name, ...]}``
+- ``GET /api/prompts?variant=V&prompt_set=S`` -> ``{prompts: [{id, prompt}]}``
+- ``GET /api/traits?variant=V&kind=projections|extraction|steering`` -> ``{traits: ["category/name", ...]}``
+- ``GET /api/projections?variant=V&prompt_set=S&prompt_id=I&trait=T[&trait=T2...]&clean=none|top5-3layers|all``
+  -> ``{tokens, prompt_end, clean, traits: {T: [{method, layer, prompt, response, dims_removed}]}, errors: {T: msg}}``
+  (scores cleaned server-side with ``tracelens.cleaning.clean_scores``, rounded to 4 decimals)
+- ``GET /api/extraction?variant=V&trait=T`` -> ``{evaluations: [{position_dir, component, methods, layers, results, best}]}``
+- ``GET /api/steering?variant=V&trait=T`` -> ``{results: [{position_dir, direction, baseline, series: [{layer,
+  method, component, points: [{coefficient, trait_mean, coherence_mean, n}]}]}]}``
+
+It only reads what the pipeline wrote, and every file path comes from ``tracelens.experiments``. Names from the
+browser are checked there (letters, digits, ``. _ -``; ``category/name`` for traits); the final path is resolved
+and must stay inside the experiment folder (a symlink out of it is refused). Errors are JSON
+``{"error": message}``: 400 for a bad name or parameter, 404 for a missing file, 500 for an unreadable file
+(message only, no traceback). It binds 127.0.0.1 and checks the Host header (against DNS rebinding) unless
+``allow_remote=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from tracelens.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
+from tracelens.experiments import Experiment, check_name
+from tracelens.io import read_json, read_jsonl
+from tracelens.types import ProjectionEntry, ResponseRecord, SteeringResults
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
+           "/app.js": ("app.js", "text/javascript; charset=utf-8")}
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+class DashboardData:
+    """The dashboard's read-only view of one experiment; each method returns a JSON-ready dict."""
+
+    def __init__(self, experiment: Experiment):
+        self.exp = experiment
+        self.base = experiment.dir.resolve()
+
+    # --- paths ----------------------------------------------------------------------------------
+
+    def _path(self, build, *args) -> Path:
+        """``build(*args)`` (an ``Experiment`` method), resolved and checked to lie inside the experiment."""
+        try:
+            path = build(*args)
+        except ValueError as err:
+            raise _bad(str(err)) from None
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.base):
+            raise _bad(f"{path.relative_to(self.exp.dir)} leads outside the experiment folder")
+        return resolved
+
+    def _read(self, path: Path, what: str):
+        if not path.is_file():
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no {what} at {path.relative_to(self.base)}; "
+                           "run the pipeline stage that writes it")
+        try:
+            return read_json(path)
+        except (ValueError, OSError) as err:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read {what}: {err}") from None
+
+    @staticmethod
+    def _subdirs(path: Path) -> list[str]:
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+    def _two_level(self, path: Path) -> list[str]:
+        """``category/name`` folders under ``path`` (how traits are laid out)."""
+        return [f"{c}/{n}" for c in self._subdirs(path) for n in self._subdirs(path / c)]
+
+    # --- listings -------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        variants, default = [], None
+        try:
+            config = self.exp.config()
+            variants = list(config["model_variants"])
+            default = config.get("defaults", {}).get("application")
+        except (FileNotFoundError, ValueError):
+            pass
+        on_disk = self._subdirs(self.exp.stage_root("inference"))
+        variants += [v for v in on_disk if v not in variants]
+        return {"experiment": self.exp.name, "variants": variants,
+                "default_variant": default if default in variants else (variants[0] if variants else None)}
+
+    def prompt_sets(self, variant: str) -> dict:
+        root = self._path(self.exp.inference_responses_dir, variant)
+        sets = []
+        if root.is_dir():
+            for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+                if any(folder.glob("*.json")):
+                    sets.append(folder.relative_to(root).as_posix())
+        return {"prompt_sets": sets}
+
+    def prompts(self, variant: str, prompt_set: str) -> dict:
+        folder = self._path(self.exp.inference_responses_dir, variant, prompt_set)
+        if not folder.is_dir():
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no responses for prompt set {prompt_set!r} of variant {variant!r}")
+        out = []
+        for path in sorted(folder.glob("*.json"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit()
+                                                                 else 0, p.stem)):
+            try:
+                text = str(read_json(path).get("prompt", ""))
+            except (ValueError, OSError, AttributeError):
+                text = "(unreadable)"
+            out.append({"id": path.stem, "prompt": text[:120]})
+        return {"prompts": out}
+
+    def traits(self, variant: str, kind: str) -> dict:
+        if kind == "projections":
+            return {"traits": self._two_level(self._path(self.exp.projections_dir, variant))}
+        if kind not in ("extraction", "steering"):
+            raise _bad(f"kind must be projections, extraction or steering, got {kind!r}")
+        check_name(variant, "variant")
+        root = self.exp.stage_root(kind)
+        return {"traits": [t for t in self._two_level(root) if (root / t / variant).is_dir()]}
+
+    # --- trait dynamics -------------------------------------------------------------------------
+
+    def projections(self, variant: str, prompt_set: str, prompt_id: str, traits: list[str], clean: str) -> dict:
+        if clean not in CLEAN_MODES:
+            raise _bad(f"clean must be one of {list(CLEAN_MODES)}, got {clean!r}")
+        if not traits:
+            raise _bad("give at least one trait=category/name")
+        path = self._path(self.exp.inference_response_path, variant, prompt_set, prompt_id)
+        try:
+            response = ResponseRecord.from_dict(self._read(path, "response"))
+        except (TypeError, ValueError) as err:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"response file is not a ResponseRecord: {err}") from None
+        out, errors, statuses = {}, {}, set()
+        for trait in traits:
+            try:
+                out[trait] = self._trait_scores(variant, trait, prompt_set, prompt_id, clean, response)
+            except ApiError as err:
+                if err.status == HTTPStatus.BAD_REQUEST:
+                    raise
+                errors[trait] = str(err)
+                statuses.add(err.status)
+        if not out:  # nothing to draw: answer with the worst error
+            raise ApiError(max(statuses), "; ".join(f"{t}: {m}" for t, m in errors.items()))
+        return {"tokens": response.tokens, "prompt_end": response.prompt_end, "clean": clean,
+                "traits": out, "errors": errors}
+
+    def _trait_scores(self, variant, trait, prompt_set, prompt_id, clean, response: ResponseRecord) -> list[dict]:
+        data = self._read(self._path(self.exp.projection_path, variant, trait, prompt_set, prompt_id), "projections")
+        try:
+            entries = [ProjectionEntry.from_dict(e) for e in data.get("projections", [])]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"projection file is malformed: {err}") from None
+        n_prompt, n_response = response.prompt_end, len(response.tokens) - response.prompt_end
+        massive = data.get("massive_dim_data")
+        rows = []
+        for e in entries:
+            if len(e.prompt) != n_prompt or len(e.response) != n_response:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               f"projections ({len(e.prompt)}+{len(e.response)} tokens) do not match the response "
+                               f"record ({n_prompt}+{n_response} tokens); re-run inference for this prompt")
+            try:
+                dims = dims_for_mode(massive, clean)
+                prompt, resp = e.prompt, e.response
+                if dims:
+                    layer = str(e.layer)
+                    vec = massive["vector"][layer]
+                    prompt = clean_scores(prompt, massive["prompt"][layer], vec, dims)
+                    resp = clean_scores(resp, massive["response"][layer], vec, dims)
+            except KeyError as err:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               f"massive_dim_data has no entry {err} for layer {e.layer}") from None
+            except (ValueError, TypeError) as err:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(err)) from None
+            rows.append({"method": e.method, "layer": e.layer, "prompt": [round(x, 4) for x in prompt],
+                         "response": [round(x, 4) for x in resp], "dims_removed": dims})
+        return rows
+
+    # --- results views --------------------------------------------------------------------------
+
+    def extraction(self, variant: str, trait: str) -> dict:
+        self._path(self.exp.evaluation_dir, trait, variant)
+        files = [p.resolve() for p in self.exp.evaluation_paths(trait, variant)]
+        if not files:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no extraction evaluation for {trait!r} ({variant}); "
+                           "run extraction with a validation split")
+        evaluations = []
+        for path in files:
+            if not path.is_relative_to(self.base):
+                continue
+            report = self._read(path, "evaluation")
+            rows = report.get("results", []) if isinstance(report, dict) else []
+            evaluations.append({"position_dir": path.parent.name, "component": path.stem,
+                                "methods": sorted({r["method"] for r in rows}),
+                                "layers": sorted({int(r["layer"]) for r in rows}),
+                                "results": rows, "best": report.get("best")})
+        return {"trait": trait, "evaluations": evaluations}
+
+    def steering(self, variant: str, trait: str) -> dict:
+        self._path(self.exp.steering_variant_dir, trait, variant)
+        out = []
+        for position_dir, path in self.exp.steering_results_paths(trait, variant).items():
+            path = path.resolve()
+            if not path.is_relative_to(self.base):
+                continue
+            try:
+                results = SteeringResults.from_jsonl_lines(read_jsonl(path))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read steering results: {err}") from None
+            series: dict[tuple, list] = {}
+            for run in results.runs:
+                series.setdefault((run.layer, run.method, run.component), []).append(
+                    {"coefficient": run.coefficient, "trait_mean": run.result.trait_mean,
+                     "coherence_mean": run.result.coherence_mean, "n": run.result.n})
+            out.append({"position_dir": position_dir, "direction": results.header.direction,
+                        "baseline": None if results.baseline is None else results.baseline.to_dict(),
+                        "series": [{"layer": l, "method": m, "component": c,
+                                    "points": sorted(pts, key=lambda p: p["coefficient"])}
+                                   for (l, m, c), pts in sorted(series.items())]})
+        if not out:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no steering results for {trait!r} ({variant}); run steering first")
+        return {"trait": trait, "results": out}
+
+
+# --- HTTP -------------------------------------------------------------------------------------------
+
+
+def _one(query: dict, name: str, default: str | None = None) -> str:
+    values = query.get(name)
+    if not values:
+        if default is not None:
+            return default
+        raise _bad(f"missing query parameter {name!r}")
+    if len(values) > 1:
+        raise _bad(f"query parameter {name!r} given {len(values)} times; give it once")
+    return values[0]
+
+
+def _static(name: str) -> bytes:
+    return resources.files("tracelens").joinpath("data", "dashboard", name).read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "tracelens-dashboard"
+    data: DashboardData  # set on the subclass made by make_server
+    allowed_hosts: frozenset[str] | None  # None: any Host header (allow_remote)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            self._check_host()
+            url = urlsplit(self.path)
+            if url.path in _STATIC:
+                name, ctype = _STATIC[url.path]
+                return self._send(HTTPStatus.OK, _static(name), ctype)
+            if not url.path.startswith("/api/"):
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no page {url.path!r}")
+            self._send_json(HTTPStatus.OK, self._api(url.path[len("/api/"):], parse_qs(url.query)))
+        except ApiError as err:
+            self._send_json(err.status, {"error": str(err)})
+        except Exception as err:  # answer JSON, never a traceback; log the type server-side
+            self.log_error("dashboard error %s: %s", type(err).__name__, err)
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"})
+
+    def _check_host(self) -> None:
+        if self.allowed_hosts is None:
+            return
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.allowed_hosts:
+            raise ApiError(HTTPStatus.FORBIDDEN, "unexpected Host header; open the dashboard at its 127.0.0.1 address")
+
+    def _api(self, route: str, q: dict) -> dict:
+        d = self.data
+        if route == "info":
+            return d.info()
+        if route == "prompt-sets":
+            return d.prompt_sets(_one(q, "variant"))
+        if route == "prompts":
+            return d.prompts(_one(q, "variant"), _one(q, "prompt_set"))
+        if route == "traits":
+            return d.traits(_one(q, "variant"), _one(q, "kind", "projections"))
+        if route == "projections":
+            return d.projections(_one(q, "variant"), _one(q, "prompt_set"), _one(q, "prompt_id"),
+                                 q.get("trait", []), _one(q, "clean", "none"))
+        if route == "extraction":
+            return d.extraction(_one(q, "variant"), _one(q, "trait"))
+        if route == "steering":
+            return d.steering(_one(q, "variant"), _one(q, "trait"))
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no API route {route!r}")
+
+    def _send_json(self, status: int, obj) -> None:
+        self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", _CSP)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        if getattr(self.server, "verbose", True):
+            super().log_message(format, *args)
+
+
+def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 8000, *,
+                root: str | Path | None = None, allow_remote: bool = False, verbose: bool = True) -> ThreadingHTTPServer:
+    """A dashboard server for ``experiment`` (not yet serving; call ``serve_forever``). ``port=0`` picks a free one.
+
+    ``root`` overrides the experiments folder (default ``$TRACELENS_EXPERIMENTS`` or ``./experiments``).
+    Raises ValueError for a host other than 127.0.0.1/localhost/::1 unless ``allow_remote=True`` (the data are
+    then readable by anyone who can reach the port), and FileNotFoundError when the experiment folder is missing.
+    """
+    if host not in LOCAL_HOSTS and not allow_remote:
+        raise ValueError(f"host {host!r} would expose the experiment's files to the network; use 127.0.0.1, "
+                         "or pass allow_remote=True if that is intended")
+    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment, root)
+    if not exp.dir.is_dir():
+        raise FileNotFoundError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
+    server_cls = type("_Server", (ThreadingHTTPServer,), {"daemon_threads": True})
+    if ":" in host:
+        import socket
+        server_cls.address_family = socket.AF_INET6
+    handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None})
+    server = server_cls((host, port), handler)
+    server.verbose = verbose
+    if not allow_remote:
+        bound = server.server_address[1]
+        handler.allowed_hosts = frozenset(f"{h}:{bound}" for h in ("127.0.0.1", "localhost", "[::1]"))
+    return server
+
+
+def serve(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 8000, *,
+          root: str | Path | None = None, allow_remote: bool = False) -> None:
+    """Serve the dashboard of ``experiment`` until interrupted (Ctrl-C). See ``make_server`` for the arguments."""
+    server = make_server(experiment, host, port, root=root, allow_remote=allow_remote)
+    h, p = server.server_address[:2]
+    print(f"tracelens dashboard for {server.RequestHandlerClass.data.exp.name!r}: "
+          f"http://{'[' + h + ']' if ':' in h else h}:{p}/  (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def main_serve(args) -> int:
+    """CLI glue: ``args`` has ``experiment`` and optionally ``port``, ``host``, ``allow_remote``. Returns 0."""
+    serve(args.experiment, host=getattr(args, "host", None) or "127.0.0.1", port=getattr(args, "port", None) or 8000,
+          allow_remote=bool(getattr(args, "allow_remote", False)))
+    return 0
+
+
+def serve_in_thread(experiment: str | Experiment, **kwargs) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """``make_server(experiment, port=0, **kwargs)`` serving in a daemon thread (for tests and notebooks);
+    stop with ``server.shutdown(); server.server_close()``."""
+    kwargs.setdefault("port", 0)
+    server = make_server(experiment, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
