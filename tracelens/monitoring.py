@@ -149,7 +149,8 @@ def _generate(backend: LocalBackend, text: str, system_prompt, config: MonitorCo
 
 def _record(backend, text, system_prompt, prompt_ids, response_ids, response_text, model_id) -> ResponseRecord:
     ids = list(prompt_ids) + list(response_ids)
-    return ResponseRecord(prompt=text, response=response_text, tokens=backend.tokenizer.convert_ids_to_tokens(ids),
+    tokens = [backend.tokenizer.decode([i]) for i in ids]  # readable text of each token (no BPE markers)
+    return ResponseRecord(prompt=text, response=response_text, tokens=tokens,
                           token_ids=ids, prompt_end=len(prompt_ids), inference_model=model_id,
                           capture_date=_now(), system_prompt=system_prompt)
 
