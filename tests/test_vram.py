@@ -1,5 +1,6 @@
 """vram helpers: hand-computed sizes and bandwidth strings, the no-CUDA paths, and (only where CUDA exists) GPU paths."""
 
+import mmap
 import time
 
 import pytest
@@ -125,9 +126,11 @@ def test_gpu_profile_fills_the_profile_and_prints_when_the_block_raises(capsys):
 @needs_no_cuda
 def test_gpu_profile_without_cuda_reports_rss_and_says_so(capsys):
     with gpu_profile("cpu block") as prof:
-        block = bytearray(50_000_000)  # touch ~50 MB so RSS moves
-        block[::4096] = b"\x01" * len(block[::4096])
-    del block
+        # Fresh anonymous pages, touched: RSS must grow by ~50 MB (a bytearray could reuse freed heap pages).
+        block = mmap.mmap(-1, 50_000_000)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+    block.close()
     out = capsys.readouterr().out.strip()
     assert prof.cuda is False
     assert prof.start_gb > 0 and prof.end_gb > 0  # /proc exists on the Linux test machines
