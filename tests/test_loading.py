@@ -105,3 +105,21 @@ def test_an_interrupted_conversion_leaves_nothing_half_written(tmp_path, monkeyp
     assert path == tmp_path / "models" / dm.DEFAULT_MODEL_NAME and (path / "config.json").is_file()
     monkeypatch.setattr(dm, "convert_gguf_to_hf", dies_midway)
     assert dm.default_model_path() == path  # reused, not converted again
+
+
+def test_device_map_loading_from_disk(tmp_path):
+    # Only CPU here: this checks the accelerate path end to end; a real multi-GPU split runs in
+    # scripts/device/gpu_check.py on a GPU machine.
+    hf = tiny_hf_model("llama")
+    reference = copy.deepcopy(hf)
+    hf.save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    model = load_model(tmp_path, device_map="auto")
+    assert str(model.cfg.device) == "cpu"
+    ids = model.tokenizer(["The capital of France"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids).logits)
+    with pytest.raises(ValueError, match="either device or device_map"):
+        load_model(tmp_path, device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="device_map applies when loading from disk"):
+        load_model(tiny_hf_model("llama"), make_tokenizer(), device_map="auto")

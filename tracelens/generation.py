@@ -212,7 +212,7 @@ class HookedGenerator:
                         input_ids=inputs, attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=use_cache,
                     )
-                logits = out.logits[:, -1, :].float()
+                logits = out.logits[:, -1, :].float().to(device)  # the head may sit on another device
                 token = self._sample(logits, temperature, gen)
                 token = torch.where(stopped, torch.zeros_like(token), token)
                 now_stopped = ~stopped & torch.isin(token, stop_ids)

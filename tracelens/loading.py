@@ -42,6 +42,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     name: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> TransformerBridge:
     """Load a causal LM as a raw-mode `TransformerBridge` in eval mode.
 
@@ -54,6 +56,9 @@ def load_model(
         dtype: weights' dtype; default float32 from disk, unchanged for an in-memory model.
         device: default CUDA when available, else CPU; an in-memory model is moved there.
         name: a label for TransformerLens; defaults to a unique one.
+        device_map, max_memory: spread a model from disk over several devices (accelerate's
+            `device_map="auto"`); instead of `device`. Hook adapters, capture and generation move their
+            vectors to each activation's device, so layers may live on different GPUs.
     """
     _check_transformers_version()
     if isinstance(source, PreTrainedModel):
@@ -63,16 +68,25 @@ def load_model(
         _check_architecture(type(hf_model).__name__)
         if dtype is not None:
             hf_model = hf_model.to(dtype)
+        if device_map is not None:
+            raise ValueError("device_map applies when loading from disk; place an in-memory model yourself")
     else:
         folder = _resolve_folder(source)
         _check_architecture(_read_architecture(folder))
+        if device_map is not None and device is not None:
+            raise ValueError("pass either device or device_map, not both")
         hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or torch.float32, attn_implementation="eager"
+            folder, dtype=dtype or torch.float32, attn_implementation="eager",
+            **({"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}),
         )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    device = torch.device(device) if device is not None else _default_device()
-    hf_model = hf_model.to(device).eval()
+    if device_map is None:
+        device = torch.device(device) if device is not None else _default_device()
+        hf_model = hf_model.to(device)
+    else:  # accelerate placed the layers; the bridge's device is where the embeddings are
+        device = next(hf_model.get_input_embeddings().parameters()).device
+    hf_model = hf_model.eval()
     label = name or getattr(hf_model.config, "name_or_path", None) or type(hf_model).__name__
     bridge = TransformerBridge.boot_transformers(
         f"{label}#{next(_names)}",

@@ -18,7 +18,7 @@ def reexec_with_malloc_settings() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
 
 
-def model_pair(name: str, **mid_shape):
+def model_pair(name: str, device: str = "cpu", **mid_shape):
     """(tracelens model, untouched eager HF copy, description) for "default" or a "mid" random Llama."""
     from transformers import AutoModelForCausalLM
 
@@ -29,11 +29,12 @@ def model_pair(name: str, **mid_shape):
         from tracelens.default_model import default_model_path
 
         path = default_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-        return load_model(path), hf, "default (SmolLM2-135M, 30 layers, d 576)"
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval().to(device)
+        return load_model(path, device=device), hf, "default (SmolLM2-135M, 30 layers, d 576)"
     hf = tiny_hf_model("llama", vocab_size=512, **mid_shape)
     shape = ", ".join(f"{k} {v}" for k, v in mid_shape.items())
-    return load_model(copy.deepcopy(hf), make_tokenizer()), hf, f"mid random Llama ({shape})"
+    model = load_model(copy.deepcopy(hf), make_tokenizer(), device=device)
+    return model, hf.to(device), f"mid random Llama ({shape})"
 
 
 def alternate(variants, rounds: int) -> dict[str, float]:
@@ -44,10 +45,12 @@ def alternate(variants, rounds: int) -> dict[str, float]:
     import torch
 
     times: dict[str, list[float]] = {k: [] for k in variants}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.inference_mode():
         for fn in variants.values():
             fn()
         for _ in range(rounds):
             for k, fn in variants.items():
+                sync()
                 times[k].append(fn())
     return {k: statistics.median(t) for k, t in times.items()}

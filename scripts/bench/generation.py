@@ -30,18 +30,18 @@ from tracelens import CaptureConfig, HookedGenerator, SteeringConfig, SteeringHo
 NEW_TOKENS = 64
 
 
-def _models(name: str):
-    return model_pair(name, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536)
+def _models(name: str, device: str):
+    return model_pair(name, device, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536)
 
 
-def bench(name: str, batch: int, rounds: int) -> None:
-    model, hf, desc = _models(name)
+def bench(name: str, batch: int, rounds: int, device: str) -> None:
+    model, hf, desc = _models(name, device)
     hf.generation_config.eos_token_id = None  # no early stop: every variant makes exactly NEW_TOKENS
     layer = model.cfg.n_layers // 2
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, model.cfg.d_vocab, (batch, 24), generator=g)
+    ids = torch.randint(5, model.cfg.d_vocab, (batch, 24), generator=g).to(device)
     mask = torch.ones_like(ids)
-    v = torch.randn(model.cfg.d_model, generator=g)
+    v = torch.randn(model.cfg.d_model, generator=g).to(device)
     v = v / v.norm()
     gen = HookedGenerator(model)
     steer = [SteeringConfig(v, layer, coefficient=4.0)]
@@ -91,10 +91,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--models", default="default,mid")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            bench(name, batch, args.rounds)
+            bench(name, batch, args.rounds, args.device)
 
 
 if __name__ == "__main__":

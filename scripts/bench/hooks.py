@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path  # noqa: E402
 
 
-def _models(name: str):
-    return model_pair(name, n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048)
+def _models(name: str, device: str):
+    return model_pair(name, device, n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048)
 
 
 def _raw_capture(hf):
@@ -52,11 +52,11 @@ def _raw_capture(hf):
     return Raw()
 
 
-def bench(name: str, rounds: int, batch: int, seq: int) -> None:
-    model, hf, desc = _models(name)
+def bench(name: str, rounds: int, batch: int, seq: int, device: str) -> None:
+    model, hf, desc = _models(name, device)
     n, d = model.cfg.n_layers, model.cfg.d_model
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, model.cfg.d_vocab, (batch, seq), generator=g)
+    ids = torch.randint(5, model.cfg.d_vocab, (batch, seq), generator=g).to(device)
     vec = torch.randn(d, generator=g)
     vectors = {layer: torch.randn(d, generator=g) for layer in range(n)}
 
@@ -100,9 +100,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--models", default="default,mid")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     for name in args.models.split(","):
-        bench(name, args.rounds, args.batch, args.seq)
+        bench(name, args.rounds, args.batch, args.seq, args.device)
 
 
 if __name__ == "__main__":
