@@ -1,0 +1,241 @@
+"""`VLLMBackend`: high-throughput bulk generation through vLLM (no steering, no activation capture).
+
+For bulk text (stories, dialogues, rollouts, the response stage of extraction) where nothing reads
+model internals. vLLM's continuous batching is typically several times faster than `LocalBackend`.
+
+Constraints (vLLM exposes no model internals):
+- no steering hooks: `generate_results(..., steering=...)` raises ValueError;
+- no activation capture: results carry text and token ids only;
+- seeds are not identical across backends (the same seed gives different samples than HF/LocalBackend);
+- needs the optional extra: ``pip install 'tracelens[vllm]'``.
+
+Prompts go to vLLM as token ids made by `tracelens.prompts.encode`, so a chat-formatted prompt that
+already starts with BOS is never given a second one and the stored `prompt_token_ids` are exactly what
+`LocalBackend` would feed the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tracelens.backends import CaptureResult, GenerationConfig
+from tracelens.prompts import encode, format_prompt
+
+INSTALL_HINT = "pip install 'tracelens[vllm]'"
+_QUANT_METHODS = ("awq", "gptq")
+
+
+def _import_vllm() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """vLLM's `LLM` and `SamplingParams`, or an ImportError naming the extra to install."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        raise ImportError(f"VLLMBackend needs vLLM, which is not installed: {INSTALL_HINT}") from err
+    return LLM, SamplingParams
+
+
+def detect_quantization(model_id: str) -> str | None:
+    """"awq" or "gptq" when the model is quantized that way, else None.
+
+    A local folder's `config.json` (`quantization_config.quant_method`) decides when it names one of
+    them; otherwise the model id itself ("...-AWQ-INT4", "...-GPTQ", case-insensitive)."""
+    config = os.path.join(str(model_id), "config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config) as f:
+                method = (json.load(f).get("quantization_config") or {}).get("quant_method")
+        except (OSError, ValueError, AttributeError):
+            method = None
+        if isinstance(method, str) and method.lower() in _QUANT_METHODS:
+            return method.lower()
+    name = str(model_id).lower()
+    for method in _QUANT_METHODS:
+        if method in name:
+            return method
+    return None
+
+
+class VLLMBackend:
+    """Bulk generation on a vLLM engine.
+
+    `engine_kwargs` (`tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`, `dtype`, ...)
+    go to `vllm.LLM` unchanged; `quantization` is filled in from `detect_quantization` unless given.
+    `llm_factory` / `sampling_params_cls` replace `vllm.LLM` / `vllm.SamplingParams` (tests use
+    stand-ins); `tokenizer` defaults to `transformers.AutoTokenizer.from_pretrained(model_id)`,
+    loaded on first use.
+    """
+
+    def __init__(self, model_id: str, seed: int = 42, *, tokenizer=None, use_chat_template: bool | None = None,
+                 llm_factory: Callable[..., Any] | None = None,
+                 sampling_params_cls: Callable[..., Any] | None = None, **engine_kwargs) -> None:
+        if llm_factory is None or sampling_params_cls is None:
+            llm_cls, params_cls = _import_vllm()
+            llm_factory = llm_factory or llm_cls
+            sampling_params_cls = sampling_params_cls or params_cls
+        self.model_id = model_id
+        self.seed = seed
+        self.use_chat_template = use_chat_template
+        self.batch_size: int | None = None  # accepted for LocalBackend compatibility; vLLM batches itself
+        self._tokenizer = tokenizer
+        self._sampling_params_cls = sampling_params_cls
+        kwargs = dict(engine_kwargs)
+        quant = detect_quantization(model_id)
+        if quant is not None and kwargs.get("quantization") is None:
+            kwargs["quantization"] = quant
+        self.engine_kwargs = kwargs
+        self._llm = llm_factory(model=model_id, seed=seed, **kwargs)
+
+    # --- properties ---------------------------------------------------------------------------------
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            raise RuntimeError("this VLLMBackend has been shut down; make a new one")
+        return self._llm
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        raise AttributeError("VLLMBackend has no in-process model to hook; use LocalBackend for model access")
+
+    def format(self, prompt: str, system_prompt: str | None = None) -> str:
+        return format_prompt(self.tokenizer, prompt, system_prompt, self.use_chat_template)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def generate(self, formatted_prompts: Sequence[str], max_new_tokens: int = 256,
+                 temperature: float = 0.7) -> list[str]:
+        """Response texts for already formatted prompts, in input order (whitespace stripped)."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        return [r.response_text for r in self._run(list(_check_prompts(formatted_prompts)), config)]
+
+    def generate_results(self, prompts: Sequence[str], config: GenerationConfig | None = None,
+                         steering=None, system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
+        """Like `LocalBackend.generate_results`: raw prompts formatted with the chat template (and
+        `system_prompts`, one per prompt), results with prompt/response text and token ids, no activations."""
+        if steering:
+            raise ValueError("VLLMBackend cannot steer (vLLM exposes no model internals); use LocalBackend")
+        prompts = _check_prompts(prompts)
+        if system_prompts is not None and len(system_prompts) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
+        texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
+        return self._run(texts, config or GenerationConfig())
+
+    def sampling_params(self, config: GenerationConfig):
+        """The `SamplingParams` for `config` (its seed, else the backend's)."""
+        kwargs: dict[str, Any] = dict(
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=self.seed if config.seed is None else config.seed,
+        )
+        if config.stop_token_ids:
+            kwargs["stop_token_ids"] = list(config.stop_token_ids)
+        return self._sampling_params_cls(**kwargs)
+
+    def _run(self, texts: list[str], config: GenerationConfig) -> list[CaptureResult]:
+        if not texts:
+            return []
+        llm = self.llm
+        tok = self.tokenizer
+        ids = [encode(tok, t) for t in texts]
+        outputs = llm.generate([{"prompt_token_ids": i} for i in ids], self.sampling_params(config))
+        outputs = _in_input_order(list(outputs), ids)
+        results = []
+        for text, prompt_ids, out in zip(texts, ids, outputs):
+            completion = out.outputs[0]
+            response_ids = [int(t) for t in completion.token_ids]
+            results.append(CaptureResult(
+                prompt_text=text,
+                response_text=completion.text.strip(),
+                prompt_tokens=tok.convert_ids_to_tokens(prompt_ids),
+                response_tokens=tok.convert_ids_to_tokens(response_ids),
+                prompt_token_ids=list(prompt_ids),
+                response_token_ids=response_ids,
+            ))
+        return results
+
+    # --- teardown -----------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Free the engine and its GPU memory (safe to call twice); the backend is unusable afterwards."""
+        if self._llm is None:
+            return
+        llm, self._llm = self._llm, None
+        engine = getattr(llm, "llm_engine", None)
+        for owner in (engine, getattr(engine, "engine_core", None)):
+            stop = getattr(owner, "shutdown", None)
+            if callable(stop):
+                try:
+                    stop()
+                except Exception:  # best effort: teardown must not raise
+                    pass
+        del llm, engine
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        except Exception:
+            pass
+        else:
+            for cleanup in (destroy_model_parallel, destroy_distributed_environment):
+                try:
+                    cleanup()
+                except Exception:
+                    pass
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "VLLMBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _check_prompts(prompts: Sequence[str]) -> Sequence[str]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    return prompts
+
+
+def _in_input_order(outputs: list, prompt_ids: list[list[int]]) -> list:
+    """vLLM's outputs re-ordered to match the inputs: by numeric `request_id` when every output has
+    one (ids grow with submission order), else as returned; then each output's `prompt_token_ids`
+    must be the ids sent at its position."""
+    if len(outputs) != len(prompt_ids):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
+    keys = [_request_key(o) for o in outputs]
+    if all(k is not None for k in keys) and len(set(keys)) == len(keys):
+        outputs = [o for _, o in sorted(zip(keys, outputs), key=lambda pair: pair[0])]
+    for i, (out, sent) in enumerate(zip(outputs, prompt_ids)):
+        got = getattr(out, "prompt_token_ids", None)
+        if got is not None and list(got) != list(sent):
+            raise RuntimeError(f"vLLM output {i} does not belong to prompt {i} (its prompt token ids differ)")
+        if not getattr(out, "outputs", None):
+            raise RuntimeError(f"vLLM output {i} has no completion")
+    return outputs
+
+
+def _request_key(output) -> int | None:
+    rid = getattr(output, "request_id", None)
+    if rid is None:
+        return None
+    try:
+        return int(str(rid).split("-")[0])
+    except ValueError:
+        return None
