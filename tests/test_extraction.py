@@ -138,3 +138,21 @@ def test_vetting_keeps_matched_pairs_that_pass_both_thresholds(tmp_path, tiny):
     assert vetting["kept_indices"] == expected and vetting["summary"] == {"n_pairs": 54, "n_kept": len(expected)}
     meta = load_activation_metadata(exp, TRAIT, "base", "response[:]")
     assert meta.n_examples_pos + meta.n_val_pos == len(expected)
+
+
+def test_a_separate_response_backend_generates_then_is_shut_down(tmp_path, tiny):
+    class Responder(LocalBackend):
+        calls, shut = 0, 0
+
+        def generate_results(self, *args, **kwargs):
+            Responder.calls += 1
+            return super().generate_results(*args, **kwargs)
+
+        def shutdown(self):
+            Responder.shut += 1
+
+    exp = _experiment(tmp_path)
+    run_extraction(exp, [TRAIT], CONFIG, backend=LocalBackend.from_model(tiny.model),
+                   response_backend=Responder.from_model(tiny.model))
+    assert (Responder.calls, Responder.shut) == (2, 1)  # positive and negative sides, then freed
+    assert load_activation_metadata(exp, TRAIT, "base", "response[:]").n_layers == 2

@@ -76,6 +76,7 @@ from tracelens.types import (
     VectorResult,
     VectorSpec,
 )
+from tracelens.vllm_backend import VLLMBackend, detect_quantization
 from tracelens.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
 
 __all__ = [
@@ -112,5 +113,6 @@ __all__ = [
     "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
     "serve", "make_server", "serve_in_thread",
     "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt", "PromptSetError",
+    "VLLMBackend", "detect_quantization",
     "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
 ]

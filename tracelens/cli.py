@@ -29,7 +29,14 @@ def extract(args: argparse.Namespace) -> None:
         from tracelens.judge import OpenAIJudge
 
         vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
-    reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge)
+    response_backend = None
+    if args.backend == "vllm":
+        from tracelens.experiments import get_model_variant
+        from tracelens.vllm_backend import VLLMBackend
+
+        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant, mode="extraction").model)
+    reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge,
+                             response_backend=response_backend)
     for trait, report in reports.items():
         b = report["best"]
         print(f"{trait}: best {b['method']} layer {b['layer']} held-out accuracy {b['val_accuracy']:.3f} "
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="what generates the responses (vllm: bulk generation on GPUs; capture stays local)")
     p.add_argument("--vet", action="store_true", help="keep only pairs an LLM judge scores pos >= 60, neg <= 40")
     p.add_argument("--judge-url", default="https://api.openai.com/v1", help="chat-completions endpoint for --vet")
     p.add_argument("--judge-model", default="gpt-4.1-mini")

@@ -315,20 +315,34 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
 
 
 def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: ExtractionConfig | None = None,
-                   variant: str | None = None, backend: LocalBackend | None = None, vet_judge=None) -> dict[str, dict]:
-    """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation report per trait."""
+                   variant: str | None = None, backend: LocalBackend | None = None, vet_judge=None,
+                   response_backend=None) -> dict[str, dict]:
+    """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation report per trait.
+
+    `response_backend` (e.g. a `VLLMBackend`) generates the responses of every trait first and is then
+    shut down; capture and fitting always run on the local model (`backend`, loaded when not given).
+    """
     from tracelens.experiments import get_model_variant
     from tracelens.loading import load_model
 
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="extraction")
-    if backend is None:
-        backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
-    config = resolve_defaults(backend, config or ExtractionConfig())
-    layers = parse_layers(config.layers, backend.n_layers)
+    chat = exp.config().get("use_chat_template")
+
+    def local() -> LocalBackend:
+        nonlocal backend
+        if backend is None:
+            backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=chat)
+        return backend
+
+    config = resolve_defaults(response_backend or local(), config or ExtractionConfig())
+    responses = {t: generate_responses(exp, t, mv.name, response_backend or local(), config, mv.model) for t in traits}
+    if response_backend is not None and hasattr(response_backend, "shutdown"):
+        response_backend.shutdown()  # free the GPU before the local model loads
+    layers = parse_layers(config.layers, local().n_layers)
     reports = {}
     for trait in traits:
-        h = generate_responses(exp, trait, mv.name, backend, config, mv.model)
+        h = responses[trait]
         if vet_judge is not None:
             h = vet_responses(exp, trait, mv.name, vet_judge, h, config.force)
         h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.model, vetted=vet_judge is not None)
