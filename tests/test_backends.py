@@ -7,6 +7,8 @@ from tracelens import get_hook_path
 from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, _batched
 from tracelens.prompts import tokenize_batch
 
+from conftest import cached_tiny
+
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]
 
 
@@ -68,8 +70,32 @@ def test_forward_with_capture_and_properties(tiny):
     assert set(acts) == {0, 1} and set(acts[0]) == {"residual", "attn_contribution"}
     assert acts[1]["residual"].shape == (*ids.shape, backend.hidden_dim)
     assert (backend.n_layers, backend.hidden_dim, backend.device.type) == (2, 64, "cpu")
-    with pytest.raises(NotImplementedError, match="use LocalBackend.from_model"):
-        LocalBackend.from_experiment("demo")
+
+
+def test_from_experiment_loads_the_variant_and_its_chat_template_setting(tmp_path):
+    from tracelens.experiments import Experiment
+    from tracelens.testing import make_tokenizer, tiny_hf_model
+
+    folder = tmp_path / "tiny-llama"
+    tiny_hf_model("llama").save_pretrained(folder)
+    make_tokenizer(bos=True).save_pretrained(folder)
+    exp = Experiment.named("exp", tmp_path / "experiments")
+    exp.write_config({"base": {"model": str(folder), "lora": None}, "lora": {"model": str(folder), "lora": "x"}},
+                     defaults={"application": "base"}, use_chat_template=False)
+
+    backend = LocalBackend.from_experiment("exp", root=tmp_path / "experiments", device="cpu")
+    assert (backend.experiment, backend.variant, backend.use_chat_template) == ("exp", "base", False)
+    assert (backend.n_layers, backend.hidden_dim) == (2, 64)
+    assert backend.format("Hi") == "Hi"  # config says no chat template
+    explicit = LocalBackend.from_experiment("exp", "base", use_chat_template=True, root=tmp_path / "experiments")
+    assert explicit.use_chat_template is True and explicit.format("Hi") != "Hi"
+    reference = LocalBackend.from_model(cached_tiny("llama").model, use_chat_template=False)
+    cfg = GenerationConfig(max_new_tokens=4)
+    assert backend.generate(PROMPTS, cfg) == reference.generate(PROMPTS, cfg)
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        LocalBackend.from_experiment("exp", "lora", root=tmp_path / "experiments")
+    with pytest.raises(KeyError, match="no model variant"):
+        LocalBackend.from_experiment("exp", "nope", root=tmp_path / "experiments")
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_order():

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from jaxtyping import Int
@@ -81,17 +82,41 @@ class LocalBackend:
         self._tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.use_chat_template = use_chat_template
         self.batch_size: int | None = None  # learned: halved on out-of-memory, then kept
+        self.experiment: str | None = None  # set by from_experiment
+        self.variant: str | None = None
 
     @classmethod
     def from_model(cls, model, tokenizer=None, use_chat_template: bool | None = None) -> "LocalBackend":
         return cls(model, tokenizer, use_chat_template)
 
     @classmethod
-    def from_experiment(cls, experiment: str, variant: str | None = None, **kwargs) -> "LocalBackend":
-        raise NotImplementedError(
-            "LocalBackend.from_experiment needs experiment configs, which this version of tracelens does "
-            "not have yet; load the model with tracelens.load_model and use LocalBackend.from_model"
-        )
+    def from_experiment(cls, experiment: str, variant: str | None = None, use_chat_template: bool | None = None, *,
+                        mode: str = "application", root: str | os.PathLike | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LocalBackend":
+        """Load the model of ``experiment``'s ``variant`` (default: the config's ``defaults[mode]``, else the first).
+
+        The chat template is used per ``use_chat_template`` if given, else the config's ``use_chat_template``,
+        else when the tokenizer has one. ``root`` overrides the experiments folder; ``device``/``dtype`` go to
+        `tracelens.loading.load_model`. LoRA variants are not supported yet (NotImplementedError).
+        """
+        from tracelens.experiments import Experiment, get_model_variant
+        from tracelens.loading import load_model
+
+        exp = Experiment.named(experiment, None if root is None else Path(root))
+        mv = get_model_variant(exp, variant, mode)
+        if mv.lora:
+            raise NotImplementedError(
+                f"variant {mv.name!r} of {experiment!r} has a LoRA adapter ({mv.lora}); tracelens cannot load "
+                "adapters yet: merge it into the model and point the variant's 'model' at the merged folder"
+            )
+        if use_chat_template is None:
+            configured = exp.config().get("use_chat_template")
+            if configured is not None and not isinstance(configured, bool):
+                raise ValueError(f"{exp.config_path}: use_chat_template must be true, false or absent")
+            use_chat_template = configured
+        backend = cls(load_model(mv.model, device=device, dtype=dtype), use_chat_template=use_chat_template)
+        backend.experiment, backend.variant = exp.name, mv.name
+        return backend
 
     @property
     def model(self):
