@@ -3,6 +3,7 @@
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
 from tracelens.capture import capture_at_position
 from tracelens.cleaning import clean_scores
+from tracelens.client import RemoteBackend, ServerError, get_backend
 from tracelens.dashboard import make_server, serve, serve_in_thread
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
@@ -61,6 +62,7 @@ from tracelens.positions import parse_position, resolve_position, sanitize_posit
 from tracelens.prompt_sets import Prompt, PromptSet, PromptSetError, list_prompt_sets, load_prompt_set
 from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
+from tracelens.server import ModelServer
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
 from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
 from tracelens.types import (
@@ -113,6 +115,6 @@ __all__ = [
     "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
     "serve", "make_server", "serve_in_thread",
     "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt", "PromptSetError",
-    "VLLMBackend", "detect_quantization",
+    "VLLMBackend", "detect_quantization", "ModelServer", "RemoteBackend", "ServerError", "get_backend",
     "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
 ]

@@ -99,6 +99,12 @@ def serve(args: argparse.Namespace) -> None:
     main_serve(args)
 
 
+def server(args: argparse.Namespace) -> None:
+    from tracelens.server import main_server
+
+    main_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
     p.set_defaults(func=serve)
+
+    p = sub.add_parser("server", help="keep an experiment's model loaded and serve generation/capture/steering")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None, help="required to bind a non-loopback host ($TRACELENS_SERVER_TOKEN)")
+    p.set_defaults(func=server)
     return parser
 
 
