@@ -86,3 +86,22 @@ def test_one_pass_monitors_a_steered_generation(setup):
     assert proj.n_response_tokens == len(rec.token_ids) - rec.prompt_end
     with pytest.raises(ValueError, match="needs one_pass=True"):
         run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(), backend=backend, steering=[SteeringSpec(0, v, 2.0)])
+
+
+def test_a_response_backend_writes_the_records_then_projections_run_locally(setup):
+    exp, backend, prompt_set = setup
+
+    class Responder(LocalBackend):
+        shut = 0
+
+        def shutdown(self):
+            Responder.shut += 1
+
+    config = MonitorConfig(layers="best", max_new_tokens=4, calibrate=False)
+    written = run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend,
+                             response_backend=Responder.from_model(backend.model))
+    assert written == {"responses": 0, "projections": 3} and Responder.shut == 1  # records came from the responder
+    assert exp.inference_response_path("base", "mini", 2).is_file()
+    with pytest.raises(ValueError, match="needs the local model"):
+        run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(one_pass=True), backend=backend,
+                       response_backend=Responder.from_model(backend.model))

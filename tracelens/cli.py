@@ -77,7 +77,14 @@ def monitor(args: argparse.Namespace) -> None:
     from tracelens.monitoring import MonitorConfig, run_monitoring
 
     config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
-    written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant)
+    response_backend = None
+    if args.backend == "vllm":
+        from tracelens.experiments import get_model_variant
+        from tracelens.vllm_backend import VLLMBackend
+
+        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant).model)
+    written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant,
+                             response_backend=response_backend)
     print(f"wrote {written['responses']} response records and {written['projections']} projection records")
 
 
@@ -157,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="best,best+5")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--one-pass", action="store_true", help="record projections while generating")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="what generates the responses (vllm: bulk generation on GPUs; projections stay local)")
     p.set_defaults(func=monitor)
 
     p = sub.add_parser("massive", help="calibrate massive activation dims on neutral prompts")

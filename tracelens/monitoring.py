@@ -64,13 +64,33 @@ def _now() -> str:
 
 def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequence[str], config: MonitorConfig | None = None,
                    variant: str | None = None, backend: LocalBackend | None = None,
-                   steering: Sequence[SteeringSpec] | None = None) -> dict[str, int]:
-    """Responses and projections for every prompt of `prompt_set`; returns counts of what was written."""
+                   steering: Sequence[SteeringSpec] | None = None, response_backend=None) -> dict[str, int]:
+    """Responses and projections for every prompt of `prompt_set`; returns counts of what was written.
+
+    `response_backend` (e.g. a `VLLMBackend`) writes the missing response records first and is then shut
+    down; projections run on the local model. Passive calibration needs local prefill passes, so it does
+    not happen on that path (run `tracelens massive` instead).
+    """
     from tracelens.loading import load_model
 
     config = config or MonitorConfig()
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="application")
+    if response_backend is not None:
+        if config.one_pass:
+            raise ValueError("one_pass monitoring records projections while generating; it needs the local model")
+        ps = load_prompt_set(prompt_set)
+        todo = [p for p in ps.prompts if not exp.inference_response_path(mv.name, ps.name, p.id).is_file()]
+        if todo:
+            results = response_backend.generate_results(
+                [p.text for p in todo], GenerationConfig(max_new_tokens=config.max_new_tokens),
+                system_prompts=[ps.system_prompt] * len(todo))
+            for p, r in zip(todo, results):
+                record = _record(response_backend, p.text, ps.system_prompt, r.prompt_token_ids, r.response_token_ids,
+                                 r.response_text, mv.model)
+                write_json(exp.inference_response_path(mv.name, ps.name, p.id), record.to_dict())
+        if hasattr(response_backend, "shutdown"):
+            response_backend.shutdown()
     if backend is None:
         backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
     if steering and not config.one_pass:
