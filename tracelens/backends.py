@@ -18,10 +18,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig, _ResponseSteering
-from tracelens.hooks import MultiLayerCapture, SteeringHook, _layers
+from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig, steering_hook
+from tracelens.hooks import MultiLayerCapture, _layers
 from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
-from tracelens.sites import get_hook_path
 
 
 @dataclass
@@ -255,14 +254,9 @@ def _configs(steering: Sequence[SteeringSpec] | None) -> list[SteeringConfig] | 
 def _full_sequence_steering(model, steering, results, width) -> ExitStack:
     """The generation's steering, applied to one forward over the whole left-padded sequence."""
     stack = ExitStack()
+    first = torch.tensor([width - len(r.response_token_ids) - 1 for r in results])  # each row's last prompt token
     for spec in steering or ():
-        cfg = spec.to_config()
-        if cfg.positions == "all":
-            hook = SteeringHook(model, cfg.vector, get_hook_path(cfg.layer, cfg.component, model), cfg.coefficient)
-        else:  # from each row's last prompt token on
-            first = torch.tensor([width - len(r.response_token_ids) - 1 for r in results])
-            hook = _ResponseSteering(model, cfg, first, lambda: 0)
-        stack.enter_context(hook)
+        stack.enter_context(steering_hook(model, spec.to_config(), first, lambda: 0))
     return stack
 
 

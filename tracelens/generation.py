@@ -92,6 +92,16 @@ class _ResponseSteering(HookAdapter):
         return torch.where(keep, steered, act)
 
 
+def steering_hook(model, config: SteeringConfig, first: int | Tensor, offset) -> HookAdapter:
+    """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", else steering from index
+    `first` (the last prompt token of the left-padded sequence, an int or one per row) on."""
+    if config.positions == "all":
+        return SteeringHook(model, config.vector, get_hook_path(config.layer, config.component, model), config.coefficient)
+    if config.positions == "response":
+        return _ResponseSteering(model, config, first, offset)
+    raise ValueError(f"SteeringConfig.positions must be 'all' or 'response', got {config.positions!r}")
+
+
 class HookedGenerator:
     """Generation with capture and steering on a tracelens model (see the module docstring)."""
 
@@ -192,14 +202,7 @@ class HookedGenerator:
         # Hooks stay registered while a stream is suspended at `yield` and go when it is closed.
         with contextlib.ExitStack() as stack:
             for cfg in steering or ():
-                if cfg.positions == "all":
-                    hook = SteeringHook(self.model, cfg.vector, get_hook_path(cfg.layer, cfg.component, self.model),
-                                        cfg.coefficient)
-                elif cfg.positions == "response":
-                    hook = _ResponseSteering(self.model, cfg, prompt_len - 1, lambda: state["offset"])
-                else:
-                    raise ValueError(f"SteeringConfig.positions must be 'all' or 'response', got {cfg.positions!r}")
-                stack.enter_context(hook)
+                stack.enter_context(steering_hook(self.model, cfg, prompt_len - 1, lambda: state["offset"]))
             if capture is not None:
                 stack.enter_context(self.model.hooks(fwd_hooks=self._capture_hooks(capture, grabbed)))
 
