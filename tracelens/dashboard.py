@@ -36,9 +36,9 @@ from urllib.parse import parse_qs, urlsplit
 from tracelens.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
 from tracelens.experiments import Experiment, check_name
 from tracelens.io import read_json, read_jsonl
+from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
 from tracelens.types import ProjectionEntry, ResponseRecord, SteeringResults
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
            "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
@@ -284,10 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"})
 
     def _check_host(self) -> None:
-        if self.allowed_hosts is None:
-            return
-        host = (self.headers.get("Host") or "").strip().lower()
-        if host not in self.allowed_hosts:
+        if not host_header_ok(self.headers, self.allowed_hosts):
             raise ApiError(HTTPStatus.FORBIDDEN, "unexpected Host header; open the dashboard at its 127.0.0.1 address")
 
     def _api(self, route: str, q: dict) -> dict:
@@ -341,16 +338,11 @@ def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment, root)
     if not exp.dir.is_dir():
         raise FileNotFoundError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
-    server_cls = type("_Server", (ThreadingHTTPServer,), {"daemon_threads": True})
-    if ":" in host:
-        import socket
-        server_cls.address_family = socket.AF_INET6
     handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None})
-    server = server_cls((host, port), handler)
+    server = threading_server(host, port, handler)
     server.verbose = verbose
     if not allow_remote:
-        bound = server.server_address[1]
-        handler.allowed_hosts = frozenset(f"{h}:{bound}" for h in ("127.0.0.1", "localhost", "[::1]"))
+        handler.allowed_hosts = loopback_host_headers(server.server_address[1])
     return server
 
 

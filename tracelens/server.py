@@ -36,11 +36,10 @@ import hmac
 import json
 import math
 import os
-import socket
 import sys
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
 import torch
@@ -49,9 +48,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
 from tracelens.sites import COMPONENTS
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 256 * 1024 * 1024
 TOKEN_ENV = "TRACELENS_SERVER_TOKEN"
@@ -386,15 +385,10 @@ class ModelServer:
         self.lock = threading.Lock()
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
                        "/stream": self.stream, "/forward_with_capture": self.forward_with_capture}
-        server_cls = type("_Server", (ThreadingHTTPServer,), {"daemon_threads": True})
-        if ":" in host:
-            server_cls.address_family = socket.AF_INET6
-        handler = type("_BoundHandler", (_Handler,), {"app": self})
-        self.httpd = server_cls((host, port), handler)
+        self.httpd = threading_server(host, port, type("_BoundHandler", (_Handler,), {"app": self}))
         self.host = host
         self.port = self.httpd.server_address[1]
-        self.allowed_hosts = None if host not in LOCAL_HOSTS else frozenset(
-            f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]"))
+        self.allowed_hosts = None if host not in LOCAL_HOSTS else loopback_host_headers(self.port)
         self._thread: threading.Thread | None = None
 
     @property
@@ -432,10 +426,8 @@ class ModelServer:
             scheme, _, given = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 raise RequestError("missing or wrong token: send 'Authorization: Bearer <token>'", HTTPStatus.UNAUTHORIZED)
-        if self.allowed_hosts is not None:
-            host = (handler.headers.get("Host") or "").strip().lower()
-            if host not in self.allowed_hosts:
-                raise RequestError("unexpected Host header; use the server's 127.0.0.1 address", HTTPStatus.FORBIDDEN)
+        if not host_header_ok(handler.headers, self.allowed_hosts):
+            raise RequestError("unexpected Host header; use the server's 127.0.0.1 address", HTTPStatus.FORBIDDEN)
 
     # --- endpoints (each takes the parsed JSON body) ---
 
