@@ -48,10 +48,10 @@ def test_pipeline_writes_the_layout_and_evaluates_every_method_with_the_random_b
     report = run_extraction(exp, [TRAIT], CONFIG, backend=LocalBackend.from_model(tiny.model))[TRAIT]
     meta = load_activation_metadata(exp, TRAIT, "base", "response[:]")
     assert meta.n_layers == 2 and meta.hidden_dim == 64 and meta.captured_layers == [0, 1]
-    assert meta.n_examples_pos == meta.n_examples_neg == 54 - 5 and meta.n_val_pos == 5  # 10% of 54 held out
-    act_dir = exp.activations_dir(TRAIT, "base", "response[:]", "residual")
-    train = load_tensors(act_dir / "train_all_layers.safetensors")["activations"]
-    assert train.dtype == torch.float16 and train.shape == (98, 2, 64)
+    # 54 distinct questions: round(0.2 * 54) = 11 each for select and test, 32 for train
+    assert (meta.n_examples_pos, meta.n_val_pos, meta.n_test_pos) == (32, 11, 11) == tuple(report["splits"].values())
+    train = load_tensors(exp.activations_path(TRAIT, "base", "response[:]", "residual", "train"))["activations"]
+    assert train.dtype == torch.float16 and train.shape == (64, 2, 64)
     assert meta.activation_norms[1] == pytest.approx(float(train[:, 1].float().norm(dim=-1).mean()), rel=1e-3)
     for method in ("probe", "mean_diff", "random_baseline"):
         for layer in (0, 1):
@@ -60,11 +60,79 @@ def test_pipeline_writes_the_layout_and_evaluates_every_method_with_the_random_b
     assert {(r["method"], r["layer"]) for r in report["results"]} == {
         (m, l) for m in ("probe", "mean_diff", "random_baseline") for l in (0, 1)
     }
+    for r in report["results"]:
+        for metric in ("auroc", "accuracy", "effect_size"):
+            e = r["test"][metric]
+            assert e["lo"] <= e["value"] <= e["hi"], (r["method"], metric)
+        assert r["above_chance"] == (r["test"]["auroc"]["lo"] > report["chance"]["layers"][str(r["layer"])]["auroc"]["hi"])
+    assert report["chance"]["n_directions"] == 20
     best = select_vector(exp, TRAIT)
     assert best.source == "evaluation" and best.method != "random_baseline"
-    assert best.val_accuracy == max(r["val_accuracy"] for r in report["results"] if r["method"] != "random_baseline")
+    assert (best.method, best.layer) == (report["selected"]["method"], report["selected"]["layer"])
+    assert best.val_auroc == max(r["select"]["auroc"] for r in report["results"] if r["method"] != "random_baseline")
+    assert best.test["auroc"] == next(r["test"]["auroc"] for r in report["results"]
+                                      if (r["method"], r["layer"]) == (best.method, best.layer))
     pos = json.loads((exp.responses_dir(TRAIT, "base") / "pos.json").read_text())
     assert len(pos) == 54 and set(pos[0]) >= {"prompt", "system_prompt", "response", "response_token_ids"}
+    splits = ex.load_splits(exp, TRAIT, "base", "response[:]", "residual")
+    questions = {s: {pos[i]["prompt"] for i in idx} for s, idx in splits.items()}
+    assert not (questions["train"] & questions["select"] or questions["train"] & questions["test"]
+                or questions["select"] & questions["test"])
+    assert sorted(i for idx in splits.values() for i in idx) == list(range(54))
+
+
+def _write_fixture(exp, shift: float):
+    """Two layers of 64-d activations, unit noise: train classes at x=+-3, select and test shifted by `shift`
+    along x; a mean_diff vector along x with the train midpoint (0) as its threshold."""
+    args = (TRAIT, "base", "response[:]", "residual")
+    g = torch.Generator().manual_seed(0)
+    for split, n, off in (("train", 8, 0.0), ("select", 6, shift), ("test", 10, shift)):
+        noise = torch.randn(2 * n, 2, 64, generator=g)
+        x = torch.cat([3 * torch.ones(n), -3 * torch.ones(n)]) + off
+        noise[:, :, 0] += x[:, None]
+        ex.save_tensors(exp.activations_path(*args, split), {"activations": noise})
+    for method in ("mean_diff", "random_baseline"):
+        layers = {}
+        for layer in (0, 1):
+            v = torch.eye(64)[0] if method == "mean_diff" else torch.eye(64)[1 + layer]
+            ex.save_tensors(exp.vector_path(*args, method, layer), {"vector": v})
+            layers[str(layer)] = {"norm": 1.0, "baseline": 0.0}
+        ex.write_json(exp.vectors_dir(*args, method) / "metadata.json", {"layers": layers})
+
+
+@pytest.mark.parametrize("shift, expected", [(0.0, 1.0), (6.0, 0.5)])
+def test_accuracy_uses_the_threshold_fitted_on_train_not_the_test_labels(tmp_path, shift, expected):
+    # Shifted test data: every test score is above the train threshold 0, so only half are right (0.5),
+    # while a midpoint of the test class means would still call all of them right.
+    exp = _experiment(tmp_path)
+    _write_fixture(exp, shift)
+    config = ExtractionConfig(methods=("mean_diff",), position="response[:]")
+    report = ex.evaluate_vectors(exp, TRAIT, "base", config, [0, 1], {"mean_diff": "h", "random_baseline": "h"})
+    row = next(r for r in report["results"] if (r["method"], r["layer"]) == ("mean_diff", 0))
+    assert row["threshold"] == 0.0
+    assert row["test"]["accuracy"]["value"] == expected and row["test"]["auroc"]["value"] == 1.0
+    test_pos, test_neg = ex.load_activations(exp, *(TRAIT, "base", "response[:]", "residual"), "test")
+    assert ex.accuracy(test_pos[:, 0, 0], test_neg[:, 0, 0]) == 1.0  # what the old, test-label midpoint gave
+    assert row["above_chance"] is True and report["selected"]["method"] == "mean_diff"
+
+
+def test_the_chance_band_spreads_random_directions_and_is_seeded(tmp_path):
+    exp = _experiment(tmp_path)
+    _write_fixture(exp, 0.0)
+    train = ex.load_activations(exp, TRAIT, "base", "response[:]", "residual", "train")
+    test = ex.load_activations(exp, TRAIT, "base", "response[:]", "residual", "test")
+    band = ex.chance_band(train, test, [0, 1], 20)
+    assert band == ex.chance_band(train, test, [0, 1], 20)
+    for layer in ("0", "1"):
+        b = band[layer]["auroc"]
+        assert 0.0 <= b["lo"] < b["median"] < b["hi"] <= 1.0  # random directions do not all separate
+    with pytest.raises(ValueError, match="n_random must be at least 20"):
+        ex.check_config(ExtractionConfig(n_random=5))
+
+
+def test_split_fractions_are_validated():
+    with pytest.raises(ValueError, match="split fractions must be three numbers"):
+        ex.check_config(ExtractionConfig(splits=(0.9, 0.1)))
 
 
 def test_an_interrupted_run_resumes_to_identical_outputs_and_force_recomputes(tmp_path, tiny, monkeypatch):
@@ -137,7 +205,7 @@ def test_vetting_keeps_matched_pairs_that_pass_both_thresholds(tmp_path, tiny):
     vetting = json.loads(exp.vetting_path(TRAIT, "base").read_text())
     assert vetting["kept_indices"] == expected and vetting["summary"] == {"n_pairs": 54, "n_kept": len(expected)}
     meta = load_activation_metadata(exp, TRAIT, "base", "response[:]")
-    assert meta.n_examples_pos + meta.n_val_pos == len(expected)
+    assert meta.n_examples_pos + meta.n_val_pos + meta.n_test_pos == len(expected)
 
 
 def test_a_separate_response_backend_generates_then_is_shut_down(tmp_path, tiny):

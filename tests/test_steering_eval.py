@@ -36,7 +36,7 @@ def extracted(tmp_path, tiny):
     return exp, backend
 
 
-CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=3, subset=2, max_new_tokens=3)
+CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=3, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
 
 
 def _runs(exp):
@@ -54,7 +54,8 @@ def test_search_starts_at_0_7_mean_norm_and_multiplies_by_coherence(extracted, c
         assert coefs == pytest.approx([start, start * mult, start * mult**2], rel=1e-3)
     assert results.header.trait == TRAIT and results.baseline is not None
     kinds = [l["type"] for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))]
-    assert kinds == ["header", "baseline"] + ["run"] * 6
+    # a report line only when some run is valid (coherence >= 77)
+    assert kinds == ["header", "baseline"] + ["run"] * 6 + ["report"] * (coherence >= 77)
 
 
 def test_negative_direction_flips_the_sign(extracted):

@@ -1,15 +1,24 @@
-"""`tracelens demo`: extract -> evaluate -> steer -> select for one starter trait on the default model."""
+"""`tracelens demo`: extract -> evaluate -> steer -> report for one starter trait on the default model.
+
+Every choice is made on data the reported numbers never saw: vectors and thresholds on the train
+split, layer and method on the select split, coefficients on the search questions; the test split,
+the report questions and the judge's validity data are only scored.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.backends import LocalBackend
 from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, load_vector, run_extraction
+from tracelens.extraction import ExtractionConfig, run_extraction
+from tracelens.judge import offline_judge
+from tracelens.metrics import Estimate
+from tracelens.report import write_report
 from tracelens.selection import select_vector
-from tracelens.steering_eval import SteeringEvalConfig, fit_offline_judge, run_steering_eval
+from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
 DEMO_EXPERIMENT = "smollm2-demo"
 VARIANT = "instruct"
@@ -19,11 +28,11 @@ VARIANT = "instruct"
 class DemoSettings:
     trait: str = "starter/enthusiasm"
     max_new_tokens: int = 48
-    val_split: float = 0.2
-    steer_layers: int = 3  # how many of the best probe layers (within 30%-60% of depth) to steer
+    steer_layers: int = 3  # how many probe layers (best select-split AUROC within 30%-60% of depth) to steer
     search_steps: int = 3
-    subset: int = 5
+    n_search: int = 8
     steer_tokens: int = 40
+    n_neutral: int = 16
 
 
 def ensure_demo_experiment(root=None) -> Experiment:
@@ -35,75 +44,51 @@ def ensure_demo_experiment(root=None) -> Experiment:
     return exp
 
 
+def steering_layers(report: dict, n_layers: int, k: int, method: str = "probe") -> list[int]:
+    """The `k` layers of `method` with the best select-split AUROC within 30%-60% of depth (never test)."""
+    lo, hi = round(0.3 * (n_layers - 1)), round(0.6 * (n_layers - 1))
+    rows = [r for r in report["results"] if r["method"] == method and lo <= r["layer"] <= hi]
+    ranked = sorted(rows, key=lambda r: (-r["select"]["auroc"], -r["select"]["effect_size"], r["layer"]))
+    return sorted(r["layer"] for r in ranked[:k])
+
+
 def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) -> dict:
-    """Run every stage on `model` (the loaded default model); returns the numbers it printed."""
+    """Run every stage on `model` (the loaded default model), write the experiment's report.md, and
+    return the numbers it printed."""
     s = settings or DemoSettings()
     start = time.perf_counter()
     exp = ensure_demo_experiment(root)
     backend = LocalBackend.from_model(model, use_chat_template=True)
-    n = model.cfg.n_layers
 
-    log(f"[1/4] extract {s.trait}: responses, activations at every layer, probe / mean_diff / gradient vectors")
-    config = ExtractionConfig(max_new_tokens=s.max_new_tokens, val_split=s.val_split)
-    report = run_extraction(exp, [s.trait], config, backend=backend)[s.trait]
-    best = report["best"]
-    log(f"      best held-out: {best['method']} at layer {best['layer']}, accuracy {best['val_accuracy']:.2f}, "
-        f"AUROC {best['val_auroc']:.2f}")
+    log(f"[1/4] extract {s.trait}: responses, activations at every layer, probe / mean_diff / gradient vectors, "
+        "train / select / test split by question")
+    report = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens), backend=backend)[s.trait]
+    chosen = select_vector(exp, s.trait, method=None)
+    auroc = Estimate.from_dict(chosen.test["auroc"])
+    log(f"      selected on the select split: {chosen.method} layer {chosen.layer}; test AUROC {auroc} "
+        f"({'above' if chosen.test['above_chance'] else 'not above'} the random-direction band)")
 
-    log("[2/4] judge: offline embedding judge fitted on the training responses")
-    judge, validity = fit_offline_judge(exp, s.trait, VARIANT, s.val_split)
-    log(f"      judge validity (AUROC on held-out responses): {validity:.2f}")
+    log("[2/4] judge: offline embedding judge fitted on the trait's independent labelled corpus")
+    judge = offline_judge(s.trait)
+    validity = judge_validity(judge, exp, s.trait, VARIANT)
+    log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 
-    lo, hi = round(0.3 * (n - 1)), round(0.6 * (n - 1))
-    probe = [r for r in report["results"] if r["method"] == "probe" and lo <= r["layer"] <= hi]
-    layers = sorted(r["layer"] for r in sorted(probe, key=lambda r: -r["val_accuracy"])[: s.steer_layers])
-    log(f"[3/4] steer: coefficient search on probe vectors at layers {layers}, {s.search_steps} steps")
+    layers = steering_layers(report, model.cfg.n_layers, s.steer_layers)
+    log(f"[3/4] steer: coefficient search on probe vectors at layers {layers}, {s.search_steps} steps, "
+        f"{s.n_search} search questions; judge-free metrics and a random control for every run")
     results = run_steering_eval(exp, s.trait, judge, SteeringEvalConfig(
-        layers=layers, search_steps=s.search_steps, subset=s.subset, max_new_tokens=s.steer_tokens), backend=backend)
+        layers=layers, search_steps=s.search_steps, n_search=s.n_search, max_new_tokens=s.steer_tokens,
+        n_neutral=s.n_neutral), backend=backend, judge_info={"validity": validity})
 
-    log("[4/4] select")
-    chosen = select_vector(exp, s.trait)
-    baseline = results.baseline
-    summary = {
-        "trait": s.trait, "best_heldout": best, "judge_validity": validity,
-        "baseline_trait": baseline.trait_mean, "baseline_coherence": baseline.coherence_mean,
-        "selected": chosen.to_dict(),
-    }
-    log(f"      selected: {chosen.method} layer {chosen.layer} ({chosen.source})")
-    if chosen.source == "steering":
-        steered = next(r for r in results.runs if r.layer == chosen.layer and r.coefficient == chosen.coefficient)
-        summary.update(steered_trait=steered.result.trait_mean, steered_coherence=steered.result.coherence_mean,
-                       coefficient=chosen.coefficient, delta=chosen.delta)
-        question = _first_question(s.trait)
-        v = load_vector(exp, s.trait, VARIANT, chosen.position, chosen.component, chosen.method, chosen.layer)
-        cfg = GenerationConfig(max_new_tokens=s.steer_tokens)
-        plain = backend.generate([question], cfg)[0]
-        pushed = backend.generate([question], cfg, [SteeringSpec(chosen.layer, v, chosen.coefficient)])[0]
-        summary.update(example_question=question, example_plain=plain, example_steered=pushed)
-    summary["seconds"] = time.perf_counter() - start
-    _print_summary(summary, log)
-    return summary
-
-
-def _first_question(trait: str) -> str:
-    from tracelens.traits import load_trait
-
-    return load_trait(trait).steering.questions[0]
-
-
-def _print_summary(r: dict, log) -> None:
-    log("")
-    log(f"trait            {r['trait']}")
-    b = r["best_heldout"]
-    log(f"best vector      {b['method']} at layer {b['layer']}: held-out accuracy {b['val_accuracy']:.2f}, AUROC {b['val_auroc']:.2f}")
-    log(f"judge validity   AUROC {r['judge_validity']:.2f} (offline embedding judge, held-out responses)")
-    log(f"baseline         trait {r['baseline_trait']}, coherence {r['baseline_coherence']}")
-    if "steered_trait" in r:
-        log(f"steered          trait {r['steered_trait']} (delta {r['delta']:+.1f}), coherence {r['steered_coherence']}, "
-            f"coefficient {r['coefficient']:.1f}")
-        log(f"question         {r['example_question']}")
-        log(f"  unsteered      {r['example_plain']}")
-        log(f"  steered        {r['example_steered']}")
+    log("[4/4] report")
+    if results.report is None:
+        log("      no run kept coherence above the threshold: nothing to report on the report questions")
     else:
-        log("steered          no run kept coherence above the threshold; selection fell back to held-out accuracy")
-    log(f"time             {r['seconds']:.0f}s")
+        r = results.report
+        delta = r["trait_delta"]
+        log(f"      selected run on {r['n_questions']} report questions: trait delta "
+            f"{Estimate.from_dict(delta['steered'])} vs random control {Estimate.from_dict(delta['control'])}")
+    path = write_report(exp, [s.trait], Path(exp.dir) / "report.md")
+    log(f"      wrote {path}")
+    return {"trait": s.trait, "evaluation": report, "judge_validity": validity, "steering": results.to_dict(),
+            "report": str(path), "seconds": time.perf_counter() - start}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tracelens.io import write_json
 from tracelens.positions import sanitize_position
+from tracelens.splits import SPLITS
 from tracelens.types import ModelVariant
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -92,6 +93,12 @@ class Experiment:
     def activations_dir(self, trait: str, variant: str, position: str, component: str) -> Path:
         return self.extraction_dir(trait, variant) / "activations" / sanitize_position(position) / component
 
+    def activations_path(self, trait: str, variant: str, position: str, component: str, split: str) -> Path:
+        """`{split}_all_layers.safetensors` (split: train, select or test) beside the activations' metadata."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        return self.activations_dir(trait, variant, position, component) / f"{split}_all_layers.safetensors"
+
     def vectors_root(self, trait: str, variant: str, position: str, component: str) -> Path:
         """The folder holding one sub-folder per extraction method."""
         return self.extraction_dir(trait, variant) / "vectors" / sanitize_position(position) / component
@@ -114,6 +121,10 @@ class Experiment:
     def steering_results_path(self, trait: str, variant: str, position: str, prompt_set: str = "steering") -> Path:
         return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
 
+
+    def neutral_reference_path(self, variant: str, max_new_tokens: int) -> Path:
+        """The unsteered answers to neutral prompts that steering's coherence cost is measured on."""
+        return self.dir / "steering" / "_reference" / _safe_parts(variant, "variant", 1)[0] / f"neutral-{int(max_new_tokens)}.json"
 
     def steering_variant_dir(self, trait: str, variant: str) -> Path:
         """The folder holding one sub-folder per sanitized position of a trait's steering runs."""

@@ -7,10 +7,15 @@ an `input_hash` of everything it depends on; a stage whose outputs carry the cur
 Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.experiments`):
   responses/pos.json, neg.json, metadata.json
   vetting/response_scores.json (only with a vetting judge: pairs kept where pos >= 60 and neg <= 40)
-  activations/{position}/{component}/train_all_layers.safetensors, val_all_layers.safetensors, metadata.json
-      train = cat(pos, neg) on dim 0, split at n_examples_pos; float16 (bfloat16 if float16 would overflow)
+  activations/{position}/{component}/{train,select,test}_all_layers.safetensors, metadata.json
+      each = cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.splits`: by question);
+      float16 (bfloat16 if float16 would overflow); metadata lists each split's pair indices
   vectors/{position}/{component}/{method}/layer{N}.safetensors (unit float32 "vector"), metadata.json
-  evaluation/{position}/{component}.json
+      (per layer: norm and `baseline`, the decision threshold: the projection of the midpoint of the
+      training class means)
+  evaluation/{position}/{component}.json: per method x layer, select-split AUROC / accuracy and
+      test-split AUROC / accuracy / Cohen's d with bootstrap intervals over test questions; the chance
+      band of `n_random` random directions per layer; the layer and method chosen on the select split
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from tracelens.capture import capture_sequences
 from tracelens.experiments import Experiment
 from tracelens.io import load_tensors, read_json, save_tensors, write_json
 from tracelens.methods import get_method
-from tracelens.metrics import accuracy, auroc, effect_size, polarity_correct
+from tracelens.metrics import N_RESAMPLES, accuracy, auroc, effect_size, paired_separation
 from tracelens.positions import parse_position, tokens_needed
+from tracelens.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
 from tracelens.traits import load_trait
 from tracelens.types import ActivationMetadata
 
 ALWAYS_EVALUATED = "random_baseline"
+CHANCE_PERCENTILES = (5.0, 95.0)
 
 
 @dataclass
@@ -46,7 +53,10 @@ class ExtractionConfig:
     position: str | None = None
     layers: str | Sequence[int] = "all"
     component: str = "residual"
-    val_split: float = 0.1
+    splits: Sequence[float] = DEFAULT_FRACTIONS  # train, select, test (by question)
+    split_seed: int = 0
+    n_random: int = 20  # random directions per layer for the chance band
+    n_resamples: int = N_RESAMPLES  # bootstrap resamples of test questions
     max_new_tokens: int | None = None
     temperature: float = 0.0
     limit: int | None = None  # use only the first `limit` pairs (quick runs)
@@ -85,6 +95,15 @@ def _up_to_date(path, input_hash: str, force: bool) -> bool:
     return not force and path.is_file() and read_json(path).get("input_hash") == input_hash
 
 
+def check_config(config: ExtractionConfig) -> None:
+    """ValueError naming the first setting of `config` that cannot work (checked before any model work)."""
+    check_fractions(config.splits)
+    if config.n_random < 20:
+        raise ValueError(f"n_random must be at least 20 for a chance band; got {config.n_random}")
+    if config.n_resamples < 100:
+        raise ValueError(f"n_resamples must be at least 100 for a 95% interval; got {config.n_resamples}")
+
+
 def resolve_defaults(backend: LocalBackend, config: ExtractionConfig) -> ExtractionConfig:
     """Fill position / max_new_tokens from the model type (chat template or not)."""
     chat = backend.use_chat_template
@@ -92,6 +111,7 @@ def resolve_defaults(backend: LocalBackend, config: ExtractionConfig) -> Extract
         chat = getattr(backend.tokenizer, "chat_template", None) is not None
     position = config.position or ("response[:]" if chat else "response[:5]")
     parse_position(position)
+    check_config(config)
     needed = tokens_needed(position)
     max_new = config.max_new_tokens or (64 if chat else 16)
     if needed and max_new < needed:
@@ -165,59 +185,65 @@ def vet_responses(exp: Experiment, trait: str, variant: str, judge, responses_ha
     return input_hash
 
 
-def kept_pairs(exp: Experiment, trait: str, variant: str, vetted: bool) -> tuple[list[dict], list[dict]]:
-    """The responses the activations stage uses: every pair, or the pairs that passed vetting."""
-    pos, neg = load_responses(exp, trait, variant)
+def kept_indices(exp: Experiment, trait: str, variant: str, vetted: bool) -> list[int]:
+    """The pair indices the activations stage uses: every pair, or the pairs that passed vetting."""
+    n = len(load_responses(exp, trait, variant)[0])
     if not vetted:
-        return pos, neg
+        return list(range(n))
     kept = read_json(exp.vetting_path(trait, variant))["kept_indices"]
     if len(kept) < MIN_KEPT:
-        raise ValueError(f"only {len(kept)} of {len(pos)} pairs of {trait} passed vetting (need {MIN_KEPT}); "
+        raise ValueError(f"only {len(kept)} of {n} pairs of {trait} passed vetting (need {MIN_KEPT}); "
                          "check the scenarios or the judge, or extract without vetting")
-    return [pos[i] for i in kept], [neg[i] for i in kept]
+    return kept
 
 
 # --- stage 2: activations -------------------------------------------------------------------------
 
 
-def split_point(n: int, val_split: float) -> int:
-    """Index where the held-out tail of a polarity list starts (the last `val_split` of it, file order)."""
-    if not 0 <= val_split < 1:
-        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
-    return n - int(round(n * val_split))
-
-
 def capture_activations(exp: Experiment, trait: str, variant: str, model, config: ExtractionConfig,
                         responses_hash: str, model_id: str, vetted: bool = False) -> str:
-    """Capture every layer at the position for each (kept) response; float16 on disk."""
+    """Capture every layer at the position for each (kept) response, split by question; float16 on disk."""
     out = exp.activations_dir(trait, variant, config.position, config.component)
-    input_hash = _hash("activations", responses_hash, config.position, config.component, config.val_split)
+    input_hash = _hash("activations", responses_hash, config.position, config.component, list(config.splits),
+                       config.split_seed)
     if _up_to_date(out / "metadata.json", input_hash, config.force):
         return input_hash
-    pos, neg = kept_pairs(exp, trait, variant, vetted)
-    n_layers = model.cfg.n_layers
-    layers = list(range(n_layers))
+    pos, neg = load_responses(exp, trait, variant)
+    kept = set(kept_indices(exp, trait, variant, vetted))
+    # Split every pair by its question first, then drop unkept pairs: vetting never moves a question.
+    splits = {name: [i for i in idx if i in kept]
+              for name, idx in split_by_question([r["prompt"] for r in pos], config.splits, config.split_seed).items()}
+    too_small = {name: len(idx) for name, idx in splits.items() if len(idx) < 2}
+    if too_small:
+        raise ValueError(f"{trait}: every split needs at least 2 pairs after vetting; got {too_small}")
+    layers = list(range(model.cfg.n_layers))
 
     def acts(rows):
         return capture_sequences(model, [r["prompt_token_ids"] + r["response_token_ids"] for r in rows],
                                  [len(r["prompt_token_ids"]) for r in rows], layers, config.position,
                                  "mean", config.component, config.batch_size)
 
-    a_pos, a_neg = acts(pos), acts(neg)  # [n, n_layers, d] float32
-    kp, kn = split_point(len(pos), config.val_split), split_point(len(neg), config.val_split)
-    train = torch.cat([a_pos[:kp], a_neg[:kn]])
-    val = torch.cat([a_pos[kp:], a_neg[kn:]])
-    dtype = torch.float16 if max(train.abs().max(), val.abs().max() if len(val) else 0) < 6.5e4 else torch.bfloat16
-    save_tensors(out / "train_all_layers.safetensors", {"activations": train.to(dtype)})
-    save_tensors(out / "val_all_layers.safetensors", {"activations": val.to(dtype)})
+    order = sorted(kept)
+    a_pos, a_neg = acts([pos[i] for i in order]), acts([neg[i] for i in order])  # [n, n_layers, d] float32
+    row = {i: k for k, i in enumerate(order)}
+    tensors = {name: torch.cat([a_pos[[row[i] for i in idx]], a_neg[[row[i] for i in idx]]])
+               for name, idx in splits.items()}
+    dtype = torch.float16 if max(float(t.abs().max()) for t in tensors.values()) < 6.5e4 else torch.bfloat16
+    for name, t in tensors.items():
+        save_tensors(exp.activations_path(trait, variant, config.position, config.component, name),
+                     {"activations": t.to(dtype)})
+    train = tensors["train"]
+    n = {name: len(idx) for name, idx in splits.items()}
     meta = ActivationMetadata(
-        n_layers=n_layers, hidden_dim=model.cfg.d_model, captured_layers=layers,
+        n_layers=len(layers), hidden_dim=model.cfg.d_model, captured_layers=layers,
         activation_norms={l: float(train[:, l].norm(dim=-1).mean()) for l in layers},
-        n_examples_pos=kp, n_examples_neg=kn, n_val_pos=len(pos) - kp, n_val_neg=len(neg) - kn,
-        model=model_id, position=config.position, component=config.component,
+        n_examples_pos=n["train"], n_examples_neg=n["train"], n_val_pos=n["select"], n_val_neg=n["select"],
+        n_test_pos=n["test"], n_test_neg=n["test"], model=model_id, position=config.position,
+        component=config.component,
     )
     write_json(out / "metadata.json", {**meta.to_dict(), "dtype": str(dtype).removeprefix("torch."),
-                                       "input_hash": input_hash})
+                                       "splits": splits, "split_fractions": list(config.splits),
+                                       "split_seed": config.split_seed, "input_hash": input_hash})
     return input_hash
 
 
@@ -231,14 +257,19 @@ def load_activation_metadata(experiment: str | Experiment, trait: str, variant: 
     return ActivationMetadata.from_dict(read_json(path))
 
 
-def load_activations(exp: Experiment, trait: str, variant: str, position: str, component: str):
-    """(pos_train, neg_train, pos_val, neg_val), each `[n, n_layers, d]` float32."""
-    d = exp.activations_dir(trait, variant, position, component)
-    meta = load_activation_metadata(exp, trait, variant, position, component)
-    train = load_tensors(d / "train_all_layers.safetensors")["activations"].float()
-    val = load_tensors(d / "val_all_layers.safetensors")["activations"].float()
-    kp, vp = meta.n_examples_pos, meta.n_val_pos
-    return train[:kp], train[kp:], val[:vp], val[vp:]
+def load_splits(exp: Experiment, trait: str, variant: str, position: str, component: str) -> dict[str, list[int]]:
+    """`{"train", "select", "test"}` -> the indices (into the responses stage's pairs) of each split."""
+    path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no activation metadata at {path}; run `tracelens extract` first")
+    return read_json(path)["splits"]
+
+
+def load_activations(exp: Experiment, trait: str, variant: str, position: str, component: str,
+                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(pos, neg)` activations of one split, each `[n_pairs, n_layers, d]` float32; row i of both is pair i."""
+    t = load_tensors(exp.activations_path(trait, variant, position, component, split))["activations"].float()
+    return t[: len(t) // 2], t[len(t) // 2 :]
 
 
 # --- stage 3: vectors -----------------------------------------------------------------------------
@@ -247,7 +278,7 @@ def load_activations(exp: Experiment, trait: str, variant: str, position: str, c
 def fit_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionConfig, layers: list[int],
                 activations_hash: str, model_id: str) -> dict[str, str]:
     """Fit every method at every layer; unit float32 vectors with per-layer metadata."""
-    pos, neg, _, _ = load_activations(exp, trait, variant, config.position, config.component)
+    pos, neg = load_activations(exp, trait, variant, config.position, config.component, "train")
     methods = list(dict.fromkeys([*config.methods, ALWAYS_EVALUATED]))
     hashes = {}
     for name in methods:
@@ -259,8 +290,8 @@ def fit_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionCon
         method = get_method(name)
         per_layer = {}
         for layer in tqdm(layers, desc=f"{trait} {name}", leave=False):
-            # The held-out rows are never shown to a method (methods that tune hyper-parameters split
-            # their training rows), so the evaluation stage measures generalisation honestly.
+            # Only the train split is shown to a method (methods that tune hyper-parameters split their
+            # training rows); `baseline` (the train midpoint's projection) is the decision threshold.
             extra = {"seed": layer} if name == ALWAYS_EVALUATED else {}
             result = method.extract(pos[:, layer], neg[:, layer], **extra, **kwargs)
             v = result["vector"].float()
@@ -287,28 +318,66 @@ def load_vector(exp: Experiment, trait: str, variant: str, position: str, compon
 
 def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionConfig, layers: list[int],
                      vector_hashes: dict[str, str]) -> dict:
-    """Held-out accuracy, AUROC, effect size and polarity of every method x layer (random_baseline included)."""
+    """Score every method x layer on the select and test splits, with the random-direction chance band.
+
+    Accuracy uses the threshold fitted on train (the vector's `baseline`), never the scored split's
+    labels. `selected` is the method and layer with the best select-split AUROC (ties: larger select
+    effect size); its test numbers are what gets reported. A row is `above_chance` when the lower end
+    of its test AUROC interval is above the 95th percentile of the random directions at its layer.
+    """
     path = exp.evaluation_path(trait, variant, config.position, config.component)
-    input_hash = _hash("evaluation", vector_hashes)
+    input_hash = _hash("evaluation", vector_hashes, config.n_random, config.n_resamples)
     if _up_to_date(path, input_hash, config.force):
         return read_json(path)
-    _, _, vpos, vneg = load_activations(exp, trait, variant, config.position, config.component)
-    if len(vpos) == 0 or len(vneg) == 0:
-        raise ValueError(f"no held-out examples for {trait}: raise val_split (now {config.val_split})")
+    args = (exp, trait, variant, config.position, config.component)
+    train, select, test = (load_activations(*args, split) for split in SPLITS)
+    chance = chance_band(train, test, layers, config.n_random)
     rows = []
     for name in vector_hashes:
+        thresholds = read_json(exp.vectors_dir(*args[1:], name) / "metadata.json")["layers"]
         for layer in layers:
-            v = load_vector(exp, trait, variant, config.position, config.component, name, layer)
-            p, n = vpos[:, layer] @ v, vneg[:, layer] @ v
-            rows.append({"method": name, "layer": layer, "val_accuracy": float(accuracy(p, n)),
-                         "val_auroc": float(auroc(p, n)), "effect_size": float(effect_size(p, n, signed=True)),
-                         "polarity_correct": bool(polarity_correct(p, n))})
+            v = load_vector(*args, name, layer)
+            threshold = thresholds[str(layer)]["baseline"]
+            sp, sn = select[0][:, layer] @ v, select[1][:, layer] @ v
+            scored = paired_separation(test[0][:, layer] @ v, test[1][:, layer] @ v, threshold, config.n_resamples)
+            rows.append({
+                "method": name, "layer": layer, "threshold": threshold,
+                "select": {"auroc": auroc(sp, sn), "accuracy": accuracy(sp, sn, threshold),
+                           "effect_size": effect_size(sp, sn, signed=True)},
+                "test": {k: e.to_dict() for k, e in scored.items()},
+                "above_chance": scored["auroc"].lo > chance[str(layer)]["auroc"]["hi"],
+            })
     real = [r for r in rows if r["method"] != ALWAYS_EVALUATED] or rows
-    best = max(real, key=lambda r: (r["val_accuracy"], r["val_auroc"]))
-    report = {"trait": trait, "position": config.position, "component": config.component,
-              "n_val_pos": len(vpos), "n_val_neg": len(vneg), "results": rows, "best": best, "input_hash": input_hash}
+    best = max(real, key=lambda r: (r["select"]["auroc"], r["select"]["effect_size"]))
+    report = {
+        "trait": trait, "position": config.position, "component": config.component,
+        "splits": {s: len(t[0]) for s, t in zip(SPLITS, (train, select, test))},
+        "bootstrap": {"n_resamples": config.n_resamples, "level": 0.95, "unit": "test question", "seed": 0},
+        "chance": {"n_directions": config.n_random, "percentiles": list(CHANCE_PERCENTILES), "layers": chance},
+        "results": rows, "selected": {"method": best["method"], "layer": best["layer"], "by": "select auroc"},
+        "input_hash": input_hash,
+    }
     write_json(path, report)
     return report
+
+
+def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                layers: Sequence[int], n_random: int, seed: int = 0) -> dict[str, dict]:
+    """Per layer, the 5th / 50th / 95th percentile of test AUROC and accuracy over `n_random` random unit
+    directions (each thresholded at its train midpoint, like the fitted vectors), keyed by str(layer)."""
+    out = {}
+    q = torch.tensor([p / 100 for p in (CHANCE_PERCENTILES[0], 50.0, CHANCE_PERCENTILES[1])])
+    for layer in layers:
+        g = torch.Generator().manual_seed(seed * 100_003 + layer)
+        dirs = torch.randn(n_random, train[0].shape[-1], generator=g)
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        mid = ((train[0][:, layer].mean(0) + train[1][:, layer].mean(0)) / 2) @ dirs.T
+        p, n = test[0][:, layer] @ dirs.T, test[1][:, layer] @ dirs.T  # [n_test, n_random]
+        scores = {"auroc": torch.tensor([auroc(p[:, k], n[:, k]) for k in range(n_random)]),
+                  "accuracy": torch.tensor([accuracy(p[:, k], n[:, k], float(mid[k])) for k in range(n_random)])}
+        out[str(layer)] = {m: dict(zip(("lo", "median", "hi"), torch.quantile(x.double(), q.double()).tolist()))
+                           for m, x in scores.items()}
+    return out
 
 
 # --- the whole pipeline ---------------------------------------------------------------------------

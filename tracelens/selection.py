@@ -2,7 +2,8 @@
 
 1. steering: the best valid steering run (coherence >= `min_coherence`) per (layer, method, component),
    ranked by its trait delta over the baseline in the trait's direction;
-2. evaluation: held-out separation (accuracy, then AUROC) from the extraction stage;
+2. evaluation: separation on the select split (AUROC, then Cohen's d) from the extraction stage; the
+   test-split numbers (with intervals and the chance verdict) travel in `VectorResult.test`, unused for ranking;
 3. unscored: vectors on disk with no evidence, only when `allow_unscored=True`.
 A lower level is used only when no higher level has any candidate.
 """
@@ -74,11 +75,12 @@ def _from_evaluation(exp, trait, variant, position, component, min_coherence) ->
     if not path.is_file():
         return []
     rows = read_json(path)["results"]
-    ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_auroc"]))
+    ranked = sorted(rows, key=lambda r: (-r["select"]["auroc"], -r["select"]["effect_size"]))
     return [
         VectorResult(layer=r["layer"], method=r["method"], position=position, component=component,
-                     score=r["val_accuracy"], source="evaluation", val_accuracy=r["val_accuracy"],
-                     val_auroc=r["val_auroc"], val_effect_size=r["effect_size"])
+                     score=r["select"]["auroc"], source="evaluation", val_accuracy=r["select"]["accuracy"],
+                     val_auroc=r["select"]["auroc"], val_effect_size=r["select"]["effect_size"],
+                     test={**r["test"], "above_chance": r["above_chance"]})
         for r in ranked
     ]
 

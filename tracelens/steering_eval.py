@@ -1,11 +1,23 @@
-"""Steering evaluation: an unsteered baseline, then an adaptive coefficient search per layer, judged.
+"""Steering evaluation: a coefficient search judged on search questions, judge-free metrics for every
+run, and the selected configuration reported on disjoint report questions beside a random control.
 
-Each search step generates, in ONE batch, every candidate layer's answers to the steering questions,
+Questions come from the trait's `steering.json` in file order: the first `n_search` drive the search,
+the rest (up to `n_report`) are only used to report the configuration the search selected.
+
+Each search step generates, in ONE batch, every candidate layer's answers to the search questions,
 one batch slice per layer under `PerSampleSteering` (the batch is never split, so slices stay put).
 The starting coefficient of a layer is `mean ||h_L|| / ||v|| * 0.7` (times -1 to steer against the
 trait); after each step it is multiplied by 1.3 when that layer's mean coherence is at least
-`search_coherence` (80), else by 0.85. Every baseline and run is one line appended to `results.jsonl`;
-a re-run reads the file, skips what is there (matching configuration), and never writes a line twice.
+`search_coherence` (80), else by 0.85.
+
+Every run also gets judge-free metrics (teacher forcing, no sampling, see `judge_free_metrics`), for the
+vector and for a random control direction of the same norm and coefficient:
+  trait_effect   mean over the extraction's *test* pairs of the change under steering of the per-token
+                 log-likelihood ratio log p(pos response | question) - log p(neg response | question);
+  nll_cost       mean change in per-token NLL of the unsteered model's own answers to neutral prompts;
+  kl             mean KL(unsteered || steered) of the next-token distributions over those answers.
+Each is a mean over items with a 95% bootstrap interval. Every baseline, run and report is one line
+of `results.jsonl`; a re-run skips what is there (matching configuration) and never writes a line twice.
 """
 
 from __future__ import annotations
@@ -16,18 +28,24 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracelens.backends import LocalBackend
+from tracelens.backends import GenerationConfig, LocalBackend
 from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import load_activation_metadata, load_vector, parse_layers
+from tracelens.extraction import load_activation_metadata, load_responses, load_splits, load_vector, parse_layers
 from tracelens.generation import HookedGenerator
-from tracelens.hooks import PerSampleSteering
-from tracelens.io import append_jsonl, read_json, read_jsonl
+from tracelens.hooks import PerSampleSteering, SteeringHook
+from tracelens.io import append_jsonl, read_json, read_jsonl, write_json
 from tracelens.judge import summarize_judge_scores
-from tracelens.prompts import tokenize_batch
+from tracelens.likelihood import response_logprobs
+from tracelens.metrics import bootstrap_mean, paired_separation
+from tracelens.prompt_sets import load_prompt_set
+from tracelens.prompts import encode, tokenize_batch
+from tracelens.sites import get_hook_path
 from tracelens.traits import load_trait
-from tracelens.types import JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults, SteeringRunRecord, VectorSpec
+from tracelens.types import (MIN_COHERENCE, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
+                             SteeringRunRecord, VectorSpec)
 
 START_MULT, UP_MULT, DOWN_MULT = 0.7, 1.3, 0.85
+N_EXAMPLES = 3  # steered answers kept in the report line
 
 
 @dataclass
@@ -38,21 +56,22 @@ class SteeringEvalConfig:
     component: str = "residual"
     coefficients: Sequence[float] | None = None  # explicit coefficients for every layer: no search
     search_steps: int = 5
-    subset: int = 5
+    n_search: int = 8  # the first n_search steering questions drive the search ...
+    n_report: int | None = None  # ... the next n_report (None: all the rest) report the selected configuration
     max_new_tokens: int = 64
     direction: str | None = None  # default: the trait's steering.json
     search_coherence: float = 80.0
+    n_neutral: int = 16  # neutral prompts whose unsteered answers measure the coherence cost
+    min_coherence: float = MIN_COHERENCE  # a run must reach this to be selected for the report
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _judge(judge, trait: str, definition: str, questions: Sequence[str], answers: Sequence[str]) -> JudgeResult:
-    scores = judge.score([
-        {"question": q, "response": a, "trait_name": trait, "definition": definition} for q, a in zip(questions, answers)
-    ])
-    return summarize_judge_scores(scores)
+def _score(judge, trait: str, definition: str, questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    return judge.score([{"question": q, "response": a, "trait_name": trait, "definition": definition}
+                        for q, a in zip(questions, answers)])
 
 
 def _generate(backend: LocalBackend, questions: Sequence[str], rows: list[tuple[int, torch.Tensor, float]],
@@ -68,19 +87,123 @@ def _generate(backend: LocalBackend, questions: Sequence[str], rows: list[tuple[
     return [answers[i * q : (i + 1) * q] for i in range(max(1, len(rows)))]
 
 
+def random_control(vector: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random direction with the norm of `vector` (seeded): the control every steering run stands beside."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.shape[-1], generator=g)
+    return r / r.norm() * vector.float().norm()
+
+
+# --- judge-free metrics ----------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceTexts:
+    """Token ids the judge-free metrics score: the extraction's test pairs (question without its system
+    prompt + the positive / negative answer) and the unsteered model's answers to neutral prompts."""
+
+    pair_prompts: list[list[int]]
+    pos: list[list[int]]
+    neg: list[list[int]]
+    neutral_prompts: list[list[int]]
+    neutral: list[list[int]]
+
+
+def reference_texts(exp: Experiment, trait: str, extraction_variant: str, variant: str, backend: LocalBackend,
+                    config: SteeringEvalConfig) -> ReferenceTexts:
+    """Load the test pairs and the (cached) unsteered neutral answers; generates the latter once."""
+    pos, neg = load_responses(exp, trait, extraction_variant)
+    test = load_splits(exp, trait, extraction_variant, config.position, config.component)["test"]
+    path = exp.neutral_reference_path(variant, config.max_new_tokens)
+    prompts = [p.text for p in load_prompt_set("neutral").prompts][: config.n_neutral]
+    cached = read_json(path) if path.is_file() else None
+    if cached is None or cached["prompts"] != prompts:
+        results = backend.generate_results(prompts, GenerationConfig(max_new_tokens=config.max_new_tokens))
+        cached = {"prompts": prompts, "prompt_token_ids": [r.prompt_token_ids for r in results],
+                  "response_token_ids": [r.response_token_ids for r in results]}
+        write_json(path, cached)
+    keep = [i for i, r in enumerate(cached["response_token_ids"]) if r]
+    return ReferenceTexts(
+        pair_prompts=[encode(backend.tokenizer, backend.format(pos[i]["prompt"])) for i in test],
+        pos=[pos[i]["response_token_ids"] for i in test], neg=[neg[i]["response_token_ids"] for i in test],
+        neutral_prompts=[cached["prompt_token_ids"][i] for i in keep],
+        neutral=[cached["response_token_ids"][i] for i in keep],
+    )
+
+
+@dataclass
+class _Scored:
+    llr: torch.Tensor  # [n_pairs] per-token log-likelihood ratio pos - neg
+    nll: torch.Tensor  # [n_neutral] per-token NLL
+    dists: list[torch.Tensor]  # per neutral answer [n_tokens, vocab] log-distributions
+
+
+def _score_texts(model, refs: ReferenceTexts) -> _Scored:
+    both = response_logprobs(model, refs.pair_prompts * 2, refs.pos + refs.neg)
+    n = len(refs.pos)
+    llr = torch.stack([both[i].mean() - both[n + i].mean() for i in range(n)])
+    lp, dists = response_logprobs(model, refs.neutral_prompts, refs.neutral, distributions=True)
+    return _Scored(llr, torch.stack([-x.mean() for x in lp]), dists)
+
+
+def judge_free_metrics(model, refs: ReferenceTexts, unsteered: _Scored, path: str, vector: torch.Tensor,
+                       coefficient: float) -> dict[str, dict]:
+    """`trait_effect`, `nll_cost` (nats/token) and `kl` (nats/token) of adding `coefficient * vector` at
+    `path`, each `{"value", "lo", "hi"}` over items (test pairs, neutral answers) against `unsteered`."""
+    with SteeringHook(model, vector, path, coefficient):
+        steered = _score_texts(model, refs)
+    kl = torch.stack([(u.exp() * (u - s)).sum(-1).mean() for u, s in zip(unsteered.dists, steered.dists)])
+    return {"trait_effect": bootstrap_mean(steered.llr - unsteered.llr).to_dict(),
+            "nll_cost": bootstrap_mean(steered.nll - unsteered.nll).to_dict(),
+            "kl": bootstrap_mean(kl).to_dict()}
+
+
+def judge_validity(judge, exp: Experiment, trait: str, variant: str, position: str = "response[:]",
+                   component: str = "residual") -> dict:
+    """How well `judge`'s trait score separates the positive from the negative answers of the extraction's
+    test split, which neither the vectors nor (for `offline_judge`) the judge were fitted on: AUROC with a
+    95% bootstrap interval over test questions."""
+    data = load_trait(trait)
+    pos, neg = load_responses(exp, trait, variant)
+    test = load_splits(exp, trait, variant, position, component)["test"]
+    scores = {side: [s["trait_score"] for s in _score(judge, trait, data.definition, [r["prompt"] for r in rows],
+                                                      [r["response"] for r in rows])]
+              for side, rows in (("pos", [pos[i] for i in test]), ("neg", [neg[i] for i in test]))}
+    pairs = [(p, n) for p, n in zip(scores["pos"], scores["neg"]) if p is not None and n is not None]
+    if len(pairs) < 2:
+        raise ValueError(f"the judge scored fewer than 2 test pairs of {trait}; its validity cannot be measured")
+    p, n = zip(*pairs)
+    return {"auroc": paired_separation(p, n, 50.0)["auroc"].to_dict(), "n_pairs": len(pairs),
+            "data": "extraction test split (unseen by the vectors and the judge)"}
+
+
+# --- the evaluation --------------------------------------------------------------------------------
+
+
 def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: SteeringEvalConfig | None = None,
-                      variant: str | None = None, backend: LocalBackend | None = None) -> SteeringResults:
-    """Baseline + coefficient search for one trait; returns everything in its `results.jsonl`."""
+                      variant: str | None = None, backend: LocalBackend | None = None,
+                      judge_info: dict | None = None) -> SteeringResults:
+    """Baseline + coefficient search on search questions, then the best valid run reported on report
+    questions with a random control; returns everything in its `results.jsonl`.
+
+    `judge_info` (e.g. `{"validity": judge_validity(...)}`) is stored with the judge's name in the header.
+    """
     from tracelens.loading import load_model
 
     config = config or SteeringEvalConfig()
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     extraction_variant = get_model_variant(exp, variant, mode="extraction").name
+    data = load_trait(trait)
+    questions = data.steering.questions
+    search = questions[: config.n_search]
+    report_qs = questions[config.n_search :][: config.n_report]
+    if not search or not report_qs:
+        raise ValueError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
+                         f"{len(report_qs)} for the report; each side needs at least one")
     if backend is None:
         backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
-    data = load_trait(trait)
-    questions = data.steering.questions[: config.subset]
+    layers = parse_layers(config.layers, backend.n_layers)
     direction = config.direction or data.steering.direction
     sign = 1.0 if direction == "positive" else -1.0
     path = exp.steering_results_path(trait, mv.name, config.position)
@@ -91,7 +214,9 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
                        "component": config.component,
                        "input_hash": vectors_hash(exp, trait, extraction_variant, config.position, config.component,
                                                   config.method)},
-        eval={"model": judge_name, "method": "judge"}, prompts_hash=data.input_hash, n_questions=len(questions),
+        eval={"model": judge_name, "method": "judge", **(judge_info or {})}, prompts_hash=data.input_hash,
+        n_questions=len(search), n_report=len(report_qs), max_new_tokens=config.max_new_tokens,
+        n_neutral=config.n_neutral,
     )
     lines = read_jsonl(path)
     if lines and not _same_setup(lines[0], header):
@@ -101,15 +226,20 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     if not lines:
         append_jsonl(path, header.to_dict())
         lines.append(header.to_dict())
+
+    refs = reference_texts(exp, trait, extraction_variant, mv.name, backend, config)
+    unsteered = _score_texts(backend.model, refs)
     if not any(line.get("type") == "baseline" for line in lines):
-        [answers] = _generate(backend, questions, [], config)
-        line = {"type": "baseline", "result": _judge(judge, trait, data.definition, questions, answers).to_dict(),
+        [answers] = _generate(backend, search, [], config)
+        line = {"type": "baseline",
+                "result": summarize_judge_scores(_score(judge, trait, data.definition, search, answers)).to_dict(),
+                "judge_free": {"llr": bootstrap_mean(unsteered.llr).to_dict(),
+                               "nll": bootstrap_mean(unsteered.nll).to_dict()},
                 "timestamp": _now()}
         append_jsonl(path, line)
         lines.append(line)
 
     meta = load_activation_metadata(exp, trait, extraction_variant, config.position, config.component)
-    layers = parse_layers(config.layers, backend.n_layers)
     vectors = {l: load_vector(exp, trait, extraction_variant, config.position, config.component, config.method, l)
                for l in layers}
     done = {_key(r): r for r in (SteeringRunRecord.from_dict(x) for x in lines if x.get("type") == "run")}
@@ -124,15 +254,56 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
                  for l, c in todo}
         missing = [(l, vectors[l], round(c, 4)) for l, c in todo if _spec_key(specs[l]) not in done]
         if missing:
-            for (l, _, c), answers in zip(missing, _generate(backend, questions, missing, config)):
-                run = SteeringRunRecord(_judge(judge, trait, data.definition, questions, answers), specs[l],
-                                        eval_judge=getattr(judge, "name", type(judge).__name__), timestamp=_now())
+            for (l, v, c), answers in zip(missing, _generate(backend, search, missing, config)):
+                hook = get_hook_path(l, config.component, backend.model)
+                run = SteeringRunRecord(
+                    summarize_judge_scores(_score(judge, trait, data.definition, search, answers)), specs[l],
+                    eval_judge=judge_name, timestamp=_now(),
+                    judge_free=judge_free_metrics(backend.model, refs, unsteered, hook, v, c),
+                    control=judge_free_metrics(backend.model, refs, unsteered, hook, random_control(v, l), c),
+                )
                 append_jsonl(path, run.to_dict())
                 done[_key(run)] = run
         for l, _ in todo:
             coherence = done[_spec_key(specs[l])].result.coherence_mean
             coefs[l] *= UP_MULT if coherence is not None and coherence >= config.search_coherence else DOWN_MULT
-    return SteeringResults.from_jsonl_lines(read_jsonl(path))
+
+    results = SteeringResults.from_jsonl_lines(read_jsonl(path))
+    best = results.best_run(config.min_coherence)
+    if best is not None and (results.report is None or results.report["config"] != best.config.to_dict()):
+        append_jsonl(path, _report(backend, judge, trait, data.definition, report_qs, best, vectors[best.layer],
+                                   config))
+        results = SteeringResults.from_jsonl_lines(read_jsonl(path))
+    return results
+
+
+def _report(backend: LocalBackend, judge, trait: str, definition: str, questions: Sequence[str],
+            best: SteeringRunRecord, vector: torch.Tensor, config: SteeringEvalConfig) -> dict:
+    """The selected run on the report questions: unsteered, steered and random control in one batch,
+    judged; deltas are per-question paired differences with 95% bootstrap intervals."""
+    layer, coef = best.layer, best.coefficient
+    rows = [(layer, vector, 0.0), (layer, vector, coef), (layer, random_control(vector, layer), coef)]
+    answers = dict(zip(("unsteered", "steered", "control"), _generate(backend, questions, rows, config)))
+    scores = {k: _score(judge, trait, definition, questions, a) for k, a in answers.items()}
+
+    def paired(cond: str, field: str) -> dict | None:
+        d = [s[field] - u[field] for s, u in zip(scores[cond], scores["unsteered"])
+             if s[field] is not None and u[field] is not None]
+        return bootstrap_mean(d).to_dict() if d else None
+
+    def mean(cond: str, field: str) -> dict | None:
+        x = [s[field] for s in scores[cond] if s[field] is not None]
+        return bootstrap_mean(x).to_dict() if x else None
+
+    return {
+        "type": "report", "config": best.config.to_dict(), "n_questions": len(questions),
+        "results": {k: summarize_judge_scores(v).to_dict() for k, v in scores.items()},
+        "trait": {k: mean(k, "trait_score") for k in scores}, "coherence": {k: mean(k, "coherence_score") for k in scores},
+        "trait_delta": {k: paired(k, "trait_score") for k in ("steered", "control")},
+        "coherence_delta": {k: paired(k, "coherence_score") for k in ("steered", "control")},
+        "examples": [{"question": q, **{k: answers[k][i] for k in answers}} for i, q in enumerate(questions[:N_EXAMPLES])],
+        "timestamp": _now(),
+    }
 
 
 def vectors_hash(exp: Experiment, trait: str, variant: str, position: str, component: str, method: str) -> str:
@@ -140,25 +311,12 @@ def vectors_hash(exp: Experiment, trait: str, variant: str, position: str, compo
     return read_json(exp.vectors_dir(trait, variant, position, component, method) / "metadata.json")["input_hash"]
 
 
+_SETUP_KEYS = ("trait", "direction", "vector_source", "eval", "prompts_hash", "n_questions", "n_report",
+               "max_new_tokens", "n_neutral")
+
+
 def _same_setup(first_line: dict, header: SteeringHeader) -> bool:
-    keys = ("trait", "direction", "vector_source", "eval", "prompts_hash", "n_questions")
-    return first_line.get("type") == "header" and all(first_line.get(k) == getattr(header, k) for k in keys)
-
-
-def fit_offline_judge(experiment: str | Experiment, trait: str, variant: str, val_split: float = 0.1):
-    """An `EmbeddingJudge` fitted on the trait's training responses, and its validity (AUROC) on the
-    held-out responses of the same extraction split."""
-    from tracelens.extraction import load_responses, split_point
-    from tracelens.judge import EmbeddingJudge
-
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
-    pos, neg = load_responses(exp, trait, variant)
-    kp, kn = split_point(len(pos), val_split), split_point(len(neg), val_split)
-    texts = lambda rows: [r["response"] for r in rows]  # noqa: E731
-    judge = EmbeddingJudge().fit(texts(pos[:kp]), texts(neg[:kn]))
-    responses_hash = read_json(exp.responses_dir(trait, variant) / "metadata.json")["input_hash"]
-    judge.name = f"embedding-judge:{trait}:{responses_hash}:val{val_split}"
-    return judge, judge.validity(texts(pos[kp:]), texts(neg[kn:]))
+    return first_line.get("type") == "header" and all(first_line.get(k) == getattr(header, k) for k in _SETUP_KEYS)
 
 
 def _spec_key(config: ProjectionConfig) -> tuple:

@@ -123,7 +123,9 @@ class VectorResult:
 
     ``source`` says what the evidence is: ``"steering"`` (an LLM-judged steering run: ``score`` is the
     steering delta, and ``delta``/``coherence``/``coefficient`` are that run's), ``"evaluation"`` (held-out
-    separation only: ``score`` is the ranking metric, e.g. ``val_auroc``) or ``"unscored"`` (no evidence).
+    separation only: ``score`` is the ranking metric, the select-split AUROC) or ``"unscored"`` (no evidence).
+    ``val_*`` are select-split numbers (upstream's "val"); ``test`` holds the test-split estimates
+    (``{"auroc", "accuracy", "effect_size": {"value", "lo", "hi"}, "above_chance"}``), reported, never ranked on.
     ``delta`` and ``coherence`` may only be set when ``source == "steering"`` (ValueError otherwise).
     ``direction`` is ``"positive"``, ``"negative"`` or None; ``naturalness`` is 0-100 or None.
     """
@@ -142,6 +144,7 @@ class VectorResult:
     val_accuracy: float | None = None
     val_auroc: float | None = None
     val_effect_size: float | None = None
+    test: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -223,8 +226,9 @@ class ModelVariant(NamedTuple):
 class ActivationMetadata:
     """What ``activations/{position}/{component}/metadata.json`` records about captured activations.
 
-    The training tensor is ``cat(pos, neg)`` on dim 0, so rows ``[:n_examples_pos]`` are positive; likewise
-    the validation tensor splits at ``n_val_pos``. ``activation_norms[layer]`` is the mean ``||h||`` of the
+    Each split's tensor is ``cat(pos, neg)`` on dim 0, so rows ``[:n_examples_pos]`` of the training tensor
+    are positive; ``n_val_*`` count the select split (upstream's "val": used to choose layer and method)
+    and ``n_test_*`` the test split (only ever scored). ``activation_norms[layer]`` is the mean ``||h||`` of the
     captured (position-pooled) training activations at that layer (it sets the starting steering
     coefficient). Layer keys are ints here and strings in the JSON file.
     """
@@ -237,6 +241,8 @@ class ActivationMetadata:
     n_examples_neg: int
     n_val_pos: int = 0
     n_val_neg: int = 0
+    n_test_pos: int = 0
+    n_test_neg: int = 0
     model: str | None = None
     position: str | None = None
     component: str = "residual"
@@ -441,8 +447,10 @@ class SteeringRunRecord:
     """One steered condition: its ``JudgeResult`` under the vectors and coefficients of ``config``.
 
     A ``results.jsonl`` run line: ``{"type": "run", "result", "config", "eval": {"trait_judge"},
-    "timestamp", "input_hashes"?}``. ``layer``/``method``/``component`` are those of the first vector and
-    ``coefficient`` is its weight.
+    "timestamp", "input_hashes"?, "judge_free"?, "control"?}``. ``layer``/``method``/``component`` are
+    those of the first vector and ``coefficient`` is its weight. ``judge_free`` and ``control`` (a random
+    direction of the same norm and coefficient) hold ``{"trait_effect", "nll_cost", "kl"}``, each
+    ``{"value", "lo", "hi"}`` (see ``tracelens.steering_eval``).
     """
 
     result: JudgeResult
@@ -450,6 +458,8 @@ class SteeringRunRecord:
     eval_judge: str | None = None
     timestamp: str | None = None
     input_hashes: dict[str, str] | None = None
+    judge_free: dict[str, Any] | None = None
+    control: dict[str, Any] | None = None
 
     @property
     def layer(self) -> int:
@@ -482,6 +492,9 @@ class SteeringRunRecord:
         }
         if self.input_hashes is not None:
             d["input_hashes"] = dict(self.input_hashes)
+        for key in ("judge_free", "control"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -492,6 +505,8 @@ class SteeringRunRecord:
             eval_judge=(d.get("eval") or {}).get("trait_judge", d.get("eval_judge")),
             timestamp=d.get("timestamp"),
             input_hashes=d.get("input_hashes"),
+            judge_free=d.get("judge_free"),
+            control=d.get("control"),
         )
 
 
@@ -500,7 +515,8 @@ class SteeringHeader:
     """The first line of ``results.jsonl``: what was steered, with which vectors, judged how.
 
     ``direction`` is "positive" (steer towards the trait) or "negative"; ``vector_source`` is
-    ``{"model", "experiment", "trait"}``; ``eval`` is ``{"model", "method", "trait_judge"}``.
+    ``{"model", "experiment", "trait"}``; ``eval`` is ``{"model", "method", "trait_judge"}`` plus, when
+    measured, the judge's ``validity``. ``n_questions`` search and ``n_report`` report questions.
     """
 
     trait: str
@@ -512,6 +528,9 @@ class SteeringHeader:
     prompts_file: str | None = None
     prompts_hash: str | None = None
     n_questions: int | None = None
+    n_report: int | None = None
+    max_new_tokens: int | None = None
+    n_neutral: int | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -530,13 +549,16 @@ class SteeringResults:
     """A whole ``results.jsonl``: the header, the unsteered baseline and every steered run, in file order.
 
     ``delta(run)`` is the run's trait mean minus the baseline's; ``best_run()`` is the valid run
-    (coherence >= ``min_coherence``) with the largest delta in the header's direction.
+    (coherence >= ``min_coherence``) with the largest delta in the header's direction. ``report`` is the
+    last ``{"type": "report"}`` line: the selected run re-judged on the report questions.
     """
 
     header: SteeringHeader
     baseline: JudgeResult | None = None
     runs: list[SteeringRunRecord] = field(default_factory=list)
     baseline_timestamp: str | None = None
+    baseline_judge_free: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
 
     def delta(self, run: SteeringRunRecord) -> float | None:
         """``run.trait_mean - baseline.trait_mean``; None without a baseline or a trait mean."""
@@ -566,25 +588,31 @@ class SteeringResults:
         """The objects of ``results.jsonl``, one per line: header, baseline (if any), runs."""
         lines = [self.header.to_dict()]
         if self.baseline is not None:
-            lines.append({"type": "baseline", "result": self.baseline.to_dict(), "timestamp": self.baseline_timestamp})
-        return lines + [run.to_dict() for run in self.runs]
+            lines.append({"type": "baseline", "result": self.baseline.to_dict(), "timestamp": self.baseline_timestamp,
+                          **({"judge_free": self.baseline_judge_free} if self.baseline_judge_free else {})})
+        lines += [run.to_dict() for run in self.runs]
+        return lines + ([self.report] if self.report is not None else [])
 
     @classmethod
     def from_jsonl_lines(cls, lines: Iterable[Mapping[str, Any]]) -> SteeringResults:
         """Rebuild from parsed lines. Lines of unknown type are skipped; a later baseline replaces an earlier
         one. Raises ValueError when there is no header."""
-        header, baseline, baseline_ts, runs = None, None, None, []
+        header, baseline, baseline_ts, baseline_jf, runs, report = None, None, None, None, [], None
         for line in lines:
             kind = line.get("type")
             if kind == "header":
                 header = SteeringHeader.from_dict(line)
             elif kind == "baseline":
                 baseline, baseline_ts = JudgeResult.from_dict(line["result"]), line.get("timestamp")
+                baseline_jf = line.get("judge_free")
             elif kind == "run":
                 runs.append(SteeringRunRecord.from_dict(line))
+            elif kind == "report":
+                report = dict(line)
         if header is None:
             raise ValueError('results.jsonl has no {"type": "header"} line; it is not a steering results file.')
-        return cls(header=header, baseline=baseline, runs=runs, baseline_timestamp=baseline_ts)
+        return cls(header=header, baseline=baseline, runs=runs, baseline_timestamp=baseline_ts,
+                   baseline_judge_free=baseline_jf, report=report)
 
     def save(self, path: str | Path) -> None:
         """Write ``results.jsonl`` (one JSON object per line), creating parent folders."""
@@ -603,7 +631,9 @@ class SteeringResults:
             "header": self.header.to_dict(),
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "baseline_timestamp": self.baseline_timestamp,
+            "baseline_judge_free": self.baseline_judge_free,
             "runs": [r.to_dict() for r in self.runs],
+            "report": self.report,
         }
 
     @classmethod
@@ -613,4 +643,6 @@ class SteeringResults:
             baseline=None if d.get("baseline") is None else JudgeResult.from_dict(d["baseline"]),
             runs=[SteeringRunRecord.from_dict(r) for r in d.get("runs", [])],
             baseline_timestamp=d.get("baseline_timestamp"),
+            baseline_judge_free=d.get("baseline_judge_free"),
+            report=d.get("report"),
         )
