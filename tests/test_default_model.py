@@ -53,19 +53,23 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     from tracelens.experiments import Experiment
     from tracelens.extraction import ExtractionConfig, run_extraction
     from tracelens.selection import select_vector
-    from tracelens.steering_eval import SteeringEvalConfig, fit_offline_judge, run_steering_eval
+    from tracelens.judge import offline_judge
+    from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
     exp = Experiment.named("e2e", tmp_path)
     exp.write_config({"instruct": {"model": "default"}}, {"extraction": "instruct"}, use_chat_template=True)
     backend = LocalBackend.from_model(default_model, use_chat_template=True)
     trait = "starter/enthusiasm"
-    config = ExtractionConfig(methods=("probe",), layers="12,15", max_new_tokens=12, limit=10, val_split=0.2)
+    config = ExtractionConfig(methods=("probe",), layers="12,15", max_new_tokens=12, limit=10)
     report = run_extraction(exp, [trait], config, backend=backend)[trait]
-    assert {r["layer"] for r in report["results"]} == {12, 15}
-    judge, validity = fit_offline_judge(exp, trait, "instruct", val_split=0.2)
-    assert 0.0 <= validity <= 1.0
-    results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], search_steps=1, subset=2,
-                                                                      max_new_tokens=12), backend=backend)
-    assert results.baseline.n == 2 and len(results.runs) == 1
+    assert {r["layer"] for r in report["results"]} == {12, 15} and report["splits"] == {"train": 6, "select": 2, "test": 2}
+    judge = offline_judge(trait)
+    validity = judge_validity(judge, exp, trait, "instruct")
+    assert validity["n_pairs"] == 2 and 0.0 <= validity["auroc"]["value"] <= 1.0
+    results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], search_steps=1, n_search=2,
+                                                                      n_report=2, max_new_tokens=12, n_neutral=2),
+                                backend=backend, judge_info={"validity": validity})
+    assert results.baseline.n == 2 and len(results.runs) == 1 and results.header.eval["validity"] == validity
+    assert set(results.runs[0].judge_free) == set(results.runs[0].control) == {"trait_effect", "nll_cost", "kl"}
     chosen = select_vector(exp, trait)
     assert chosen.layer in (12, 15) and chosen.source in ("steering", "evaluation")

@@ -21,7 +21,7 @@ def setup(tmp_path, tiny):
     exp = Experiment.named("mon", tmp_path)
     exp.write_config({"base": {"model": "tiny"}}, {"extraction": "base", "application": "base"})
     backend = LocalBackend.from_model(tiny.model)
-    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3, limit=12, val_split=0.25),
+    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3, limit=12),
                    backend=backend)
     prompts = tmp_path / "mini.json"
     prompts.write_text(json.dumps({"name": "mini", "description": "three prompts",

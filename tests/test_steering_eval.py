@@ -8,6 +8,7 @@ from tracelens.extraction import ExtractionConfig, load_activation_metadata, run
 from tracelens.io import read_jsonl
 from tracelens.selection import select_vector, select_vectors
 from tracelens.steering_eval import SteeringEvalConfig, run_steering_eval
+from tracelens.traits import load_trait
 
 TRAIT = "starter/optimism"
 
@@ -103,3 +104,38 @@ def test_re_extracted_vectors_invalidate_old_steering_runs(extracted):
     folder = exp.steering_results_path(TRAIT, "base", "response[:]").parent
     assert len(list(folder.glob("results.*.stale.jsonl"))) == 1 and len(_runs(exp)) == 6
     assert select_vector(exp, TRAIT).source == "steering"
+
+
+def test_every_run_stores_judge_free_metrics_and_a_random_control_and_the_report_uses_other_questions(extracted):
+    exp, backend = extracted
+    results = run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    for run in results.runs:
+        for block in (run.judge_free, run.control):
+            assert set(block) == {"trait_effect", "nll_cost", "kl"}
+            assert all(m["lo"] <= m["value"] <= m["hi"] for m in block.values())
+        assert run.judge_free != run.control
+    assert set(results.baseline_judge_free) == {"llr", "nll"}
+    report = results.report
+    assert report["config"] == results.best_run().config.to_dict()
+    questions = load_trait(TRAIT).steering.questions
+    assert [e["question"] for e in report["examples"]] == questions[2:4]  # after the 2 search questions
+    assert set(report["trait_delta"]) == {"steered", "control"} and report["n_questions"] == 2
+    for cond in ("unsteered", "steered", "control"):
+        assert report["results"][cond]["n"] == 2
+
+
+def test_a_different_max_new_tokens_starts_a_fresh_results_file(extracted):
+    exp, backend = extracted
+    run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1}),
+                      backend=backend)
+    judge = FixedJudge()
+    run_steering_eval(exp, TRAIT, judge, SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1,
+                                                                "max_new_tokens": 4}), backend=backend)
+    assert judge.calls > 0 and read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))[0]["max_new_tokens"] == 4
+
+
+def test_too_few_questions_for_search_and_report_is_an_error(extracted):
+    exp, backend = extracted
+    with pytest.raises(ValueError, match="n_search=100 leaves 0 for the report"):
+        run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "n_search": 100,
+                                                                           "n_report": None}), backend=backend)

@@ -22,7 +22,7 @@ def extract(args: argparse.Namespace) -> None:
 
     config = ExtractionConfig(
         methods=_csv(args.methods), position=args.position, layers=args.layers, component=args.component,
-        val_split=args.val_split, max_new_tokens=args.max_new_tokens, force=args.force,
+        splits=[float(x) for x in _csv(args.splits)], max_new_tokens=args.max_new_tokens, force=args.force,
     )
     vet_judge = None
     if args.vet:
@@ -37,40 +37,61 @@ def extract(args: argparse.Namespace) -> None:
         response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant, mode="extraction").model)
     reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge,
                              response_backend=response_backend)
+    from tracelens.metrics import Estimate
+
     for trait, report in reports.items():
-        b = report["best"]
-        print(f"{trait}: best {b['method']} layer {b['layer']} held-out accuracy {b['val_accuracy']:.3f} "
-              f"AUROC {b['val_auroc']:.3f}")
+        chosen = report["selected"]
+        row = next(r for r in report["results"] if (r["method"], r["layer"]) == (chosen["method"], chosen["layer"]))
+        band = report["chance"]["layers"][str(row["layer"])]["auroc"]
+        print(f"{trait}: selected {row['method']} layer {row['layer']} (select AUROC {row['select']['auroc']:.3f}); "
+              f"test AUROC {Estimate.from_dict(row['test']['auroc']):.3f}, accuracy "
+              f"{Estimate.from_dict(row['test']['accuracy']):.3f}; random directions {band['lo']:.3f}-{band['hi']:.3f}"
+              f"{'' if row['above_chance'] else ' (NOT above chance)'}")
 
 
 def steer(args: argparse.Namespace) -> None:
     from tracelens.experiments import get_model_variant
-    from tracelens.steering_eval import SteeringEvalConfig, fit_offline_judge, run_steering_eval
+    from tracelens.judge import OpenAIJudge, offline_judge
+    from tracelens.metrics import Estimate
+    from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
+    config = SteeringEvalConfig(
+        layers=args.layers, method=args.method, position=args.position, component=args.component,
+        coefficients=[float(c) for c in _csv(args.coefficients)] if args.coefficients else None,
+        search_steps=args.search_steps, n_search=args.n_search, n_report=args.n_report,
+        max_new_tokens=args.max_new_tokens, direction=args.direction, n_neutral=args.n_neutral,
+    )
+    variant = get_model_variant(args.experiment, args.variant, mode="extraction").name
     for trait in _csv(args.traits):
-        if args.judge == "offline":
-            variant = get_model_variant(args.experiment, args.variant, mode="extraction").name
-            judge, validity = fit_offline_judge(args.experiment, trait, variant)
-            print(f"{trait}: offline judge validity (held-out AUROC) {validity:.3f}")
-        else:
-            from tracelens.judge import OpenAIJudge
-
-            judge = OpenAIJudge(args.judge_url, model=args.judge_model)
-        config = SteeringEvalConfig(
-            layers=args.layers, method=args.method, position=args.position, component=args.component,
-            coefficients=[float(c) for c in _csv(args.coefficients)] if args.coefficients else None,
-            search_steps=args.search_steps, subset=args.subset, max_new_tokens=args.max_new_tokens,
-            direction=args.direction,
-        )
-        results = run_steering_eval(args.experiment, trait, judge, config, variant=args.variant)
-        best = results.best_run()
+        judge = offline_judge(trait) if args.judge == "offline" else OpenAIJudge(args.judge_url, model=args.judge_model)
+        validity = judge_validity(judge, args.experiment, trait, variant, args.position, args.component)
+        print(f"{trait}: judge {judge.name}: validity on the unseen test-split answers AUROC "
+              f"{Estimate.from_dict(validity['auroc']):.3f}")
+        results = run_steering_eval(args.experiment, trait, judge, config, variant=args.variant,
+                                    judge_info={"validity": validity})
         base = results.baseline
-        print(f"{trait}: baseline trait {base.trait_mean} coherence {base.coherence_mean}")
-        if best is None:
-            print(f"{trait}: no run kept coherence >= threshold")
+        print(f"{trait}: baseline (search questions) trait {base.trait_mean} coherence {base.coherence_mean}")
+        for run in results.runs:
+            jf, ctl = run.judge_free, run.control
+            print(f"  layer {run.layer} coef {run.coefficient:.1f}: trait {run.result.trait_mean} coherence "
+                  f"{run.result.coherence_mean}; trait effect {Estimate.from_dict(jf['trait_effect']):.3f} "
+                  f"(control {Estimate.from_dict(ctl['trait_effect']):.3f}), NLL cost "
+                  f"{Estimate.from_dict(jf['nll_cost']):.3f} (control {Estimate.from_dict(ctl['nll_cost']):.3f}) nats/token")
+        r = results.report
+        if r is None:
+            print(f"{trait}: no run kept coherence >= {config.min_coherence}: nothing reported")
         else:
-            print(f"{trait}: best layer {best.layer} coef {best.coefficient} trait {best.result.trait_mean} "
-                  f"(delta {results.delta(best):+.1f}) coherence {best.result.coherence_mean}")
+            v = r["config"]["vectors"][0]
+            print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.1f}, on {r['n_questions']} report "
+                  f"questions: trait delta {Estimate.from_dict(r['trait_delta']['steered']):.1f} vs random control "
+                  f"{Estimate.from_dict(r['trait_delta']['control']):.1f}")
+
+
+def report(args: argparse.Namespace) -> None:
+    from tracelens.report import write_report
+
+    traits = _csv(args.traits) if args.traits else None
+    print(f"wrote {write_report(args.experiment, traits, args.output, variant=args.variant)}")
 
 
 def monitor(args: argparse.Namespace) -> None:
@@ -128,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position", default=None, help="position DSL, e.g. 'response[:]' (default by model type)")
     p.add_argument("--layers", default="all", help="all | 30%%-60%% | 0-20:5 | 3,5,7")
     p.add_argument("--component", default="residual")
-    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--splits", default="0.6,0.2,0.2",
+                   help="train,select,test fractions of the questions (answers of one question stay together)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--force", action="store_true", help="recompute every stage")
     p.add_argument("--backend", choices=["local", "vllm"], default="local",
@@ -138,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=extract)
 
-    p = sub.add_parser("steer", help="baseline + adaptive coefficient search, judged")
+    p = sub.add_parser("steer", help="coefficient search (judged, judge-free metrics, random control), then a report "
+                                     "on disjoint questions")
     p.add_argument("--experiment", required=True)
     p.add_argument("--traits", required=True)
     p.add_argument("--variant", default=None)
@@ -148,13 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component", default="residual")
     p.add_argument("--coefficients", default=None, help="explicit coefficients (no search), e.g. 50,100")
     p.add_argument("--search-steps", type=int, default=5)
-    p.add_argument("--subset", type=int, default=5, help="steering questions used")
+    p.add_argument("--n-search", type=int, default=8, help="the first N steering questions drive the search")
+    p.add_argument("--n-report", type=int, default=None,
+                   help="how many of the remaining questions report the selected run (default: all)")
+    p.add_argument("--n-neutral", type=int, default=16, help="neutral prompts for the coherence cost")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--direction", choices=["positive", "negative"], default=None)
     p.add_argument("--judge", choices=["offline", "openai"], default="offline")
     p.add_argument("--judge-url", default="https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=steer)
+
+    p = sub.add_parser("report", help="render an experiment's stored results as Markdown (e.g. docs/results.md)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--traits", default=None, help="default: every trait with an evaluation")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--output", required=True, help="the Markdown file to write")
+    p.set_defaults(func=report)
 
     p = sub.add_parser("monitor", help="per-token projections of a prompt set's responses onto selected vectors")
     p.add_argument("--experiment", required=True)
