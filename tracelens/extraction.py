@@ -21,7 +21,9 @@ Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import sys
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -284,10 +286,12 @@ def fit_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionCon
     for name in methods:
         kwargs = config.method_kwargs.get(name, {})
         out = exp.vectors_dir(trait, variant, config.position, config.component, name)
-        hashes[name] = input_hash = _hash("vectors", activations_hash, name, kwargs, layers)
+        method = get_method(name)
+        # The method's source is part of the key: a changed algorithm never reuses old vectors.
+        hashes[name] = input_hash = _hash("vectors", activations_hash, name, kwargs, layers,
+                                          inspect.getsource(sys.modules[type(method).__module__]))
         if _up_to_date(out / "metadata.json", input_hash, config.force):
             continue
-        method = get_method(name)
         per_layer = {}
         for layer in tqdm(layers, desc=f"{trait} {name}", leave=False):
             # Only the train split is shown to a method (methods that tune hyper-parameters split their
