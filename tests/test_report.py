@@ -59,6 +59,10 @@ def _rows(md: str, heading: str) -> list[list[str]]:
     return table[2:]
 
 
+def _selected_row(ev: dict) -> dict:
+    return next(r for r in ev["results"] if (r["method"], r["layer"]) == (ev["selected"]["method"], ev["selected"]["layer"]))
+
+
 def _ci(cell: str) -> dict:
     value, lo, hi = map(float, CI.fullmatch(cell).groups())
     return {"value": value, "lo": lo, "hi": hi}
@@ -132,13 +136,18 @@ def test_report_is_byte_identical_and_written_atomically(built, tmp_path, monkey
 def test_report_follows_edited_artifacts_and_derives_its_caveats(built, tmp_path):
     exp = _copy(built, tmp_path)
     ev = read_json(_evaluation_path(exp))
-    sel = next(r for r in ev["results"] if (r["method"], r["layer"]) == (ev["selected"]["method"], ev["selected"]["layer"]))
+    sel = _selected_row(ev)
     sel["test"]["auroc"] = {"value": 0.6123, "lo": 0.4567, "hi": 0.7012}
     sel["above_chance"] = False
+    control = next(r for r in ev["results"] if r["method"] == "random_baseline" and r["layer"] == 1)
+    control["above_chance"] = True
     write_json(_evaluation_path(exp), ev)
     lines = read_jsonl(_results_path(exp))
+    lines[0]["eval"]["validity"] = {"auroc": {"value": 0.61, "lo": 0.45, "hi": 0.77}, "n_pairs": 11,
+                                    "data": "test split"}
     report = next(l for l in lines if l["type"] == "report")
-    report["trait_delta"] = {"steered": {"value": 1.5, "lo": -0.5, "hi": 3.0}, "control": {"value": 2.0, "lo": 1.0, "hi": 4.0}}
+    report["trait_delta"] = {"steered": {"value": 1.5, "lo": -0.5, "hi": 3.0},
+                             "control": {"value": 2.0, "lo": 1.0, "hi": 4.0}}
     report["examples"][0]["steered"] = "**bold** | <b>x</b> [link](http://a) " + "y" * 300
     _results_path(exp).write_text("".join(json.dumps(l) + "\n" for l in lines))
     md = render_report(exp)
@@ -146,12 +155,26 @@ def test_report_follows_edited_artifacts_and_derives_its_caveats(built, tmp_path
     assert "does not clear the chance band's top" in md
     assert "steered trait delta on report questions (1.5 [-0.5, 3.0]) includes 0" in md
     assert "overlaps the random control's (2.0 [1.0, 4.0])" in md
+    assert "`random_baseline` is above chance at 1 layer(s) (1)" in md
+    assert "validity: AUROC 0.6100 [0.4500, 0.7700] on 11 pairs (test split)" in md
+    assert "The judge's validity AUROC interval (0.6100 [0.4500, 0.7700]) reaches 0.5" in md
     [steered] = [l for l in md.splitlines() if l.startswith("  - steered: \\*\\*bold")]
     assert steered.startswith("  - steered: \\*\\*bold\\*\\* \\| \\<b\\>x\\</b\\> \\[link\\](http://a) y")
     assert steered.endswith("y…") and steered.count("y") == 200 - len("**bold** | <b>x</b> [link](http://a) ")
-    # the original fixture's numbers give none of these caveats
-    original = render_report(built)
-    assert "does not clear the chance band" not in original and "includes 0: the judge" not in original
+    # on the original artifacts each caveat appears exactly when their numbers call for it
+    original, ev = render_report(built), read_json(_evaluation_path(built))
+    report = next(l for l in read_jsonl(_results_path(built)) if l["type"] == "report")
+    steered, control = report["trait_delta"]["steered"], report["trait_delta"]["control"]
+    sel = _selected_row(ev)
+    expected = {
+        "does not clear the chance band": not sel["above_chance"],
+        "includes 0: the judge": steered["lo"] <= 0 <= steered["hi"],
+        "overlaps the random control's (": steered["lo"] <= control["hi"] and control["lo"] <= steered["hi"],
+        "`random_baseline` is above chance": any(r["above_chance"] for r in ev["results"]
+                                                 if r["method"] == "random_baseline"),
+        "The judge's validity was not measured": True,
+    }
+    assert {c: c in original for c in expected} == expected
 
 
 def test_extraction_only_experiment(built, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tracelens.experiments import Experiment, get_model_variant
+from tracelens.experiments import Experiment, check_name, get_model_variant
 from tracelens.extraction import ALWAYS_EVALUATED
 from tracelens.io import read_json, read_jsonl, write_bytes
 from tracelens.metrics import Estimate
@@ -89,13 +89,23 @@ def write_report(experiment: str | Experiment, traits: Sequence[str] | None, pat
 
 def _traits_with_results(exp: Experiment, ex_variant: str, st_variant: str) -> list[str]:
     """``category/name`` of every trait with an evaluation file or a steering results file, sorted."""
+    def folders(root: Path) -> list[str]:  # skips what is no trait name, e.g. steering/_reference
+        return [p.name for p in sorted(root.iterdir()) if p.is_dir() and _is_name(p.name)] if root.is_dir() else []
+
     def two_level(root: Path) -> list[str]:
-        return [f"{c.name}/{n.name}" for c in sorted(root.iterdir()) if c.is_dir() and not c.name.startswith("_")
-                for n in sorted(c.iterdir()) if n.is_dir()] if root.is_dir() else []
+        return [f"{c}/{n}" for c in folders(root) for n in folders(root / c)]
 
     found = {t for t in two_level(exp.stage_root("extraction")) if exp.evaluation_paths(t, ex_variant)}
     found |= {t for t in two_level(exp.stage_root("steering")) if exp.steering_results_paths(t, st_variant)}
     return sorted(found)
+
+
+def _is_name(name: str) -> bool:
+    try:
+        check_name(name, "folder")
+    except ValueError:
+        return False
+    return True
 
 
 # --- formatting -------------------------------------------------------------------------------------------
@@ -184,7 +194,8 @@ def _extraction_section(exp: Experiment, trait: str, variant: str, ev: dict) -> 
             table.append([str(layer), _ci(test["auroc"]), _ci(test["accuracy"]),
                           f"[{b['auroc']['lo']:.4f}, {b['auroc']['hi']:.4f}]",
                           f"[{b['accuracy']['lo']:.4f}, {b['accuracy']['hi']:.4f}]",
-                          _num(r["select"]["auroc"]), "yes" if r["above_chance"] else "no", "selected" if is_sel else ""])
+                          _num(r["select"]["auroc"]), "yes" if r["above_chance"] else "no",
+                          "selected" if is_sel else ""])
         out += [f"**`{method}`** (test split)", ""]
         out += _table(["layer", "test AUROC [95% CI]", "test accuracy [95% CI]", f"chance AUROC ({pct} pct)",
                        f"chance accuracy ({pct} pct)", "select AUROC", "above chance", ""], table)

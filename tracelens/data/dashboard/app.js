@@ -262,9 +262,11 @@ function steeringChart(res) {
   const xr = [Math.min(...te), Math.max(...te)], yr = [Math.min(...nc), Math.max(...nc)];
   const f = (v) => v.toPrecision(2);
   const p = plot("steering-chart", { "data-position": res.position_dir }, xr, yr,
-    { x: "trait effect (nats/token)", y: "NLL cost (nats/token)" }, { x: [...xr, 0], y: [...yr, 0], fmt: { x: f, y: f } });
-  p.svg.appendChild(svgEl("line", { x1: p.x(0), x2: p.x(0), y1: p.y(p.y0), y2: p.y(p.y1), stroke: "#999", "stroke-dasharray": "2,2" }));
-  p.svg.appendChild(svgEl("line", { x1: p.x(p.x0), x2: p.x(p.x1), y1: p.y(0), y2: p.y(0), stroke: "#999", "stroke-dasharray": "2,2" }));
+    { x: "trait effect (nats/token)", y: "NLL cost (nats/token)" },
+    { x: [...xr, 0], y: [...yr, 0], fmt: { x: f, y: f } });
+  const dashed = { stroke: "#999", "stroke-dasharray": "2,2" };
+  p.svg.appendChild(svgEl("line", { x1: p.x(0), x2: p.x(0), y1: p.y(p.y0), y2: p.y(p.y1), ...dashed }));
+  p.svg.appendChild(svgEl("line", { x1: p.x(p.x0), x2: p.x(p.x1), y1: p.y(0), y2: p.y(0), ...dashed }));
   for (const r of res.runs) {
     for (const [cls, key, color] of kinds) {
       const m = r[key];
