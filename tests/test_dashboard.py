@@ -85,6 +85,51 @@ def test_dims_for_mode():
 # --- fixtures -----------------------------------------------------------------------------------------
 
 
+def _est(value: float, lo: float, hi: float) -> dict:
+    return {"value": value, "lo": lo, "hi": hi}
+
+
+# (method, layer, test AUROC, its interval, above chance): the chance band is [0.3, 0.7] at layer 1, [0.35, 0.75] at 2
+AUROCS = [("probe", 1, 0.8, 0.72, 0.88, True), ("probe", 2, 0.9, 0.8, 0.95, True),
+          ("mean_diff", 1, 0.7, 0.55, 0.8, False), ("mean_diff", 2, 0.6, 0.5, 0.7, False)]
+EVALUATION = {
+    "trait": JOY, "position": "response[:5]", "component": "residual",
+    "splits": {"train": 30, "select": 10, "test": 10},
+    "bootstrap": {"n_resamples": 1000, "level": 0.95, "unit": "test question", "seed": 0},
+    "chance": {"n_directions": 20, "percentiles": [5.0, 95.0], "layers": {
+        "1": {"auroc": {"lo": 0.3, "median": 0.5, "hi": 0.7}, "accuracy": {"lo": 0.4, "median": 0.5, "hi": 0.6}},
+        "2": {"auroc": {"lo": 0.35, "median": 0.5, "hi": 0.75}, "accuracy": {"lo": 0.42, "median": 0.5, "hi": 0.58}}}},
+    "results": [{"method": m, "layer": l, "threshold": 0.1,
+                 "select": {"auroc": v - 0.05, "accuracy": v - 0.1, "effect_size": 1.0},
+                 "test": {"auroc": _est(v, lo, hi), "accuracy": _est(v - 0.1, lo - 0.1, hi - 0.1),
+                          "effect_size": _est(1.2, 0.8, 1.6)}, "above_chance": above}
+                for m, l, v, lo, hi, above in AUROCS],
+    "selected": {"method": "probe", "layer": 2, "by": "select auroc"},
+    "input_hash": "0123456789abcdef",
+}
+HEADER = SteeringHeader(JOY, eval={"model": "fixed", "method": "judge",
+                                   "validity": {"auroc": _est(0.85, 0.7, 0.95), "n_pairs": 10, "data": "test split"}})
+# (layer, coefficient, judge trait, judge coherence, trait effect, NLL cost, control trait effect, control NLL cost)
+STEERING = [(2, 4.0, 60.0, 85.0, 0.3, 0.2, 0.01, 0.15), (2, 2.0, 40.0, 90.0, 0.15, 0.08, -0.02, 0.05),
+            (3, 2.0, 30.0, 88.0, 0.1, 0.05, 0.0, 0.04)]
+RUNS = [SteeringRunRecord(JudgeResult(trait_mean=t, coherence_mean=c, n=5),
+                          ProjectionConfig.single(layer, "residual", "response[:5]", "probe", coef),
+                          judge_free={"trait_effect": _est(te, te - 0.05, te + 0.05),
+                                      "nll_cost": _est(nll, nll - 0.02, nll + 0.02), "kl": _est(nll / 2, nll / 3, nll)},
+                          control={"trait_effect": _est(cte, cte - 0.04, cte + 0.04),
+                                   "nll_cost": _est(cnll, cnll - 0.01, cnll + 0.01), "kl": _est(0.01, 0.0, 0.02)})
+        for layer, coef, t, c, te, nll, cte, cnll in STEERING]
+REPORT = {"type": "report", "config": RUNS[0].config.to_dict(), "n_questions": 4,
+          "results": {k: JudgeResult(trait_mean=v, coherence_mean=88.0, n=4).to_dict()
+                      for k, v in (("unsteered", 20.0), ("steered", 55.0), ("control", 22.0))},
+          "trait": {"unsteered": _est(20.0, 15.0, 25.0), "steered": _est(55.0, 45.0, 65.0),
+                    "control": _est(22.0, 17.0, 27.0)},
+          "coherence": {k: _est(88.0, 85.0, 91.0) for k in ("unsteered", "steered", "control")},
+          "trait_delta": {"steered": _est(35.0, 25.0, 45.0), "control": _est(2.0, -3.0, 7.0)},
+          "coherence_delta": {"steered": _est(0.0, -2.0, 2.0), "control": _est(0.0, -1.0, 1.0)},
+          "examples": [{"question": "How?", "unsteered": "Fine.", "steered": "Great!", "control": "Fine?"}]}
+
+
 def _write_experiment(root: Path) -> Experiment:
     exp = Experiment.named("exp", root)
     exp.write_config({VARIANT: {"model": "default", "lora": None}}, defaults={"application": VARIANT})
@@ -99,16 +144,10 @@ def _write_experiment(root: Path) -> Experiment:
         write_json(exp.projection_path(VARIANT, trait, PROMPT_SET, 0), record)
     # a second prompt whose projections were never written
     write_json(exp.inference_response_path(VARIANT, PROMPT_SET, 1), response.to_dict())
-    rows = [{"method": m, "layer": l, "val_accuracy": acc, "val_auroc": acc, "effect_size": 1.0,
-             "polarity_correct": True}
-            for m, base in (("probe", 0.8), ("mean_diff", 0.7)) for l, acc in ((1, base), (2, base + 0.1))]
-    write_json(exp.evaluation_path(JOY, VARIANT, "response[:5]", "residual"),
-               {"trait": JOY, "results": rows, "best": rows[1]})
-    runs = [SteeringRunRecord(JudgeResult(trait_mean=t, coherence_mean=c, n=5),
-                              ProjectionConfig.single(layer, "residual", "response[:5]", "probe", coef))
-            for layer, coef, t, c in ((2, 4.0, 60.0, 85.0), (2, 2.0, 40.0, 90.0), (3, 2.0, 30.0, 88.0))]
-    SteeringResults(SteeringHeader(JOY), JudgeResult(trait_mean=20.0, coherence_mean=92.0, n=5), runs).save(
-        exp.steering_results_path(JOY, VARIANT, "response[:5]"))
+    write_json(exp.evaluation_path(JOY, VARIANT, "response[:5]", "residual"), EVALUATION)
+    SteeringResults(HEADER, JudgeResult(trait_mean=20.0, coherence_mean=92.0, n=5), RUNS,
+                    baseline_judge_free={"llr": _est(0.1, 0.05, 0.15), "nll": _est(2.0, 1.9, 2.1)},
+                    report=REPORT).save(exp.steering_results_path(JOY, VARIANT, "response[:5]"))
     return exp
 
 
@@ -233,14 +272,26 @@ def test_corrupt_file_is_a_json_error_without_traceback(server):
 
 def test_extraction_and_steering_results(server):
     [ev] = _json(server, f"/api/extraction?variant={VARIANT}&trait={JOY}")["evaluations"]
-    assert (ev["position_dir"], ev["component"], ev["methods"], ev["layers"]) == (
-        "response__5", "residual", ["mean_diff", "probe"], [1, 2])
-    assert {(r["method"], r["layer"]): r["val_accuracy"] for r in ev["results"]} == pytest.approx(
-        {("probe", 1): 0.8, ("probe", 2): 0.9, ("mean_diff", 1): 0.7, ("mean_diff", 2): 0.8})
+    assert (ev["position_dir"], ev["position"], ev["component"], ev["methods"], ev["layers"]) == (
+        "response__5", "response[:5]", "residual", ["mean_diff", "probe"], [1, 2])
+    assert {k: ev[k] for k in ("splits", "chance", "results", "selected")} == {
+        k: EVALUATION[k] for k in ("splits", "chance", "results", "selected")}
     [res] = _json(server, f"/api/steering?variant={VARIANT}&trait={JOY}")["results"]
     assert res["position_dir"] == "response__5" and res["baseline"]["trait_mean"] == 20.0
-    assert [(s["layer"], [(p["coefficient"], p["trait_mean"], p["coherence_mean"]) for p in s["points"]])
-            for s in res["series"]] == [(2, [(2.0, 40.0, 90.0), (4.0, 60.0, 85.0)]), (3, [(2.0, 30.0, 88.0)])]
+    assert res["judge"] == HEADER.eval and res["report"] == REPORT
+    assert res["baseline_judge_free"]["nll"] == _est(2.0, 1.9, 2.1)
+    assert [(r["layer"], r["coefficient"], r["trait_mean"], r["selected"]) for r in res["runs"]] == [
+        (2, 2.0, 40.0, False), (2, 4.0, 60.0, True), (3, 2.0, 30.0, False)]  # sorted by layer, coefficient
+    assert [r["judge_free"] for r in res["runs"]] == [RUNS[i].judge_free for i in (1, 0, 2)]
+    assert [r["control"] for r in res["runs"]] == [RUNS[i].control for i in (1, 0, 2)]
+
+
+def test_old_evaluation_format_is_a_clear_error(server):
+    exp = server.RequestHandlerClass.data.exp
+    write_json(exp.evaluation_path(JOY, VARIANT, "response[:5]", "residual"),
+               {"trait": JOY, "results": [], "best": None})
+    data = _json(server, f"/api/extraction?variant={VARIANT}&trait={JOY}", 500)
+    assert "has no splits, chance, selected (an older format)" in data["error"]
 
 
 def test_page_is_served_with_a_restrictive_csp(server):
@@ -255,6 +306,50 @@ def test_page_is_served_with_a_restrictive_csp(server):
 
 def _points(page) -> list[str]:
     return page.get_attribute(f'#trajectory polyline[data-trait="{JOY}"]', "points").split()
+
+
+def _data(page, selector: str) -> list[dict]:
+    """The data-* attributes of every element matching ``selector``, numbers parsed."""
+    rows = page.eval_on_selector_all(selector, "els => els.map(e => ({...e.dataset}))")
+    return [{k: v if v in ("true", "false") else json.loads(v) for k, v in r.items()} for r in rows]
+
+
+def _check_extraction_charts(page) -> None:
+    for method in ("probe", "mean_diff"):
+        chart = f'svg.auroc-chart[data-method="{method}"]'
+        points = _data(page, f"{chart} circle.point")
+        want = [r for r in EVALUATION["results"] if r["method"] == method]
+        assert [(p["layer"], p["auroc"], p["lo"], p["hi"], p["aboveChance"]) for p in points] == [
+            (r["layer"], r["test"]["auroc"]["value"], r["test"]["auroc"]["lo"], r["test"]["auroc"]["hi"],
+             str(r["above_chance"]).lower()) for r in want]
+        band = EVALUATION["chance"]["layers"]
+        [chance] = _data(page, f"{chart} polygon.chance")
+        assert chance == {"layers": [1, 2], "lo": [band["1"]["auroc"]["lo"], band["2"]["auroc"]["lo"]],
+                          "hi": [band["1"]["auroc"]["hi"], band["2"]["auroc"]["hi"]]}
+        assert [(p["chanceLo"], p["chanceHi"]) for p in points] == [
+            (band[k]["auroc"]["lo"], band[k]["auroc"]["hi"]) for k in ("1", "2")]
+        assert page.locator(f"{chart} polyline.auroc").count() == 1
+        assert page.locator(f"{chart} polygon.interval").count() == 1
+    assert _data(page, "svg.auroc-chart line.selected") == [{"layer": 2}]  # probe's chart only
+    assert page.locator('svg.auroc-chart[data-method="probe"] line.selected').count() == 1
+    assert "0.9000 [0.8000, 0.9500]" in page.locator("table.extraction").text_content()
+
+
+def _check_steering_chart(page) -> None:
+    chart = 'svg.steering-chart[data-position="response__5"]'
+    order = (1, 0, 2)  # runs are drawn sorted by layer, coefficient
+    for kind, key in (("run", "judge_free"), ("control", "control")):
+        points = _data(page, f"{chart} g.{kind} circle")
+        assert [(p["layer"], p["coefficient"], p["selected"]) for p in points] == [
+            (RUNS[i].layer, RUNS[i].coefficient, str(i == 0).lower()) for i in order]
+        for p, i in zip(points, order):
+            te, nll = getattr(RUNS[i], key)["trait_effect"], getattr(RUNS[i], key)["nll_cost"]
+            assert (p["traitEffect"], p["teLo"], p["teHi"]) == (te["value"], te["lo"], te["hi"])
+            assert (p["nllCost"], p["nllLo"], p["nllHi"]) == (nll["value"], nll["lo"], nll["hi"])
+        assert page.locator(f"{chart} g.{kind} line").count() == 2 * len(RUNS)  # x and y error bars
+    cells = page.locator("table.steering").text_content()
+    assert "0.3000 [0.2500, 0.3500]" in cells and "0.0100 [-0.0300, 0.0500]" in cells
+    assert "trait delta steered 35.0 [25.0, 45.0], control 2.0 [-3.0, 7.0]" in page.locator("#steering").text_content()
 
 
 def test_page_in_headless_chromium(server, tmp_path):
@@ -300,6 +395,8 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.wait_for_function("() => document.querySelectorAll('#trajectory polyline').length === 2", timeout=10000)
             page.wait_for_selector("table.extraction td", timeout=10000)
             page.wait_for_selector("table.steering td", timeout=10000)
+            _check_extraction_charts(page)
+            _check_steering_chart(page)
             assert not page.locator("#error").text_content().strip()
             assert errors == [], errors
             for shot in shots:

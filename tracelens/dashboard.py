@@ -10,9 +10,13 @@ vanilla JS and inline SVG, in ``tracelens/data/dashboard/``) calls a JSON API:
 - ``GET /api/projections?variant=V&prompt_set=S&prompt_id=I&trait=T[&trait=T2...]&clean=none|top5-3layers|all``
   -> ``{tokens, prompt_end, clean, traits: {T: [{method, layer, prompt, response, dims_removed}]}, errors: {T: msg}}``
   (scores cleaned server-side with ``tracelens.cleaning.clean_scores``, rounded to 4 decimals)
-- ``GET /api/extraction?variant=V&trait=T`` -> ``{evaluations: [{position_dir, component, methods, layers, results, best}]}``
-- ``GET /api/steering?variant=V&trait=T`` -> ``{results: [{position_dir, direction, baseline, series: [{layer,
-  method, component, points: [{coefficient, trait_mean, coherence_mean, n}]}]}]}``
+- ``GET /api/extraction?variant=V&trait=T`` -> ``{evaluations: [{position_dir, position, component, methods, layers,
+  splits, chance, results, selected}]}`` (``chance``, ``results`` and ``selected`` as in the evaluation file:
+  test AUROC / accuracy ``{value, lo, hi}`` per method x layer, the random directions' 5th-95th percentile band)
+- ``GET /api/steering?variant=V&trait=T`` -> ``{results: [{position_dir, direction, judge, baseline,
+  baseline_judge_free, runs: [{layer, method, component, coefficient, trait_mean, coherence_mean, n, judge_free,
+  control, selected}], report}]}`` (``judge_free`` / ``control``: trait effect, NLL cost and KL in nats/token,
+  each ``{value, lo, hi}``; ``report`` is the selected run on the report questions, or null)
 
 It only reads what the pipeline wrote, and every file path comes from ``tracelens.experiments``. Names from the
 browser are checked there (letters, digits, ``. _ -``; ``category/name`` for traits); the final path is resolved
@@ -43,6 +47,9 @@ _STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("ind
            "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
         "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+_EVALUATION_KEYS = ("splits", "chance", "results", "selected")  # what the extraction view draws
 
 
 class ApiError(Exception):
@@ -205,17 +212,22 @@ class DashboardData:
         files = [p.resolve() for p in self.exp.evaluation_paths(trait, variant)]
         if not files:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no extraction evaluation for {trait!r} ({variant}); "
-                           "run extraction with a validation split")
+                           "run extraction first")
         evaluations = []
         for path in files:
             if not path.is_relative_to(self.base):
                 continue
             report = self._read(path, "evaluation")
-            rows = report.get("results", []) if isinstance(report, dict) else []
-            evaluations.append({"position_dir": path.parent.name, "component": path.stem,
-                                "methods": sorted({r["method"] for r in rows}),
+            missing = [k for k in _EVALUATION_KEYS if not isinstance(report, dict) or k not in report]
+            if missing:
+                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               f"evaluation {path.relative_to(self.base)} has no {', '.join(missing)} (an older "
+                               "format); re-run extraction with --force")
+            rows = report["results"]
+            evaluations.append({"position_dir": path.parent.name, "position": report.get("position"),
+                                "component": path.stem, "methods": sorted({r["method"] for r in rows}),
                                 "layers": sorted({int(r["layer"]) for r in rows}),
-                                "results": rows, "best": report.get("best")})
+                                **{k: report[k] for k in _EVALUATION_KEYS}})
         return {"trait": trait, "evaluations": evaluations}
 
     def steering(self, variant: str, trait: str) -> dict:
@@ -229,16 +241,15 @@ class DashboardData:
                 results = SteeringResults.from_jsonl_lines(read_jsonl(path))
             except (ValueError, KeyError, TypeError) as err:
                 raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read steering results: {err}") from None
-            series: dict[tuple, list] = {}
-            for run in results.runs:
-                series.setdefault((run.layer, run.method, run.component), []).append(
-                    {"coefficient": run.coefficient, "trait_mean": run.result.trait_mean,
-                     "coherence_mean": run.result.coherence_mean, "n": run.result.n})
+            selected = results.report["config"] if results.report else None
+            runs = [{"layer": r.layer, "method": r.method, "component": r.component, "coefficient": r.coefficient,
+                     "trait_mean": r.result.trait_mean, "coherence_mean": r.result.coherence_mean, "n": r.result.n,
+                     "judge_free": r.judge_free, "control": r.control, "selected": r.config.to_dict() == selected}
+                    for r in sorted(results.runs, key=lambda r: (r.method, r.layer, r.coefficient))]
             out.append({"position_dir": position_dir, "direction": results.header.direction,
+                        "judge": results.header.eval,
                         "baseline": None if results.baseline is None else results.baseline.to_dict(),
-                        "series": [{"layer": l, "method": m, "component": c,
-                                    "points": sorted(pts, key=lambda p: p["coefficient"])}
-                                   for (l, m, c), pts in sorted(series.items())]})
+                        "baseline_judge_free": results.baseline_judge_free, "runs": runs, "report": results.report})
         if not out:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no steering results for {trait!r} ({variant}); run steering first")
         return {"trait": trait, "results": out}

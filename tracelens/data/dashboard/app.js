@@ -139,7 +139,92 @@ async function draw() {
   });
 }
 
-function heat(v) { return `rgba(44,160,44,${Math.max(0, Math.min(1, (v - 0.5) * 2)) * 0.7})`; }
+const fmt = (v, d = 4) => (v === null || v === undefined ? "" : Number(v).toFixed(d));
+const fmtCI = (e, d = 4) => (e ? `${fmt(e.value, d)} [${fmt(e.lo, d)}, ${fmt(e.hi, d)}]` : "");
+
+function svgText(svg, x, y, str, attrs) {
+  const t = svgEl("text", { x, y, "font-size": 10, fill: "#555", ...attrs });
+  t.textContent = str;
+  svg.appendChild(t);
+  return t;
+}
+
+// A framed plot: x(v) and y(v) map data to pixels; ticks at the given values, labelled with `tick`.
+function plot(cls, attrs, xr, yr, labels, ticks) {
+  const W = 460, H = 270, L = 56, R = 16, T = 14, B = 42;
+  const widen = ([lo, hi]) => (hi > lo ? [lo, hi] : [lo - 1, hi + 1]);
+  const [x0, x1] = widen(xr), [y0, y1] = widen(yr);
+  const x = (v) => L + ((v - x0) * (W - L - R)) / (x1 - x0);
+  const y = (v) => H - B - ((v - y0) * (H - T - B)) / (y1 - y0);
+  const svg = svgEl("svg", { width: W, height: H, class: cls, ...attrs });
+  svg.appendChild(svgEl("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#ccc" }));
+  for (const v of ticks.x) svgText(svg, x(v), H - B + 14, ticks.fmt.x(v), { "text-anchor": "middle" });
+  for (const v of ticks.y) svgText(svg, L - 4, y(v) + 3, ticks.fmt.y(v), { "text-anchor": "end" });
+  svgText(svg, (L + W - R) / 2, H - 6, labels.x, { "text-anchor": "middle" });
+  const my = (T + H - B) / 2;
+  svgText(svg, 12, my, labels.y, { "text-anchor": "middle", transform: `rotate(-90 12 ${my})` });
+  return { svg, x, y, x0, x1, y0, y1 };
+}
+
+function title(node, text) {
+  const t = svgEl("title");
+  t.textContent = text;
+  node.appendChild(t);
+  return node;
+}
+
+// Test AUROC by layer for one method: the chance band (grey), the 95% interval (shaded) and the value (line);
+// filled points are above chance, the dashed line marks the selected layer.
+function aurocChart(ev, method, color) {
+  const rows = ev.results.filter((r) => r.method === method).sort((a, b) => a.layer - b.layer);
+  const layers = rows.map((r) => Number(r.layer));
+  const band = (l) => ev.chance.layers[String(l)].auroc;
+  const step = Math.max(1, Math.ceil(layers.length / 12));
+  const p = plot("auroc-chart", { "data-method": method, "data-position": ev.position_dir, "data-component": ev.component },
+    [Math.min(...layers), Math.max(...layers)], [0, 1], { x: "layer", y: `${method}: test AUROC` },
+    { x: layers.filter((_, i) => i % step === 0), y: [0, 0.5, 1], fmt: { x: String, y: (v) => v.toFixed(1) } });
+  const area = (lo, hi) => layers.map((l, i) => `${p.x(l).toFixed(1)},${p.y(lo(l, i)).toFixed(1)}`)
+    .concat(layers.map((l, i) => [l, i]).reverse().map(([l, i]) => `${p.x(l).toFixed(1)},${p.y(hi(l, i)).toFixed(1)}`))
+    .join(" ");
+  p.svg.appendChild(title(svgEl("polygon", { class: "chance", points: area((l) => band(l).lo, (l) => band(l).hi),
+    fill: "#bbb", "fill-opacity": 0.5, "data-layers": JSON.stringify(layers),
+    "data-lo": JSON.stringify(layers.map((l) => band(l).lo)), "data-hi": JSON.stringify(layers.map((l) => band(l).hi)) }),
+  `chance: ${ev.chance.percentiles.join("-")}th percentile of ${ev.chance.n_directions} random directions`));
+  p.svg.appendChild(svgEl("polygon", { class: "interval", fill: color, "fill-opacity": 0.18,
+    points: area((l, i) => rows[i].test.auroc.lo, (l, i) => rows[i].test.auroc.hi) }));
+  p.svg.appendChild(svgEl("line", { x1: p.x(p.x0), x2: p.x(p.x1), y1: p.y(0.5), y2: p.y(0.5), stroke: "#999",
+    "stroke-dasharray": "2,2" }));
+  p.svg.appendChild(svgEl("polyline", { class: "auroc", fill: "none", stroke: color, "stroke-width": 1.5,
+    points: rows.map((r) => `${p.x(r.layer).toFixed(1)},${p.y(r.test.auroc.value).toFixed(1)}`).join(" ") }));
+  for (const r of rows) {
+    const a = r.test.auroc, b = band(r.layer);
+    p.svg.appendChild(title(svgEl("circle", { class: "point", cx: p.x(r.layer), cy: p.y(a.value), r: 3.5, stroke: color,
+      fill: r.above_chance ? color : "#fff", "data-layer": r.layer, "data-auroc": a.value, "data-lo": a.lo, "data-hi": a.hi,
+      "data-chance-lo": b.lo, "data-chance-hi": b.hi, "data-above-chance": String(r.above_chance) }),
+    `layer ${r.layer}: test AUROC ${fmtCI(a)}, chance [${fmt(b.lo)}, ${fmt(b.hi)}]`));
+  }
+  if (ev.selected.method === method) {
+    const sx = p.x(Number(ev.selected.layer));
+    p.svg.appendChild(svgEl("line", { class: "selected", x1: sx, x2: sx, y1: p.y(1), y2: p.y(0), stroke: "#333",
+      "stroke-dasharray": "5,3", "data-layer": ev.selected.layer }));
+    const left = sx > p.x((p.x0 + p.x1) / 2);  // keep the label inside the frame
+    svgText(p.svg, left ? sx - 3 : sx + 3, p.y(1) + 10, "selected", { fill: "#333", "text-anchor": left ? "end" : "start" });
+  }
+  return p.svg;
+}
+
+function table(cls, header, rows) {
+  const t = el("table", { class: cls });
+  const head = el("tr");
+  for (const h of header) head.appendChild(el("th", {}, h));
+  t.appendChild(head);
+  for (const row of rows) {
+    const tr = el("tr");
+    for (const v of row) tr.appendChild(el("td", {}, v === null || v === undefined ? "" : String(v)));
+    t.appendChild(tr);
+  }
+  return t;
+}
 
 async function drawExtraction() {
   const box = $("extraction");
@@ -149,27 +234,57 @@ async function drawExtraction() {
   try { data = await api("extraction", { variant: variant(), trait: $("extraction-trait").value }); }
   catch (e) { box.textContent = e.message; return; }
   for (const ev of data.evaluations) {
-    box.appendChild(el("div", {}, `${ev.position_dir} / ${ev.component}` +
-      (ev.best ? ` — best: ${ev.best.method} layer ${ev.best.layer}` : "")));
-    const table = el("table", { class: "extraction" });
-    const head = el("tr");
-    head.appendChild(el("th", {}, "layer"));
-    ev.methods.forEach((m) => head.appendChild(el("th", {}, m)));
-    table.appendChild(head);
-    for (const layer of ev.layers) {
-      const tr = el("tr");
-      tr.appendChild(el("th", {}, String(layer)));
-      for (const m of ev.methods) {
-        const r = ev.results.find((x) => x.method === m && Number(x.layer) === layer);
-        const td = el("td", r ? { title: `AUROC ${r.val_auroc}, d ${r.effect_size}, polarity ${r.polarity_correct}` } : {},
-          r ? Number(r.val_accuracy).toFixed(3) : "");
-        if (r) td.style.background = heat(Number(r.val_accuracy));
-        tr.appendChild(td);
-      }
-      table.appendChild(tr);
-    }
-    box.appendChild(table);
+    const s = ev.splits, sel = ev.selected;
+    box.appendChild(el("div", {}, `${ev.position} / ${ev.component} — pairs: train ${s.train}, select ${s.select}, ` +
+      `test ${s.test} — selected: ${sel.method} layer ${sel.layer} (by ${sel.by}, of ${ev.layers.length} layers)`));
+    const charts = el("div", { class: "charts" });
+    ev.methods.forEach((m, k) => charts.appendChild(aurocChart(ev, m, COLORS[k % COLORS.length])));
+    box.appendChild(charts);
+    box.appendChild(el("div", { class: "note" }, `grey: chance band (${ev.chance.percentiles.join("-")}th percentile ` +
+      `of ${ev.chance.n_directions} random directions); shaded: 95% interval over test questions; filled point: above chance`));
+    const rows = [...ev.results].sort((a, b) => a.method.localeCompare(b.method) || a.layer - b.layer).map((r) => {
+      const b = ev.chance.layers[String(r.layer)].auroc;
+      return [r.method, r.layer, fmtCI(r.test.auroc), fmtCI(r.test.accuracy), `[${fmt(b.lo)}, ${fmt(b.hi)}]`,
+        fmt(r.select.auroc), r.above_chance ? "yes" : "no",
+        r.method === sel.method && Number(r.layer) === Number(sel.layer) ? "selected" : ""];
+    });
+    box.appendChild(table("extraction", ["method", "layer", "test AUROC [95% CI]", "test accuracy [95% CI]",
+      "chance AUROC", "select AUROC", "above chance", ""], rows));
   }
+}
+
+// Trait effect (x) against NLL cost (y), both nats/token with 95% error bars: each run and its random control.
+function steeringChart(res) {
+  const kinds = [["run", "judge_free", COLORS[0]], ["control", "control", COLORS[4]]];
+  const ests = res.runs.flatMap((r) => kinds.map(([, key]) => r[key]).filter(Boolean));
+  const te = ests.flatMap((m) => [m.trait_effect.lo, m.trait_effect.hi]).concat([0]);
+  const nc = ests.flatMap((m) => [m.nll_cost.lo, m.nll_cost.hi]).concat([0]);
+  const xr = [Math.min(...te), Math.max(...te)], yr = [Math.min(...nc), Math.max(...nc)];
+  const f = (v) => v.toPrecision(2);
+  const p = plot("steering-chart", { "data-position": res.position_dir }, xr, yr,
+    { x: "trait effect (nats/token)", y: "NLL cost (nats/token)" },
+    { x: [...xr, 0], y: [...yr, 0], fmt: { x: f, y: f } });
+  const dashed = { stroke: "#999", "stroke-dasharray": "2,2" };
+  p.svg.appendChild(svgEl("line", { x1: p.x(0), x2: p.x(0), y1: p.y(p.y0), y2: p.y(p.y1), ...dashed }));
+  p.svg.appendChild(svgEl("line", { x1: p.x(p.x0), x2: p.x(p.x1), y1: p.y(0), y2: p.y(0), ...dashed }));
+  for (const r of res.runs) {
+    for (const [cls, key, color] of kinds) {
+      const m = r[key];
+      if (!m) continue;
+      const t = m.trait_effect, n = m.nll_cost;
+      const g = svgEl("g", { class: cls });
+      g.appendChild(svgEl("line", { x1: p.x(t.lo), x2: p.x(t.hi), y1: p.y(n.value), y2: p.y(n.value), stroke: color }));
+      g.appendChild(svgEl("line", { x1: p.x(t.value), x2: p.x(t.value), y1: p.y(n.lo), y2: p.y(n.hi), stroke: color }));
+      g.appendChild(title(svgEl("circle", { cx: p.x(t.value), cy: p.y(n.value), r: r.selected && cls === "run" ? 5 : 3.5,
+        fill: color, stroke: r.selected ? "#000" : color, "data-layer": r.layer, "data-coefficient": r.coefficient,
+        "data-trait-effect": t.value, "data-te-lo": t.lo, "data-te-hi": t.hi, "data-nll-cost": n.value,
+        "data-nll-lo": n.lo, "data-nll-hi": n.hi, "data-selected": String(r.selected) }),
+      `${cls} layer ${r.layer}, coefficient ${r.coefficient}: trait effect ${fmtCI(t)}, NLL cost ${fmtCI(n)}`));
+      if (cls === "run") svgText(g, p.x(t.value) + 5, p.y(n.value) - 5, `L${r.layer} ×${r.coefficient}`, { fill: color });
+      p.svg.appendChild(g);
+    }
+  }
+  return p.svg;
 }
 
 async function drawSteering() {
@@ -180,22 +295,30 @@ async function drawSteering() {
   try { data = await api("steering", { variant: variant(), trait: $("steering-trait").value }); }
   catch (e) { box.textContent = e.message; return; }
   for (const res of data.results) {
-    const base = res.baseline ? ` — baseline trait ${res.baseline.trait_mean}, coherence ${res.baseline.coherence_mean}` : "";
-    box.appendChild(el("div", {}, `${res.position_dir} (${res.direction})${base}`));
-    const table = el("table", { class: "steering" });
-    const head = el("tr");
-    for (const h of ["layer", "method", "coefficient", "trait", "coherence", "n"]) head.appendChild(el("th", {}, h));
-    table.appendChild(head);
-    for (const s of res.series) {
-      for (const p of s.points) {
-        const tr = el("tr");
-        for (const v of [s.layer, s.method, p.coefficient, p.trait_mean, p.coherence_mean, p.n]) {
-          tr.appendChild(el("td", {}, v === null || v === undefined ? "" : String(v)));
-        }
-        table.appendChild(tr);
-      }
+    const judge = res.judge || {}, validity = judge.validity;
+    box.appendChild(el("div", {}, `${res.position_dir} (${res.direction}) — judge ${judge.model || "?"}, validity ` +
+      (validity ? `AUROC ${fmtCI(validity.auroc)} on ${validity.n_pairs} pairs` : "not measured")));
+    if (res.baseline) {
+      const jf = res.baseline_judge_free || {};
+      box.appendChild(el("div", {}, `baseline: judge trait ${fmt(res.baseline.trait_mean, 1)}, coherence ` +
+        `${fmt(res.baseline.coherence_mean, 1)}; log-likelihood ratio ${fmtCI(jf.llr)}, NLL ${fmtCI(jf.nll)} nats/token`));
     }
-    box.appendChild(table);
+    box.appendChild(steeringChart(res));
+    box.appendChild(el("div", { class: "note" }, `blue: steered runs (layer × coefficient; black ring: selected), ` +
+      `orange: random control of the same norm and coefficient; bars: 95% intervals`));
+    const rows = res.runs.map((r) => {
+      const jf = r.judge_free || {}, c = r.control || {};
+      return [r.layer, r.method, r.coefficient, fmt(r.trait_mean, 1), fmt(r.coherence_mean, 1), fmtCI(jf.trait_effect),
+        fmtCI(jf.nll_cost), fmtCI(jf.kl), fmtCI(c.trait_effect), fmtCI(c.nll_cost), r.selected ? "selected" : ""];
+    });
+    box.appendChild(table("steering", ["layer", "method", "coefficient", "judge trait", "judge coherence",
+      "trait effect", "NLL cost", "KL", "control trait effect", "control NLL cost", ""], rows));
+    const rep = res.report;
+    box.appendChild(el("div", { class: "report" }, rep
+      ? `report (selected run on ${rep.n_questions} unseen questions): trait delta steered ` +
+        `${fmtCI(rep.trait_delta.steered, 1)}, control ${fmtCI(rep.trait_delta.control, 1)}; coherence steered ` +
+        `${fmtCI(rep.coherence.steered, 1)}, control ${fmtCI(rep.coherence.control, 1)}`
+      : "no report line: no run reached the coherence threshold, or the search has not finished"));
   }
 }
 

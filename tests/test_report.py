@@ -1,0 +1,195 @@
+"""The Markdown report: numbers parsed back out equal the stored artifacts, caveats follow the numbers."""
+
+import json
+import re
+import shutil
+
+import pytest
+from conftest import cached_tiny
+from test_steering_eval import TRAIT, FixedJudge
+
+from tracelens.backends import LocalBackend
+from tracelens.experiments import Experiment
+from tracelens.extraction import ExtractionConfig, run_extraction
+from tracelens.io import read_json, read_jsonl, write_json
+from tracelens.report import render_report, write_report
+from tracelens.steering_eval import SteeringEvalConfig, run_steering_eval
+
+CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
+NUM = r"(-?\d+\.\d+)"
+CI = re.compile(rf"{NUM} \[{NUM}, {NUM}\]")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Extraction + steering evaluation on the tiny llama, as tests/test_steering_eval.py runs them."""
+    exp = Experiment.named("report-exp", tmp_path_factory.mktemp("experiments"))
+    exp.write_config({"base": {"model": "tiny"}}, {"extraction": "base", "application": "base"})
+    backend = LocalBackend.from_model(cached_tiny("llama").model)
+    run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3), backend=backend)
+    run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    return exp
+
+
+def _copy(exp: Experiment, tmp_path, ignore=None) -> Experiment:
+    shutil.copytree(exp.dir, tmp_path / exp.name, ignore=ignore)
+    return Experiment.named(exp.name, tmp_path)
+
+
+def _evaluation_path(exp):
+    [path] = exp.evaluation_paths(TRAIT, "base")
+    return path
+
+
+def _results_path(exp):
+    return exp.steering_results_path(TRAIT, "base", "response[:]")
+
+
+def _rows(md: str, heading: str) -> list[list[str]]:
+    """The body cells of the first table after the line starting with ``heading``."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    table = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip("|").split("|")])
+        elif table:
+            break
+    assert table[1][0].startswith("---"), table[:2]
+    return table[2:]
+
+
+def _selected_row(ev: dict) -> dict:
+    return next(r for r in ev["results"] if (r["method"], r["layer"]) == (ev["selected"]["method"], ev["selected"]["layer"]))
+
+
+def _ci(cell: str) -> dict:
+    value, lo, hi = map(float, CI.fullmatch(cell).groups())
+    return {"value": value, "lo": lo, "hi": hi}
+
+
+def _band(cell: str) -> tuple[float, float]:
+    lo, hi = map(float, re.fullmatch(rf"\[{NUM}, {NUM}\]", cell).groups())
+    return lo, hi
+
+
+def test_extraction_tables_carry_the_stored_numbers_and_chance_band(built):
+    md = render_report(built)
+    ev = read_json(_evaluation_path(built))
+    for method in ("probe", "random_baseline"):
+        rows = _rows(md, f"**`{method}`**")
+        stored = sorted((r for r in ev["results"] if r["method"] == method), key=lambda r: r["layer"])
+        assert [int(r[0]) for r in rows] == [r["layer"] for r in stored] == [0, 1]
+        for cells, r in zip(rows, stored):
+            band = ev["chance"]["layers"][str(r["layer"])]
+            assert _ci(cells[1]) == r["test"]["auroc"] and _ci(cells[2]) == r["test"]["accuracy"]
+            assert _band(cells[3]) == pytest.approx((band["auroc"]["lo"], band["auroc"]["hi"]), abs=5e-5)
+            assert _band(cells[4]) == pytest.approx((band["accuracy"]["lo"], band["accuracy"]["hi"]), abs=5e-5)
+            assert float(cells[5]) == pytest.approx(r["select"]["auroc"], abs=5e-5)
+            assert cells[6] == ("yes" if r["above_chance"] else "no")
+            is_selected = (method, r["layer"]) == (ev["selected"]["method"], ev["selected"]["layer"])
+            assert cells[7] == ("selected" if is_selected else "")
+    sel = ev["selected"]
+    assert (f"**Selected:** `{sel['method']}` at layer {sel['layer']}, chosen by {sel['by']} on the select split "
+            f"({ev['splits']['select']} pairs) among 2 layers x 1 method (2 candidates)") in md
+    pairs = ev["splits"]
+    assert f"train {pairs['train']} pairs / {pairs['train']} questions" in md  # one pair per question here
+    assert "- Model: `tiny`" in md and "20 random directions per layer, 5-95th percentile" in md
+
+
+def test_steering_runs_report_line_and_control_carry_the_stored_numbers(built):
+    md = render_report(built)
+    lines = read_jsonl(_results_path(built))
+    runs = [l for l in lines if l["type"] == "run"]
+    [report] = [l for l in lines if l["type"] == "report"]
+    rows = _rows(md, "**Search runs**")
+    assert len(rows) == len(runs) == 4
+    by_key = {(r["config"]["vectors"][0]["layer"], r["config"]["vectors"][0]["weight"]): r for r in runs}
+    for cells in rows:
+        run = by_key[(int(cells[0]), float(cells[1]))]
+        assert float(cells[2]) == pytest.approx(run["result"]["trait_mean"], abs=0.05)
+        assert [_ci(c) for c in cells[4:7]] == [run["judge_free"][k] for k in ("trait_effect", "nll_cost", "kl")]
+        assert [_ci(c) for c in cells[7:9]] == [run["control"][k] for k in ("trait_effect", "nll_cost")]
+        assert cells[9] == ("selected" if run["config"] == report["config"] else "")
+    assert sum(c[9] == "selected" for c in rows) == 1
+    table = {r[0]: r for r in _rows(md, "**Report**")}
+    assert list(table) == ["unsteered", "steered", "control"]
+    for cond in ("steered", "control"):
+        got, want = _ci(table[cond][3]), report["trait_delta"][cond]
+        assert got == pytest.approx(want, abs=0.05)
+        assert _ci(table[cond][1]) == pytest.approx(report["trait"][cond], abs=0.05)
+    assert f"re-judged by `fixed` (validity: not measured) on {report['n_questions']} report questions" in md
+    assert "- Judge: `fixed` (judge); validity: not measured" in md
+    for ex in report["examples"]:
+        assert f"- Q: {ex['question']}" in md
+
+
+def test_report_is_byte_identical_and_written_atomically(built, tmp_path, monkeypatch):
+    first = render_report(built)
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(built.root))
+    assert render_report(built.name) == first
+    path = write_report(built, [TRAIT], tmp_path / "out" / "report.md")
+    assert path.read_bytes() == first.encode() and list(path.parent.iterdir()) == [path]
+    assert render_report(built, [TRAIT], variant="base") == first
+
+
+def test_report_follows_edited_artifacts_and_derives_its_caveats(built, tmp_path):
+    exp = _copy(built, tmp_path)
+    ev = read_json(_evaluation_path(exp))
+    sel = _selected_row(ev)
+    sel["test"]["auroc"] = {"value": 0.6123, "lo": 0.4567, "hi": 0.7012}
+    sel["above_chance"] = False
+    control = next(r for r in ev["results"] if r["method"] == "random_baseline" and r["layer"] == 1)
+    control["above_chance"] = True
+    write_json(_evaluation_path(exp), ev)
+    lines = read_jsonl(_results_path(exp))
+    lines[0]["eval"]["validity"] = {"auroc": {"value": 0.61, "lo": 0.45, "hi": 0.77}, "n_pairs": 11,
+                                    "data": "test split"}
+    report = next(l for l in lines if l["type"] == "report")
+    report["trait_delta"] = {"steered": {"value": 1.5, "lo": -0.5, "hi": 3.0},
+                             "control": {"value": 2.0, "lo": 1.0, "hi": 4.0}}
+    report["examples"][0]["steered"] = "**bold** | <b>x</b> [link](http://a) " + "y" * 300
+    _results_path(exp).write_text("".join(json.dumps(l) + "\n" for l in lines))
+    md = render_report(exp)
+    assert "0.6123 [0.4567, 0.7012]" in md
+    assert "does not clear the chance band's top" in md
+    assert "steered trait delta on report questions (1.5 [-0.5, 3.0]) includes 0" in md
+    assert "overlaps the random control's (2.0 [1.0, 4.0])" in md
+    assert "`random_baseline` is above chance at 1 layer(s) (1)" in md
+    assert "validity: AUROC 0.6100 [0.4500, 0.7700] on 11 pairs (test split)" in md
+    assert "The judge's validity AUROC interval (0.6100 [0.4500, 0.7700]) reaches 0.5" in md
+    [steered] = [l for l in md.splitlines() if l.startswith("  - steered: \\*\\*bold")]
+    assert steered.startswith("  - steered: \\*\\*bold\\*\\* \\| \\<b\\>x\\</b\\> \\[link\\](http://a) y")
+    assert steered.endswith("y…") and steered.count("y") == 200 - len("**bold** | <b>x</b> [link](http://a) ")
+    # on the original artifacts each caveat appears exactly when their numbers call for it
+    original, ev = render_report(built), read_json(_evaluation_path(built))
+    report = next(l for l in read_jsonl(_results_path(built)) if l["type"] == "report")
+    steered, control = report["trait_delta"]["steered"], report["trait_delta"]["control"]
+    sel = _selected_row(ev)
+    expected = {
+        "does not clear the chance band": not sel["above_chance"],
+        "includes 0: the judge": steered["lo"] <= 0 <= steered["hi"],
+        "overlaps the random control's (": steered["lo"] <= control["hi"] and control["lo"] <= steered["hi"],
+        "`random_baseline` is above chance": any(r["above_chance"] for r in ev["results"]
+                                                 if r["method"] == "random_baseline"),
+        "The judge's validity was not measured": True,
+    }
+    assert {c: c in original for c in expected} == expected
+
+
+def test_extraction_only_experiment(built, tmp_path):
+    exp = _copy(built, tmp_path, ignore=shutil.ignore_patterns("steering"))
+    md = render_report(exp)
+    assert "### Extraction: position `response[:]`" in md and "### Steering" not in md
+    assert "**Selected:**" in md
+
+
+def test_experiment_with_nothing_is_a_clear_error(tmp_path):
+    exp = Experiment.named("empty", tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no config"):
+        render_report(exp)
+    exp.write_config({"base": {"model": "tiny"}})
+    with pytest.raises(FileNotFoundError, match="no extraction evaluation .* and no steering results"):
+        render_report(exp)
+    with pytest.raises(FileNotFoundError, match="no extraction evaluation or steering results for 'starter/optimism'"):
+        render_report(exp, [TRAIT])
