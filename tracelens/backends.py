@@ -18,17 +18,31 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig, steering_hook
-from tracelens.hooks import MultiLayerCapture, _layers
+from tracelens.generation import (
+    CaptureConfig,
+    HookedGenerator,
+    SteeringConfig,
+    check_generation_args,
+    check_max_new_tokens,
+    check_temperature,
+    steering_hook,
+)
+from tracelens.hooks import MultiLayerCapture, _layers, finite_float
 from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
 
 
 @dataclass
 class GenerationConfig:
+    """`max_new_tokens` (an int >= 1) and `temperature` (finite, >= 0; 0 is greedy) are checked here (ValueError)."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_max_new_tokens(self.max_new_tokens)
+        self.temperature = check_temperature(self.temperature)
 
 
 @dataclass
@@ -40,6 +54,9 @@ class SteeringSpec:
     coefficient: float = 1.0
     component: str = "residual"
     positions: str = "all"
+
+    def __post_init__(self) -> None:
+        self.coefficient = finite_float(self.coefficient, "coefficient")
 
     def to_config(self) -> SteeringConfig:
         return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions)
@@ -74,7 +91,11 @@ class TokenResult:
 
 
 class LocalBackend:
-    """Generation, capture and steering on a model loaded in this process."""
+    """Generation, capture and steering on a model loaded in this process.
+
+    The generating methods check their request first (`check_generation`), and take a keyword-only `cancel`:
+    called before every forward pass of generation, True stops it with `GenerationCancelled`.
+    """
 
     def __init__(self, model, tokenizer=None, use_chat_template: bool | None = None) -> None:
         self._model = model
@@ -142,38 +163,58 @@ class LocalBackend:
 
     # --- generation ---------------------------------------------------------------------------------
 
+    def check_generation(self, prompts: Sequence[str], config: GenerationConfig | None = None,
+                         system_prompts: Sequence[str | None] | None = None) -> None:
+        """Refuse, before any model work, a request generation would fail on: TypeError for one string;
+        ValueError for an empty `prompts`, `system_prompts` of another length, or a formatted prompt whose
+        tokens plus `config.max_new_tokens` exceed the model's context (`model.cfg.n_ctx`)."""
+        self._prepare(prompts, config or GenerationConfig(), system_prompts)
+
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
-                 system_prompts: Sequence[str | None] | None = None) -> list[str]:
+                 system_prompts: Sequence[str | None] | None = None, *,
+                 cancel: Callable[[], bool] | None = None) -> list[str]:
         """Response texts, in prompt order (special tokens skipped, whitespace stripped).
         `system_prompts`, one per prompt (None entries allowed), go through the chat template."""
-        return [r.response_text for r in self.generate_results(prompts, config, steering, system_prompts)]
+        return [r.response_text for r in self.generate_results(prompts, config, steering, system_prompts, cancel=cancel)]
 
     def generate_results(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                          steering: Sequence[SteeringSpec] | None = None,
-                         system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
+                         system_prompts: Sequence[str | None] | None = None, *,
+                         cancel: Callable[[], bool] | None = None) -> list[CaptureResult]:
         """Like `generate`, with the prompt text and prompt/response token ids of each result (no activations)."""
-        return self._generate(prompts, config, steering, None, system_prompts)
+        return self._generate(prompts, config, steering, None, system_prompts, cancel)
 
     def generate_with_capture(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                               capture: CaptureSpec | None = None,
                               steering: Sequence[SteeringSpec] | None = None,
-                              system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
+                              system_prompts: Sequence[str | None] | None = None, *,
+                              cancel: Callable[[], bool] | None = None) -> list[CaptureResult]:
         """Responses plus activations at every prompt and response position, read by one
         teacher-forced forward over prompt + response under the same steering."""
-        return self._generate(prompts, config, steering, capture or CaptureSpec(), system_prompts)
+        return self._generate(prompts, config, steering, capture or CaptureSpec(), system_prompts, cancel)
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
-               steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenResult]:
-        """Yield tokens of one prompt as they are generated; activations are those that produced each token."""
+               steering: Sequence[SteeringSpec] | None = None, *,
+               cancel: Callable[[], bool] | None = None) -> Iterator[TokenResult]:
+        """An iterator over the tokens of one prompt as they are generated (activations: those that produced
+        each token). The request is checked now, not at the first token; closing the iterator removes its hooks."""
         config = config or GenerationConfig()
-        ids, mask = tokenize_batch(self._tokenizer, [self.format(prompt)])
+        [text], _ = self._prepare([prompt], config, None)
+        ids, mask = tokenize_batch(self._tokenizer, [text])
         cap = CaptureConfig(capture.layers, tuple(capture.components)) if capture else None
-        for tok in HookedGenerator(self._model).stream(
+        tokens = HookedGenerator(self._model).stream(
             ids, mask, config.max_new_tokens, config.temperature, cap, _configs(steering),
-            config.stop_token_ids, config.seed,
-        ):
-            yield TokenResult(self._tokenizer.decode([tok.token_id]), tok.token_id, tok.activations)
+            config.stop_token_ids, config.seed, cancel=cancel,
+        )
+        return self._decoded(tokens)
+
+    def _decoded(self, tokens: Iterator) -> Iterator[TokenResult]:
+        try:
+            for tok in tokens:
+                yield TokenResult(self._tokenizer.decode([tok.token_id]), tok.token_id, tok.activations)
+        finally:
+            tokens.close()
 
     def forward_with_capture(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
                              capture: CaptureSpec) -> dict[int, dict[str, Tensor]]:
@@ -189,26 +230,35 @@ class LocalBackend:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _generate(self, prompts, config, steering, capture, system_prompts=None) -> list[CaptureResult]:
+    def _prepare(self, prompts, config: GenerationConfig, system_prompts) -> tuple[list[str], int]:
+        """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
+        if len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings; got an empty list")
         if system_prompts is not None and len(system_prompts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
-        config = config or GenerationConfig()
         texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
+        longest = max(len(encode(self._tokenizer, t)) for t in texts)
+        check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
+        return texts, longest
+
+    def _generate(self, prompts, config, steering, capture, system_prompts, cancel) -> list[CaptureResult]:
+        config = config or GenerationConfig()
+        texts, longest = self._prepare(prompts, config, system_prompts)
 
         def run(batch: list[str]) -> list[CaptureResult]:
             ids, mask = tokenize_batch(self._tokenizer, batch)
             outs = HookedGenerator(self._model).generate(
                 ids, mask, config.max_new_tokens, config.temperature, None, _configs(steering),
-                config.stop_token_ids, config.seed,
+                config.stop_token_ids, config.seed, cancel=cancel,
             )
             results = [self._result(text, o.token_ids) for text, o in zip(batch, outs)]
             if capture is not None:
                 self._capture_positions(results, capture, steering)
             return results
 
-        return _batched(texts, run, self._initial_batch_size(texts, config.max_new_tokens), self, "generate")
+        return _batched(texts, run, self._initial_batch_size(longest, config.max_new_tokens), self, "generate")
 
     def _result(self, prompt_text: str, response_ids: list[int]) -> CaptureResult:
         tok = self._tokenizer
@@ -235,11 +285,11 @@ class LocalBackend:
             r.prompt_activations = {l: {c: a[i, start:split].float().cpu() for c, a in comps.items()} for l, comps in acts.items()}
             r.response_activations = {l: {c: a[i, split:].float().cpu() for c, a in comps.items()} for l, comps in acts.items()}
 
-    def _initial_batch_size(self, texts: list[str], max_new_tokens: int) -> int:
+    def _initial_batch_size(self, longest_prompt: int, max_new_tokens: int) -> int:
         if self.batch_size is not None:
             return self.batch_size
         cfg = self._model.cfg
-        seq = max(len(encode(self._tokenizer, t)) for t in texts) + max_new_tokens
+        seq = longest_prompt + max_new_tokens
         kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         bytes_per = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
         # KV cache + a few residual-width activations per token + float32 logits of the last position

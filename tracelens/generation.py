@@ -10,7 +10,7 @@ generation; `SteeringConfig(positions="response")` steers from the last prompt p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +18,40 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelens import edits
-from tracelens.hooks import HookAdapter, SteeringHook, _checked_vector, _edit_flat, _layers
+from tracelens.hooks import HookAdapter, SteeringHook, _checked_vector, _edit_flat, _layers, finite_float
 from tracelens.sites import get_hook_path
+
+
+class GenerationCancelled(RuntimeError):
+    """Generation stopped between two tokens because its `cancel` callable returned True."""
+
+
+def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+    """ValueError unless `max_new_tokens` is an int >= 1, `temperature` finite and >= 0, and
+    `prompt_len + max_new_tokens` (tokens) fits the model's context `model.cfg.n_ctx`."""
+    check_max_new_tokens(max_new_tokens)
+    check_temperature(temperature)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and prompt_len + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {prompt_len + max_new_tokens} "
+            f"tokens, over the model's context of {n_ctx}; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def check_max_new_tokens(max_new_tokens: int) -> int:
+    """`max_new_tokens` unchanged; ValueError unless it is an int (not a bool) >= 1."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+def check_temperature(temperature: float) -> float:
+    """`temperature` as a float; ValueError when it is NaN, infinite or negative (0 means greedy)."""
+    t = finite_float(temperature, "temperature")
+    if t < 0:
+        raise ValueError(f"temperature must be >= 0; got {t}")
+    return t
 
 
 @dataclass
@@ -40,6 +72,9 @@ class SteeringConfig:
     component: str = "residual"
     coefficient: float = 1.0
     positions: str = "all"
+
+    def __post_init__(self) -> None:
+        self.coefficient = finite_float(self.coefficient, "coefficient")
 
 
 @dataclass
@@ -122,16 +157,20 @@ class HookedGenerator:
         stop_at_eos: bool = True,
         use_cache: bool = True,
         output_logits: bool = False,
+        cancel: Callable[[], bool] | None = None,
     ) -> list[SequenceOutput]:
         """One `SequenceOutput` per row. Left-padded batches need `attention_mask`. `temperature=0` is
         greedy; otherwise softmax sampling reproducible with `seed`. Rows stop at the model's EOS ids
         (unless `stop_at_eos=False`) and at `stop_token_ids`. `use_cache=False` recomputes the whole
-        sequence every step (for checking the cache)."""
+        sequence every step (for checking the cache). `cancel` is called before every forward pass;
+        True raises `GenerationCancelled`. ValueError (before any model work) for arguments
+        `check_generation_args` refuses."""
+        self._check(input_ids, max_new_tokens, temperature)
         batch = input_ids.shape[0]
         rows: list[list[_Step]] = [[] for _ in range(batch)]
         stops = self._stop_ids(stop_token_ids, stop_at_eos)
         for step in self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
-                                stops, seed, use_cache):
+                                stops, seed, use_cache, cancel):
             for r in range(batch):
                 if not rows[r] or not rows[r][-1].stopped[r]:
                     rows[r].append(step)
@@ -147,19 +186,35 @@ class HookedGenerator:
         steering: Sequence[SteeringConfig] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        *,
+        cancel: Callable[[], bool] | None = None,
     ) -> Iterator[TokenOutput]:
-        """Yield each generated token of a single prompt (batch 1) as it is produced."""
+        """An iterator over each generated token of a single prompt (batch 1) as it is produced.
+        Arguments are checked now (ValueError), not at the first token; `cancel` as in `generate`."""
         if input_ids.shape[0] != 1:
             raise ValueError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
+        self._check(input_ids, max_new_tokens, temperature)
         stops = self._stop_ids(stop_token_ids, True)
-        for k, step in enumerate(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
-                                             steering, stops, seed, True)):
-            acts = {l: {c: a[0] for c, a in comps.items()} for l, comps in step.activations.items()}
-            yield TokenOutput(int(step.tokens[0]), k, acts, step.logits[0])
-            if step.stopped[0]:
-                return
+        return self._stream(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
+                                        steering, stops, seed, True, cancel))
 
     # --- internals ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stream(steps) -> Iterator[TokenOutput]:
+        try:
+            for k, step in enumerate(steps):
+                acts = {l: {c: a[0] for c, a in comps.items()} for l, comps in step.activations.items()}
+                yield TokenOutput(int(step.tokens[0]), k, acts, step.logits[0])
+                if step.stopped[0]:
+                    return
+        finally:
+            steps.close()  # removes the hooks now, not when the generator is collected
+
+    def _check(self, input_ids: Tensor, max_new_tokens: int, temperature: float) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+        check_generation_args(self.model, input_ids.shape[1], max_new_tokens, temperature)
 
     def _package(self, row: int, steps: list[_Step], output_logits: bool) -> SequenceOutput:
         out = SequenceOutput([int(s.tokens[row]) for s in steps])
@@ -181,11 +236,7 @@ class HookedGenerator:
         return torch.tensor(sorted(ids), dtype=torch.long)
 
     def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
-               stop_ids: Tensor, seed, use_cache) -> Iterator[_Step]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+               stop_ids: Tensor, seed, use_cache, cancel) -> Iterator[_Step]:
         device = torch.device(self.model.cfg.device)
         ids = input_ids.to(device)
         mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
@@ -208,7 +259,9 @@ class HookedGenerator:
 
             cache, inputs = None, ids
             stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
+            for k in range(max_new_tokens):
+                if cancel is not None and cancel():
+                    raise GenerationCancelled(f"generation cancelled after {k} of {max_new_tokens} tokens")
                 positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
                 with torch.inference_mode():
                     out = self.model.original_model(
@@ -245,7 +298,7 @@ class HookedGenerator:
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
-        if temperature <= 0:
+        if temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(1)

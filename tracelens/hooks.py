@@ -13,6 +13,8 @@ as their flat `[batch, pos, heads * d_head]` view, so vectors are always 1-D.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -87,6 +89,19 @@ def _checked_vector(model, hook_name: str, vector: Tensor, what: str = "vector")
             f"{what} has {v.shape[0]} elements but {hook_name} has width {width}: "
             "the vector is probably from another model or site"
         )
+    return v
+
+
+def finite_float(value, what: str) -> float:
+    """`value` (a real number or one-element tensor) as a float; TypeError for anything else (bools,
+    strings), ValueError for NaN or +-inf."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)) or (
+        isinstance(value, Tensor) and value.numel() != 1
+    ):
+        raise TypeError(f"{what} must be a number; got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number; got {v}")
     return v
 
 
@@ -214,7 +229,7 @@ class SteeringHook(HookAdapter):
         super().__init__(model)
         self.hook_name = resolve_hook_name(model, path)
         self.vector = _checked_vector(model, self.hook_name, vector)
-        self.coefficient = float(coefficient)
+        self.coefficient = finite_float(coefficient, "coefficient")
 
     def _hooks(self):
         return [(self.hook_name, self._steer)]
@@ -331,7 +346,7 @@ class PerSampleSteering(HookAdapter):
                 raise ValueError(f"configs[{i}] has batch slice {tuple(rows)}; need 0 <= b_start < b_end")
             hook_name = get_hook_path(layer, component, model)
             v = _checked_vector(model, hook_name, vector, f"configs[{i}] vector")
-            self._by_hook.setdefault(hook_name, []).append((v, float(coef), start, end))
+            self._by_hook.setdefault(hook_name, []).append((v, finite_float(coef, f"configs[{i}] coefficient"), start, end))
 
     def _hooks(self):
         return [(name, self._make_fn(entries)) for name, entries in self._by_hook.items()]
@@ -391,7 +406,7 @@ class ActivationCappingHook(HookAdapter):
             raise ValueError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
         self.hook_name = resolve_hook_name(model, path)
         self.direction = edits.unit(_checked_vector(model, self.hook_name, vector, "vector"))
-        self.threshold = float(threshold)
+        self.threshold = finite_float(threshold, "threshold")
         self.mode = mode
 
     def _hooks(self):
