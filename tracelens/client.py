@@ -139,7 +139,8 @@ class RemoteBackend:
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
                steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenResult]:
-        """Tokens as the server generates them (JSON lines); a mid-stream server failure raises ServerError."""
+        """Tokens as the server generates them (JSON lines); a mid-stream server failure raises ServerError with
+        the status the server gives it (503 for a passed deadline)."""
         body = {"prompt": prompt, "config": config_to_json(config), "capture": capture_to_json(capture),
                 "steering": steering_to_json(steering)}
         with self._request("/stream", body) as resp:
@@ -148,7 +149,7 @@ class RemoteBackend:
                     continue
                 item = json.loads(line)
                 if "error" in item:
-                    raise ServerError(500, item["error"])
+                    raise ServerError(item.get("status", 500), item["error"])
                 yield TokenResult(item["token"], item["token_id"], decode_activations(item["activations"]))
 
     def forward_with_capture(self, input_ids: Tensor, attention_mask: Tensor | None,
