@@ -94,7 +94,12 @@ def _hash(*parts) -> str:
 
 
 def _up_to_date(path, input_hash: str, force: bool) -> bool:
-    return not force and path.is_file() and read_json(path).get("input_hash") == input_hash
+    """True when the stage's metadata at `path` carries `input_hash`. Otherwise the metadata is deleted
+    before the stage writes anything, so a crash mid-stage never leaves files that metadata vouches for."""
+    if not force and path.is_file() and read_json(path).get("input_hash") == input_hash:
+        return True
+    path.unlink(missing_ok=True)
+    return False
 
 
 def check_config(config: ExtractionConfig) -> None:
