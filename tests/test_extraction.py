@@ -248,3 +248,21 @@ def test_a_crash_mid_stage_after_a_config_change_never_leaves_mixed_files(tmp_pa
     for name, data in _files(clean).items():
         if name.endswith(".safetensors") or "evaluation" in name:
             assert data == _files(exp)[name], name
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"layers": "99"}, "outside 0..1"),
+    ({"component": "resid"}, "component must be one of residual"),
+    ({"methods": ("pca",)}, "unknown extraction method 'pca'"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer or None; got 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"position": "middle"}, "position"),
+])
+def test_bad_settings_fail_before_any_generation(tmp_path, tiny, monkeypatch, bad, match):
+    backend = LocalBackend.from_model(tiny.model)
+    monkeypatch.setattr(backend, "generate_results", lambda *a, **k: pytest.fail("generated before validating"))
+    with pytest.raises(ValueError, match=match):
+        run_extraction(_experiment(tmp_path), [TRAIT], ExtractionConfig(**{**CONFIG.__dict__, **bad}), backend=backend)
+    with pytest.raises(FileNotFoundError):
+        run_extraction(_experiment(tmp_path), ["starter/nope"], CONFIG, backend=backend)
