@@ -7,7 +7,9 @@ A trait lives in a folder `<root>/<category>/<name>/` (deeper nesting such as `b
   Row i of the positive file is paired with row i of the negative file, so both must hold the same number of rows.
 - `definition.txt`: the judge rubric (score 0-100 with HIGH / MID / LOW bands and "Key distinction" notes).
 - `steering.json`: `{"questions": [str | {"question": str}], "direction"?: "positive" | "negative",
-  "eval_prompt"?: str, "coherence_prompt"?: str, "vet_prompt"?: str}`.
+  "eval_prompt"?: str, "coherence_prompt"?: str, "vet_prompt"?: str}`. Questions are used in file order: the first
+  `n_search` for the steering coefficient search, the rest for reporting, so appending questions never moves one
+  from the reported set into the search set.
 
 The package ships starter traits under `tracelens/data/traits` (see `list_traits()`); pass `root=` to load an
 experiment's own datasets. Files are only ever parsed as text and JSON; nothing in them is executed.
@@ -53,7 +55,8 @@ class Scenario:
 class SteeringQuestions:
     """The contents of `steering.json`.
 
-    `questions` are neutral prompts used to check that steering changes behaviour; `direction` says which way a
+    `questions` are neutral prompts used to check that steering changes behaviour, in file order (the first
+    `n_search` for the coefficient search, the rest for reporting); `direction` says which way a
     successful steer moves the trait ("positive": adding the vector should raise the judge's score). The optional
     prompts override the judge's default trait, coherence and response-vetting prompts.
     """
