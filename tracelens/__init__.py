@@ -64,7 +64,15 @@ from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
 from tracelens.server import ModelServer
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
-from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
+from tracelens.traits import (
+    JudgeCorpus,
+    Scenario,
+    SteeringQuestions,
+    TraitDataError,
+    TraitDataset,
+    list_traits,
+    load_trait,
+)
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
@@ -108,7 +116,7 @@ __all__ = [
     # judges
     "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores",
     # traits, experiments and the pipeline
-    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError",
+    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
     # monitoring, massive activations, prompt sets, profiling
