@@ -24,7 +24,15 @@ from tracelens.hooks import (
     SteeringHook,
     calibrate_cap_threshold,
 )
-from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
+from tracelens.judge import (
+    Degeneracy,
+    EmbeddingJudge,
+    Judge,
+    JudgeError,
+    OpenAIJudge,
+    degeneracy,
+    summarize_judge_scores,
+)
 from tracelens.loading import load_model
 from tracelens.massive import MassiveDimCollector, candidate_dims
 from tracelens.math import (
@@ -114,7 +122,8 @@ __all__ = [
     "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
     "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
     # judges
-    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores",
+    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "degeneracy",
+    "Degeneracy",
     # traits, experiments and the pipeline
     "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
