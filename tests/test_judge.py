@@ -1,7 +1,10 @@
-"""Judges: the logprob judge against a real chat-completions server on 127.0.0.1, the offline embedding
-judge on hand-written texts, the degeneracy guard by hand, and summarize_judge_scores by hand."""
+"""Judges: the logprob judge against a real chat-completions server on 127.0.0.1 (also built through the
+CLI), the offline embedding judge on hand-written texts and on the starter traits' judge corpora, the
+degeneracy guard by hand, and summarize_judge_scores by hand."""
 
+import dataclasses
 import doctest
+import hashlib
 import importlib.util
 import json
 import math
@@ -12,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import tracelens.cli
 import tracelens.judge
+import tracelens.steering_eval
 from tracelens.judge import (
     COHERENCE_SYSTEM,
     RELEVANCE_SYSTEM,
@@ -23,10 +28,12 @@ from tracelens.judge import (
     OpenAIJudge,
     degeneracy,
     logprob_score,
+    offline_judge,
     relevance_verdict,
     repetition_score,
     summarize_judge_scores,
 )
+from tracelens.traits import load_trait
 from tracelens.types import JudgeResult
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -541,3 +548,73 @@ def test_the_guard_sets_coherence_to_zero_in_the_embedding_judges_batch_scores(f
     assert results[1]["coherence_score"] == pytest.approx(fitted.score_coherence(question, FLUENT), abs=1e-4)
     assert results[0]["trait_score"] == pytest.approx(fitted.score_trait(question, OCEAN), abs=1e-4)
 
+
+# ---------------------------------------------------------------------------------------------- local judge via the CLI
+
+
+def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies(server, monkeypatch):
+    """`tracelens steer --judge openai --judge-url http://127.0.0.1:PORT/v1`: the judge the CLI hands to the
+    steering evaluation talks to the local server, without an API key, and its scores go through the guard."""
+    handed = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_steering_eval(*args, **kwargs):
+        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
+        raise Stop
+
+    monkeypatch.setattr(tracelens.steering_eval, "run_steering_eval", fake_run_steering_eval)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(Stop):
+        tracelens.cli.main(["steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",
+                            "--judge-url", server.url, "--judge-model", "local-judge"])
+    (cli_judge,) = handed
+    assert isinstance(cli_judge, OpenAIJudge) and cli_judge.url == server.url + "/chat/completions"
+
+    server.stages["coherence"] = [("90", 1.0)]  # the judge calls every answer fluent
+    items = [{"question": "What do you think of the ocean?", "response": r} for r in (OCEAN, FLUENT)]
+    results = cli_judge.score(items, trait_name="optimism", definition="Hope.")
+    assert results == [
+        {"trait_score": pytest.approx(50), "coherence_score": 0.0, "degenerate": "'🌱' 10 times in a row"},
+        {"trait_score": pytest.approx(50), "coherence_score": pytest.approx(90), "degenerate": None},
+    ]
+    assert {p["model"] for p in server.requests} == {"local-judge"}
+    assert all("Authorization" not in h for h in server.headers)
+
+
+# ---------------------------------------------------------------------------------------------- offline judge on
+# the starter traits' independent judge corpora
+
+
+@pytest.mark.parametrize(("name", "min_auroc"), [
+    # Measured (3 folds, held-out AUROC): enthusiasm 1.0 / 0.9975 / 1.0, formality 1.0 / 1.0 / 1.0,
+    # optimism 0.795 / 0.895 / 0.825. Optimism texts pair the same situation with a hopeful and a gloomy
+    # outlook, so nothing but the outlook separates them.
+    ("starter/enthusiasm", 0.95), ("starter/formality", 0.95), ("starter/optimism", 0.75),
+])
+def test_a_judge_fitted_on_part_of_the_corpus_separates_the_rest(name, min_auroc):
+    corpus = load_trait(name).judge_corpus
+    # Row i of each label is about the same topic, so every fold holds out whole topics.
+    for k in range(3):
+        fold = lambda texts, held_out: [t for i, t in enumerate(texts) if (i % 3 == k) == held_out]  # noqa: E731
+        judge_ = EmbeddingJudge().fit(fold(corpus.positive, False), fold(corpus.negative, False))
+        assert judge_.validity(fold(corpus.positive, True), fold(corpus.negative, True)) > min_auroc, k
+
+
+def test_offline_judge_fits_the_corpus_and_names_it():
+    trait = load_trait("starter/formality")
+    judge_ = offline_judge("starter/formality")
+    digest = hashlib.sha256(trait.judge_corpus.path.read_bytes()).hexdigest()
+    assert judge_.name == f"embedding-judge:starter/formality:corpus-{digest[:12]}"
+    assert judge_.n_train_ == (60, 60)
+    assert offline_judge(trait).name == judge_.name  # a loaded TraitDataset works too
+    assert judge_.score_trait("q", "I would be most grateful for your prompt reply.") > 50
+    assert judge_.score_trait("q", "lol ya sure, hit me up whenever") < 50
+
+
+def test_offline_judge_refuses_a_trait_without_a_corpus():
+    trait = dataclasses.replace(load_trait("starter/optimism"), judge_corpus=None)
+    with pytest.raises(ValueError, match=r"trait 'starter/optimism'; got none: .*starter/optimism/judge_corpus\.jsonl "
+                                         r"does not exist"):
+        offline_judge(trait)

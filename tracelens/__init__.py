@@ -31,6 +31,7 @@ from tracelens.judge import (
     JudgeError,
     OpenAIJudge,
     degeneracy,
+    offline_judge,
     summarize_judge_scores,
 )
 from tracelens.loading import load_model
@@ -122,7 +123,7 @@ __all__ = [
     "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
     "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
     # judges
-    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "degeneracy",
+    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "offline_judge", "degeneracy",
     "Degeneracy",
     # traits, experiments and the pipeline
     "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",

@@ -9,9 +9,27 @@ said, and its ``"degenerate"`` names why (None otherwise). Two judges:
 
 - ``OpenAIJudge``: an LLM behind any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp
   server), scored with the upstream logprob method. This is the reference judge.
-- ``EmbeddingJudge``: an offline stand-in for machines without an endpoint: a classifier fitted on the
-  trait's own contrastive responses plus a deterministic repetition/relevance coherence measure. It is not a
-  general judge; ``validity()`` measures how well it separates held-out responses, and runs report it.
+- ``EmbeddingJudge``: an offline stand-in for machines without an endpoint: a classifier plus a
+  deterministic repetition/relevance coherence measure. ``offline_judge(trait)`` fits it on the trait's
+  hand-labelled ``judge_corpus.jsonl``, never on the responses the vectors were extracted from, and names the
+  corpus in ``judge.name``. It is not a general judge; ``validity()`` measures how well it separates
+  responses it did not see, and runs report it.
+
+Judging offline with a local LLM (a machine with a GPU): run any server that speaks OpenAI chat completions
+with ``logprobs``/``top_logprobs`` on loopback, and point ``--judge-url`` at its ``/v1`` root, e.g.::
+
+    vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000      # or: llama-server -m judge.gguf --port 8000
+    tracelens steer ... --judge openai --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
+
+``--judge-model`` is sent as each request's ``model`` (vLLM answers only to the name it serves, the id given
+to ``vllm serve``); no API key is sent when none is given, and loopback requests bypass proxies. Each request
+asks for ``top_logprobs=20`` on one token: a server that caps it lower must be raised (vLLM:
+``--max-logprobs 20``), and one that ignores ``logprobs`` (older llama-server builds) makes the judge stop
+with a ``JudgeError`` saying so. To check a server before a run, score one answer:
+``OpenAIJudge("http://127.0.0.1:8000/v1", model=M).score_coherence("Hi", "Hello!")`` returns a number (or
+None) when the server answers with ``choices[0].logprobs.content[0].top_logprobs``, and raises ``JudgeError``
+naming what is wrong when it does not. The tests run ``OpenAIJudge``, built the way the CLI builds it, against
+a stand-in server on 127.0.0.1 that answers in that format; no vLLM or llama-server was run in them.
 
 Example (``summarize_judge_scores`` is pure arithmetic)::
 
@@ -43,6 +61,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tracelens.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
 from tracelens.types import JudgeResult
 
 TRAIT_MIN_MASS = 0.25  # trait score is None when the integer tokens hold less probability than this
@@ -594,23 +613,25 @@ def _both_sides(positive_texts: Sequence[str], negative_texts: Sequence[str], wh
 
 
 class EmbeddingJudge(_BatchScoring):
-    """An offline judge for ONE trait: a classifier fitted on that trait's contrastive responses.
+    """An offline judge for ONE trait: a classifier fitted on labelled texts of that trait.
 
     What it is:
         - Trait score = ``100 * P(positive | response)`` from a logistic regression (``C``) on features of the
           response alone: its all-MiniLM-L6-v2 sentence embedding, concatenated (``features="embedding+tfidf"``,
           the default) with TF-IDF word 1-2-grams fitted on the training texts. ``fit(positive_texts,
-          negative_texts)`` trains it, typically on the extraction run's own pos/neg responses.
+          negative_texts)`` trains it; ``offline_judge(trait)`` fits it on the trait's independent
+          ``judge_corpus.jsonl``. Never fit it on the responses the vectors were extracted from: it would
+          learn their surface style and reward steering for reproducing it.
         - Coherence = ``repetition_score(response)`` (distinct n-grams; looping text scores low), capped at
           50 when the response is OFF_TOPIC, i.e. when the cosine between question and response embeddings
           is below ``off_topic_threshold`` (0.15), mirroring the LLM judge's two stages; in ``score``, 0.0 for
           an answer ``degeneracy()`` flags. Deterministic.
-        - ``validity(pos, neg)`` = AUROC of its trait scores on held-out positive vs negative responses.
+        - ``validity(pos, neg)`` = AUROC of its trait scores on positive vs negative responses it did not see.
 
-    What it is not: a general judge. It knows only what separates this trait's training responses (topic
-    and wording as well as the trait) and ignores ``trait_name``/``definition``; its scores are classifier
-    probabilities, not calibrated trait ratings; coherence does not check grammar or truth. Report
-    ``validity()`` next to every number it produces.
+    What it is not: a general judge. It knows only what separates its training texts (wording as well as
+    the trait) and ignores ``trait_name``/``definition``; its scores are classifier probabilities, not
+    calibrated trait ratings; coherence does not check grammar or truth. Report ``validity()`` next to every
+    number it produces.
 
     Measured here (happy vs depressed answers of the ``moodswapper`` data, 100 held-out per class): AUROC
     0.88 / 0.91 / 0.96 after training on 20 / 40 / 150 per class (embedding only: 0.82 / 0.87 / 0.92). For
@@ -731,3 +752,23 @@ class EmbeddingJudge(_BatchScoring):
         positive_texts, negative_texts = _both_sides(positive_texts, negative_texts, "validity")
         return auroc(self.score_texts(positive_texts).tolist(), self.score_texts(negative_texts).tolist())
 
+
+def offline_judge(trait: str | TraitDataset) -> EmbeddingJudge:
+    """An ``EmbeddingJudge`` fitted on the trait's hand-labelled ``judge_corpus.jsonl`` (label 1 vs 0).
+
+    ``trait`` is a shipped trait's name ("starter/optimism") or a loaded ``TraitDataset`` (for traits under
+    another root). The corpus is independent of the trait's scenarios, so the judge never sees the responses
+    the vectors were extracted from. ``judge.name`` is ``"embedding-judge:<trait>:corpus-<sha256[:12]>"``,
+    which pins the exact corpus file it was fitted on. Raises ValueError when the trait has no corpus.
+    """
+    dataset = load_trait(trait) if isinstance(trait, str) else trait
+    corpus = dataset.judge_corpus
+    if corpus is None:
+        raise ValueError(
+            f"offline_judge needs a labelled judge corpus for trait {dataset.name!r}; got none: "
+            f"{dataset.path / JUDGE_CORPUS_FILE} does not exist. Write one ({{\"text\": ..., \"label\": 1 | 0}} per "
+            "line, at least 10 per label, independent of the scenarios) or judge with OpenAIJudge."
+        )
+    judge = EmbeddingJudge().fit(corpus.positive, corpus.negative)
+    judge.name = f"embedding-judge:{dataset.name}:corpus-{corpus.input_hash[:12]}"
+    return judge
