@@ -552,7 +552,7 @@ def test_the_guard_sets_coherence_to_zero_in_the_embedding_judges_batch_scores(f
 # ---------------------------------------------------------------------------------------------- local judge via the CLI
 
 
-def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies(server, monkeypatch):
+def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies(server, monkeypatch, tmp_path):
     """`tracelens steer --judge openai --judge-url http://127.0.0.1:PORT/v1`: the judge the CLI hands to the
     steering evaluation talks to the local server, without an API key, and its scores go through the guard."""
     handed = []
@@ -560,14 +560,18 @@ def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies
     class Stop(Exception):
         pass
 
-    def fake_run_steering_eval(*args, **kwargs):
+    def fake_judge_validity(*args, **kwargs):  # the first place the CLI hands its judge to
         handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
         raise Stop
 
-    monkeypatch.setattr(tracelens.steering_eval, "run_steering_eval", fake_run_steering_eval)
+    from tracelens.experiments import Experiment
+
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
+    Experiment.named("exp").write_config({"base": {"model": "tiny"}})
+    monkeypatch.setattr(tracelens.steering_eval, "judge_validity", fake_judge_validity)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(Stop):
-        tracelens.cli.main(["steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",
+        tracelens.cli.main(["--debug", "steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",
                             "--judge-url", server.url, "--judge-model", "local-judge"])
     (cli_judge,) = handed
     assert isinstance(cli_judge, OpenAIJudge) and cli_judge.url == server.url + "/chat/completions"
