@@ -224,3 +224,45 @@ def test_a_separate_response_backend_generates_then_is_shut_down(tmp_path, tiny)
                    response_backend=Responder.from_model(tiny.model))
     assert (Responder.calls, Responder.shut) == (2, 1)  # positive and negative sides, then freed
     assert load_activation_metadata(exp, TRAIT, "base", "response[:]").n_layers == 2
+
+
+def test_a_crash_mid_stage_after_a_config_change_never_leaves_mixed_files(tmp_path, tiny, monkeypatch):
+    backend = LocalBackend.from_model(tiny.model)
+    clean = _experiment(tmp_path / "clean")
+    run_extraction(clean, [TRAIT], CONFIG, backend=backend)
+    exp = _experiment(tmp_path / "crashed")
+    run_extraction(exp, [TRAIT], CONFIG, backend=backend)
+    real_save, calls = ex.save_tensors, []
+
+    def dies_on_second_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # kill -9 after the new train split was written, before select/test
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "save_tensors", dies_on_second_file)
+    with pytest.raises(KeyboardInterrupt):  # another split seed: new activations for every split
+        run_extraction(exp, [TRAIT], ExtractionConfig(**{**CONFIG.__dict__, "split_seed": 1}), backend=backend)
+    monkeypatch.setattr(ex, "save_tensors", real_save)
+    run_extraction(exp, [TRAIT], CONFIG, backend=backend)  # the old configuration again
+    for name, data in _files(clean).items():
+        if name.endswith(".safetensors") or "evaluation" in name:
+            assert data == _files(exp)[name], name
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"layers": "99"}, "outside 0..1"),
+    ({"component": "resid"}, "component must be one of residual"),
+    ({"methods": ("pca",)}, "unknown extraction method 'pca'"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer or None; got 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"position": "middle"}, "position"),
+])
+def test_bad_settings_fail_before_any_generation(tmp_path, tiny, monkeypatch, bad, match):
+    backend = LocalBackend.from_model(tiny.model)
+    monkeypatch.setattr(backend, "generate_results", lambda *a, **k: pytest.fail("generated before validating"))
+    with pytest.raises(ValueError, match=match):
+        run_extraction(_experiment(tmp_path), [TRAIT], ExtractionConfig(**{**CONFIG.__dict__, **bad}), backend=backend)
+    with pytest.raises(FileNotFoundError):
+        run_extraction(_experiment(tmp_path), ["starter/nope"], CONFIG, backend=backend)

@@ -43,3 +43,44 @@ def test_tensors_round_trip_and_corrupt_files_say_so(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="is corrupt .*--force"):
         tio.read_json(tmp_path / "bad.json")
+
+
+def test_an_append_after_a_torn_line_keeps_every_record_and_the_fragment(tmp_path):
+    path = tmp_path / "results.jsonl"
+    for i in range(3):
+        tio.append_jsonl(path, {"a": i})
+    path.write_bytes(path.read_bytes()[:-6])  # a crash mid-append: '{"a": 2}\n' loses its last 6 bytes
+    tio.append_jsonl(path, {"a": 3})
+    tio.append_jsonl(path, {"a": 4})
+    assert tio.read_jsonl(path) == [{"a": 0}, {"a": 1}, {"a": 3}, {"a": 4}]
+    [aside] = tmp_path.glob("results.torn-*.jsonl")
+    assert aside.read_bytes() == b'{"a'  # the fragment is kept, never silently dropped
+
+
+def test_a_last_line_missing_only_its_newline_is_completed(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}')
+    tio.append_jsonl(path, {"a": 3})
+    assert tio.read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 3}] and not list(tmp_path.glob("*.torn-*"))
+
+
+def test_nan_is_never_appended(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        tio.append_jsonl(path, {"coef": float("nan")})
+    assert tio.read_jsonl(path) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    tio.write_json(tmp_path / "a.json", {})
+    tio.append_jsonl(tmp_path / "b.jsonl", {})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o666 & ~tio._UMASK, "b.jsonl": 0o666 & ~tio._UMASK} and os.umask(tio._UMASK) == tio._UMASK
+
+
+def test_unique_siblings_never_collide(tmp_path):
+    path = tmp_path / "results.jsonl"
+    names = {tio.unique_sibling(path, "stale") for _ in range(50)}
+    assert len(names) == 50 and all(n.name.startswith("results.stale-") and n.suffix == ".jsonl" for n in names)

@@ -1,7 +1,10 @@
-"""Judges: the logprob judge against a real chat-completions server on 127.0.0.1, the offline embedding
-judge on hand-written texts, and summarize_judge_scores by hand."""
+"""Judges: the logprob judge against a real chat-completions server on 127.0.0.1 (also built through the
+CLI), the offline embedding judge on hand-written texts and on the starter traits' judge corpora, the
+degeneracy guard by hand, and summarize_judge_scores by hand."""
 
+import dataclasses
 import doctest
+import hashlib
 import importlib.util
 import json
 import math
@@ -12,19 +15,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import tracelens.cli
 import tracelens.judge
+import tracelens.steering_eval
 from tracelens.judge import (
     COHERENCE_SYSTEM,
     RELEVANCE_SYSTEM,
+    Degeneracy,
     EmbeddingJudge,
     Judge,
     JudgeError,
     OpenAIJudge,
+    degeneracy,
     logprob_score,
+    offline_judge,
     relevance_verdict,
     repetition_score,
     summarize_judge_scores,
 )
+from tracelens.traits import load_trait
 from tracelens.types import JudgeResult
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -53,6 +62,19 @@ def test_summarize_rounds_to_2_decimals():
     ])
     # mean 30, pop std sqrt((400 + 100 + 900) / 3) = 21.602..., success 1/3, coherence 4/3
     assert (r.trait_mean, r.trait_std, r.success_rate, r.coherence_mean) == (30.0, 21.6, 0.33, 1.33)
+
+
+def test_summarize_counts_degenerate_answers_and_ignores_the_key_otherwise():
+    scores = [
+        {"trait_score": 80.0, "coherence_score": 0.0, "degenerate": "the word 'the' 4 times in a row"},
+        {"trait_score": 40.0, "coherence_score": 90.0, "degenerate": None},
+        {"trait_score": None, "coherence_score": 0.0, "degenerate": "empty answer (no letter or digit)"},
+    ]
+    assert summarize_judge_scores(scores) == JudgeResult(
+        trait_mean=60.0, coherence_mean=30.0, n=2, trait_std=20.0, success_rate=0.5, min_score=40.0, max_score=80.0,
+        n_degenerate=2,
+    )
+    assert summarize_judge_scores(scores[2:]) == JudgeResult(None, 0.0, 0, n_degenerate=1)
 
 
 def test_summarize_empty_and_all_none():
@@ -296,7 +318,9 @@ def test_batch_scoring_is_concurrent_and_keeps_input_order(server):
     server.respond = respond
     items = [{"question": str(i), "response": "r"} for i in range(40)]
     results = judge(server, max_concurrency=4).score(items, trait_name="t", definition="d")
-    assert results == [{"trait_score": pytest.approx(i), "coherence_score": pytest.approx(40)} for i in range(40)]
+    assert results == [
+        {"trait_score": pytest.approx(i), "coherence_score": pytest.approx(40), "degenerate": None} for i in range(40)
+    ]
     assert 1 < server.max_in_flight <= 4
     assert len(server.requests) == 80
 
@@ -405,9 +429,10 @@ def test_embedding_coherence_looping_off_topic_and_fluent(fitted):
 def test_embedding_batch_scores_equal_single_scores_and_are_deterministic(fitted):
     items = [{"question": "How was your day?", "response": t} for t in HAPPY_HELD_OUT[:2] + SAD_HELD_OUT[:2]]
     batch = fitted.score(items)
-    single = [{"trait_score": fitted.score_trait(i["question"], i["response"]),
-               "coherence_score": fitted.score_coherence(i["question"], i["response"])} for i in items]
-    assert batch == [{k: pytest.approx(v, abs=1e-4) for k, v in s.items()} for s in single]
+    single = [{"trait_score": pytest.approx(fitted.score_trait(i["question"], i["response"]), abs=1e-4),
+               "coherence_score": pytest.approx(fitted.score_coherence(i["question"], i["response"]), abs=1e-4),
+               "degenerate": None} for i in items]
+    assert batch == single
     assert fitted.score(items) == batch
 
 
@@ -440,3 +465,160 @@ def test_fit_and_validity_need_both_sides():
         EmbeddingJudge().fit([], ["meh"])
     with pytest.raises(ValueError, match=r"validity needs at least one positive and one negative text, got 1 positive and 0"):
         EmbeddingJudge().validity(["yay"], [])
+
+
+# ---------------------------------------------------------------------------------------------- degeneracy guard
+
+OCEAN = "The ocean is alive with the sea life! 🌱🌱🌱🌱🌱🌱🌱🌱🌱🌱…"  # a steered answer from the demo
+FLUENT = ("Rivers shape the land around them. Over thousands of years they carve valleys, carry soil downstream "
+          "and build rich plains where farming thrives.")
+
+
+def test_degeneracy_flags_the_steered_emoji_loop():
+    # 9 words, no word repeats: only the 10 identical emoji in a row make it degenerate.
+    assert degeneracy(OCEAN) == Degeneracy(
+        empty=False, longest_run=10, repeated_ngram_fraction=0.0, degenerate=True, reason="'🌱' 10 times in a row"
+    )
+
+
+def test_degeneracy_flags_one_word_four_times_in_a_row_whatever_its_case_and_punctuation():
+    # 4 words, 2 word 3-grams of which 1 repeats: 0.5, but under 10 words the share is not used.
+    assert degeneracy("the the the the") == Degeneracy(False, 4, 0.5, True, "the word 'the' 4 times in a row")
+    assert degeneracy("The the, the THE.").reason == "the word 'the' 4 times in a row"
+    assert not degeneracy("It was very, very, very good.").degenerate  # three in a row is emphasis
+
+
+def test_degeneracy_flags_a_sentence_looping_three_times():
+    text = "I love walking by the sea at dawn with my dog. " * 3
+    # 33 words with period 11: 31 word 3-grams, 11 distinct, so 20/31 repeat.
+    d = degeneracy(text)
+    assert d.repeated_ngram_fraction == pytest.approx(20 / 31)
+    # Its longest run is the "aa" of "sea at" (whitespace removed).
+    assert (d.degenerate, d.reason, d.longest_run) == (True, "65% of its word 3-grams are repeats", 2)
+
+
+def test_degeneracy_leaves_a_fluent_answer_and_emphatic_punctuation_alone():
+    assert degeneracy(FLUENT) == Degeneracy(False, 2, 0.0, False, None)  # longest run: the "rr" of "carry"
+    for text in ["That's wonderful news!! Congratulations on the new job.", "Wow!!!!! Five is still fine.",
+                 "Sooooooooo good", "It costs 1000000 dollars.", "The identity is [[1, 0, 0, 0, 0], ...].",
+                 "Yes 🎉🎉🎉 we did it",
+                 "Totals\n------------\n| item | cost |\n|----------|----------|\n| tea | 2 |"]:
+        assert degeneracy(text).reason is None, text
+
+
+def test_degeneracy_flags_empty_answers():
+    for text in ["", "   \n\t", "...", "🙂"]:
+        d = degeneracy(text)
+        assert d.empty and d.degenerate and d.reason.startswith("empty answer (no letter or digit)"), text
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Yes!!!!!! That is great.", "'!' 6 times in a row"),
+        ("I love it ❤️❤️❤️❤️❤️❤️", "'❤️' 6 times in a row"),  # heart + variation selector is one character
+        ("Go team 🇺🇸🇺🇸🇺🇸🇺🇸🇺🇸🇺🇸", "'🇺🇸' 6 times in a row"),  # two flag letters are one flag
+        ("Thanks 👍🏽 👍🏽 👍🏽 👍🏽 👍🏽 👍🏽", "the word '👍🏽' 6 times in a row; '👍🏽' 6 times in a row"),
+        ("Hello aaaaaaaaaa", "'a' 10 times in a row"),
+    ],
+)
+def test_degeneracy_thresholds_for_character_runs(text, reason):
+    assert degeneracy(text).reason == reason
+    shorter = text.replace("!!!!!!", "!!!!!").replace("aaaaaaaaaa", "aaaaaaaaa")
+    shorter = shorter.replace("❤️❤️❤️❤️❤️❤️", "❤️❤️❤️❤️❤️").replace("🇺🇸" * 6, "🇺🇸" * 5).replace(" 👍🏽" * 6, " 👍🏽" * 3)
+    assert degeneracy(shorter).reason is None, shorter
+
+
+def test_repeated_ngram_fraction_by_hand_and_its_ten_word_floor():
+    # "a b c a b c": 3-grams abc bca cab abc, one repeat of four.
+    assert degeneracy("a b c a b c").repeated_ngram_fraction == 0.25
+    nine = "go home now go home now go home now"  # 9 words, 7 3-grams, 3 distinct: 4/7 repeat, but under 10 words
+    assert degeneracy(nine).repeated_ngram_fraction == pytest.approx(4 / 7) and not degeneracy(nine).degenerate
+    assert degeneracy(nine + " please").reason == "50% of its word 3-grams are repeats"  # 10 words: 4/8
+
+
+def test_the_guard_sets_coherence_to_zero_in_the_embedding_judges_batch_scores(fitted):
+    question = "What do you think of the ocean?"
+    results = fitted.score([{"question": question, "response": r} for r in (OCEAN, FLUENT, "")])
+    assert [r["degenerate"] for r in results] == [
+        "'🌱' 10 times in a row", None, "empty answer (no letter or digit)"
+    ]
+    assert results[0]["coherence_score"] == 0.0 and results[2]["coherence_score"] == 0.0
+    assert fitted.score_coherence(question, OCEAN) > 50  # what the judge alone says: the guard overrides it
+    assert results[1]["coherence_score"] == pytest.approx(fitted.score_coherence(question, FLUENT), abs=1e-4)
+    assert results[0]["trait_score"] == pytest.approx(fitted.score_trait(question, OCEAN), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- local judge via the CLI
+
+
+def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies(server, monkeypatch, tmp_path):
+    """`tracelens steer --judge openai --judge-url http://127.0.0.1:PORT/v1`: the judge the CLI hands to the
+    steering evaluation talks to the local server, without an API key, and its scores go through the guard."""
+    handed = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_judge_validity(*args, **kwargs):  # the first place the CLI hands its judge to
+        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
+        raise Stop
+
+    from tracelens.experiments import Experiment
+
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
+    Experiment.named("exp").write_config({"base": {"model": "tiny"}})
+    monkeypatch.setattr(tracelens.steering_eval, "judge_validity", fake_judge_validity)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(Stop):
+        tracelens.cli.main(["--debug", "steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",
+                            "--judge-url", server.url, "--judge-model", "local-judge"])
+    (cli_judge,) = handed
+    assert isinstance(cli_judge, OpenAIJudge) and cli_judge.url == server.url + "/chat/completions"
+
+    server.stages["coherence"] = [("90", 1.0)]  # the judge calls every answer fluent
+    items = [{"question": "What do you think of the ocean?", "response": r} for r in (OCEAN, FLUENT)]
+    results = cli_judge.score(items, trait_name="optimism", definition="Hope.")
+    assert results == [
+        {"trait_score": pytest.approx(50), "coherence_score": 0.0, "degenerate": "'🌱' 10 times in a row"},
+        {"trait_score": pytest.approx(50), "coherence_score": pytest.approx(90), "degenerate": None},
+    ]
+    assert {p["model"] for p in server.requests} == {"local-judge"}
+    assert all("Authorization" not in h for h in server.headers)
+
+
+# ---------------------------------------------------------------------------------------------- offline judge on
+# the starter traits' independent judge corpora
+
+
+@pytest.mark.parametrize(("name", "min_auroc"), [
+    # Measured (3 folds, held-out AUROC): enthusiasm 1.0 / 0.9975 / 1.0, formality 1.0 / 1.0 / 1.0,
+    # optimism 0.795 / 0.895 / 0.825. Optimism texts pair the same situation with a hopeful and a gloomy
+    # outlook, so nothing but the outlook separates them.
+    ("starter/enthusiasm", 0.95), ("starter/formality", 0.95), ("starter/optimism", 0.75),
+])
+def test_a_judge_fitted_on_part_of_the_corpus_separates_the_rest(name, min_auroc):
+    corpus = load_trait(name).judge_corpus
+    # Row i of each label is about the same topic, so every fold holds out whole topics.
+    for k in range(3):
+        fold = lambda texts, held_out: [t for i, t in enumerate(texts) if (i % 3 == k) == held_out]  # noqa: E731
+        judge_ = EmbeddingJudge().fit(fold(corpus.positive, False), fold(corpus.negative, False))
+        assert judge_.validity(fold(corpus.positive, True), fold(corpus.negative, True)) > min_auroc, k
+
+
+def test_offline_judge_fits_the_corpus_and_names_it():
+    trait = load_trait("starter/formality")
+    judge_ = offline_judge("starter/formality")
+    digest = hashlib.sha256(trait.judge_corpus.path.read_bytes()).hexdigest()
+    assert judge_.name == f"embedding-judge:starter/formality:corpus-{digest[:12]}"
+    assert judge_.n_train_ == (60, 60)
+    assert offline_judge(trait).name == judge_.name  # a loaded TraitDataset works too
+    assert judge_.score_trait("q", "I would be most grateful for your prompt reply.") > 50
+    assert judge_.score_trait("q", "lol ya sure, hit me up whenever") < 50
+
+
+def test_offline_judge_refuses_a_trait_without_a_corpus():
+    trait = dataclasses.replace(load_trait("starter/optimism"), judge_corpus=None)
+    with pytest.raises(ValueError, match=r"trait 'starter/optimism'; got none: .*starter/optimism/judge_corpus\.jsonl "
+                                         r"does not exist"):
+        offline_judge(trait)

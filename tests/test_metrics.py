@@ -62,3 +62,39 @@ def test_metrics_accept_half_precision():
 def test_scores_must_be_one_dimensional():
     with pytest.raises(ValueError, match="pos_scores must be a 1-D sequence of at least 1 scores, got shape \\(2, 1\\)"):
         auroc(torch.ones(2, 1), torch.ones(2))
+
+
+def test_paired_separation_points_equal_the_plain_metrics_and_intervals_contain_them():
+    from tracelens.metrics import paired_separation
+
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(15, generator=g) + 1.0, torch.randn(15, generator=g)
+    got = paired_separation(pos, neg, threshold=0.3)
+    assert got["auroc"].value == pytest.approx(auroc(pos, neg))
+    assert got["accuracy"].value == pytest.approx(accuracy(pos, neg, threshold=0.3))
+    assert got["effect_size"].value == pytest.approx(effect_size(pos, neg, signed=True))
+    for e in got.values():
+        assert e.lo <= e.value <= e.hi and e.lo < e.hi
+    assert paired_separation(pos, neg, 0.3) == got  # seeded
+    assert paired_separation(pos, neg, 0.3, seed=1) != got
+
+
+def test_paired_bootstrap_resamples_questions_not_answers():
+    from tracelens.metrics import paired_separation
+
+    # Perfect separation: every resample of questions is still perfect, so the interval is [1, 1].
+    got = paired_separation([2.0, 3.0, 4.0], [0.0, 1.0, 1.5], threshold=1.75)
+    assert (got["auroc"].lo, got["auroc"].hi, got["accuracy"].lo) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="one positive and one negative per question"):
+        paired_separation([1.0, 2.0, 3.0], [0.0, 1.0], threshold=0.5)
+
+
+def test_bootstrap_mean_and_resample_counts():
+    from tracelens.metrics import bootstrap_mean, resample_counts
+
+    w = resample_counts(7, 200, seed=3)
+    assert w.shape == (200, 7) and torch.all(w.sum(1) == 7)
+    assert bootstrap_mean([2.0, 2.0, 2.0]).to_dict() == {"value": 2.0, "lo": 2.0, "hi": 2.0}
+    e = bootstrap_mean(torch.arange(100.0))
+    assert e.value == 49.5 and 40 < e.lo < 49.5 < e.hi < 60  # sd/sqrt(n) = 2.9: +-1.96 * 2.9 = +-5.7
+    assert f"{e:.1f}".startswith("49.5 [")

@@ -102,7 +102,7 @@ def test_re_extracted_vectors_invalidate_old_steering_runs(extracted):
     assert select_vector(exp, TRAIT).source == "evaluation"  # old runs describe vectors that are gone
     run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
     folder = exp.steering_results_path(TRAIT, "base", "response[:]").parent
-    assert len(list(folder.glob("results.*.stale.jsonl"))) == 1 and len(_runs(exp)) == 6
+    assert len(list(folder.glob("results.stale-*.jsonl"))) == 1 and len(_runs(exp)) == 6
     assert select_vector(exp, TRAIT).source == "steering"
 
 
@@ -139,3 +139,41 @@ def test_too_few_questions_for_search_and_report_is_an_error(extracted):
     with pytest.raises(ValueError, match="n_search=100 leaves 0 for the report"):
         run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "n_search": 100,
                                                                            "n_report": None}), backend=backend)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"coefficients": [float("nan")]}, "coefficients must be a non-empty list of finite numbers"),
+    ({"coefficients": []}, "coefficients must be a non-empty list"),
+    ({"n_search": 0}, "n_search must be a positive integer; got 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer; got 0"),
+    ({"n_report": 0}, "n_report must be a positive integer or None"),
+    ({"direction": "up"}, "direction must be 'positive', 'negative' or None"),
+])
+def test_bad_settings_fail_at_construction(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SteeringEvalConfig(**{**CONFIG.__dict__, **bad})
+
+
+def test_stale_results_are_never_overwritten_and_a_bad_run_moves_nothing(extracted):
+    exp, backend = extracted
+    path = exp.steering_results_path(TRAIT, "base", "response[:]")
+    one = SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1})
+    for tokens in (3, 4, 3):  # two switches within the same second
+        run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one.__dict__, "max_new_tokens": tokens}),
+                          backend=backend)
+    assert len(list(path.parent.glob("results.stale-*.jsonl"))) == 2
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="outside"):  # a layer the model lacks: checked before any file moves
+        run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one.__dict__, "layers": [9],
+                                                                          "max_new_tokens": 5}), backend=backend)
+    assert path.read_bytes() == before and len(list(path.parent.glob("results.stale-*.jsonl"))) == 2
+
+
+def test_a_renamed_experiment_keeps_its_steering_results(extracted):
+    exp, backend = extracted
+    run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    moved = Experiment.named("renamed", exp.root)
+    exp.dir.rename(moved.dir)
+    judge = FixedJudge()
+    run_steering_eval(moved, TRAIT, judge, CONFIG, backend=backend)
+    assert judge.calls == 0 and not list(moved.steering_results_path(TRAIT, "base", "response[:]").parent.glob("*stale*"))

@@ -1,5 +1,6 @@
 """Shipped starter traits and the trait loader: content checks, formats, every validation error, hashing."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tracelens.traits import (
+    JudgeCorpus,
     Scenario,
     SteeringQuestions,
     TraitDataError,
@@ -38,7 +40,8 @@ def test_shipped_trait_loads_with_enough_matched_pairs_and_questions(name):
     assert trait.name == name
     assert trait.path == default_traits_root().joinpath(*name.split("/"))
     assert len(trait.positive) == len(trait.negative) == len(trait) >= 40
-    assert len(trait.steering.questions) >= 10
+    # 24 questions: the first 8 search the coefficient, the other 16 are for reporting.
+    assert len(trait.steering.questions) == 24
     assert trait.steering.direction == "positive"
     assert re.fullmatch(r"[0-9a-f]{64}", trait.input_hash)
 
@@ -76,6 +79,24 @@ def test_shipped_steering_questions_never_reuse_any_traits_extraction_prompts():
 
 
 @pytest.mark.parametrize("name", STARTER)
+def test_shipped_judge_corpus_is_balanced_and_independent_of_the_scenarios_and_questions(name):
+    trait = load_trait(name)
+    corpus = trait.judge_corpus
+    assert isinstance(corpus, JudgeCorpus)
+    assert corpus.path == trait.path / "judge_corpus.jsonl"
+    assert corpus.input_hash == hashlib.sha256(corpus.path.read_bytes()).hexdigest()
+    assert len(corpus.positive) == len(corpus.negative) == 60 and len(corpus.texts) == 120
+    texts = {_norm(t) for t in corpus.texts}
+    prompts = {_norm(s.prompt) for s in trait.positive + trait.negative}
+    systems = {_norm(s.system_prompt) for s in trait.positive + trait.negative}
+    questions = {_norm(q) for q in trait.steering.questions}
+    assert not texts & (prompts | systems | questions)
+    # Surface cues vary with the label: "!" is neither necessary nor sufficient for either side.
+    exclaims = [sum("!" in t for t in side) for side in (corpus.positive, corpus.negative)]
+    assert all(n >= 1 for n in exclaims) and all(n < 60 for n in exclaims), exclaims
+
+
+@pytest.mark.parametrize("name", STARTER)
 def test_shipped_definition_follows_the_rubric_shape(name):
     definition = load_trait(name).definition
     trait_word = name.split("/")[1]
@@ -100,8 +121,17 @@ def _rows(*prompts, system="sys"):
     return "".join(json.dumps({"prompt": p, "system_prompt": system}) + "\n" for p in prompts)
 
 
-def make_trait(root: Path, name="cat/trait", pos=None, neg=None, definition=RUBRIC, steering=None, fmt="jsonl"):
-    """Write a valid tiny trait (2 pairs) under root, with any file overridable; None leaves the default."""
+def _corpus(n_pos=10, n_neg=10):
+    """``judge_corpus.jsonl`` text with n_pos texts labelled 1 and n_neg labelled 0."""
+    rows = [{"text": f"yes {i}", "label": 1} for i in range(n_pos)]
+    rows += [{"text": f"no {i}", "label": 0} for i in range(n_neg)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def make_trait(root: Path, name="cat/trait", pos=None, neg=None, definition=RUBRIC, steering=None, fmt="jsonl",
+               corpus=None):
+    """Write a valid tiny trait (2 pairs) under root, with any file overridable; None leaves the default (no
+    judge corpus unless ``corpus`` is given)."""
     folder = root.joinpath(*name.split("/"))
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
@@ -115,6 +145,8 @@ def make_trait(root: Path, name="cat/trait", pos=None, neg=None, definition=RUBR
     if steering is not False:
         text = steering if isinstance(steering, str) else json.dumps(steering or {"questions": ["q1?"]})
         (folder / "steering.json").write_text(text, encoding="utf-8")
+    if corpus is not None:
+        (folder / "judge_corpus.jsonl").write_text(corpus, encoding="utf-8")
     return folder
 
 
@@ -128,6 +160,7 @@ def test_tiny_jsonl_trait_loads_into_dataclasses(tmp_path):
     assert trait.definition == RUBRIC.strip()
     assert trait.steering == SteeringQuestions(questions=["q1?", "q2?"], direction="negative", eval_prompt="Rate {x}")
     assert trait.files == {"positive": trait.path / "positive.jsonl", "negative": trait.path / "negative.jsonl"}
+    assert trait.judge_corpus is None
     assert list_traits(tmp_path) == ["cat/trait"]
 
 
@@ -260,10 +293,11 @@ def test_count_mismatch_names_both_counts(tmp_path):
         load_trait("cat/trait", tmp_path)
 
 
-def test_invalid_utf8(tmp_path):
+@pytest.mark.parametrize("name", ["positive.jsonl", "judge_corpus.jsonl"])
+def test_invalid_utf8(tmp_path, name):
     folder = make_trait(tmp_path)
-    (folder / "positive.jsonl").write_bytes(b'{"prompt": "caf\xe9?"}\n')
-    with pytest.raises(TraitDataError, match=r"positive\.jsonl is not valid UTF-8"):
+    (folder / name).write_bytes(b'{"prompt": "caf\xe9?"}\n')
+    with pytest.raises(TraitDataError, match=rf"{re.escape(name)} is not valid UTF-8"):
         load_trait("cat/trait", tmp_path)
 
 
@@ -363,3 +397,65 @@ def test_loading_never_executes_file_content(tmp_path):
     trait = load_trait("cat/trait", tmp_path)
     assert trait.positive[0].prompt == payload and trait.steering.questions == [payload]
     assert not marker.exists()
+
+
+# --- judge corpus --------------------------------------------------------------------------------------------------
+
+
+def test_judge_corpus_loads_in_file_order_skipping_blank_lines(tmp_path):
+    text = _corpus(10, 10).replace('"label": 1}\n', '"label": 1}\n\n', 1)  # a blank line after the first row
+    text = '{"text": "  padded  ", "label": 0}\n' + text
+    folder = make_trait(tmp_path, corpus=text)
+    corpus = load_trait("cat/trait", tmp_path).judge_corpus
+    assert corpus.texts == ["  padded  "] + [f"yes {i}" for i in range(10)] + [f"no {i}" for i in range(10)]
+    assert corpus.labels == [0] + [1] * 10 + [0] * 10
+    assert corpus.positive == [f"yes {i}" for i in range(10)]
+    assert corpus.negative == ["  padded  "] + [f"no {i}" for i in range(10)]
+    assert corpus.path == folder / "judge_corpus.jsonl"
+    assert corpus.input_hash == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_judge_corpus_hash_tracks_the_file_bytes_and_not_the_scenarios(tmp_path):
+    folder = make_trait(tmp_path, corpus=_corpus())
+    first = load_trait("cat/trait", tmp_path)
+    (folder / "judge_corpus.jsonl").write_text(_corpus() + "\n", encoding="utf-8")  # same rows, one more byte
+    second = load_trait("cat/trait", tmp_path)
+    assert second.judge_corpus.texts == first.judge_corpus.texts
+    assert second.judge_corpus.input_hash != first.judge_corpus.input_hash
+    assert second.input_hash == first.input_hash  # the scenario hash ignores the corpus
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "match"),
+    [
+        ('{"text": "x", "label": 1', r"line 21: malformed JSON \(.* at column \d+\)"),
+        ('["x", 1]', r"line 21: expected a JSON object like \{\"text\": \"...\", \"label\": 1\}, got list"),
+        ('{"text": "x"}', r"line 21: missing 'label' \(got keys \['text'\]\)"),
+        ('{"label": 1}', r"line 21: missing 'text' \(got keys \['label'\]\)"),
+        ('{"text": "x", "label": 1, "source": "me"}',
+         r"line 21: unknown keys \['source'\]; allowed keys are \['text', 'label'\]"),
+        ('{"text": "x", "label": 2}', r"line 21: 'label' must be 1 \(shows the trait\) or 0 \(the opposite\), got 2"),
+        ('{"text": "x", "label": "1"}', r"line 21: 'label' must be 1 .* got '1'"),
+        ('{"text": "x", "label": true}', r"line 21: 'label' must be 1 .* got True"),
+        ('{"text": "x", "label": 1.0}', r"line 21: 'label' must be 1 .* got 1.0"),
+        ('{"text": "x", "label": null}', r"line 21: 'label' must be 1 .* got None"),
+        ('{"text": "", "label": 1}', r"line 21: 'text' must be a non-empty string, got ''"),
+        ('{"text": "  ", "label": 0}', r"line 21: 'text' must be a non-empty string, got '  '"),
+        ('{"text": 3, "label": 0}', r"line 21: 'text' must be a non-empty string, got 3"),
+        ('{"text": "  YES   3 ", "label": 1}',
+         r"line 21: duplicate text \(the same as line 4, ignoring case and whitespace\)"),
+    ],
+)
+def test_bad_judge_corpus_row_names_the_file_and_line(tmp_path, bad_line, match):
+    make_trait(tmp_path, corpus=_corpus() + bad_line + "\n")
+    with pytest.raises(TraitDataError, match=r"judge_corpus\.jsonl, " + match):
+        load_trait("cat/trait", tmp_path)
+
+
+@pytest.mark.parametrize(("n_pos", "n_neg"), [(9, 12), (12, 9), (0, 0)])
+def test_judge_corpus_needs_ten_texts_per_label(tmp_path, n_pos, n_neg):
+    make_trait(tmp_path, corpus=_corpus(n_pos, n_neg))
+    msg = rf"judge_corpus\.jsonl: needs at least 10 texts per label; got {n_pos} with label 1 and {n_neg} with label 0"
+    with pytest.raises(TraitDataError, match=msg):
+        load_trait("cat/trait", tmp_path)
+

@@ -56,7 +56,7 @@ EXAMPLES = {
         source="steering", coefficient=4.2, naturalness=70.0, delta=31.5, coherence=82.0, val_accuracy=0.9,
         val_auroc=0.97,
     ),
-    "JudgeResult": JudgeResult(62.5, 81.25, 4, 12.1, 0.75, 40.0, 90.0),
+    "JudgeResult": JudgeResult(62.5, 81.25, 4, 12.1, 0.75, 40.0, 90.0, n_degenerate=1),
     "ModelVariant": ModelVariant("instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "some/lora"),
     "ActivationMetadata": ActivationMetadata(
         n_layers=30, hidden_dim=576, captured_layers=[3, 10], activation_norms={3: 12.5, 10: 40.25},
@@ -162,8 +162,14 @@ def test_vector_result_checks_source_direction_and_steering_only_fields():
 
 
 def test_judge_result_empty():
-    assert JudgeResult.empty() == JudgeResult(None, None, 0, 0.0, 0.0, None, None)
+    assert JudgeResult.empty() == JudgeResult(None, None, 0, 0.0, 0.0, None, None, 0)
     assert JudgeResult.from_dict(JudgeResult.empty().to_dict()) == JudgeResult.empty()
+
+
+def test_judge_result_from_before_the_degeneracy_guard_reads_as_none_degenerate():
+    old = {"trait_mean": 70.0, "coherence_mean": 85.0, "n": 5, "trait_std": 3.0, "success_rate": 0.6,
+           "min_score": 10.0, "max_score": 90.0}
+    assert JudgeResult.from_dict(old) == JudgeResult(70.0, 85.0, 5, 3.0, 0.6, 10.0, 90.0, n_degenerate=0)
 
 
 def test_model_variant_is_a_named_tuple_with_optional_lora():

@@ -24,7 +24,16 @@ from tracelens.hooks import (
     SteeringHook,
     calibrate_cap_threshold,
 )
-from tracelens.judge import EmbeddingJudge, Judge, JudgeError, OpenAIJudge, summarize_judge_scores
+from tracelens.judge import (
+    Degeneracy,
+    EmbeddingJudge,
+    Judge,
+    JudgeError,
+    OpenAIJudge,
+    degeneracy,
+    offline_judge,
+    summarize_judge_scores,
+)
 from tracelens.loading import load_model
 from tracelens.massive import MassiveDimCollector, candidate_dims
 from tracelens.math import (
@@ -64,7 +73,15 @@ from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
 from tracelens.server import ModelServer
 from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
-from tracelens.traits import Scenario, SteeringQuestions, TraitDataError, TraitDataset, list_traits, load_trait
+from tracelens.traits import (
+    JudgeCorpus,
+    Scenario,
+    SteeringQuestions,
+    TraitDataError,
+    TraitDataset,
+    list_traits,
+    load_trait,
+)
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
@@ -106,9 +123,10 @@ __all__ = [
     "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
     "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
     # judges
-    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores",
+    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "offline_judge", "degeneracy",
+    "Degeneracy",
     # traits, experiments and the pipeline
-    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError",
+    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
     # monitoring, massive activations, prompt sets, profiling

@@ -135,6 +135,7 @@ def server(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="extract -> evaluate -> steer -> select on the default model")
@@ -226,9 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A bad setting or input (ValueError, KeyError, a missing file) prints one line and
+    returns 2, any other failure one line and 1; `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"tracelens {args.command}: error: {_message(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line
+        if args.debug:
+            raise
+        print(f"tracelens {args.command}: {type(err).__name__}: {_message(err)} (--debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 if __name__ == "__main__":

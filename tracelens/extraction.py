@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import sys
 import re
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from tracelens.io import load_tensors, read_json, save_tensors, write_json
 from tracelens.methods import get_method
 from tracelens.metrics import N_RESAMPLES, accuracy, auroc, effect_size, paired_separation
 from tracelens.positions import parse_position, tokens_needed
+from tracelens.sites import COMPONENTS
 from tracelens.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
 from tracelens.traits import load_trait
 from tracelens.types import ActivationMetadata
@@ -94,11 +96,32 @@ def _hash(*parts) -> str:
 
 
 def _up_to_date(path, input_hash: str, force: bool) -> bool:
-    return not force and path.is_file() and read_json(path).get("input_hash") == input_hash
+    """True when the stage's metadata at `path` carries `input_hash`. Otherwise the metadata is deleted
+    before the stage writes anything, so a crash mid-stage never leaves files that metadata vouches for."""
+    if not force and path.is_file() and read_json(path).get("input_hash") == input_hash:
+        return True
+    path.unlink(missing_ok=True)
+    return False
 
 
-def check_config(config: ExtractionConfig) -> None:
-    """ValueError naming the first setting of `config` that cannot work (checked before any model work)."""
+def check_config(config: ExtractionConfig, n_layers: int | None = None) -> None:
+    """ValueError naming the first setting of `config` that cannot work (checked before any model work;
+    the layer range only when `n_layers` is known)."""
+    if isinstance(config.methods, str) or not config.methods:
+        raise ValueError(f"methods must be a non-empty list of method names; got {config.methods!r}")
+    for name in config.methods:
+        get_method(name)
+    if config.component not in COMPONENTS:
+        raise ValueError(f"component must be one of {', '.join(COMPONENTS)}; got {config.component!r}")
+    if config.position is not None:
+        parse_position(config.position)
+    for name in ("max_new_tokens", "limit", "batch_size"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+    if not math.isfinite(config.temperature) or config.temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0; got {config.temperature!r}")
+    parse_layers(config.layers, n_layers or 10**6)
     check_fractions(config.splits)
     if config.n_random < 20:
         raise ValueError(f"n_random must be at least 20 for a chance band; got {config.n_random}")
@@ -398,6 +421,12 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     from tracelens.experiments import get_model_variant
     from tracelens.loading import load_model
 
+    config = config or ExtractionConfig()
+    check_config(config)
+    if isinstance(traits, str) or not traits:
+        raise ValueError(f"traits must be a non-empty list of trait names; got {traits!r}")
+    for trait in traits:
+        load_trait(trait)
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="extraction")
     chat = exp.config().get("use_chat_template")
@@ -408,7 +437,9 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
             backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=chat)
         return backend
 
-    config = resolve_defaults(response_backend or local(), config or ExtractionConfig())
+    if response_backend is None:
+        check_config(config, local().n_layers)  # the layer range, before any generation
+    config = resolve_defaults(response_backend or local(), config)
     responses = {t: generate_responses(exp, t, mv.name, response_backend or local(), config, mv.model) for t in traits}
     if response_backend is not None and hasattr(response_backend, "shutdown"):
         response_backend.shutdown()  # free the GPU before the local model loads

@@ -1,8 +1,10 @@
-"""Atomic file writing and code-free tensor loading.
+"""Atomic file writing, crash-safe appends and code-free tensor loading.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a killed
-run leaves either the old file or the new one, never half of one. Tensors are stored as
-safetensors (no pickle, nothing executes on load).
+run leaves either the old file or the new one, never half of one; files get the usual permissions
+(0666 less the umask), like any other file the user creates. An append first repairs a torn last
+line left by a killed writer, keeping the fragment in a `.torn` file beside it. Tensors are stored
+as safetensors (no pickle, nothing executes on load).
 """
 
 from __future__ import annotations
@@ -11,11 +13,30 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def unique_sibling(path: Path, tag: str) -> Path:
+    """A new, unused path beside `path`: `{stem}.{tag}-{random}{suffix}` (never overwrites anything)."""
+    path = Path(path)
+    while True:
+        candidate = path.with_name(f"{path.stem}.{tag}-{uuid.uuid4().hex[:12]}{path.suffix}")
+        if not candidate.exists():
+            return candidate
 
 
 @contextlib.contextmanager
@@ -25,6 +46,7 @@ def _replacing(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should look like any other
     try:
         yield tmp
         os.replace(tmp, path)
@@ -53,14 +75,37 @@ def read_json(path: Path):
 
 
 def append_jsonl(path: Path, obj) -> None:
-    """Append one JSON line with a single write (a reader never sees half a line unless the disk fails)."""
+    """Append one JSON line with a single write, after repairing a torn last line (see `repair_jsonl`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(obj) + "\n").encode()
+    repair_jsonl(path)
+    line = (json.dumps(obj, allow_nan=False) + "\n").encode()
     with open(path, "ab") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def repair_jsonl(path: Path) -> Path | None:
+    """Make `path` end at a line boundary. A last line without its newline is completed when it is
+    valid JSON, else moved to a new `{stem}.torn-*.jsonl` beside it (returned) and cut off."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    fragment = data[cut:]
+    try:
+        json.loads(fragment)
+    except ValueError:
+        aside = unique_sibling(path, "torn")
+        write_bytes(aside, fragment)
+        write_bytes(path, data[:cut])
+        return aside
+    write_bytes(path, data + b"\n")
+    return None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,14 +2,34 @@
 
 Every judge follows the ``Judge`` protocol: ``score_trait(question, response, trait_name, definition)`` and
 ``score_coherence(question, response)`` return a float in [0, 100], or None when the judge cannot decide, and
-``score(items)`` scores a batch into ``[{"trait_score", "coherence_score"}, ...]`` in input order, ready for
-``summarize_judge_scores``. Two judges:
+``score(items)`` scores a batch into ``[{"trait_score", "coherence_score", "degenerate"}, ...]`` in input
+order, ready for ``summarize_judge_scores``. ``score`` applies the degeneracy guard to every judge: an answer
+that ``degeneracy()`` flags (empty, one token looping, repeated phrases) gets coherence 0.0 whatever the judge
+said, and its ``"degenerate"`` names why (None otherwise). Two judges:
 
 - ``OpenAIJudge``: an LLM behind any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp
   server), scored with the upstream logprob method. This is the reference judge.
-- ``EmbeddingJudge``: an offline stand-in for machines without an endpoint: a classifier fitted on the
-  trait's own contrastive responses plus a deterministic repetition/relevance coherence measure. It is not a
-  general judge; ``validity()`` measures how well it separates held-out responses, and runs report it.
+- ``EmbeddingJudge``: an offline stand-in for machines without an endpoint: a classifier plus a
+  deterministic repetition/relevance coherence measure. ``offline_judge(trait)`` fits it on the trait's
+  hand-labelled ``judge_corpus.jsonl``, never on the responses the vectors were extracted from, and names the
+  corpus in ``judge.name``. It is not a general judge; ``validity()`` measures how well it separates
+  responses it did not see, and runs report it.
+
+Judging offline with a local LLM (a machine with a GPU): run any server that speaks OpenAI chat completions
+with ``logprobs``/``top_logprobs`` on loopback, and point ``--judge-url`` at its ``/v1`` root, e.g.::
+
+    vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000      # or: llama-server -m judge.gguf --port 8000
+    tracelens steer ... --judge openai --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
+
+``--judge-model`` is sent as each request's ``model`` (vLLM answers only to the name it serves, the id given
+to ``vllm serve``); no API key is sent when none is given, and loopback requests bypass proxies. Each request
+asks for ``top_logprobs=20`` on one token: a server that caps it lower must be raised (vLLM:
+``--max-logprobs 20``), and one that ignores ``logprobs`` (older llama-server builds) makes the judge stop
+with a ``JudgeError`` saying so. To check a server before a run, score one answer:
+``OpenAIJudge("http://127.0.0.1:8000/v1", model=M).score_coherence("Hi", "Hello!")`` returns a number (or
+None) when the server answers with ``choices[0].logprobs.content[0].top_logprobs``, and raises ``JudgeError``
+naming what is wrong when it does not. The tests run ``OpenAIJudge``, built the way the CLI builds it, against
+a stand-in server on 127.0.0.1 that answers in that format; no vLLM or llama-server was run in them.
 
 Example (``summarize_judge_scores`` is pure arithmetic)::
 
@@ -24,20 +44,24 @@ from __future__ import annotations
 import functools
 import http.client
 import importlib.util
+import itertools
 import json
 import math
 import re
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tracelens.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
 from tracelens.types import JudgeResult
 
 TRAIT_MIN_MASS = 0.25  # trait score is None when the integer tokens hold less probability than this
@@ -76,22 +100,25 @@ class Judge(Protocol):
 
     def score(
         self, items: Sequence[Mapping[str, str]], trait_name: str | None = None, definition: str | None = None
-    ) -> list[dict[str, float | None]]: ...
+    ) -> list[dict[str, float | str | None]]: ...
 
 
-def summarize_judge_scores(scores: Sequence[Mapping[str, float | None]]) -> JudgeResult:
-    """Aggregate per-response scores ``[{"trait_score", "coherence_score"}, ...]`` into a ``JudgeResult``.
+def summarize_judge_scores(scores: Sequence[Mapping[str, float | str | None]]) -> JudgeResult:
+    """Aggregate per-response scores ``[{"trait_score", "coherence_score", "degenerate"?}, ...]`` into a
+    ``JudgeResult``.
 
     None scores (and a missing ``coherence_score``) are dropped per field, so the trait and coherence means
     may average different responses. ``n`` is the number of trait scores; ``trait_std`` is the population
     std; ``success_rate`` is the fraction of trait scores above 50; ``min_score``/``max_score`` are over
-    trait scores. Everything is rounded to 2 decimals. No trait scores give ``trait_mean=None, n=0``.
+    trait scores; ``n_degenerate`` counts the responses whose ``"degenerate"`` is set (a missing key counts
+    as not degenerate). Everything is rounded to 2 decimals. No trait scores give ``trait_mean=None, n=0``.
     """
     trait = [float(s["trait_score"]) for s in scores if s.get("trait_score") is not None]
     coherence = [float(s["coherence_score"]) for s in scores if s.get("coherence_score") is not None]
     coherence_mean = round(sum(coherence) / len(coherence), 2) if coherence else None
+    n_degenerate = sum(1 for s in scores if s.get("degenerate"))
     if not trait:
-        return JudgeResult(trait_mean=None, coherence_mean=coherence_mean, n=0)
+        return JudgeResult(trait_mean=None, coherence_mean=coherence_mean, n=0, n_degenerate=n_degenerate)
     mean = sum(trait) / len(trait)
     std = math.sqrt(sum((t - mean) ** 2 for t in trait) / len(trait))
     return JudgeResult(
@@ -102,6 +129,7 @@ def summarize_judge_scores(scores: Sequence[Mapping[str, float | None]]) -> Judg
         success_rate=round(sum(t > SUCCESS_THRESHOLD for t in trait) / len(trait), 2),
         min_score=round(min(trait), 2),
         max_score=round(max(trait), 2),
+        n_degenerate=n_degenerate,
     )
 
 
@@ -163,15 +191,143 @@ def relevance_verdict(top_logprobs: Sequence[Mapping[str, Any]]) -> bool | None:
     return engages >= off_topic
 
 
+# ------------------------------------------------------------------------------------------------- degeneracy
+
+MIN_WORD_RUN = 4  # one word this many times in a row is degenerate ("the the the the")
+MIN_SYMBOL_RUN = 6  # one emoji or punctuation mark this many times in a row ("🌱🌱🌱🌱🌱🌱", "!!!!!!")
+MIN_LETTER_RUN = 10  # one letter this many times in a row ("aaaaaaaaaa"); "Sooooo" stays below
+MAX_REPEATED_NGRAMS = 0.3  # more than this fraction of repeated word 3-grams is a loop ...
+MIN_NGRAM_WORDS = 10  # ... in answers of at least this many words
+# A line made only of these is markdown structure (a "---" rule, a "|---|---|" table row, a "===" underline),
+# not a loop: it is left out of every measure.
+_STRUCTURE_LINE = re.compile(r"[\s|:\-=_*#~`+]*")
+# Characters that attach to the one before: zero-width joiner, variation selectors, keycap, skin tones.
+_MODIFIERS = {"\u200d", "\ufe0e", "\ufe0f", "\u20e3"} | {chr(c) for c in range(0x1F3FB, 0x1F400)}
+_REGIONAL = range(0x1F1E6, 0x1F200)  # flag letters: two make one flag
+
+
+@dataclass(frozen=True)
+class Degeneracy:
+    """What ``degeneracy(text)`` measured; ``reason`` is None exactly when ``degenerate`` is False."""
+
+    empty: bool
+    longest_run: int
+    repeated_ngram_fraction: float
+    degenerate: bool
+    reason: str | None
+
+
+def degeneracy(text: str) -> Degeneracy:
+    """Whether an answer is degenerate, whatever a judge thinks of it.
+
+    Measures (markdown structure lines such as ``---`` or ``|---|---|`` are left out first):
+        - ``empty``: no letter or digit at all (blank, whitespace, or only punctuation/emoji).
+        - ``longest_run``: the longest run of one identical token, counting whitespace-separated words
+          (compared case-insensitively without their edge punctuation, so "fix, fix. Fix" is a run of 3) and,
+          separately, the non-space characters with whitespace removed (an emoji with its modifiers, or a flag,
+          is one character); the longer of the two. Runs of numbers and digits do not count ("1000000",
+          "0, 0, 0, 0" in a matrix).
+        - ``repeated_ngram_fraction``: the share of word 3-grams that repeat an earlier one, in [0, 1]
+          ("a b c a b c" has 4 3-grams of which 1 repeats: 0.25); 0.0 under 3 words.
+
+    It is degenerate when any of these holds (``reason`` lists every one that does, joined by "; "):
+        - empty;
+        - a word 4 or more times in a row: fluent text doubles a word ("had had") and rarely triples it
+          ("very, very, very"); a fourth is a loop;
+        - an emoji or punctuation mark 6 or more times in a row: "!!", "!!!", "?!" and "🎉🎉🎉" are emphasis,
+          a run of six is the tail of a loop (the steered "The ocean is alive with the sea life!
+          🌱🌱🌱🌱🌱🌱🌱🌱🌱🌱…" has ten);
+        - a letter 10 or more times in a row: elongations ("Sooooo", "Wheeeee") stay below it;
+        - more than 30% of its word 3-grams repeated, in an answer of at least 10 words: a sentence of 7 or
+          more words said twice scores 0.42-0.5 and three times 0.63-0.67, while the 360 fluent answers of the
+          starter traits' judge corpora all score 0.0; under 10 words there are too few 3-grams for a share to
+          mean much.
+    """
+    text = str(text)
+    body = "\n".join(line for line in text.splitlines() if not _STRUCTURE_LINE.fullmatch(line))
+    empty = not any(ch.isalnum() for ch in text)
+    words = [_word_key(w) for w in body.split()]
+    word, word_run = _longest_run(words, skip_digits=True)
+    char, char_run = _longest_run(_characters(body), skip_digits=True)
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    repeated = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+    reasons = []
+    if empty:
+        reasons.append("empty answer (no letter or digit)")
+    if word_run >= MIN_WORD_RUN:
+        reasons.append(f"the word {word!r} {word_run} times in a row")
+    if char_run >= (MIN_LETTER_RUN if char[:1].isalpha() else MIN_SYMBOL_RUN):
+        reasons.append(f"{char!r} {char_run} times in a row")
+    if len(words) >= MIN_NGRAM_WORDS and repeated > MAX_REPEATED_NGRAMS:
+        reasons.append(f"{repeated:.0%} of its word 3-grams are repeats")
+    return Degeneracy(
+        empty=empty,
+        longest_run=max(word_run, char_run),
+        repeated_ngram_fraction=repeated,
+        degenerate=bool(reasons),
+        reason="; ".join(reasons) or None,
+    )
+
+
+def _word_key(word: str) -> str:
+    """A word as compared for runs and 3-grams: lower-cased, edge punctuation stripped ("Fix," -> "fix");
+    a word of punctuation or emoji only is kept whole."""
+    return re.sub(r"^\W+|\W+$", "", word).casefold() or word
+
+
+def _characters(text: str) -> list[str]:
+    """The non-space characters of ``text``, an emoji's modifiers (variation selector, skin tone, ZWJ and
+    what it joins, keycap) and combining marks attached to the character before, and flag letters paired."""
+    chars: list[str] = []
+    joined = False  # the previous character was a zero-width joiner
+    for ch in text:
+        if ch.isspace():
+            joined = False
+            continue
+        attaches = ch in _MODIFIERS or unicodedata.category(ch).startswith("M") or joined
+        flag = ord(ch) in _REGIONAL and bool(chars) and len(chars[-1]) == 1 and ord(chars[-1]) in _REGIONAL
+        if chars and (attaches or flag):
+            chars[-1] += ch
+        else:
+            chars.append(ch)
+        joined = ch == "\u200d"
+    return chars
+
+
+def _longest_run(tokens: Sequence[str], skip_digits: bool = False) -> tuple[str, int]:
+    """The token with the longest run of identical consecutive tokens, and that run's length (``("", 0)`` for
+    no tokens; ties go to the first). ``skip_digits``: runs of a token starting with a digit do not count."""
+    best, best_n = "", 0
+    for token, group in itertools.groupby(tokens):
+        n = sum(1 for _ in group)
+        if n > best_n and not (skip_digits and token[:1].isdigit()):
+            best, best_n = token, n
+    return best, best_n
+
+
 class _BatchScoring:
-    """``score(items)`` for judges that score one response at a time."""
+    """``score(items)``, shared by every judge: the judge's own scores, then the degeneracy guard."""
 
     def score(
         self, items: Sequence[Mapping[str, str]], trait_name: str | None = None, definition: str | None = None
-    ) -> list[dict[str, float | None]]:
+    ) -> list[dict[str, float | str | None]]:
         """Score each ``{"question", "response", "trait_name"?, "definition"?}``; ``trait_name`` and
-        ``definition`` are the defaults for items without their own. Results are in input order."""
-        return [self._score_row(row) for row in _rows(items, trait_name, definition)]
+        ``definition`` are the defaults for items without their own. Results are in input order, each
+        ``{"trait_score", "coherence_score", "degenerate"}``: when ``degeneracy(response)`` flags the answer,
+        ``coherence_score`` is 0.0 whatever the judge said and ``degenerate`` is the reason; else it is None.
+        (``score_coherence`` alone is the judge's raw score, without the guard.)"""
+        rows = _rows(items, trait_name, definition)
+        scores = self._score_rows(rows)
+        for result, row in zip(scores, rows):
+            result["degenerate"] = degeneracy(row[1]).reason
+            if result["degenerate"] is not None:
+                result["coherence_score"] = 0.0
+        return scores
+
+    def _score_rows(self, rows: list[tuple[str, str, str | None, str | None]]) -> list[dict[str, float | None]]:
+        """The judge's own scores, one row at a time; judges that batch or parallelise override this."""
+        return [self._score_row(row) for row in rows]
 
     def _score_row(self, row: tuple[str, str, str | None, str | None]) -> dict[str, float | None]:
         question, response, trait_name, definition = row
@@ -257,13 +413,10 @@ class OpenAIJudge(_BatchScoring):
         """The relevance stage alone: True (ENGAGES), False (OFF_TOPIC) or None (undecided)."""
         return relevance_verdict(self._top_logprobs(RELEVANCE_SYSTEM, RELEVANCE_USER, question, response))
 
-    def score(
-        self, items: Sequence[Mapping[str, str]], trait_name: str | None = None, definition: str | None = None
-    ) -> list[dict[str, float | None]]:
-        """Like ``_BatchScoring.score``, with up to ``max_concurrency`` items judged at once."""
-        rows = _rows(items, trait_name, definition)
+    def _score_rows(self, rows: list[tuple[str, str, str | None, str | None]]) -> list[dict[str, float | None]]:
+        """Up to ``max_concurrency`` rows judged at once, results in input order."""
         if len(rows) <= 1 or self.max_concurrency == 1:
-            return [self._score_row(row) for row in rows]
+            return super()._score_rows(rows)
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(rows))) as pool:
             return list(pool.map(self._score_row, rows))
 
@@ -460,22 +613,25 @@ def _both_sides(positive_texts: Sequence[str], negative_texts: Sequence[str], wh
 
 
 class EmbeddingJudge(_BatchScoring):
-    """An offline judge for ONE trait: a classifier fitted on that trait's contrastive responses.
+    """An offline judge for ONE trait: a classifier fitted on labelled texts of that trait.
 
     What it is:
         - Trait score = ``100 * P(positive | response)`` from a logistic regression (``C``) on features of the
           response alone: its all-MiniLM-L6-v2 sentence embedding, concatenated (``features="embedding+tfidf"``,
           the default) with TF-IDF word 1-2-grams fitted on the training texts. ``fit(positive_texts,
-          negative_texts)`` trains it, typically on the extraction run's own pos/neg responses.
+          negative_texts)`` trains it; ``offline_judge(trait)`` fits it on the trait's independent
+          ``judge_corpus.jsonl``. Never fit it on the responses the vectors were extracted from: it would
+          learn their surface style and reward steering for reproducing it.
         - Coherence = ``repetition_score(response)`` (distinct n-grams; looping text scores low), capped at
           50 when the response is OFF_TOPIC, i.e. when the cosine between question and response embeddings
-          is below ``off_topic_threshold`` (0.15), mirroring the LLM judge's two stages. Deterministic.
-        - ``validity(pos, neg)`` = AUROC of its trait scores on held-out positive vs negative responses.
+          is below ``off_topic_threshold`` (0.15), mirroring the LLM judge's two stages; in ``score``, 0.0 for
+          an answer ``degeneracy()`` flags. Deterministic.
+        - ``validity(pos, neg)`` = AUROC of its trait scores on positive vs negative responses it did not see.
 
-    What it is not: a general judge. It knows only what separates this trait's training responses (topic
-    and wording as well as the trait) and ignores ``trait_name``/``definition``; its scores are classifier
-    probabilities, not calibrated trait ratings; coherence does not check grammar or truth. Report
-    ``validity()`` next to every number it produces.
+    What it is not: a general judge. It knows only what separates its training texts (wording as well as
+    the trait) and ignores ``trait_name``/``definition``; its scores are classifier probabilities, not
+    calibrated trait ratings; coherence does not check grammar or truth. Report ``validity()`` next to every
+    number it produces.
 
     Measured here (happy vs depressed answers of the ``moodswapper`` data, 100 held-out per class): AUROC
     0.88 / 0.91 / 0.96 after training on 20 / 40 / 150 per class (embedding only: 0.82 / 0.87 / 0.92). For
@@ -579,11 +735,8 @@ class EmbeddingJudge(_BatchScoring):
     def score_coherence(self, question: str, response: str) -> float:
         return float(self.coherence_parts(question, response)["coherence"])
 
-    def score(
-        self, items: Sequence[Mapping[str, str]], trait_name: str | None = None, definition: str | None = None
-    ) -> list[dict[str, float | None]]:
-        """Batch scoring (embeddings computed in batches); ``trait_name``/``definition`` are ignored."""
-        rows = _rows(items, trait_name, definition)
+    def _score_rows(self, rows: list[tuple[str, str, str | None, str | None]]) -> list[dict[str, float | None]]:
+        """Embeddings computed in batches; ``trait_name``/``definition`` are ignored."""
         questions, responses = [str(r[0]) for r in rows], [str(r[1]) for r in rows]
         trait = self.score_texts(responses)
         q_emb, r_emb = self.embed(questions), self.embed(responses)
@@ -598,3 +751,24 @@ class EmbeddingJudge(_BatchScoring):
 
         positive_texts, negative_texts = _both_sides(positive_texts, negative_texts, "validity")
         return auroc(self.score_texts(positive_texts).tolist(), self.score_texts(negative_texts).tolist())
+
+
+def offline_judge(trait: str | TraitDataset) -> EmbeddingJudge:
+    """An ``EmbeddingJudge`` fitted on the trait's hand-labelled ``judge_corpus.jsonl`` (label 1 vs 0).
+
+    ``trait`` is a shipped trait's name ("starter/optimism") or a loaded ``TraitDataset`` (for traits under
+    another root). The corpus is independent of the trait's scenarios, so the judge never sees the responses
+    the vectors were extracted from. ``judge.name`` is ``"embedding-judge:<trait>:corpus-<sha256[:12]>"``,
+    which pins the exact corpus file it was fitted on. Raises ValueError when the trait has no corpus.
+    """
+    dataset = load_trait(trait) if isinstance(trait, str) else trait
+    corpus = dataset.judge_corpus
+    if corpus is None:
+        raise ValueError(
+            f"offline_judge needs a labelled judge corpus for trait {dataset.name!r}; got none: "
+            f"{dataset.path / JUDGE_CORPUS_FILE} does not exist. Write one ({{\"text\": ..., \"label\": 1 | 0}} per "
+            "line, at least 10 per label, independent of the scenarios) or judge with OpenAIJudge."
+        )
+    judge = EmbeddingJudge().fit(corpus.positive, corpus.negative)
+    judge.name = f"embedding-judge:{dataset.name}:corpus-{corpus.input_hash[:12]}"
+    return judge

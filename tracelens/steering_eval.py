@@ -22,6 +22,7 @@ of `results.jsonl`; a re-run skips what is there (matching configuration) and ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,7 +34,7 @@ from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import load_activation_metadata, load_responses, load_splits, load_vector, parse_layers
 from tracelens.generation import HookedGenerator
 from tracelens.hooks import PerSampleSteering, SteeringHook
-from tracelens.io import append_jsonl, read_json, read_jsonl, write_json
+from tracelens.io import append_jsonl, read_json, read_jsonl, unique_sibling, write_json
 from tracelens.judge import summarize_judge_scores
 from tracelens.likelihood import response_logprobs
 from tracelens.metrics import bootstrap_mean, paired_separation
@@ -63,6 +64,22 @@ class SteeringEvalConfig:
     search_coherence: float = 80.0
     n_neutral: int = 16  # neutral prompts whose unsteered answers measure the coherence cost
     min_coherence: float = MIN_COHERENCE  # a run must reach this to be selected for the report
+
+    def __post_init__(self) -> None:
+        for name in ("search_steps", "n_search", "max_new_tokens", "n_neutral"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.n_report is not None and (not isinstance(self.n_report, int) or self.n_report < 1):
+            raise ValueError(f"n_report must be a positive integer or None; got {self.n_report!r}")
+        if self.coefficients is not None:
+            if not len(self.coefficients) or not all(math.isfinite(float(c)) for c in self.coefficients):
+                raise ValueError(f"coefficients must be a non-empty list of finite numbers; got {list(self.coefficients)}")
+        for name in ("search_coherence", "min_coherence"):
+            if not 0 <= float(getattr(self, name)) <= 100:
+                raise ValueError(f"{name} must be in [0, 100]; got {getattr(self, name)!r}")
+        if self.direction not in (None, "positive", "negative"):
+            raise ValueError(f"direction must be 'positive', 'negative' or None; got {self.direction!r}")
 
 
 def _now() -> str:
@@ -109,17 +126,17 @@ class ReferenceTexts:
     neutral: list[list[int]]
 
 
-def reference_texts(exp: Experiment, trait: str, extraction_variant: str, variant: str, backend: LocalBackend,
-                    config: SteeringEvalConfig) -> ReferenceTexts:
+def reference_texts(exp: Experiment, trait: str, extraction_variant: str, variant: str, model_id: str,
+                    backend: LocalBackend, config: SteeringEvalConfig) -> ReferenceTexts:
     """Load the test pairs and the (cached) unsteered neutral answers; generates the latter once."""
     pos, neg = load_responses(exp, trait, extraction_variant)
     test = load_splits(exp, trait, extraction_variant, config.position, config.component)["test"]
     path = exp.neutral_reference_path(variant, config.max_new_tokens)
     prompts = [p.text for p in load_prompt_set("neutral").prompts][: config.n_neutral]
     cached = read_json(path) if path.is_file() else None
-    if cached is None or cached["prompts"] != prompts:
+    if cached is None or cached["prompts"] != prompts or cached.get("model") != model_id:
         results = backend.generate_results(prompts, GenerationConfig(max_new_tokens=config.max_new_tokens))
-        cached = {"prompts": prompts, "prompt_token_ids": [r.prompt_token_ids for r in results],
+        cached = {"model": model_id, "prompts": prompts, "prompt_token_ids": [r.prompt_token_ids for r in results],
                   "response_token_ids": [r.response_token_ids for r in results]}
         write_json(path, cached)
     keep = [i for i, r in enumerate(cached["response_token_ids"]) if r]
@@ -204,6 +221,9 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     if backend is None:
         backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
     layers = parse_layers(config.layers, backend.n_layers)
+    meta = load_activation_metadata(exp, trait, extraction_variant, config.position, config.component)
+    vectors = {l: load_vector(exp, trait, extraction_variant, config.position, config.component, config.method, l)
+               for l in layers}
     direction = config.direction or data.steering.direction
     sign = 1.0 if direction == "positive" else -1.0
     path = exp.steering_results_path(trait, mv.name, config.position)
@@ -220,14 +240,15 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     )
     lines = read_jsonl(path)
     if lines and not _same_setup(lines[0], header):
-        # Other vectors, judge or questions: those runs are not comparable with new ones. Keep them aside.
-        path.rename(path.with_name(f"results.{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.stale.jsonl"))
+        # Other vectors, judge or questions: those runs are not comparable with new ones. Keep them aside
+        # under a new name (everything above has been checked, so the new run can start).
+        path.rename(unique_sibling(path, "stale"))
         lines = []
     if not lines:
         append_jsonl(path, header.to_dict())
         lines.append(header.to_dict())
 
-    refs = reference_texts(exp, trait, extraction_variant, mv.name, backend, config)
+    refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.model, backend, config)
     unsteered = _score_texts(backend.model, refs)
     if not any(line.get("type") == "baseline" for line in lines):
         [answers] = _generate(backend, search, [], config)
@@ -239,9 +260,6 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
         append_jsonl(path, line)
         lines.append(line)
 
-    meta = load_activation_metadata(exp, trait, extraction_variant, config.position, config.component)
-    vectors = {l: load_vector(exp, trait, extraction_variant, config.position, config.component, config.method, l)
-               for l in layers}
     done = {_key(r): r for r in (SteeringRunRecord.from_dict(x) for x in lines if x.get("type") == "run")}
     if config.coefficients is not None:
         schedule = [[(l, sign * c) for l in layers] for c in config.coefficients]
@@ -316,7 +334,12 @@ _SETUP_KEYS = ("trait", "direction", "vector_source", "eval", "prompts_hash", "n
 
 
 def _same_setup(first_line: dict, header: SteeringHeader) -> bool:
-    return first_line.get("type") == "header" and all(first_line.get(k) == getattr(header, k) for k in _SETUP_KEYS)
+    """Whether a results file's header describes the same setup (an experiment's name is not part of it:
+    renaming the folder keeps its results)."""
+    def setup(d: dict) -> dict:
+        return {k: ({**d[k], "experiment": None} if k == "vector_source" else d[k]) for k in _SETUP_KEYS if k in d}
+
+    return first_line.get("type") == "header" and setup(first_line) == setup(header.to_dict())
 
 
 def _spec_key(config: ProjectionConfig) -> tuple:

@@ -7,7 +7,12 @@ A trait lives in a folder `<root>/<category>/<name>/` (deeper nesting such as `b
   Row i of the positive file is paired with row i of the negative file, so both must hold the same number of rows.
 - `definition.txt`: the judge rubric (score 0-100 with HIGH / MID / LOW bands and "Key distinction" notes).
 - `steering.json`: `{"questions": [str | {"question": str}], "direction"?: "positive" | "negative",
-  "eval_prompt"?: str, "coherence_prompt"?: str, "vet_prompt"?: str}`.
+  "eval_prompt"?: str, "coherence_prompt"?: str, "vet_prompt"?: str}`. Questions are used in file order: the first
+  `n_search` for the steering coefficient search, the rest for reporting, so appending questions never moves one
+  from the reported set into the search set.
+- `judge_corpus.jsonl` (optional): one `{"text": str, "label": 1 | 0}` per line, hand-labelled answers that show
+  the trait (1) or its opposite (0), at least 10 per label. It is independent of the scenarios, so an offline
+  judge fitted on it (`tracelens.judge.offline_judge`) never sees the responses the vectors were extracted from.
 
 The package ships starter traits under `tracelens/data/traits` (see `list_traits()`); pass `root=` to load an
 experiment's own datasets. Files are only ever parsed as text and JSON; nothing in them is executed.
@@ -33,6 +38,9 @@ SCENARIO_FORMATS = (".jsonl", ".txt")
 DIRECTIONS = ("positive", "negative")
 _ROW_KEYS = ("prompt", "system_prompt")
 _STEERING_KEYS = ("questions", "direction", "eval_prompt", "coherence_prompt", "vet_prompt")
+_CORPUS_KEYS = ("text", "label")
+JUDGE_CORPUS_FILE = "judge_corpus.jsonl"
+JUDGE_CORPUS_MIN_PER_LABEL = 10
 # One path segment of a trait name: no separators, no leading dot (so no "." or ".."), no drive letters.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -53,7 +61,8 @@ class Scenario:
 class SteeringQuestions:
     """The contents of `steering.json`.
 
-    `questions` are neutral prompts used to check that steering changes behaviour; `direction` says which way a
+    `questions` are neutral prompts used to check that steering changes behaviour, in file order (the first
+    `n_search` for the coefficient search, the rest for reporting); `direction` says which way a
     successful steer moves the trait ("positive": adding the vector should raise the judge's score). The optional
     prompts override the judge's default trait, coherence and response-vetting prompts.
     """
@@ -63,6 +72,33 @@ class SteeringQuestions:
     eval_prompt: str | None = None
     coherence_prompt: str | None = None
     vet_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class JudgeCorpus:
+    """The contents of `judge_corpus.jsonl`: labelled texts to fit an offline judge of the trait on.
+
+    Attributes:
+        texts, labels: in file order (blank lines skipped); `labels[i]` is 1 when `texts[i]` shows the trait and
+            0 when it shows the opposite. Texts are unique ignoring case and whitespace; each label has >= 10.
+        path: the file.
+        input_hash: sha256 hex digest of the file's bytes, so results can name the exact corpus their judge saw.
+    """
+
+    texts: list[str]
+    labels: list[int]
+    path: Path
+    input_hash: str
+
+    @property
+    def positive(self) -> list[str]:
+        """The texts labelled 1, in file order."""
+        return [t for t, label in zip(self.texts, self.labels) if label == 1]
+
+    @property
+    def negative(self) -> list[str]:
+        """The texts labelled 0, in file order."""
+        return [t for t, label in zip(self.texts, self.labels) if label == 0]
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,7 @@ class TraitDataset:
         input_hash: sha256 hex digest over the two scenario files (their names and bytes). It changes whenever
             a scenario file changes and is stable otherwise, so extraction outputs can be cached on it.
         files: the scenario files that were read, keyed by polarity.
+        judge_corpus: the parsed `judge_corpus.jsonl`, or None when the trait has none.
     """
 
     name: str
@@ -88,6 +125,7 @@ class TraitDataset:
     path: Path
     input_hash: str
     files: dict[str, Path] = field(default_factory=dict)
+    judge_corpus: JudgeCorpus | None = None
 
     @property
     def pairs(self) -> list[tuple[Scenario, Scenario]]:
@@ -133,13 +171,15 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
         root: the folder holding trait folders, e.g. an experiment's own dataset folder.
 
     Returns:
-        A `TraitDataset` with matched positive/negative scenarios, the rubric and the steering questions.
+        A `TraitDataset` with matched positive/negative scenarios, the rubric, the steering questions and, when
+        the folder has one, the judge corpus.
 
     Raises:
         ValueError: `trait` is not a safe relative name.
         FileNotFoundError: the trait folder or one of its files is missing.
         TraitDataError: a file is malformed (bad JSON, a row without a string `prompt`, an empty file, unequal
-            positive/negative counts, a `steering.json` without questions or with a bad direction, ...).
+            positive/negative counts, a `steering.json` without questions or with a bad direction, a judge corpus
+            row whose label is not 0/1, a duplicate corpus text, fewer than 10 corpus texts per label, ...).
     """
     base = _resolve_root(root)
     folder = base.joinpath(*_check_trait_name(trait))
@@ -168,6 +208,7 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
         path=folder,
         input_hash=_hash_files([files["positive"], files["negative"]]),
         files=files,
+        judge_corpus=_read_judge_corpus(folder / JUDGE_CORPUS_FILE),
     )
 
 
@@ -230,22 +271,26 @@ def _read_scenarios(path: Path) -> list[Scenario]:
     return scenarios
 
 
-def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
-    where = f"{path}, line {lineno}"
+def _json_object(where: str, line: str, keys: tuple[str, ...], example: str, required: tuple[str, ...]) -> dict:
+    """One JSONL line parsed as an object with only `keys` and all of `required`; `where` is "file, line N"."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise TraitDataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
     if not isinstance(row, dict):
-        raise TraitDataError(
-            f'{where}: expected a JSON object like {{"prompt": "...", "system_prompt": "..."}}, '
-            f"got {type(row).__name__}"
-        )
-    unknown = sorted(set(row) - set(_ROW_KEYS))
+        raise TraitDataError(f"{where}: expected a JSON object like {example}, got {type(row).__name__}")
+    unknown = sorted(set(row) - set(keys))
     if unknown:
-        raise TraitDataError(f"{where}: unknown keys {unknown}; allowed keys are {list(_ROW_KEYS)}")
-    if "prompt" not in row:
-        raise TraitDataError(f"{where}: missing 'prompt' (got keys {sorted(row)})")
+        raise TraitDataError(f"{where}: unknown keys {unknown}; allowed keys are {list(keys)}")
+    for key in required:
+        if key not in row:
+            raise TraitDataError(f"{where}: missing {key!r} (got keys {sorted(row)})")
+    return row
+
+
+def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
+    where = f"{path}, line {lineno}"
+    row = _json_object(where, line, _ROW_KEYS, '{"prompt": "...", "system_prompt": "..."}', ("prompt",))
     prompt, system_prompt = row["prompt"], row.get("system_prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise TraitDataError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
@@ -305,6 +350,39 @@ def _parse_question(path: Path, index: int, item: object) -> str:
             f'{path}: questions[{index}] must be a non-empty string or {{"question": "..."}}, got {item!r}'
         )
     return question
+
+
+def _read_judge_corpus(path: Path) -> JudgeCorpus | None:
+    if not path.is_file():
+        return None
+    texts: list[str] = []
+    labels: list[int] = []
+    first_line: dict[str, int] = {}  # normalised text -> the line it first appeared on
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        row = _json_object(where, line, _CORPUS_KEYS, '{"text": "...", "label": 1}', _CORPUS_KEYS)
+        text, label = row["text"], row["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise TraitDataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+        if type(label) is not int or label not in (0, 1):  # type() check: JSON true/1.0 are not labels
+            raise TraitDataError(f"{where}: 'label' must be 1 (shows the trait) or 0 (the opposite), got {label!r}")
+        key = " ".join(text.lower().split())
+        if key in first_line:
+            raise TraitDataError(
+                f"{where}: duplicate text (the same as line {first_line[key]}, ignoring case and whitespace)"
+            )
+        first_line[key] = lineno
+        texts.append(text)
+        labels.append(label)
+    n_pos, n_neg = labels.count(1), labels.count(0)
+    if min(n_pos, n_neg) < JUDGE_CORPUS_MIN_PER_LABEL:
+        raise TraitDataError(
+            f"{path}: needs at least {JUDGE_CORPUS_MIN_PER_LABEL} texts per label; got {n_pos} with label 1 and "
+            f"{n_neg} with label 0"
+        )
+    return JudgeCorpus(texts, labels, path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _hash_files(paths: list[Path]) -> str:

@@ -179,8 +179,9 @@ class JudgeResult:
     """Judge scores of one condition (baseline or steered) over its questions, on the 0-100 scale.
 
     ``n`` counts the responses with a trait score; ``trait_std`` is the population std; ``success_rate`` is
-    the fraction of trait scores above 50; ``min_score``/``max_score`` are over trait scores. Means are None
-    when nothing could be scored. Built by ``tracelens.judge.summarize_judge_scores``.
+    the fraction of trait scores above 50; ``min_score``/``max_score`` are over trait scores; ``n_degenerate``
+    counts the responses the degeneracy guard flagged (their coherence is 0). Means are None when nothing could
+    be scored. Built by ``tracelens.judge.summarize_judge_scores``.
     """
 
     trait_mean: float | None
@@ -190,6 +191,7 @@ class JudgeResult:
     success_rate: float = 0.0
     min_score: float | None = None
     max_score: float | None = None
+    n_degenerate: int = 0
 
     @classmethod
     def empty(cls) -> JudgeResult:
