@@ -40,3 +40,13 @@ def test_a_missing_experiment_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
     assert cli.main(["extract", "--experiment", "nothing-here", "--traits", "starter/optimism"]) == 2
     assert "experiment 'nothing-here' has no config" in capsys.readouterr().err
+
+
+def test_server_limits_reach_the_model_server(monkeypatch):
+    import tracelens.server
+
+    seen = {}
+    monkeypatch.setattr(tracelens.server, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
+    assert cli.main(["server", "--experiment", "x", "--max-new-tokens-limit", "64", "--io-timeout", "5"]) == 0
+    assert seen["experiment"] == "x" and seen["max_new_tokens_limit"] == 64 and seen["io_timeout"] == 5.0
+    assert "request_timeout" not in seen  # unset flags keep the server's defaults

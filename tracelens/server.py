@@ -693,5 +693,7 @@ def main_server(args) -> int:
     serve(args.experiment, host=getattr(args, "host", None) or "127.0.0.1",
           port=getattr(args, "port", None) or DEFAULT_PORT,
           token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None,
-          variant=getattr(args, "variant", None))
+          variant=getattr(args, "variant", None),
+          **{k: getattr(args, k) for k in ("max_new_tokens_limit", "request_timeout", "io_timeout", "stream_buffer")
+             if getattr(args, k, None) is not None})
     return 0
