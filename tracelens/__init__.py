@@ -49,6 +49,7 @@ from tracelens.methods import (
     METHODS,
     RFM,
     ExtractionMethod,
+    Fisher,
     Gradient,
     MeanDiff,
     PreCleanedMethod,
@@ -90,7 +91,7 @@ __all__ = [
     "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
     "ProjectionHook", "MultiLayerProjection",
     # extraction methods
-    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "RandomBaseline", "RFM",
+    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "Fisher", "RandomBaseline", "RFM",
     "PreCleanedMethod",
     # vector math and metrics
     "projection", "batch_cosine_similarity", "cosine_similarity", "orthogonalize", "pairwise_cosine_matrix",
