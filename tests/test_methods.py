@@ -330,6 +330,41 @@ def test_rfm_reports_the_validation_auc_of_its_vector(planted):
     assert [(e["bandwidth"], e["center_grads"]) for e in result["grid"]] == [(10.0, False), (10.0, True)]
 
 
+def test_rfm_predictor_selection_is_the_seeds_and_picks_the_best_predictor(planted, monkeypatch):
+    import xrfm
+
+    u, pos, neg = planted
+    g = torch.Generator().manual_seed(2)
+    val_pos = torch.randn(10, WIDTH, generator=g) + 1.5 * u
+    val_neg = torch.randn(10, WIDTH, generator=g) - 1.5 * u
+    predictions, fitted = [], []
+    original_predict, original_fit = xrfm.RFM.predict, xrfm.RFM.fit
+
+    def recording_predict(self, samples, *args, **kwargs):
+        out = original_predict(self, samples, *args, **kwargs)
+        predictions.append(out[:, 0].clone())
+        return out
+
+    def recording_fit(self, *args, **kwargs):
+        out = original_fit(self, *args, **kwargs)
+        fitted.append(len(predictions))  # xrfm predicts during fit too; the first call after it is the scoring one
+        return out
+
+    monkeypatch.setattr(xrfm.RFM, "predict", recording_predict)
+    monkeypatch.setattr(xrfm.RFM, "fit", recording_fit)
+    result = get_method("rfm").extract(
+        pos, neg, val_pos_acts=val_pos, val_neg_acts=val_neg, selection="predictor", reg=1e-3
+    )
+    # an independent score of each pair's predictor: AUROC of the predictions recorded on the validation rows
+    by_hand = [auroc(predictions[i][:10], predictions[i][10:]) for i in fitted]
+    assert [e["predictor_auc"] for e in result["grid"]] == pytest.approx(by_hand)
+    best = max(result["grid"], key=lambda e: e["predictor_auc"])
+    assert (result["bandwidth"], result["center_grads"]) == (best["bandwidth"], best["center_grads"])
+    assert result["predictor_auc"] == best["predictor_auc"]
+    with pytest.raises(ValueError, match="selection must be 'vector' or 'predictor'; got 'auc'"):
+        get_method("rfm").extract(pos, neg, selection="auc")
+
+
 def test_rfm_raises_with_the_cause_when_every_fit_fails(planted, monkeypatch):
     import xrfm
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tracelens.io import write_json
 from tracelens.positions import sanitize_position
-from tracelens.types import ModelVariant
+from tracelens.types import ModelVariant, SteeringEntry
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODES = ("application", "extraction")
@@ -114,7 +114,6 @@ class Experiment:
     def steering_results_path(self, trait: str, variant: str, position: str, prompt_set: str = "steering") -> Path:
         return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
 
-
     def steering_variant_dir(self, trait: str, variant: str) -> Path:
         """The folder holding one sub-folder per sanitized position of a trait's steering runs."""
         return self.dir / "steering" / Path(*_safe_parts(trait, "trait", 2)) / _safe_parts(variant, "variant", 1)[0]
@@ -134,6 +133,17 @@ class Experiment:
         name = _safe_parts(prompt_set, "prompt set", 1)[0]
         dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         return {d.name: d / name / "results.jsonl" for d in dirs if (d / name / "results.jsonl").is_file()}
+
+    def steering_entries(self) -> list[SteeringEntry]:
+        """Every ``steering/{category}/{trait}/{variant}/{position}/{prompt set}/results.jsonl``, sorted by path.
+
+        ``position`` is the sanitized folder name (``response_all``), as on disk.
+        """
+        root = self.stage_root("steering")
+        return [
+            SteeringEntry(f"{p.parts[-6]}/{p.parts[-5]}", p.parts[-4], p.parts[-3], p.parts[-2], str(p))
+            for p in sorted(root.glob("*/*/*/*/*/results.jsonl"))
+        ]
 
     def stage_root(self, stage: str) -> Path:
         """`extraction/`, `steering/` or `inference/` of the experiment (their sub-folders are traits or variants)."""
