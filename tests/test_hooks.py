@@ -22,8 +22,9 @@ from tracelens import (
     get_hook_path,
 )
 
-from conftest import _active_hooks, encode
+from conftest import _active_hooks, cached_tiny, encode
 from hf_reference import hf_hooks, hf_module_for
+from tracelens.testing import ARCHITECTURES
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today!", "What is the best way to learn?"]
 
@@ -472,3 +473,30 @@ def test_per_position_steering_with_a_range_refuses_fwd_hooks(tiny):
     adapter = PerPositionSteeringHook(tiny.model, _vec(tiny.model), get_hook_path(0), 1.0, token_range=(1, 3))
     with pytest.raises(TypeError, match="PerPositionSteeringHook with a token_range must be used as a context manager"):
         adapter.fwd_hooks()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_edits_equal_the_hf_edit_at_the_first_a_middle_and_the_last_layer(architecture, dtype):
+    t = cached_tiny(architecture, n_layers=5, dtype=dtype)
+    ids, _ = encode(t.tokenizer, [" ".join(TEXTS)])  # longer than the sliding windows of 8
+    with torch.no_grad():
+        plain = t.model(ids)
+    # one component per layer, a different one each (every component at layer 0 is covered above in fp32)
+    for layer, component in [(0, "residual"), (2, "attn_contribution"), (4, "mlp_contribution"), (4, "residual")]:
+        hook, module = get_hook_path(layer, component), hf_module_for(t.reference, layer, component)
+        v = _vec(t.model, layer, scale=4.0)
+        r = v / v.norm()
+        cases = [
+            (SteeringHook(t.model, v, hook, 2.0), lambda h: h + (2.0 * v).to(h.dtype)),
+            (AblationHook(t.model, v, hook), lambda h: (h.float() - (h.float() @ r)[..., None] * r).to(h.dtype)),
+            (ActivationCappingHook(t.model, v, hook, threshold=1.0),
+             lambda h: (h.float() + (1.0 - h.float() @ r).clamp(min=0)[..., None] * r).to(h.dtype)),
+        ]
+        for adapter, edit in cases:
+            with adapter, torch.no_grad():
+                ours = t.model(ids)
+            with hf_hooks(t.reference, {module: edit}), torch.no_grad():
+                ref = t.reference(ids).logits
+            assert torch.equal(ours, ref), (layer, component, type(adapter).__name__)
+            assert not torch.equal(ours, plain), "every edit must change the logits for this test to mean anything"
