@@ -86,7 +86,7 @@ def test_cached_generation_equals_uncached_and_hf_generate_step_logits(tiny_shar
     assert (runs[True][1] - runs[False][1]).abs().max() <= 1e-4
 
 
-LONG = " ".join(TEXTS * 3)  # about 40 tokens: several times the tiny models' sliding window of 8
+LONG = " ".join(TEXTS * 18)  # about 240 tokens: over 3 times every tiny model's sliding window (8 or 64)
 
 
 @pytest.mark.parametrize("architecture", ["mistral", "gemma2", "gemma3"])

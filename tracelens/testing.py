@@ -155,8 +155,9 @@ def tiny_hf_model(
             Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8),
             Gemma2ForCausalLM,
         ),
-        # Mistral: a short sliding window on every layer.
-        "mistral": lambda: (MistralConfig(**common, sliding_window=8), MistralForCausalLM),
+        # Mistral: a sliding window on every layer (64: short enough for tests to cross it, long enough that a
+        # 2-layer model still sees a chat prompt's system turn from its response tokens).
+        "mistral": lambda: (MistralConfig(**common, sliding_window=64), MistralForCausalLM),
         # Gemma-3: q/k RMS norms, sliding and full layers alternating, separate local RoPE base.
         "gemma3": lambda: (
             Gemma3TextConfig(
