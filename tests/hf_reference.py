@@ -18,7 +18,7 @@ _CONTRIBUTION = {
 
 
 def hf_module_for(reference: torch.nn.Module, layer: int, component: str) -> str:
-    family = "gemma2" if reference.config.model_type == "gemma2" else "llama"
+    family = "gemma2" if reference.config.model_type in ("gemma2", "gemma3_text") else "llama"
     sub = {
         "residual": "",
         "attn_contribution": _CONTRIBUTION[family][0],

@@ -115,3 +115,28 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_order():
     assert sizes[:3] == [7, 4, 2] and owner.batch_size == 2
     with pytest.raises(ValueError):
         _batched([1], lambda b: (_ for _ in ()).throw(ValueError("not memory")), 4, owner, "t")
+
+
+def test_generate_batch_under_per_sample_steering_equals_hf_generate_row_by_row(tiny):
+    # the seed's escape hatch: PerSampleSteering around generate_batch(model, tokenizer, prompts, max_new_tokens=...)
+    from tracelens import PerSampleSteering, format_prompt, generate_batch
+    from tracelens.prompts import encode
+
+    from hf_reference import hf_hooks, hf_module_for
+
+    tok, v = tiny.tokenizer, _unit(tiny.model.cfg.d_model, 2)
+    prompts = [format_prompt(tok, p) for p in PROMPTS]
+    coefs = [4.0, 0.0, -4.0]
+    configs = [(0, v, c, (row, row + 1)) for row, c in enumerate(coefs)]
+    with PerSampleSteering(tiny.model, configs):
+        steered = generate_batch(tiny.model, tok, prompts, max_new_tokens=5)
+    plain = generate_batch(tiny.model, tok, prompts, max_new_tokens=5, batch_size=2)
+    assert plain[1] == steered[1] and plain[0] != steered[0] and plain[2] != steered[2]
+    for prompt, coef, ours in zip(prompts, coefs, steered):
+        ids = torch.tensor([encode(tok, prompt)])
+        edit = {hf_module_for(tiny.reference, 0, "residual"): lambda h, c=coef: h + (c * v).to(h.dtype)}
+        with hf_hooks(tiny.reference, edit), torch.no_grad():
+            out = tiny.reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert ours == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    with pytest.raises(TypeError, match="prompts must be a list of strings; got one string"):
+        generate_batch(tiny.model, tok, prompts[0])

@@ -22,8 +22,9 @@ from tracelens import (
     get_hook_path,
 )
 
-from conftest import _active_hooks, encode
+from conftest import _active_hooks, cached_tiny, encode
 from hf_reference import hf_hooks, hf_module_for
+from tracelens.testing import ARCHITECTURES
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today!", "What is the best way to learn?"]
 
@@ -396,3 +397,106 @@ def test_bad_inputs_fail_fast_with_the_numbers(tiny):
     hook = SteeringHook(m, torch.ones(d), get_hook_path(0))
     with hook, pytest.raises(RuntimeError, match="already active"):
         hook.__enter__()
+
+
+def _adapters(model):
+    """One configured instance of every public adapter, by a fresh-instance factory (adapters are single-use)."""
+    d, n = model.cfg.d_model, model.cfg.n_layers
+    v, w = _vec(model, 20), _vec(model, 21)
+    return {
+        CaptureHook: lambda: CaptureHook(model, get_hook_path(0)),
+        MultiLayerCapture: lambda: MultiLayerCapture(model),
+        SteeringHook: lambda: SteeringHook(model, v, get_hook_path(0), 3.0),
+        MultiLayerSteering: lambda: MultiLayerSteering(model, [(0, v, 2.0), (n - 1, w, -1.0, "attn_contribution")]),
+        PerPositionSteeringHook: lambda: PerPositionSteeringHook(model, v, get_hook_path(0), 3.0),
+        PerSampleSteering: lambda: PerSampleSteering(model, [(0, v, 2.0, (0, 1)), (1, w, -3.0, (1, 3))]),
+        AblationHook: lambda: AblationHook(model, v, get_hook_path(0)),
+        MultiLayerAblation: lambda: MultiLayerAblation(model, v),
+        ActivationCappingHook: lambda: ActivationCappingHook(model, v, get_hook_path(0), threshold=0.5),
+        MultiLayerActivationCapping: lambda: MultiLayerActivationCapping(model, {0: v, n - 1: w}, {0: 0.5, n - 1: -0.5}),
+        ProjectionHook: lambda: ProjectionHook(model, torch.stack([v, w]), get_hook_path(1)),
+        MultiLayerProjection: lambda: MultiLayerProjection(model, {l: v for l in range(n)}),
+    }
+
+
+def _recorded(adapter):
+    """What an adapter accumulated: captures, projection scores and norms (empty for pure edits)."""
+    if isinstance(adapter, (MultiLayerCapture, MultiLayerProjection)):
+        out = adapter.get_all()
+        return out if isinstance(adapter, MultiLayerCapture) else {**out, "norms": adapter.get_all_norms()}
+    if isinstance(adapter, ProjectionHook):
+        return {"scores": adapter.get(), "norms": adapter.get_norms()}
+    return {"acts": adapter.get()} if isinstance(adapter, CaptureHook) else {}
+
+
+def _assert_equal_nested(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_equal_nested(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_every_adapter_is_covered_by_the_fwd_hooks_test(tiny):
+    import tracelens.hooks
+
+    public = {cls for name, cls in vars(tracelens.hooks).items()
+              if isinstance(cls, type) and issubclass(cls, tracelens.hooks.HookAdapter) and not name.startswith("_")}
+    assert public - {tracelens.hooks.HookAdapter} == set(_adapters(tiny.model))
+    assert sorted(cls.__name__ for cls in public - {tracelens.hooks.HookAdapter}) == sorted(ADAPTER_NAMES)
+
+
+ADAPTER_NAMES = ["CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering", "PerPositionSteeringHook",
+                 "PerSampleSteering", "AblationHook", "MultiLayerAblation", "ActivationCappingHook",
+                 "MultiLayerActivationCapping", "ProjectionHook", "MultiLayerProjection"]
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_fwd_hooks_under_run_with_hooks_equal_the_context_manager(tiny, name):
+    factory = {cls.__name__: f for cls, f in _adapters(tiny.model).items()}[name]
+    ids, mask = encode(tiny.tokenizer, TEXTS)
+    with torch.no_grad():
+        plain = tiny.model(ids, attention_mask=mask)
+        with factory() as managed:
+            expected = tiny.model(ids, attention_mask=mask)
+        listed = factory()
+        got = tiny.model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=listed.fwd_hooks())
+    assert _active_hooks(tiny.model) == []
+    assert torch.equal(got, expected)
+    _assert_equal_nested(_recorded(listed), _recorded(managed))
+    edits = not isinstance(managed, (CaptureHook, MultiLayerCapture, ProjectionHook, MultiLayerProjection))
+    assert torch.equal(got, plain) != edits, "an edit must change the logits, a recorder must not"
+
+
+def test_per_position_steering_with_a_range_refuses_fwd_hooks(tiny):
+    adapter = PerPositionSteeringHook(tiny.model, _vec(tiny.model), get_hook_path(0), 1.0, token_range=(1, 3))
+    with pytest.raises(TypeError, match="PerPositionSteeringHook with a token_range must be used as a context manager"):
+        adapter.fwd_hooks()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_edits_equal_the_hf_edit_at_the_first_a_middle_and_the_last_layer(architecture, dtype):
+    t = cached_tiny(architecture, n_layers=5, dtype=dtype)
+    ids, _ = encode(t.tokenizer, [" ".join(TEXTS * 3)])  # longer than the sliding windows (8; Mistral 64 is crossed in test_parity)
+    with torch.no_grad():
+        plain = t.model(ids)
+    # one component per layer, a different one each (every component at layer 0 is covered above in fp32)
+    for layer, component in [(0, "residual"), (2, "attn_contribution"), (4, "mlp_contribution"), (4, "residual")]:
+        hook, module = get_hook_path(layer, component), hf_module_for(t.reference, layer, component)
+        v = _vec(t.model, layer, scale=4.0)
+        r = v / v.norm()
+        cases = [
+            (SteeringHook(t.model, v, hook, 2.0), lambda h: h + (2.0 * v).to(h.dtype)),
+            (AblationHook(t.model, v, hook), lambda h: (h.float() - (h.float() @ r)[..., None] * r).to(h.dtype)),
+            (ActivationCappingHook(t.model, v, hook, threshold=1.0),
+             lambda h: (h.float() + (1.0 - h.float() @ r).clamp(min=0)[..., None] * r).to(h.dtype)),
+        ]
+        for adapter, edit in cases:
+            with adapter, torch.no_grad():
+                ours = t.model(ids)
+            with hf_hooks(t.reference, {module: edit}), torch.no_grad():
+                ref = t.reference(ids).logits
+            assert torch.equal(ours, ref), (layer, component, type(adapter).__name__)
+            assert not torch.equal(ours, plain), "every edit must change the logits for this test to mean anything"

@@ -6,7 +6,7 @@ import torch
 from tracelens import COMPONENTS, get_hook_path
 from tracelens.testing import ARCHITECTURES, tiny_model
 
-from conftest import encode
+from conftest import cached_tiny, encode
 from hf_reference import hf_capture, hf_module_for
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today, the sun is shining!"]
@@ -84,3 +84,36 @@ def test_cached_generation_equals_uncached_and_hf_generate_step_logits(tiny_shar
         assert torch.equal(tokens, hf.sequences)
         assert (logits - hf_logits).abs().max() <= 1e-4
     assert (runs[True][1] - runs[False][1]).abs().max() <= 1e-4
+
+
+LONG = " ".join(TEXTS * 18)  # about 240 tokens: over 3 times every tiny model's sliding window (8 or 64)
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "gemma2", "gemma3"])
+def test_sliding_window_is_honoured_past_the_window(architecture):
+    t = cached_tiny(architecture, n_layers=3, init_std=0.2)
+    ids = t.tokenizer([LONG], return_tensors="pt").input_ids
+    assert ids.shape[1] > 3 * t.reference.config.sliding_window
+    with torch.no_grad():
+        logits = t.model(ids)
+        assert torch.equal(logits, t.reference(ids).logits)
+        window = t.reference.config.sliding_window
+        t.reference.config.sliding_window = 10**6  # the same weights attending to everything
+        try:
+            unwindowed = t.reference(ids).logits
+        finally:
+            t.reference.config.sliding_window = window
+    assert (logits[0, window:] - unwindowed[0, window:]).abs().max() > 1e-3, "the window must matter at this length"
+    assert torch.equal(logits[0, :window], unwindowed[0, :window])
+
+
+def test_gemma3_query_and_key_norms_equal_hf():
+    t = cached_tiny("gemma3", n_layers=3)
+    ids = t.tokenizer([LONG], return_tensors="pt").input_ids
+    paths = [f"model.layers.{l}.self_attn.{n}" for l in range(3) for n in ("q_norm", "k_norm")]
+    _, ref = hf_capture(t.reference, ids, paths=paths)
+    with torch.no_grad():
+        _, cache = t.model.run_with_cache(ids)
+    for layer in range(3):
+        for name in ("q_norm", "k_norm"):
+            assert torch.equal(cache[f"blocks.{layer}.attn.{name}.hook_out"], ref[f"model.layers.{layer}.self_attn.{name}"])

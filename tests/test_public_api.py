@@ -19,3 +19,28 @@ def test_the_seeds_core_math_helpers_import_from_tracelens_math():
         trait_clusters,
         vector_set_comparison,
     )
+
+
+def test_the_seeds_metrics_import_from_math_as_from_core_math():
+    import tracelens.math
+    import tracelens.metrics
+
+    for name in ("accuracy", "effect_size", "polarity_correct", "pearson_correlation", "auroc"):
+        assert getattr(tracelens.math, name) is getattr(tracelens.metrics, name)
+
+
+def test_the_seeds_remaining_names():
+    from tracelens import generate_batch  # noqa: F401  (seed: utils.model_generation)
+    from tracelens.types import ModelConfig, SteeringEntry  # noqa: F401  (seed: core.types)
+
+
+def test_the_readme_lists_exactly_the_tested_architectures():
+    import re
+    from pathlib import Path
+
+    from tracelens.testing import ARCHITECTURE_NAMES, ARCHITECTURES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listed = re.search(r"<!-- tested-architectures -->(.*?)<!-- /tested-architectures -->", readme).group(1)
+    assert listed == ", ".join(ARCHITECTURE_NAMES[a] for a in ARCHITECTURES)
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)

@@ -42,6 +42,7 @@ def test_detect_contribution_paths_names_the_module_and_the_hook(tiny):
     paths = detect_contribution_paths(tiny.model)
     expected = {
         "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+        "gemma3": ("post_attention_layernorm", "post_feedforward_layernorm"),
     }.get(tiny.architecture, ("self_attn.o_proj", "mlp.down_proj"))
     assert (paths["attn_contribution"], paths["mlp_contribution"]) == expected
     assert paths["attn_contribution"].hook == "blocks.{layer}.hook_attn_out"

@@ -10,11 +10,13 @@ import tracelens.types
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
+    ModelConfig,
     ModelVariant,
     ProjectionConfig,
     ProjectionEntry,
     ProjectionRecord,
     ResponseRecord,
+    SteeringEntry,
     SteeringHeader,
     SteeringResults,
     SteeringRunRecord,
@@ -58,6 +60,12 @@ EXAMPLES = {
     ),
     "JudgeResult": JudgeResult(62.5, 81.25, 4, 12.1, 0.75, 40.0, 90.0, n_degenerate=1),
     "ModelVariant": ModelVariant("instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "some/lora"),
+    "ModelConfig": ModelConfig(
+        huggingface_id="google/gemma-2-2b", model_type="gemma2", variant="base", supports_system_prompt=False,
+        num_hidden_layers=26, hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, intermediate_size=9216,
+        max_context_length=8192, vocab_size=256000, notes={"massive_dims": [1068]},
+    ),
+    "SteeringEntry": SteeringEntry("mood/happy", "instruct", "response_all", "steering", "/x/results.jsonl"),
     "ActivationMetadata": ActivationMetadata(
         n_layers=30, hidden_dim=576, captured_layers=[3, 10], activation_norms={3: 12.5, 10: 40.25},
         n_examples_pos=45, n_examples_neg=44, n_val_pos=5, n_val_neg=5, model="smollm2", position="response[:]",
@@ -283,3 +291,34 @@ def test_steering_header_checks_direction():
 def test_from_dict_rejects_non_mappings():
     with pytest.raises(TypeError, match="VectorSpec.from_dict expects a mapping, got list"):
         VectorSpec.from_dict([9, "residual"])
+
+
+def test_model_config_leaves_out_unset_fields_and_reads_a_loaded_model():
+    assert set(EXAMPLES["ModelConfig"].to_dict()) >= {"notes", "vocab_size"}
+    assert "sae" not in EXAMPLES["ModelConfig"].to_dict()
+    from conftest import cached_tiny
+
+    t = cached_tiny("llama")
+    config = ModelConfig.from_model(t.model, variant="it", supports_system_prompt=True, huggingface_id="tiny/llama")
+    hf = t.reference.config
+    assert config == ModelConfig(
+        "tiny/llama", "llama", "it", True, hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads,
+        hf.num_key_value_heads, hf.intermediate_size, hf.max_position_embeddings, hf.vocab_size,
+    )
+    assert ModelConfig.from_model(t.reference, "it", True, "tiny/llama") == config  # an HF model directly
+
+
+def test_steering_entries_list_every_results_file(tmp_path):
+    from tracelens.experiments import Experiment
+
+    exp = Experiment.named("demo", tmp_path)
+    for trait, position in [("mood/happy", "response[:]"), ("mood/sad", "prompt[-1]")]:
+        path = exp.steering_results_path(trait, "instruct", position)
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+    assert exp.steering_entries() == [
+        SteeringEntry("mood/happy", "instruct", "response_all", "steering",
+                      str(exp.steering_results_path("mood/happy", "instruct", "response[:]"))),
+        SteeringEntry("mood/sad", "instruct", "prompt_-1", "steering",
+                      str(exp.steering_results_path("mood/sad", "instruct", "prompt[-1]"))),
+    ]

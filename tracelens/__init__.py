@@ -1,6 +1,14 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
-from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.backends import (
+    CaptureResult,
+    CaptureSpec,
+    GenerationConfig,
+    LocalBackend,
+    SteeringSpec,
+    TokenResult,
+    generate_batch,
+)
 from tracelens.capture import capture_at_position
 from tracelens.cleaning import clean_scores
 from tracelens.client import RemoteBackend, ServerError, get_backend
@@ -58,6 +66,7 @@ from tracelens.methods import (
     METHODS,
     RFM,
     ExtractionMethod,
+    Fisher,
     Gradient,
     MeanDiff,
     PreCleanedMethod,
@@ -85,11 +94,13 @@ from tracelens.traits import (
 from tracelens.types import (
     ActivationMetadata,
     JudgeResult,
+    ModelConfig,
     ModelVariant,
     ProjectionConfig,
     ProjectionEntry,
     ProjectionRecord,
     ResponseRecord,
+    SteeringEntry,
     SteeringResults,
     SteeringRunRecord,
     VectorResult,
@@ -107,7 +118,7 @@ __all__ = [
     "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
     "ProjectionHook", "MultiLayerProjection",
     # extraction methods
-    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "RandomBaseline", "RFM",
+    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "Fisher", "RandomBaseline", "RFM",
     "PreCleanedMethod",
     # vector math and metrics
     "projection", "batch_cosine_similarity", "cosine_similarity", "orthogonalize", "pairwise_cosine_matrix",
@@ -118,10 +129,11 @@ __all__ = [
     # positions, prompts, capture and generation
     "parse_position", "resolve_position", "tokens_needed", "sanitize_position", "format_prompt", "tokenize_batch",
     "capture_at_position", "HookedGenerator", "CaptureConfig", "SteeringConfig", "TokenOutput", "SequenceOutput",
-    "LocalBackend", "GenerationConfig", "SteeringSpec", "CaptureSpec", "CaptureResult", "TokenResult",
+    "LocalBackend", "GenerationConfig", "SteeringSpec", "CaptureSpec", "CaptureResult", "TokenResult", "generate_batch",
     # records
     "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
-    "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults",
+    "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults", "SteeringEntry",
+    "ModelConfig",
     # judges
     "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "offline_judge", "degeneracy",
     "Degeneracy",

@@ -297,6 +297,30 @@ class LocalBackend:
         return max(1, min(64, int(_free_memory_bytes(self.device) * 0.5 // per_row)))
 
 
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, *, temperature: float = 0.0,
+                   stop_token_ids: list[int] | None = None, seed: int | None = None,
+                   batch_size: int | None = None) -> list[str]:
+    """Responses to already-formatted `prompts`, in order (the seed's `utils.model_generation.generate_batch`).
+
+    Prompts are left-padded with `tokenize_batch` (no double BOS) and generated with the KV cache under whatever
+    adapters are active on `model`; responses are decoded without special tokens and stripped. `batch_size=None`
+    runs all prompts as one batch, so batch-slice steering (`PerSampleSteering`) sees the rows it was given; a
+    `batch_size` splits them, and such slices then index each sub-batch. Unlike the seed it never re-splits on
+    out-of-memory, which would silently move those slices.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings; got one string")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be None or >= 1; got {batch_size}")
+    size = batch_size or max(1, len(prompts))
+    responses = []
+    for start in range(0, len(prompts), size):
+        ids, mask = tokenize_batch(tokenizer, list(prompts[start : start + size]))
+        outs = HookedGenerator(model).generate(ids, mask, max_new_tokens, temperature, None, None, stop_token_ids, seed)
+        responses.extend(tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in outs)
+    return responses
+
+
 def _configs(steering: Sequence[SteeringSpec] | None) -> list[SteeringConfig] | None:
     return None if not steering else [s.to_config() for s in steering]
 

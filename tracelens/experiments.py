@@ -19,7 +19,7 @@ from pathlib import Path
 from tracelens.io import write_json
 from tracelens.positions import sanitize_position
 from tracelens.splits import SPLITS
-from tracelens.types import ModelVariant
+from tracelens.types import ModelVariant, SteeringEntry
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODES = ("application", "extraction")
@@ -121,7 +121,6 @@ class Experiment:
     def steering_results_path(self, trait: str, variant: str, position: str, prompt_set: str = "steering") -> Path:
         return self.steering_dir(trait, variant, position, prompt_set) / "results.jsonl"
 
-
     def neutral_reference_path(self, variant: str, max_new_tokens: int) -> Path:
         """The unsteered answers to neutral prompts that steering's coherence cost is measured on."""
         return self.dir / "steering" / "_reference" / _safe_parts(variant, "variant", 1)[0] / f"neutral-{int(max_new_tokens)}.json"
@@ -145,6 +144,17 @@ class Experiment:
         name = _safe_parts(prompt_set, "prompt set", 1)[0]
         dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         return {d.name: d / name / "results.jsonl" for d in dirs if (d / name / "results.jsonl").is_file()}
+
+    def steering_entries(self) -> list[SteeringEntry]:
+        """Every ``steering/{category}/{trait}/{variant}/{position}/{prompt set}/results.jsonl``, sorted by path.
+
+        ``position`` is the sanitized folder name (``response_all``), as on disk.
+        """
+        root = self.stage_root("steering")
+        return [
+            SteeringEntry(f"{p.parts[-6]}/{p.parts[-5]}", p.parts[-4], p.parts[-3], p.parts[-2], str(p))
+            for p in sorted(root.glob("*/*/*/*/*/results.jsonl"))
+        ]
 
     def stage_root(self, stage: str) -> Path:
         """`extraction/`, `steering/` or `inference/` of the experiment (their sub-folders are traits or variants)."""

@@ -42,7 +42,7 @@ from tracelens.positions import parse_position, tokens_needed
 from tracelens.sites import COMPONENTS
 from tracelens.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
 from tracelens.traits import load_trait
-from tracelens.types import ActivationMetadata
+from tracelens.types import ActivationMetadata, ModelVariant
 
 ALWAYS_EVALUATED = "random_baseline"
 CHANCE_PERCENTILES = (5.0, 95.0)
@@ -272,10 +272,11 @@ def capture_activations(exp: Experiment, trait: str, variant: str, model, config
     return input_hash
 
 
-def load_activation_metadata(experiment: str | Experiment, trait: str, variant: str,
+def load_activation_metadata(experiment: str | Experiment, trait: str, variant: str | ModelVariant,
                              position: str = "response[:]", component: str = "residual") -> ActivationMetadata:
-    """The `ActivationMetadata` written by the activations stage."""
+    """The `ActivationMetadata` written by the activations stage (`variant` by name or as a `ModelVariant`)."""
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    variant = variant.name if isinstance(variant, ModelVariant) else variant
     path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
     if not path.is_file():
         raise FileNotFoundError(f"no activation metadata at {path}; run `tracelens extract` first")

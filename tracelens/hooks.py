@@ -3,7 +3,8 @@
 Every adapter is a context manager over `model.hooks(...)`: its TL hooks are added on enter and
 exactly those are removed on exit, also when the body raises. Adapters nest and stack (hooks on one
 site run in the order they were entered) and work the same under `model(...)`, `run_with_hooks`,
-`run_with_cache` and generation. `path` is a TL hook name or an HF module path
+`run_with_cache` and generation. `adapter.fwd_hooks()` gives the same hooks as a list for
+`model.run_with_hooks(..., fwd_hooks=adapter.fwd_hooks())`. `path` is a TL hook name or an HF module path
 (`"model.layers.16"`), see `tracelens.sites.resolve_hook_name`.
 
 Activations at head-split sites (`attn.hook_k`/`hook_v`, `[batch, pos, heads, d_head]`) are edited
@@ -40,6 +41,24 @@ class HookAdapter:
 
     def _enter_extra(self, stack: contextlib.ExitStack) -> None:
         """Register anything besides TL hooks (removed with them)."""
+
+    def _needs_extra(self) -> bool:
+        """True when the TL hooks only work with what `_enter_extra` registers."""
+        return False
+
+    def fwd_hooks(self) -> list[tuple[str, HookFn]]:
+        """`[(hook_name, fn), ...]` for `model.run_with_hooks(..., fwd_hooks=...)`, equal to the `with` form.
+
+        Captures and projections still accumulate on the adapter (`.get()`). An adapter that also needs a
+        hook outside TransformerLens (`PerPositionSteeringHook` with a `token_range`) raises TypeError.
+        """
+        if self._needs_extra():
+            raise TypeError(
+                f"{type(self).__name__} with a token_range must be used as a context manager (it reads the "
+                "attention mask through a pre-hook on the HF model, which run_with_hooks cannot register); "
+                "got a fwd_hooks() call"
+            )
+        return list(self._hooks())
 
     def __enter__(self):
         if self._stack is not None:
@@ -310,8 +329,12 @@ class PerPositionSteeringHook(HookAdapter):
         self.token_range = token_range
         self._positions = _TokenPositions(model)
 
+    def _needs_extra(self) -> bool:
+        return self.token_range is not None  # positions come from the attention mask, read by a pre-hook
+
     def _enter_extra(self, stack):
-        self._positions.register(stack)
+        if self._needs_extra():
+            self._positions.register(stack)
 
     def _hooks(self):
         if self.token_range is None:

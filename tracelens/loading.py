@@ -24,6 +24,7 @@ TESTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )

@@ -3,6 +3,8 @@
 Every function takes tensors of any float dtype (float16/bfloat16 included) and returns float32 results.
 Vectors are normalised with a +1e-8 guard, so zero vectors give 0 rather than NaN. Shape names:
 ``d`` is the model width, ``n`` a number of vectors or samples, ``k`` a number of basis directions.
+
+The separation metrics of :mod:`tracelens.metrics` are importable from here too, as from the seed's ``core.math``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct  # noqa: F401
 
 EPS = 1e-8
 """Added to norms before dividing, so a zero vector maps to zero instead of NaN."""

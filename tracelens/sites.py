@@ -80,7 +80,7 @@ class ContributionPath(str):
 def detect_contribution_paths(model: TransformerBridge | torch.nn.Module) -> dict[str, ContributionPath]:
     """Which HF module (and TL hook) holds what attention and the MLP add to the residual stream.
 
-    Gemma-2 (post-norms): post_attention_layernorm / post_feedforward_layernorm.
+    Gemma-2 and Gemma-3 (post-norms): post_attention_layernorm / post_feedforward_layernorm.
     Llama, Mistral, Qwen: self_attn.o_proj / mlp.down_proj. Anything else raises ValueError.
     """
     layer = _first_decoder_layer(model)

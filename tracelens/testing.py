@@ -16,8 +16,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -29,7 +33,14 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from tracelens.loading import load_model
 
-ARCHITECTURES = ("llama", "gemma2", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "gemma2", "gemma3", "qwen2", "qwen3")
+"""The architectures every parity and conformance test runs on (the README's tested list is generated from it)."""
+
+ARCHITECTURE_NAMES = {
+    "llama": "Llama", "mistral": "Mistral", "gemma2": "Gemma-2", "gemma3": "Gemma-3 (text)", "qwen2": "Qwen2/Qwen2.5",
+    "qwen3": "Qwen3",
+}
+"""How the README names each tested architecture."""
 
 _CORPUS = [
     "The capital of France is Paris, and the capital of Italy is Rome.",
@@ -144,10 +155,22 @@ def tiny_hf_model(
             Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8),
             Gemma2ForCausalLM,
         ),
+        # Mistral: a sliding window on every layer (64: short enough for tests to cross it, long enough that a
+        # 2-layer model still sees a chat prompt's system turn from its response tokens).
+        "mistral": lambda: (MistralConfig(**common, sliding_window=64), MistralForCausalLM),
+        # Gemma-3: q/k RMS norms, sliding and full layers alternating, separate local RoPE base.
+        "gemma3": lambda: (
+            Gemma3TextConfig(
+                **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8,
+                layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)],
+            ),
+            Gemma3ForCausalLM,
+        ),
         "qwen2": lambda: (Qwen2Config(**common), Qwen2ForCausalLM),
         "qwen3": lambda: (Qwen3Config(**common, head_dim=head_dim), Qwen3ForCausalLM),
     }[architecture]()
     config._attn_implementation = "eager"
+    config.architectures = [cls.__name__]  # as a saved config has; TransformerLens picks its adapter by it
     torch.manual_seed(seed)
     return cls(config).to(dtype).eval()
 

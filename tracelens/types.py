@@ -221,6 +221,59 @@ class ModelVariant(NamedTuple):
         return cls(**{k: v for k, v in d.items() if k in cls._fields})
 
 
+@dataclass
+class ModelConfig:
+    """A model's description, as in the original's ``config/models/*.yaml``: id, family, size and quirks.
+
+    ``model_type`` is the HF config's (``llama``, ``gemma3_text``...), ``variant`` a label such as ``base`` or ``it``.
+    ``sae``, ``moe``, ``mla`` and ``notes`` are free-form dicts; ``to_dict`` leaves out fields that are None.
+    ``from_model`` reads the sizes of a loaded model (a tracelens model or an HF ``PreTrainedModel``).
+    """
+
+    huggingface_id: str
+    model_type: str
+    variant: str
+    supports_system_prompt: bool
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_context_length: int = 4096
+    vocab_size: int | None = None
+    sae: dict[str, Any] | None = None
+    moe: dict[str, Any] | None = None
+    mla: dict[str, Any] | None = None
+    notes: dict[str, Any] | None = None
+
+    @classmethod
+    def from_model(cls, model: Any, variant: str, supports_system_prompt: bool,
+                   huggingface_id: str | None = None) -> ModelConfig:
+        """The config of a loaded model; ``huggingface_id`` defaults to the HF config's ``_name_or_path``."""
+        hf = getattr(model, "original_model", model).config
+        text = getattr(hf, "text_config", None) or hf  # multimodal configs keep the language model's sizes here
+        return cls(
+            huggingface_id=huggingface_id or hf._name_or_path,
+            model_type=text.model_type,
+            variant=variant,
+            supports_system_prompt=supports_system_prompt,
+            num_hidden_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            intermediate_size=text.intermediate_size,
+            max_context_length=getattr(text, "max_position_embeddings", None) or 4096,
+            vocab_size=text.vocab_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        return cls(**_known(cls, d))
+
+
 # --------------------------------------------------------------------------------------------------- extraction
 
 
@@ -442,6 +495,25 @@ class ProjectionRecord:
 
 
 # --------------------------------------------------------------------------------------------------- steering
+
+
+@dataclass
+class SteeringEntry:
+    """One steering result file found on disk: ``full_path`` is the ``results.jsonl`` of ``trait`` steered on
+    ``model_variant`` with vectors from ``position``, judged on ``prompt_set``."""
+
+    trait: str
+    model_variant: str
+    position: str
+    prompt_set: str
+    full_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SteeringEntry:
+        return cls(**_known(cls, d))
 
 
 @dataclass

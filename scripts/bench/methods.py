@@ -71,7 +71,7 @@ def make_data(args: argparse.Namespace, width: int, seed: int, massive: bool) ->
 
 def evaluate(method, data: Data, seed: int, kwargs: dict) -> dict[str, float]:
     """Fit on the training rows (with ``seed`` where the method takes one) and score on the held-out rows."""
-    if method.name.split("[")[0] in ("gradient", "random_baseline", "rfm"):
+    if method.name.split("[")[0] in ("gradient", "fisher", "random_baseline", "rfm"):
         kwargs = {**kwargs, "seed": seed}
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--widths", type=int, nargs="+", default=[576, 2304])
-    parser.add_argument("--methods", nargs="+", default=["mean_diff", "probe", "gradient", "rfm", "random_baseline"])
+    parser.add_argument("--methods", nargs="+", default=["mean_diff", "probe", "gradient", "fisher", "rfm", "random_baseline"])
     parser.add_argument("--n-train", type=int, default=200, help="training rows per class")
     parser.add_argument("--n-test", type=int, default=100, help="held-out rows per class")
     parser.add_argument("--dprime", type=float, default=3.0, help="class margin in noise stds along u")

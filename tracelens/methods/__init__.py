@@ -1,12 +1,13 @@
 """Extraction methods: find a direction separating positive from negative activations.
 
-``get_method(name).extract(pos_acts, neg_acts, **kwargs)`` for ``mean_diff``, ``probe``, ``gradient``,
-``random_baseline`` and ``rfm``; see :mod:`tracelens.methods.base` for the contract they share.
+``get_method(name).extract(pos_acts, neg_acts, **kwargs)`` for ``mean_diff``, ``probe``, ``gradient`` (the
+seed's Adam ascent), ``fisher`` (spread-aware separation by L-BFGS), ``random_baseline`` and ``rfm``; see :mod:`tracelens.methods.base` for the contract they share.
 """
 
 from __future__ import annotations
 
 from tracelens.methods.base import ExtractionMethod, PreCleanedMethod
+from tracelens.methods.fisher import Fisher
 from tracelens.methods.gradient import Gradient
 from tracelens.methods.mean_diff import MeanDiff
 from tracelens.methods.probe import Probe
@@ -14,7 +15,7 @@ from tracelens.methods.random_baseline import RandomBaseline
 from tracelens.methods.rfm import RFM
 
 METHODS: dict[str, type[ExtractionMethod]] = {
-    cls.name: cls for cls in (MeanDiff, Probe, Gradient, RandomBaseline, RFM)
+    cls.name: cls for cls in (MeanDiff, Probe, Gradient, Fisher, RandomBaseline, RFM)
 }
 """Every method by its ``get_method`` name."""
 
@@ -30,6 +31,7 @@ __all__ = [
     "METHODS",
     "RFM",
     "ExtractionMethod",
+    "Fisher",
     "Gradient",
     "MeanDiff",
     "PreCleanedMethod",

@@ -1,0 +1,74 @@
+"""docs/porting.md: every ported block of the seed's quick reference runs, in order, on an extracted tiny model."""
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # one extraction plus every seed block on a 17-layer tiny model: about a minute
+
+from tracelens.backends import LocalBackend
+from tracelens.cli import main as cli_main
+from tracelens.experiments import Experiment
+from tracelens.extraction import ExtractionConfig, run_extraction
+from tracelens.testing import tiny_model
+
+DOC = Path(__file__).parents[1] / "docs" / "porting.md"
+BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.S)
+
+
+def _blocks() -> list[tuple[str, str]]:
+    return BLOCK.findall(DOC.read_text())
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A tiny 17-layer Llama saved to a folder, an experiment pointing at it, and one extraction run."""
+    root = tmp_path_factory.mktemp("porting")
+    t = tiny_model("llama", n_layers=17)
+    t.reference.save_pretrained(root / "model")
+    t.tokenizer.save_pretrained(root / "model")
+    exp = Experiment.named("my_exp", root / "experiments")
+    exp.write_config({"base": {"model": str(root / "model")}}, {"extraction": "base", "application": "base"})
+    config = ExtractionConfig(methods=("probe",), position="response[:]", max_new_tokens=2, limit=12, val_split=0.25)
+    run_extraction(exp, ["starter/optimism"], config, backend=LocalBackend.from_model(t.model))
+    return root
+
+
+SEED_SECTIONS = ["Types", "Hooks", "Generation with hooks", "Extraction methods", "Math functions",
+                 "Massive activations", "GPU profiling", "Generation backend"]
+
+
+def test_the_doc_has_a_section_per_section_of_the_seed_quick_reference():
+    headings = re.findall(r"^## (.+)$", DOC.read_text(), re.M)
+    assert headings == ["Setup", *SEED_SECTIONS]
+
+
+def test_every_ported_block_runs_in_order(extracted, monkeypatch, capsys):
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(extracted / "experiments"))
+    monkeypatch.chdir(extracted)
+    namespace: dict = {}
+    ran = 0
+    for language, code in _blocks():
+        if "VLLMBackend(" in code and not (importlib.util.find_spec("vllm") and torch.cuda.is_available()):
+            continue  # CUDA + vLLM only
+        if language == "bash":
+            for line in code.strip().splitlines():
+                assert line.startswith("tracelens "), line
+                assert cli_main(shlex.split(line)[1:]) == 0
+        else:
+            exec(compile(code, f"{DOC.name} block {ran}", "exec"), namespace)
+        ran += 1
+    assert ran >= len(_blocks()) - 1
+    ns = namespace
+    d = ns["model"].cfg.d_model
+    assert ns["all_acts"][16].shape == (*ns["inputs"]["input_ids"].shape, d)
+    assert ns["activations"][16]["residual"].shape == (*ns["input_ids"].shape, d)
+    assert sorted(ns["all_acts"]) == [14, 15, 16] and ns["acts"].shape == (2, d)
+    assert ns["meta"].n_layers == 17 and ns["best"].source == "evaluation"
+    assert ns["results"][0].response_activations[14]["residual"].shape[1] == d
+    assert len(ns["responses"]) == 2 and ns["vector"].norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert (extracted / "experiments" / "my_exp" / "inference" / "base" / "massive_activations").is_dir()
