@@ -33,7 +33,7 @@ def extracted(tmp_path_factory):
     t.tokenizer.save_pretrained(root / "model")
     exp = Experiment.named("my_exp", root / "experiments")
     exp.write_config({"base": {"model": str(root / "model")}}, {"extraction": "base", "application": "base"})
-    config = ExtractionConfig(methods=("probe",), position="response[:]", max_new_tokens=2, limit=12, val_split=0.25)
+    config = ExtractionConfig(methods=("probe",), position="response[:]", max_new_tokens=2, limit=12)
     run_extraction(exp, ["starter/optimism"], config, backend=LocalBackend.from_model(t.model))
     return root
 

@@ -19,6 +19,7 @@ import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -125,7 +126,8 @@ def finite_float(value, what: str) -> float:
 
 
 def _flat(act: Tensor) -> Tensor:
-    return act.flatten(2) if act.dim() == 4 else act
+    """`[batch, pos, d]` as is; per-head `[batch, pos, head, d_head]` merged to `[batch, pos, head * d_head]`."""
+    return rearrange(act, "b p h d -> b p (h d)") if act.dim() == 4 else act
 
 
 def _check_runtime_width(act: Tensor, width: int, hook) -> None:
@@ -137,7 +139,8 @@ def _edit_flat(act: Tensor, width: int, hook, fn: Callable[[Tensor], Tensor]) ->
     """Apply `fn` to the flat view of `act` and return it in `act`'s shape."""
     flat = _flat(act)
     _check_runtime_width(flat, width, hook)
-    return fn(flat).view_as(act)
+    out = fn(flat)
+    return rearrange(out, "b p (h d) -> b p h d", h=act.shape[2]) if act.dim() == 4 else out
 
 
 def _layers(model, layers: Iterable[int] | None) -> list[int]:
