@@ -211,3 +211,18 @@ def test_cli_writes_report_vectors_and_svg(t, tmp_path, capsys):
     assert torch.equal(load_tensors(tmp_path / "out" / "vectors.safetensors")["1"], result.vectors[1])
     assert ET.fromstring((tmp_path / "out" / "propensity.svg").read_text()) is not None
     assert "layer 1: test AUROC" in capsys.readouterr().out
+
+
+def test_table_script_renders_every_layer_with_its_numbers(result):
+    import runpy
+    from pathlib import Path
+
+    render = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ab_table.py"))["render"]
+    md = render(result.report)
+    for layer, e in result.report["layers"].items():
+        [row] = [line for line in md.splitlines() if line.startswith(f"| {layer} | ") and "[" in line]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith(f"{e['detection']['test']['auroc']['value']:.3f} [")
+        assert cells[5] == f"{e['effect']['value']:.3f} [{e['effect']['lo']:.3f}, {e['effect']['hi']:.3f}]"
+        assert cells[6].startswith(f"{e['control_effect']['value']:.3f} [")
+    assert f"{result.report['unsteered']['p_match']['value']:.3f}" in md
