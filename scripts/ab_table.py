@@ -19,7 +19,7 @@ def render(report: dict) -> str:
     est = Estimate.from_dict
     lines = [
         f"A/B propensity on `{Path(report['dataset']).name}`: {report['n_questions']} questions (matching letters "
-        f"{report['letter_balance']}), split by question {report['splits']}, method `{report['method']}` read at the "
+        f"{report['letter_balance']}), split by question {report['splits']} (train balanced to {report['train_letters']} by matching letter), method `{report['method']}` read at the "
         f"answer {report['read']}. p(match) = p(matching letter) / (p(A) + p(B)) at the position before the letter, "
         f"mean over the {report['splits']['test']} test questions, 95% bootstrap intervals over questions. Multiplier 1 "
         "adds the train mean difference along the direction; the control is a random direction of the same norm.",

@@ -155,6 +155,10 @@ def test_run_ab_vectors_curves_and_splits(t, starter, result):
     from tracelens.splits import split_by_question
 
     train = split_by_question([i.prompt for i in starter.items], (0.5, 0.1, 0.4))["train"]
+    letters = [starter.items[i].matching for i in train]
+    m = min(letters.count("A"), letters.count("B"))
+    train = [i for i in train if starter.items[i].matching == "A"][:m] + [i for i in train if starter.items[i].matching == "B"][:m]
+    assert r["train_letters"] == {"A": m, "B": m}
     for layer in (0, 2):
         entry = r["layers"][str(layer)]
         pos, neg = answer_activations(t.model, [encoded[i] for i in train], [layer])
@@ -167,6 +171,17 @@ def test_run_ab_vectors_curves_and_splits(t, starter, result):
             assert 0 <= e["lo"] <= e["value"] <= e["hi"] <= 1
         assert set(entry["detection"]) == {"select", "test"} and set(entry["chance"]) == {"auroc", "accuracy"}
     assert r["selected"]["layer"] in (0, 2)
+
+
+def test_balance_letters_keeps_equal_counts_and_needs_both_letters(starter):
+    from tracelens.ab import ABDataset, balance_letters
+
+    kept = balance_letters(range(10), starter)  # items alternate A, B
+    assert kept == list(range(10))
+    assert balance_letters([0, 1, 2, 4, 6], starter) == [0, 1]  # A, B, A, A, A: one of each
+    only_a = ABDataset(tuple(i for i in starter.items if i.matching == "A")[:3], "a.jsonl")
+    with pytest.raises(ValueError, match=r"the train questions all match letter \['A'\]"):
+        balance_letters(range(3), only_a)
 
 
 def test_multipliers_need_both_signs(t, starter):

@@ -275,8 +275,21 @@ class ABResult:
     vectors: dict[int, Tensor] = field(default_factory=dict)
 
 
+def balance_letters(indices: Sequence[int], dataset: ABDataset) -> list[int]:
+    """The first `m` of `indices` for each matching letter, `m` the rarest letter's count: at the letter token the
+    letter's own identity dominates the activation, so a train set with more A- than B-matching questions would
+    give a direction that is partly "A minus B"."""
+    by_letter: dict[str, list[int]] = {}
+    for i in indices:
+        by_letter.setdefault(dataset.items[i].matching, []).append(i)
+    if len(by_letter) < 2:
+        raise ValueError(f"the train questions all match letter {list(by_letter)}; the A/B set needs both letters")
+    m = min(len(ix) for ix in by_letter.values())
+    return sorted(i for ix in by_letter.values() for i in ix[:m])
+
+
 def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResult:
-    """Extract a direction per layer on the train questions, score detection on select and test (AUROC,
+    """Extract a direction per layer on the train questions (balanced by matching letter), score detection on select and test (AUROC,
     accuracy at the train midpoint, Cohen's d; bootstrap over questions; random-direction chance band), and
     measure propensity curves on the test questions for the vector and a random direction of the same norm.
 
@@ -291,7 +304,8 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
     layers = parse_layers(config.layers, model.cfg.n_layers)
     encoded = encode_items(model.tokenizer, dataset)
     splits = split_by_question([item.prompt for item in dataset.items], config.fractions, config.seed)
-    tr, sel, te = (torch.tensor(splits[s]) for s in ("train", "select", "test"))
+    train = balance_letters(splits["train"], dataset)
+    tr, sel, te = torch.tensor(train), torch.tensor(splits["select"]), torch.tensor(splits["test"])
     pos, neg = answer_activations(model, encoded, layers, config.read, config.component, config.batch_size)
     test_items = [encoded[i] for i in te.tolist()]
     base_p, base_mass = letter_propensity(model, test_items, batch_size=config.batch_size)
@@ -327,7 +341,9 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
     best = max(layers, key=lambda l: report_layers[str(l)]["detection"]["select"]["auroc"]["value"])
     report = {
         "dataset": dataset.path, "n_questions": len(dataset), "letter_balance": dataset.letter_balance(),
-        "splits": {s: len(ix) for s, ix in splits.items()}, "method": config.method, "read": config.read,
+        "splits": {s: len(ix) for s, ix in splits.items()},
+        "train_letters": dict(sorted(Counter(dataset.items[i].matching for i in train).items())),
+        "method": config.method, "read": config.read,
         "component": config.component, "multipliers": multipliers, "seed": config.seed,
         "n_random": config.n_random,
         "unsteered": {"p_match": bootstrap_mean(base_p[0], seed=config.seed).to_dict(),
