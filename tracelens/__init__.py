@@ -1,5 +1,7 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
+from tracelens.ab import ABConfig, ABDataError, ABDataset, ABItem, ABResult, letter_propensity, load_ab, run_ab
+from tracelens.ab_plot import propensity_svg
 from tracelens.backends import (
     CaptureResult,
     CaptureSpec,
@@ -13,6 +15,7 @@ from tracelens.capture import capture_at_position
 from tracelens.cleaning import clean_scores
 from tracelens.client import RemoteBackend, ServerError, get_backend
 from tracelens.dashboard import make_server, serve, serve_in_thread
+from tracelens.conditional import ConditionFit, ConditionalSteering, fit_condition_threshold
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
@@ -32,6 +35,7 @@ from tracelens.hooks import (
     SteeringHook,
     calibrate_cap_threshold,
 )
+from tracelens.interchange import export_vector, import_vector
 from tracelens.judge import (
     Degeneracy,
     EmbeddingJudge,
@@ -116,7 +120,7 @@ __all__ = [
     "HookAdapter", "CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering",
     "PerPositionSteeringHook", "PerSampleSteering", "AblationHook", "MultiLayerAblation",
     "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
-    "ProjectionHook", "MultiLayerProjection",
+    "ProjectionHook", "MultiLayerProjection", "ConditionalSteering", "fit_condition_threshold", "ConditionFit",
     # extraction methods
     "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "Fisher", "RandomBaseline", "RFM",
     "PreCleanedMethod",
@@ -141,6 +145,9 @@ __all__ = [
     "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
+    # A/B datasets and propensity curves, vector interchange
+    "load_ab", "run_ab", "ABConfig", "ABResult", "ABDataset", "ABItem", "ABDataError", "letter_propensity",
+    "propensity_svg", "export_vector", "import_vector",
     # monitoring, massive activations, prompt sets, profiling
     "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
     "serve", "make_server", "serve_in_thread",

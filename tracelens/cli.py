@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=steer)
 
+    from tracelens.ab import add_ab_parser
+
+    add_ab_parser(sub)
+
     p = sub.add_parser("report", help="render an experiment's stored results as Markdown (e.g. docs/results.md)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--traits", default=None, help="default: every trait with an evaluation")

@@ -1,0 +1,117 @@
+"""Conditional steering (CAST, Lee et al., arXiv 2409.05907): steer a row only when its prompt crosses a
+threshold on a condition vector, decided once at the end of the prompt and kept for its whole generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tracelens import edits
+from tracelens.capture import capture_at_position
+from tracelens.hooks import HookAdapter, _checked_vector, _edit_flat, _flat, _TokenPositions
+from tracelens.metrics import accuracy
+from tracelens.positions import parse_position, resolve_position
+from tracelens.sites import get_hook_path, resolve_layer
+
+COMPARATORS = ("greater", "less")
+
+
+class ConditionalSteering(HookAdapter):
+    """Add `coefficient * vector` at `layer` (every position) only in rows whose condition score passes.
+
+    The score is `<h, unit(condition)>` at `condition_layer`'s `component`, averaged over `position` of each
+    row's prompt (a `prompt[...]` position, counted from the row's first real token). A row passes when
+    `score > threshold` ("greater") or `score < threshold` ("less"). The decision is made on every forward
+    call that starts a sequence (no KV cache) and reused by the cached decode steps that continue it.
+    The condition is read before any steering, so `layer >= condition_layer` (ValueError otherwise).
+    Left-padded batches need their attention mask. After a forward, `.scores` `[batch]` and `.gate`
+    `[batch]` (bool) hold the last decision.
+    """
+
+    def __init__(self, model, vector: Tensor, layer: int, condition: Tensor, condition_layer: int, threshold: float,
+                 comparator: str = "greater", coefficient: float = 1.0, position: str = "prompt[-1]",
+                 component: str = "residual") -> None:
+        super().__init__(model)
+        if comparator not in COMPARATORS:
+            raise ValueError(f"comparator must be one of {COMPARATORS}, got {comparator!r}")
+        if parse_position(position).frame != "prompt":
+            raise ValueError(f"the condition is read from the prompt: use a 'prompt[...]' position, got {position!r}")
+        n = model.cfg.n_layers
+        if resolve_layer(layer, n) < resolve_layer(condition_layer, n):
+            raise ValueError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
+                             "forward pass, before the decision exists; use a steering layer >= the condition layer")
+        self.steer_hook = get_hook_path(layer, component, model)
+        self.condition_hook = get_hook_path(condition_layer, component, model)
+        self.vector = _checked_vector(model, self.steer_hook, vector)
+        self.condition = edits.unit(_checked_vector(model, self.condition_hook, condition, "condition"), "condition")
+        self.threshold, self.comparator, self.coefficient = float(threshold), comparator, float(coefficient)
+        self.position = position
+        self.scores: Tensor | None = None
+        self.gate: Tensor | None = None
+        self._positions = _TokenPositions(model)
+
+    def _enter_extra(self, stack) -> None:
+        self.scores = self.gate = None
+        self._positions.register(stack)
+
+    def _hooks(self):
+        # Same site: the decision is registered first, so it reads the unsteered activation.
+        return [(self.condition_hook, self._decide), (self.steer_hook, self._steer)]
+
+    def _decide(self, act: Tensor, hook) -> None:
+        if self._positions._past:  # a cached decode step continues the decided sequence
+            return
+        flat = _flat(act)
+        batch, seq = flat.shape[:2]
+        _, real = self._positions.current(batch, seq, act.device)
+        lengths = real.sum(1)
+        if not torch.equal(real, torch.arange(seq, device=act.device)[None, :] >= (seq - lengths)[:, None]):
+            raise ValueError("conditional steering needs left-padded rows (real tokens last, attention mask passed)")
+        scores = []
+        for i, n in enumerate(lengths.tolist()):
+            s, e = resolve_position(self.position, n, n)
+            if e <= s:
+                raise ValueError(f"position {self.position!r} selects no tokens of row {i} ({n} tokens)")
+            scores.append(edits.project(flat[i, seq - n + s : seq - n + e], self.condition.to(act.device)).mean())
+        self.scores = torch.stack(scores)
+        self.gate = self.scores > self.threshold if self.comparator == "greater" else self.scores < self.threshold
+
+    def _steer(self, act: Tensor, hook) -> Tensor:
+        if self.gate is None or self.gate.shape[0] != act.shape[0]:
+            raise RuntimeError("no condition decision for this batch: run the prompt (without KV cache) first")
+        v = self.vector.to(act.device)
+        steered = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
+        return torch.where(self.gate.view(-1, *([1] * (act.dim() - 1))), steered, act)
+
+
+@dataclass(frozen=True)
+class ConditionFit:
+    """A threshold and comparator for `ConditionalSteering`, and the balanced accuracy they reach on the
+    prompts they were fitted on (in [0, 1]; report held-out accuracy separately)."""
+
+    threshold: float
+    comparator: str
+    accuracy: float
+
+
+def fit_condition_threshold(model, condition: Tensor, condition_layer: int, steer_prompts: Sequence[str],
+                            keep_prompts: Sequence[str], position: str = "prompt[-1]", pre_formatted: bool = False,
+                            component: str = "residual") -> ConditionFit:
+    """The threshold between two prompt sets (those to steer, those to leave) with the best balanced accuracy,
+    taken at midpoints between sorted scores; the comparator points towards the steer set's mean.
+    Prompts go through the chat template unless `pre_formatted` (format them as you will at generation)."""
+    unit = edits.unit(condition, "condition")
+    score = {name: capture_at_position(model, model.tokenizer, prompts, condition_layer, position, "mean",
+                                       pre_formatted, component) @ unit
+             for name, prompts in (("steer", steer_prompts), ("keep", keep_prompts))}
+    comparator = "greater" if score["steer"].mean() >= score["keep"].mean() else "less"
+    sign = 1.0 if comparator == "greater" else -1.0
+    ordered = torch.cat([score["steer"], score["keep"]]).sort().values
+    cuts = torch.cat([ordered[:1] - 1, (ordered[1:] + ordered[:-1]) / 2, ordered[-1:] + 1])
+    accs = [accuracy(sign * score["steer"], sign * score["keep"], float(sign * c)) for c in cuts]
+    best = max(range(len(cuts)), key=lambda k: accs[k])
+    return ConditionFit(float(cuts[best]), comparator, accs[best])
