@@ -140,3 +140,29 @@ def test_fitted_threshold_separates_prompts_that_differ_on_the_condition(t):
     s, k = acts["s"] @ unit, acts["k"] @ unit
     assert fit.comparator == "less" and fit.accuracy == 1.0
     assert s.max() < fit.threshold < k.min()
+
+
+def test_the_backend_option_equals_the_adapter_around_the_generator(t, vectors):
+    from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
+    from tracelens.conditional import Condition
+
+    vector, condition = vectors
+    backend = LocalBackend.from_model(t.model, use_chat_template=False)
+    ids, mask = encode(t.tokenizer, PROMPTS)
+    with ConditionalSteering(t.model, vector, 1, condition, 1, 0.0) as probe, torch.no_grad():
+        t.model(ids, attention_mask=mask)
+    threshold = float(probe.scores.median())
+    spec = SteeringSpec(1, vector, 6.0, condition=Condition(condition, 1, threshold))
+    got = backend.generate_results(PROMPTS, GenerationConfig(max_new_tokens=5), [spec])
+    texts = [backend.format(p) for p in PROMPTS]
+    from tracelens.prompts import tokenize_batch
+
+    ids, mask = tokenize_batch(t.tokenizer, texts)
+    with ConditionalSteering(t.model, vector, 1, condition, 1, threshold, coefficient=6.0) as steer:
+        want = HookedGenerator(t.model).generate(ids, mask, max_new_tokens=5)
+    assert 0 < int(steer.gate.sum()) < len(PROMPTS)
+    assert [r.response_token_ids for r in got] == [o.token_ids for o in want]
+    plain = backend.generate_results(PROMPTS, GenerationConfig(max_new_tokens=5))
+    assert [r.response_token_ids for r in got] != [r.response_token_ids for r in plain]
+    with pytest.raises(ValueError, match="conditional steering covers every position"):
+        SteeringSpec(1, vector, 6.0, positions="response", condition=Condition(condition, 1, threshold)).to_config()

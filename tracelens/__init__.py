@@ -14,8 +14,8 @@ from tracelens.backends import (
 from tracelens.capture import capture_at_position
 from tracelens.cleaning import clean_scores
 from tracelens.client import RemoteBackend, ServerError, get_backend
+from tracelens.conditional import Condition, ConditionalSteering, ConditionFit, fit_condition_threshold
 from tracelens.dashboard import make_server, serve, serve_in_thread
-from tracelens.conditional import ConditionFit, ConditionalSteering, fit_condition_threshold
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
@@ -120,7 +120,8 @@ __all__ = [
     "HookAdapter", "CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering",
     "PerPositionSteeringHook", "PerSampleSteering", "AblationHook", "MultiLayerAblation",
     "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
-    "ProjectionHook", "MultiLayerProjection", "ConditionalSteering", "fit_condition_threshold", "ConditionFit",
+    "ProjectionHook", "MultiLayerProjection", "ConditionalSteering", "Condition", "fit_condition_threshold",
+    "ConditionFit",
     # extraction methods
     "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "Fisher", "RandomBaseline", "RFM",
     "PreCleanedMethod",

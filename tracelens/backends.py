@@ -27,6 +27,7 @@ from tracelens.generation import (
     check_temperature,
     steering_hook,
 )
+from tracelens.conditional import Condition
 from tracelens.hooks import MultiLayerCapture, _layers, finite_float
 from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
 
@@ -54,12 +55,13 @@ class SteeringSpec:
     coefficient: float = 1.0
     component: str = "residual"
     positions: str = "all"
+    condition: Condition | None = None  # conditional steering (CAST): only rows whose prompt passes it
 
     def __post_init__(self) -> None:
         self.coefficient = finite_float(self.coefficient, "coefficient")
 
     def to_config(self) -> SteeringConfig:
-        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions)
+        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions, self.condition)
 
 
 @dataclass

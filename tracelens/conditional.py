@@ -20,6 +20,19 @@ from tracelens.sites import get_hook_path, resolve_layer
 COMPARATORS = ("greater", "less")
 
 
+@dataclass(frozen=True)
+class Condition:
+    """The condition of a conditional `SteeringSpec` / `SteeringConfig`: steer a row only when its prompt's
+    projection on unit(`vector`) at `layer`, read at `position`, is above ("greater") or below ("less")
+    `threshold`; decided once per sequence at the prompt (see `ConditionalSteering`)."""
+
+    vector: Tensor
+    layer: int
+    threshold: float
+    comparator: str = "greater"
+    position: str = "prompt[-1]"
+
+
 class ConditionalSteering(HookAdapter):
     """Add `coefficient * vector` at `layer` (every position) only in rows whose condition score passes.
 

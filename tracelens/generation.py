@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +21,9 @@ from torch import Tensor
 from tracelens import edits
 from tracelens.hooks import HookAdapter, SteeringHook, _checked_vector, _edit_flat, _layers, finite_float
 from tracelens.sites import get_hook_path
+
+if TYPE_CHECKING:
+    from tracelens.conditional import Condition
 
 
 class GenerationCancelled(RuntimeError):
@@ -72,9 +76,13 @@ class SteeringConfig:
     component: str = "residual"
     coefficient: float = 1.0
     positions: str = "all"
+    condition: Condition | None = None  # steer only the rows whose prompt passes it (positions "all")
 
     def __post_init__(self) -> None:
         self.coefficient = finite_float(self.coefficient, "coefficient")
+        if self.condition is not None and self.positions != "all":
+            raise ValueError(f"conditional steering covers every position: positions must be 'all'; "
+                             f"got {self.positions!r}")
 
 
 @dataclass
@@ -130,6 +138,12 @@ class _ResponseSteering(HookAdapter):
 def steering_hook(model, config: SteeringConfig, first: int | Tensor, offset) -> HookAdapter:
     """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", else steering from index
     `first` (the last prompt token of the left-padded sequence, an int or one per row) on."""
+    if config.condition is not None:
+        from tracelens.conditional import ConditionalSteering
+
+        c = config.condition
+        return ConditionalSteering(model, config.vector, config.layer, c.vector, c.layer, c.threshold, c.comparator,
+                                   config.coefficient, c.position, config.component)
     if config.positions == "all":
         return SteeringHook(model, config.vector, get_hook_path(config.layer, config.component, model), config.coefficient)
     if config.positions == "response":
