@@ -177,3 +177,13 @@ def test_a_renamed_experiment_keeps_its_steering_results(extracted):
     judge = FixedJudge()
     run_steering_eval(moved, TRAIT, judge, CONFIG, backend=backend)
     assert judge.calls == 0 and not list(moved.steering_results_path(TRAIT, "base", "response[:]").parent.glob("*stale*"))
+
+
+def test_the_report_can_select_a_run_from_an_earlier_call_with_other_layers(extracted):
+    exp, backend = extracted
+    one = {**CONFIG.__dict__, "search_steps": 1}
+    run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one, "layers": [0]}), backend=backend)
+    results = run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one, "layers": [1]}),
+                                backend=backend)
+    assert {r.layer for r in results.runs} == {0, 1}
+    assert results.report["config"] == results.best_run().config.to_dict()

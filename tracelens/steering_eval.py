@@ -289,8 +289,9 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     results = SteeringResults.from_jsonl_lines(read_jsonl(path))
     best = results.best_run(config.min_coherence)
     if best is not None and (results.report is None or results.report["config"] != best.config.to_dict()):
-        append_jsonl(path, _report(backend, judge, trait, data.definition, report_qs, best, vectors[best.layer],
-                                   config))
+        # The best run may come from an earlier call with other layers: load its vector by layer.
+        vector = load_vector(exp, trait, extraction_variant, config.position, config.component, best.method, best.layer)
+        append_jsonl(path, _report(backend, judge, trait, data.definition, report_qs, best, vector, config))
         results = SteeringResults.from_jsonl_lines(read_jsonl(path))
     return results
 
