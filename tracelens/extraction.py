@@ -136,7 +136,6 @@ def resolve_defaults(backend: LocalBackend, config: ExtractionConfig) -> Extract
         chat = getattr(backend.tokenizer, "chat_template", None) is not None
     position = config.position or ("response[:]" if chat else "response[:5]")
     parse_position(position)
-    check_config(config)
     needed = tokens_needed(position)
     max_new = config.max_new_tokens or (64 if chat else 16)
     if needed and max_new < needed:
@@ -376,7 +375,7 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
                 "above_chance": scored["auroc"].lo > chance[str(layer)]["auroc"]["hi"],
             })
     real = [r for r in rows if r["method"] != ALWAYS_EVALUATED] or rows
-    best = max(real, key=lambda r: (r["select"]["auroc"], r["select"]["effect_size"]))
+    best = max(real, key=select_rank)
     report = {
         "trait": trait, "position": config.position, "component": config.component,
         "splits": {s: len(t[0]) for s, t in zip(SPLITS, (train, select, test))},
@@ -387,6 +386,11 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
     }
     write_json(path, report)
     return report
+
+
+def select_rank(row: dict) -> tuple[float, float]:
+    """How an evaluation row ranks on the select split (higher is better): AUROC, ties broken by Cohen's d."""
+    return row["select"]["auroc"], row["select"]["effect_size"]
 
 
 def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],

@@ -11,7 +11,7 @@ A lower level is used only when no higher level has any candidate.
 from __future__ import annotations
 
 from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import ALWAYS_EVALUATED
+from tracelens.extraction import ALWAYS_EVALUATED, select_rank
 from tracelens.io import read_json, read_jsonl
 from tracelens.types import MIN_COHERENCE, SteeringResults, VectorResult
 
@@ -75,7 +75,7 @@ def _from_evaluation(exp, trait, variant, position, component, min_coherence) ->
     if not path.is_file():
         return []
     rows = read_json(path)["results"]
-    ranked = sorted(rows, key=lambda r: (-r["select"]["auroc"], -r["select"]["effect_size"]))
+    ranked = sorted(rows, key=select_rank, reverse=True)
     return [
         VectorResult(layer=r["layer"], method=r["method"], position=position, component=component,
                      score=r["select"]["auroc"], source="evaluation", val_accuracy=r["select"]["accuracy"],

@@ -22,6 +22,7 @@ of `results.jsonl`; a re-run skips what is there (matching configuration) and ne
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,14 +249,18 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
         append_jsonl(path, header.to_dict())
         lines.append(header.to_dict())
 
-    refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.model, backend, config)
-    unsteered = _score_texts(backend.model, refs)
+    @functools.cache
+    def reference() -> tuple[ReferenceTexts, _Scored]:
+        """The judge-free reference, computed only when a baseline or run is missing."""
+        refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.model, backend, config)
+        return refs, _score_texts(backend.model, refs)
+
     if not any(line.get("type") == "baseline" for line in lines):
         [answers] = _generate(backend, search, [], config)
         line = {"type": "baseline",
                 "result": summarize_judge_scores(_score(judge, trait, data.definition, search, answers)).to_dict(),
-                "judge_free": {"llr": bootstrap_mean(unsteered.llr).to_dict(),
-                               "nll": bootstrap_mean(unsteered.nll).to_dict()},
+                "judge_free": {"llr": bootstrap_mean(reference()[1].llr).to_dict(),
+                               "nll": bootstrap_mean(reference()[1].nll).to_dict()},
                 "timestamp": _now()}
         append_jsonl(path, line)
         lines.append(line)
@@ -277,8 +282,8 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
                 run = SteeringRunRecord(
                     summarize_judge_scores(_score(judge, trait, data.definition, search, answers)), specs[l],
                     eval_judge=judge_name, timestamp=_now(),
-                    judge_free=judge_free_metrics(backend.model, refs, unsteered, hook, v, c),
-                    control=judge_free_metrics(backend.model, refs, unsteered, hook, random_control(v, l), c),
+                    judge_free=judge_free_metrics(backend.model, *reference(), hook, v, c),
+                    control=judge_free_metrics(backend.model, *reference(), hook, random_control(v, l), c),
                 )
                 append_jsonl(path, run.to_dict())
                 done[_key(run)] = run
