@@ -140,3 +140,43 @@ def test_generate_batch_under_per_sample_steering_equals_hf_generate_row_by_row(
         assert ours == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     with pytest.raises(TypeError, match="prompts must be a list of strings; got one string"):
         generate_batch(tiny.model, tok, prompts[0])
+
+
+def test_per_prompt_steering_rows_equal_each_prompt_alone(tiny):
+    """`SteeringSpec.rows` steers only its prompts, also when the call is split into smaller batches."""
+    backend = LocalBackend.from_model(tiny.model)
+    cfg = GenerationConfig(max_new_tokens=5)
+    d = tiny.model.cfg.d_model
+    per_prompt = [[SteeringSpec(1, _unit(d, 5), 6.0)], [], [SteeringSpec(0, _unit(d, 6), 4.0, "mlp_out", "response")]]
+    alone = [backend.generate_with_capture([p], cfg, CaptureSpec([1]), s or None)[0] for p, s in zip(PROMPTS, per_prompt)]
+    rows = [SteeringSpec(s.layer, s.vector, s.coefficient, s.component, s.positions, rows=(i, i + 1))
+            for i, specs in enumerate(per_prompt) for s in specs]
+    for batch_size in (None, 2):
+        backend.batch_size = batch_size
+        together = backend.generate_with_capture(PROMPTS, cfg, CaptureSpec([1]), rows)
+        assert [r.response_token_ids for r in together] == [r.response_token_ids for r in alone]
+        for t, a in zip(together, alone):
+            assert (t.response_activations[1]["residual"] - a.response_activations[1]["residual"]).abs().max() <= 1e-5
+    assert [r.response_token_ids for r in alone] != [r.response_token_ids for r in backend.generate_results(PROMPTS, cfg)]
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (-1, 2), (0,), (0.0, 1), "0:1"])
+def test_steering_rows_must_be_a_slice(rows):
+    with pytest.raises(ValueError, match=r"rows must be \(start, end\) integers with 0 <= start < end; got"):
+        SteeringSpec(0, torch.ones(4), rows=rows)
+
+
+def test_top_logprobs_are_the_generation_steps_log_softmax(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    [r] = backend.generate_results(PROMPTS[:1], GenerationConfig(max_new_tokens=3), top_logprobs=4)
+    ids = torch.tensor([r.prompt_token_ids + r.response_token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(ids)[0].float(), dim=-1)
+    n = len(r.prompt_token_ids)
+    for k, token in enumerate(r.response_token_ids):
+        step = logp[n - 1 + k]
+        assert abs(r.response_logprobs[k] - step[token].item()) <= 1e-4
+        top = torch.topk(step, 4)
+        assert [i for i, _ in r.response_top_logprobs[k]] == top.indices.tolist()
+        assert r.response_top_logprobs[k][0][0] == token  # greedy: the chosen token is the most likely
+    assert backend.generate_results(PROMPTS[:1], GenerationConfig(max_new_tokens=3))[0].response_logprobs is None

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -24,6 +24,7 @@ from tracelens.generation import (
     SteeringConfig,
     check_generation_args,
     check_max_new_tokens,
+    check_rows,
     check_temperature,
     steering_hook,
 )
@@ -48,7 +49,10 @@ class GenerationConfig:
 
 @dataclass
 class SteeringSpec:
-    """Add `coefficient * vector` at `component` of `layer` (`positions`: "all" or "response")."""
+    """Add `coefficient * vector` at `component` of `layer` (`positions`: "all" or "response").
+
+    `rows=(start, end)` steers only prompts `start..end-1` of the call (per-prompt steering in one batch);
+    None steers every prompt."""
 
     layer: int
     vector: Tensor
@@ -56,12 +60,16 @@ class SteeringSpec:
     component: str = "residual"
     positions: str = "all"
     condition: Condition | None = None  # conditional steering (CAST): only rows whose prompt passes it
+    rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.coefficient = finite_float(self.coefficient, "coefficient")
+        if self.rows is not None:
+            self.rows = check_rows(self.rows)
 
     def to_config(self) -> SteeringConfig:
-        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions, self.condition)
+        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions,
+                              self.condition, self.rows)
 
 
 @dataclass
@@ -73,7 +81,11 @@ class CaptureSpec:
 @dataclass
 class CaptureResult:
     """One prompt's generation with activations at every prompt and response token position:
-    `prompt_activations[layer][component]` `[n_prompt_tokens, d]`, likewise for the response."""
+    `prompt_activations[layer][component]` `[n_prompt_tokens, d]`, likewise for the response.
+
+    With `top_logprobs=k` asked: `response_logprobs[i]` is the natural-log probability of response token i under
+    the model's next-token distribution (temperature 1, before sampling), and `response_top_logprobs[i]` the `k`
+    most likely `(token_id, logprob)` there, most likely first; None when not asked."""
 
     prompt_text: str
     response_text: str
@@ -83,6 +95,8 @@ class CaptureResult:
     response_token_ids: list[int]
     prompt_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     response_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    response_logprobs: list[float] | None = None
+    response_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -96,7 +110,9 @@ class LocalBackend:
     """Generation, capture and steering on a model loaded in this process.
 
     The generating methods check their request first (`check_generation`), and take a keyword-only `cancel`:
-    called before every forward pass of generation, True stops it with `GenerationCancelled`.
+    called before every forward pass of generation, True stops it with `GenerationCancelled`, and
+    `formatted`: True when the prompts are already the model's text (chat template applied, or raw completion
+    text), so they are used as given (no system prompts then).
     """
 
     def __init__(self, model, tokenizer=None, use_chat_template: bool | None = None) -> None:
@@ -166,43 +182,49 @@ class LocalBackend:
     # --- generation ---------------------------------------------------------------------------------
 
     def check_generation(self, prompts: Sequence[str], config: GenerationConfig | None = None,
-                         system_prompts: Sequence[str | None] | None = None) -> None:
+                         system_prompts: Sequence[str | None] | None = None, *, formatted: bool = False) -> None:
         """Refuse, before any model work, a request generation would fail on: TypeError for one string;
         ValueError for an empty `prompts`, `system_prompts` of another length, or a formatted prompt whose
         tokens plus `config.max_new_tokens` exceed the model's context (`model.cfg.n_ctx`)."""
-        self._prepare(prompts, config or GenerationConfig(), system_prompts)
+        self._prepare(prompts, config or GenerationConfig(), system_prompts, formatted)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
                  system_prompts: Sequence[str | None] | None = None, *,
-                 cancel: Callable[[], bool] | None = None) -> list[str]:
+                 cancel: Callable[[], bool] | None = None, formatted: bool = False) -> list[str]:
         """Response texts, in prompt order (special tokens skipped, whitespace stripped).
         `system_prompts`, one per prompt (None entries allowed), go through the chat template."""
-        return [r.response_text for r in self.generate_results(prompts, config, steering, system_prompts, cancel=cancel)]
+        results = self.generate_results(prompts, config, steering, system_prompts, cancel=cancel, formatted=formatted)
+        return [r.response_text for r in results]
 
     def generate_results(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                          steering: Sequence[SteeringSpec] | None = None,
                          system_prompts: Sequence[str | None] | None = None, *,
-                         cancel: Callable[[], bool] | None = None) -> list[CaptureResult]:
-        """Like `generate`, with the prompt text and prompt/response token ids of each result (no activations)."""
-        return self._generate(prompts, config, steering, None, system_prompts, cancel)
+                         cancel: Callable[[], bool] | None = None, formatted: bool = False,
+                         top_logprobs: int | None = None) -> list[CaptureResult]:
+        """Like `generate`, with the prompt text and prompt/response token ids of each result (no activations);
+        `top_logprobs=k` (an int >= 0) also fills `response_logprobs` and `response_top_logprobs`."""
+        return self._generate(prompts, config, steering, None, system_prompts, cancel, formatted, top_logprobs)
 
     def generate_with_capture(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                               capture: CaptureSpec | None = None,
                               steering: Sequence[SteeringSpec] | None = None,
                               system_prompts: Sequence[str | None] | None = None, *,
-                              cancel: Callable[[], bool] | None = None) -> list[CaptureResult]:
+                              cancel: Callable[[], bool] | None = None, formatted: bool = False,
+                              top_logprobs: int | None = None) -> list[CaptureResult]:
         """Responses plus activations at every prompt and response position, read by one
-        teacher-forced forward over prompt + response under the same steering."""
-        return self._generate(prompts, config, steering, capture or CaptureSpec(), system_prompts, cancel)
+        teacher-forced forward over prompt + response under the same steering (`top_logprobs` as in
+        `generate_results`)."""
+        return self._generate(prompts, config, steering, capture or CaptureSpec(), system_prompts, cancel, formatted,
+                              top_logprobs)
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
                steering: Sequence[SteeringSpec] | None = None, *,
-               cancel: Callable[[], bool] | None = None) -> Iterator[TokenResult]:
+               cancel: Callable[[], bool] | None = None, formatted: bool = False) -> Iterator[TokenResult]:
         """An iterator over the tokens of one prompt as they are generated (activations: those that produced
         each token). The request is checked now, not at the first token; closing the iterator removes its hooks."""
         config = config or GenerationConfig()
-        [text], _ = self._prepare([prompt], config, None)
+        [text], _ = self._prepare([prompt], config, None, formatted)
         ids, mask = tokenize_batch(self._tokenizer, [text])
         cap = CaptureConfig(capture.layers, tuple(capture.components)) if capture else None
         tokens = HookedGenerator(self._model).stream(
@@ -232,7 +254,7 @@ class LocalBackend:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _prepare(self, prompts, config: GenerationConfig, system_prompts) -> tuple[list[str], int]:
+    def _prepare(self, prompts, config: GenerationConfig, system_prompts, formatted: bool) -> tuple[list[str], int]:
         """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
@@ -240,27 +262,41 @@ class LocalBackend:
             raise ValueError("prompts must be a non-empty list of strings; got an empty list")
         if system_prompts is not None and len(system_prompts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
-        texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
+        if formatted and system_prompts is not None:
+            raise ValueError("formatted prompts are used as given: put the system prompt in the text; "
+                             "got system_prompts with formatted=True")
+        texts = list(prompts) if formatted else [self.format(p, s) for p, s in
+                                                 zip(prompts, system_prompts or [None] * len(prompts))]
         longest = max(len(encode(self._tokenizer, t)) for t in texts)
         check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
         return texts, longest
 
-    def _generate(self, prompts, config, steering, capture, system_prompts, cancel) -> list[CaptureResult]:
+    def _generate(self, prompts, config, steering, capture, system_prompts, cancel, formatted=False,
+                  top_logprobs=None) -> list[CaptureResult]:
         config = config or GenerationConfig()
-        texts, longest = self._prepare(prompts, config, system_prompts)
+        if top_logprobs is not None and (not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool)
+                                         or top_logprobs < 0):
+            raise ValueError(f"top_logprobs must be None or an integer >= 0; got {top_logprobs!r}")
+        texts, longest = self._prepare(prompts, config, system_prompts, formatted)
 
-        def run(batch: list[str]) -> list[CaptureResult]:
-            ids, mask = tokenize_batch(self._tokenizer, batch)
+        def run(batch: list[tuple[int, str]]) -> list[CaptureResult]:
+            start, batch_texts = batch[0][0], [text for _, text in batch]
+            steer = _rows_within(steering, start, start + len(batch))
+            ids, mask = tokenize_batch(self._tokenizer, batch_texts)
             outs = HookedGenerator(self._model).generate(
-                ids, mask, config.max_new_tokens, config.temperature, None, _configs(steering),
-                config.stop_token_ids, config.seed, cancel=cancel,
+                ids, mask, config.max_new_tokens, config.temperature, None, _configs(steer),
+                config.stop_token_ids, config.seed, output_logits=top_logprobs is not None, cancel=cancel,
             )
-            results = [self._result(text, o.token_ids) for text, o in zip(batch, outs)]
+            results = [self._result(text, o.token_ids) for text, o in zip(batch_texts, outs)]
+            if top_logprobs is not None:
+                for r, o in zip(results, outs):
+                    r.response_logprobs, r.response_top_logprobs = _logprobs(o.logits, r.response_token_ids, top_logprobs)
             if capture is not None:
-                self._capture_positions(results, capture, steering)
+                self._capture_positions(results, capture, steer)
             return results
 
-        return _batched(texts, run, self._initial_batch_size(longest, config.max_new_tokens), self, "generate")
+        batch_size = self._initial_batch_size(longest, config.max_new_tokens)
+        return _batched(list(enumerate(texts)), run, batch_size, self, "generate")
 
     def _result(self, prompt_text: str, response_ids: list[int]) -> CaptureResult:
         tok = self._tokenizer
@@ -325,6 +361,27 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 def _configs(steering: Sequence[SteeringSpec] | None) -> list[SteeringConfig] | None:
     return None if not steering else [s.to_config() for s in steering]
+
+
+def _rows_within(steering: Sequence[SteeringSpec] | None, start: int, end: int) -> list[SteeringSpec] | None:
+    """The steering of prompts `start..end-1` as a batch of its own: `rows` shifted by `start`, entries whose
+    rows miss the batch dropped."""
+    out = []
+    for spec in steering or ():
+        if spec.rows is None:
+            out.append(spec)
+        elif spec.rows[0] < end and spec.rows[1] > start:
+            out.append(replace(spec, rows=(max(spec.rows[0], start) - start, min(spec.rows[1], end) - start)))
+    return out or None
+
+
+def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int],
+              k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each token's log-probability under its step's `logits`, and the `k` most likely `(token_id, logprob)`."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long)[:, None])[:, 0].tolist()
+    top = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
+    return chosen, [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
 
 
 def _full_sequence_steering(model, steering, results, width) -> ExitStack:

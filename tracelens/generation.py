@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelens import edits
-from tracelens.hooks import HookAdapter, SteeringHook, _checked_vector, _edit_flat, _layers, finite_float
+from tracelens.hooks import HookAdapter, PerSampleSteering, SteeringHook, _checked_vector, _edit_flat, _layers, finite_float
 from tracelens.sites import get_hook_path
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ class CaptureConfig:
 @dataclass
 class SteeringConfig:
     """Add `coefficient * vector` at `component` of `layer`; `positions` is "all" or "response"
-    (the last prompt position and every generated token)."""
+    (the last prompt position and every generated token). `rows=(start, end)` steers only those rows of the
+    batch (through `PerSampleSteering` for positions "all"); None steers every row."""
 
     vector: Tensor
     layer: int
@@ -77,12 +78,27 @@ class SteeringConfig:
     coefficient: float = 1.0
     positions: str = "all"
     condition: Condition | None = None  # steer only the rows whose prompt passes it (positions "all")
+    rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.coefficient = finite_float(self.coefficient, "coefficient")
         if self.condition is not None and self.positions != "all":
             raise ValueError(f"conditional steering covers every position: positions must be 'all'; "
                              f"got {self.positions!r}")
+        if self.rows is not None:
+            self.rows = check_rows(self.rows)
+            if self.condition is not None:
+                raise ValueError("conditional steering picks its own rows: rows must be None; "
+                                 f"got {self.rows} with a condition")
+
+
+def check_rows(rows) -> tuple[int, int]:
+    """`rows` as a `(start, end)` pair of ints with 0 <= start < end; ValueError otherwise."""
+    ok = (isinstance(rows, (tuple, list)) and len(rows) == 2
+          and all(isinstance(r, int) and not isinstance(r, bool) for r in rows) and 0 <= rows[0] < rows[1])
+    if not ok:
+        raise ValueError(f"rows must be (start, end) integers with 0 <= start < end; got {rows!r}")
+    return int(rows[0]), int(rows[1])
 
 
 @dataclass
@@ -114,14 +130,15 @@ class _Step:
 
 
 class _ResponseSteering(HookAdapter):
-    """Steer absolute indices >= `first` (an int, or one per row) of the left-padded sequence;
-    `offset()` gives the index of the current forward call's first position."""
+    """Steer absolute indices >= `first` (an int, or one per row) of the left-padded sequence, in the rows
+    `config.rows` (None: all); `offset()` gives the index of the current forward call's first position."""
 
     def __init__(self, model, config: SteeringConfig, first: int | Tensor, offset) -> None:
         super().__init__(model)
         self.hook_name = get_hook_path(config.layer, config.component, model)
         self.vector = _checked_vector(model, self.hook_name, config.vector)
         self.coefficient, self.first, self.offset = float(config.coefficient), first, offset
+        self.rows = config.rows
 
     def _hooks(self):
         return [(self.hook_name, self._steer)]
@@ -131,19 +148,30 @@ class _ResponseSteering(HookAdapter):
         steered = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
         idx = self.offset() + torch.arange(act.shape[1], device=act.device)
         first = torch.as_tensor(self.first, device=act.device).reshape(-1, 1)
-        keep = (idx[None, :] >= first).view(first.shape[0], -1, *([1] * (act.dim() - 2)))
+        keep = idx[None, :] >= first
+        if self.rows is not None:
+            start, end = self.rows
+            if end > act.shape[0]:
+                raise ValueError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
+            in_rows = torch.zeros(act.shape[0], 1, dtype=torch.bool, device=act.device)
+            in_rows[start:end] = True
+            keep = keep & in_rows
+        keep = keep.view(keep.shape[0], -1, *([1] * (act.dim() - 2)))
         return torch.where(keep, steered, act)
 
 
 def steering_hook(model, config: SteeringConfig, first: int | Tensor, offset) -> HookAdapter:
     """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", else steering from index
-    `first` (the last prompt token of the left-padded sequence, an int or one per row) on."""
+    `first` (the last prompt token of the left-padded sequence, an int or one per row) on. `config.rows` limits
+    either to a slice of the batch (`PerSampleSteering` for positions "all")."""
     if config.condition is not None:
         from tracelens.conditional import ConditionalSteering
 
         c = config.condition
         return ConditionalSteering(model, config.vector, config.layer, c.vector, c.layer, c.threshold, c.comparator,
                                    config.coefficient, c.position, config.component)
+    if config.positions == "all" and config.rows is not None:
+        return PerSampleSteering(model, [(config.layer, config.vector, config.coefficient, config.rows)], config.component)
     if config.positions == "all":
         return SteeringHook(model, config.vector, get_hook_path(config.layer, config.component, model), config.coefficient)
     if config.positions == "response":
@@ -182,7 +210,7 @@ class HookedGenerator:
         self._check(input_ids, max_new_tokens, temperature)
         batch = input_ids.shape[0]
         rows: list[list[_Step]] = [[] for _ in range(batch)]
-        stops = self._stop_ids(stop_token_ids, stop_at_eos)
+        stops = self.stop_ids(stop_token_ids, stop_at_eos)
         for step in self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
                                 stops, seed, use_cache, cancel):
             for r in range(batch):
@@ -208,7 +236,7 @@ class HookedGenerator:
         if input_ids.shape[0] != 1:
             raise ValueError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
         self._check(input_ids, max_new_tokens, temperature)
-        stops = self._stop_ids(stop_token_ids, True)
+        stops = self.stop_ids(stop_token_ids, True)
         return self._stream(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
                                         steering, stops, seed, True, cancel))
 
@@ -241,7 +269,8 @@ class HookedGenerator:
                 out.logits = torch.stack([s.logits[row] for s in steps])
         return out
 
-    def _stop_ids(self, stop_token_ids: Sequence[int] | None, stop_at_eos: bool) -> Tensor:
+    def stop_ids(self, stop_token_ids: Sequence[int] | None = None, stop_at_eos: bool = True) -> Tensor:
+        """The ids that end a row: `stop_token_ids` plus, with `stop_at_eos`, the model's EOS ids (sorted, 1-D)."""
         ids: set[int] = set(stop_token_ids or ())
         sources = (self.model.original_model.generation_config, self.model.original_model.config) if stop_at_eos else ()
         for source in sources:
