@@ -1,11 +1,18 @@
-"""The model server and RemoteBackend: remote results equal local ones, validation, auth, concurrency, get_backend."""
+"""The model server and RemoteBackend: remote results equal local ones, validation, auth, concurrency, get_backend,
+batching (each request's answer equals the request alone), and the OpenAI-compatible API through the real `openai`
+client (answers equal local generation, streams join to the unstreamed answer, logprobs, OpenAI's error shape,
+`OpenAIJudge` using the server as its judge)."""
 
 import json
+import math
+import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 from conftest import _active_hooks, cached_tiny
@@ -13,6 +20,8 @@ from conftest import _active_hooks, cached_tiny
 from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
 from tracelens.client import RemoteBackend, ServerError, get_backend
 from tracelens.experiments import Experiment
+from tracelens.io import save_tensors
+from tracelens.judge import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
 from tracelens.prompts import tokenize_batch
 from tracelens.server import ModelServer, encode_tensor
 from tracelens.testing import make_tokenizer, tiny_hf_model
@@ -241,3 +250,333 @@ def test_get_backend_prefers_the_server_of_that_experiment(server, experiments_r
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert isinstance(get_backend("exp", port=port, **kw), LocalBackend)
+
+
+# --- batching ---------------------------------------------------------------------------------------------------
+
+
+class _BatchSizes:
+    """Counts forward passes of the HF model by batch size (a forward pre-hook)."""
+
+    def __init__(self, model) -> None:
+        self.seen: dict[int, int] = {}
+        self.handle = model.original_model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs) -> None:
+        batch = (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[0]  # generation; capture forward
+        self.seen[batch] = self.seen.get(batch, 0) + 1
+
+
+@pytest.fixture()
+def batch_sizes(tiny):
+    counter = _BatchSizes(tiny.model)
+    yield counter
+    counter.handle.remove()
+
+
+def _in_parallel(calls):
+    """Run the callables on one thread each; their results in order (an exception is re-raised)."""
+    out, errors = [None] * len(calls), []
+
+    def run(i):
+        try:
+            out[i] = calls[i]()
+        except Exception as err:  # re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# six requests: one or two prompts each, steering of every kind (or none), some with system prompts
+BATCH_REQUESTS = [
+    (["Tell me about cats"], [SteeringSpec(1, _unit(64, 10), 4.0)], None),
+    (["Rain today?", "Sun tomorrow?"], [SteeringSpec(0, _unit(64, 11), 3.0, "attn_out", "response")], ["Be brief.", None]),
+    (["What is the capital of France?"], None, None),
+    (["Hi"], [SteeringSpec(1, _unit(64, 12), -5.0), SteeringSpec(0, _unit(64, 13), 2.0, "mlp_out")], None),
+    (["A longer prompt about the moon and the trees and the rain"], [SteeringSpec(1, _unit(64, 12), 5.0)], ["Be kind."]),
+    (["Hi"], [SteeringSpec(1, _unit(64, 14), 6.0, positions="response")], None),
+]
+
+
+def test_concurrent_requests_run_as_one_batch_and_each_equals_its_request_alone(tiny, local, batch_sizes):
+    """All six requests (8 prompts) become one left-padded batch (the window is long and max_batch_size is 8, so
+    the batch closes exactly when the last one arrives); every result equals the same request run alone: the
+    same tokens, and activations to float rounding."""
+    cfg = GenerationConfig(max_new_tokens=5)
+    want = [local.generate_with_capture(p, cfg, CAPTURE, s, sys) for p, s, sys in BATCH_REQUESTS]
+    rows = sum(len(p) for p, _, _ in BATCH_REQUESTS)
+    with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False, batch_window_ms=60_000,
+                     max_batch_size=rows).start() as srv:
+        remote = RemoteBackend(srv.url, timeout=60)
+        batch_sizes.seen.clear()
+        got = _in_parallel([lambda p=p, s=s, sys=sys: remote.generate_with_capture(p, cfg, CAPTURE, s, sys)
+                            for p, s, sys in BATCH_REQUESTS])
+    assert set(batch_sizes.seen) == {rows}, batch_sizes.seen  # generation and the capture forward, all 8 rows
+    for g, w in zip(got, want):
+        _assert_results_equal(g, w)
+    unsteered = [local.generate([p[0]], cfg)[0] for p, _, _ in BATCH_REQUESTS]
+    assert [g[0].response_text for g in got] != unsteered  # steering reached its rows
+
+
+def test_requests_with_other_settings_wait_for_a_batch_of_their_own(tiny, local, batch_sizes):
+    """A (3 tokens) and C (3 tokens) share a batch; B (4 tokens) runs after them, alone."""
+    bodies = [(["Alpha"], 3), (["Beta"], 4), (["Gamma"], 3)]
+    want = [local.generate(p, GenerationConfig(max_new_tokens=n)) for p, n in bodies]
+    with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False, batch_window_ms=1000,
+                     max_batch_size=2).start() as srv:
+        remote = RemoteBackend(srv.url, timeout=60)
+        batch_sizes.seen.clear()
+        calls = [lambda p=p, n=n: remote.generate(p, GenerationConfig(max_new_tokens=n)) for p, n in bodies]
+        first = threading.Thread(target=lambda: got.__setitem__(0, calls[0]()))
+        got = [None, None, None]
+        first.start()
+        _wait_for(lambda: len(srv.batcher.pending) == 1, "A to be queued")
+        got[1], got[2] = _in_parallel(calls[1:])
+        first.join()
+    assert got == want
+    assert set(batch_sizes.seen) == {1, 2}, batch_sizes.seen
+
+
+def test_a_full_queue_answers_503_with_the_reason(tiny):
+    with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False, batch_window_ms=60_000,
+                     max_queue=1).start() as srv:
+        first: list = []
+        waiting = threading.Thread(target=lambda: first.append(_post(srv.url + "/generate", json.dumps(
+            {"prompts": ["hi"], "config": {"max_new_tokens": 2}}).encode())))
+        waiting.start()
+        _wait_for(lambda: len(srv.batcher.pending) == 1, "the first request to be queued")
+        status, body = _post(srv.url + "/generate", json.dumps(
+            {"prompts": ["hi"], "config": {"max_new_tokens": 2}}).encode())
+        assert status == 503
+        assert body["error"] == "the model server's queue is full (1 requests waiting, max_queue=1); retry later"
+        assert _get(srv.url + "/health")[1]["batching"]["waiting"] == 1
+    waiting.join()
+    assert first == [(503, {"error": "the model server is shutting down"})]  # close() answers the waiting one
+
+
+def test_batching_settings_are_checked(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    for kw, msg in [({"max_batch_size": 0}, "max_batch_size must be an integer >= 1; got 0"),
+                    ({"max_queue": 2.0}, "max_queue must be an integer >= 1; got 2.0"),
+                    ({"batch_window_ms": -1}, "batch_window_ms must be a finite number of milliseconds >= 0; got -1")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            ModelServer(backend, "exp", port=0, **kw)
+
+
+def test_steering_by_trait_name_uses_the_experiments_vector(tiny, local, tmp_path):
+    """``{trait, layer}`` steers with the vector file of the experiment's extraction variant; the answer equals
+    steering with that vector sent as numbers. A trait without vectors is a 400 naming it."""
+    exp = Experiment.named("exp", tmp_path)
+    exp.write_config({"instruct": {"model": "unused", "lora": None}})
+    v = _unit(64, 20)
+    save_tensors(exp.vector_path("mood/happy", "instruct", "response[:]", "residual", "mean_diff", 1), {"vector": v})
+    cfg = GenerationConfig(max_new_tokens=5)
+    with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False,
+                     experiments_root=tmp_path).start() as srv:
+        status, body = _post(srv.url + "/generate", json.dumps(
+            {"prompts": PROMPTS, "config": {"max_new_tokens": 5},
+             "steering": [{"trait": "mood/happy", "layer": -1, "coefficient": 6.0}]}).encode())
+        assert status == 200
+        assert body["responses"] == local.generate(PROMPTS, cfg, [SteeringSpec(1, v, 6.0)])
+        assert body["responses"] != local.generate(PROMPTS, cfg)
+        status, body = _post(srv.url + "/generate", json.dumps(
+            {"prompts": ["hi"], "steering": [{"trait": "mood/sad", "coefficient": 6.0}]}).encode())
+        assert status == 400 and "steering[0]: no steering vector for trait 'mood/sad' in experiment 'exp'" in body["error"]
+
+
+# --- the OpenAI-compatible API, driven by the real `openai` client ------------------------------------------------
+
+OPENAI_QUESTIONS = ["What is the capital of France?", "Hi there", "Tell me something happy.", "Rain today?",
+                    "Name a colour", "Count to three"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _text(local, results) -> list[str]:
+    """What the OpenAI API answers for these results: the response decoded without stripping."""
+    return [local.tokenizer.decode(r.response_token_ids, skip_special_tokens=True) for r in results]
+
+
+def test_models_lists_the_experiment(client):
+    assert [(m.id, m.owned_by) for m in client.models.list().data] == [("exp", "tracelens")]
+
+
+def test_chat_answer_equals_local_generation_with_and_without_steering(client, local):
+    cfg = GenerationConfig(max_new_tokens=6)
+    steering = [{"layer": 1, "vector": _unit(64, 3).tolist(), "coefficient": 5.0},
+                {"layer": 0, "vector": _unit(64, 4).tolist(), "coefficient": 2.0, "component": "mlp_out",
+                 "positions": "response"}]
+    specs = [SteeringSpec(1, _unit(64, 3), 5.0), SteeringSpec(0, _unit(64, 4), 2.0, "mlp_out", "response")]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": OPENAI_QUESTIONS[0]}]
+    plain = client.chat.completions.create(model="exp", messages=messages, max_tokens=6, temperature=0)
+    steered = client.chat.completions.create(model="exp", messages=messages, max_tokens=6, temperature=0,
+                                             extra_body={"steering": steering})
+    [want_plain] = local.generate_results([OPENAI_QUESTIONS[0]], cfg, None, ["Be brief."])
+    [want_steered] = local.generate_results([OPENAI_QUESTIONS[0]], cfg, specs, ["Be brief."])
+    assert plain.choices[0].message.content == _text(local, [want_plain])[0]
+    assert steered.choices[0].message.content == _text(local, [want_steered])[0]
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+    assert plain.usage.prompt_tokens == len(want_plain.prompt_token_ids)
+    assert plain.usage.completion_tokens == len(want_plain.response_token_ids)
+    n = len(want_plain.response_token_ids)
+    assert plain.choices[0].finish_reason == ("length" if n == 6 else "stop")
+
+
+def test_completions_use_the_prompt_as_given_one_choice_per_prompt(client, local):
+    prompts = ["Once upon a time", "The weather is"]
+    answer = client.completions.create(model="exp", prompt=prompts, max_tokens=5, temperature=0)
+    want = local.generate_results(prompts, GenerationConfig(max_new_tokens=5), formatted=True)
+    assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == _text(local, want)
+
+
+def test_multi_turn_chat_goes_through_the_chat_template(client, local):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": OPENAI_QUESTIONS[2]}]
+    answer = client.chat.completions.create(model="exp", messages=messages, max_tokens=5, temperature=0)
+    text = local.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = local.generate_results([text], GenerationConfig(max_new_tokens=5), formatted=True)
+    assert answer.choices[0].message.content == _text(local, want)[0]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_stream_joins_to_the_unstreamed_answer_also_with_a_stop_string(client, chat):
+    def ask(**kw):
+        if chat:
+            messages = [{"role": "user", "content": OPENAI_QUESTIONS[1]}]
+            return client.chat.completions.create(model="exp", messages=messages, max_tokens=12, temperature=0, **kw)
+        return client.completions.create(model="exp", prompt=OPENAI_QUESTIONS[1], max_tokens=12, temperature=0, **kw)
+
+    def content(choice):
+        return choice.message.content if chat else choice.text
+
+    def streamed(**kw):
+        pieces, finish = [], None
+        for chunk in ask(stream=True, **kw):
+            if chunk.choices:
+                piece = chunk.choices[0].delta.content if chat else chunk.choices[0].text
+                pieces.append(piece or "")
+                finish = chunk.choices[0].finish_reason or finish
+        return "".join(pieces), finish
+
+    whole = ask().choices[0]
+    assert streamed() == (content(whole), whole.finish_reason)
+    full = content(whole)
+    stop = full[len(full) // 2:len(full) // 2 + 2]  # a stop string inside the answer
+    assert len(stop) == 2
+    cut = ask(stop=[stop]).choices[0]
+    assert (content(cut), cut.finish_reason) == (full[:full.find(stop)], "stop")
+    assert streamed(stop=[stop]) == (full[:full.find(stop)], "stop")
+
+
+def test_logprobs_equal_the_models(client, local):
+    messages = [{"role": "user", "content": OPENAI_QUESTIONS[3]}]
+    answer = client.chat.completions.create(model="exp", messages=messages, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=5)
+    [want] = local.generate_results([OPENAI_QUESTIONS[3]], GenerationConfig(max_new_tokens=4), top_logprobs=5)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == len(want.response_token_ids)
+    for entry, token, lp, top in zip(content, want.response_token_ids, want.response_logprobs,
+                                     want.response_top_logprobs):
+        assert entry.token == local.tokenizer.decode([token]) and math.isclose(entry.logprob, lp, abs_tol=1e-5)
+        assert [t.token for t in entry.top_logprobs] == [local.tokenizer.decode([i]) for i, _ in top]
+        assert all(math.isclose(t.logprob, l, abs_tol=1e-5) for t, (_, l) in zip(entry.top_logprobs, top))
+    legacy = client.completions.create(model="exp", prompt="The weather is", max_tokens=3, temperature=0, logprobs=2)
+    [want] = local.generate_results(["The weather is"], GenerationConfig(max_new_tokens=3), formatted=True,
+                                    top_logprobs=2)
+    assert legacy.choices[0].logprobs.tokens == [local.tokenizer.decode([i]) for i in want.response_token_ids]
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(legacy.choices[0].logprobs.token_logprobs,
+                                                                 want.response_logprobs))
+
+
+def test_openai_judge_reads_its_top_logprobs_from_the_server(server, local):
+    """`OpenAIJudge` asks for one token with logprobs=True, top_logprobs=20: it gets the model's 20 most likely
+    first tokens. (A random tiny model puts no mass on the numbers 0-100, so its score is None.)"""
+    judge = OpenAIJudge(server.url + "/v1", model="exp", retries=0)
+    top = judge._top_logprobs(COHERENCE_SYSTEM, SCORE_USER, "Hi", "Hello!")
+    user = SCORE_USER.format(question="Hi", response="Hello!")
+    [want] = local.generate_results([user], GenerationConfig(max_new_tokens=1), None, [COHERENCE_SYSTEM],
+                                    top_logprobs=20)
+    assert [t["token"] for t in top] == [local.tokenizer.decode([i]) for i, _ in want.response_top_logprobs[0]]
+    assert judge.score_coherence("Hi", "Hello!") is None
+
+
+def test_parallel_openai_requests_share_a_batch_and_equal_the_sequential_answers(tiny):
+    """Six chat requests with six different steerings, sent at once, run as one batch of 6 and each answer equals
+    the same request sent alone."""
+    bodies = [{"model": "exp", "messages": [{"role": "user", "content": q}], "max_tokens": 5, "temperature": 0,
+               "extra_body": {"steering": [{"layer": i % 2, "vector": _unit(64, 30 + i).tolist(), "coefficient": 4.0}]}}
+              for i, q in enumerate(OPENAI_QUESTIONS)]
+    seen: dict[int, int] = {}
+    handle = tiny.model.original_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__(kw["input_ids"].shape[0], seen.get(kw["input_ids"].shape[0], 0) + 1),
+        with_kwargs=True)
+    try:
+        with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False,
+                         batch_window_ms=60_000, max_batch_size=len(bodies)).start() as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            got = _in_parallel([lambda b=b: client.chat.completions.create(**b).choices[0].message.content
+                                 for b in bodies])
+            assert set(seen) == {len(bodies)}, seen
+            srv.batcher.window = 0.0  # one by one now
+            alone = [client.chat.completions.create(**b).choices[0].message.content for b in bodies]
+    finally:
+        handle.remove()
+    assert got == alone and len(set(alone)) > 1
+
+
+OPENAI_CHAT = {"model": "exp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+OPENAI_BAD = [
+    ({**OPENAI_CHAT, "n": 2}, "n must be null or 1 (one choice per request); got 2"),
+    ({**OPENAI_CHAT, "top_p": 0.5}, "top_p must be null or 1 or 1.0 (nucleus sampling is not supported); got 0.5"),
+    ({**OPENAI_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop must be a non-empty string or a list of up to 4 of them"),
+    ({**OPENAI_CHAT, "stream": True, "logprobs": True}, "logprobs with stream=true is not supported"),
+    ({**OPENAI_CHAT, "top_logprobs": 3}, "top_logprobs needs logprobs=true"),
+    ({**OPENAI_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be an integer in [0, 20]; got 21"),
+    ({**OPENAI_CHAT, "max_tokens": 0}, "max_tokens must be an integer in [1, 1024]; got 0"),
+    ({**OPENAI_CHAT, "temperature": 3}, "temperature must be a number in [0, 2]; got 3"),
+    ({**OPENAI_CHAT, "tools": []}, "unknown field(s): tools"),
+    ({**OPENAI_CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be system, developer"),
+    ({**OPENAI_CHAT, "messages": []}, "messages must be a non-empty list"),
+    ({**OPENAI_CHAT, "steering": [{"layer": 0, "vector": [1.0] * 3}]}, "steering[0].vector has shape [3]; the model needs [64]"),
+    ({"model": "exp"}, "missing field(s): messages"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), OPENAI_BAD, ids=[r[:40] for _, r in OPENAI_BAD])
+def test_bad_requests_get_400_in_openais_error_shape(server, body, reason):
+    status, answer = _post(server.url + "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["type"] == "invalid_request_error" and reason in answer["error"]["message"]
+
+
+def test_errors_reach_the_openai_client_as_its_exceptions(server, client):
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="exp", prompt="hi", max_tokens=2, echo=True)
+    with pytest.raises(openai.NotFoundError, match="this server serves 'exp'") as err:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found"
+
+
+def test_the_token_is_required_under_v1(tiny):
+    with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, token="s3cret", verbose=False).start() as srv:
+        with pytest.raises(openai.AuthenticationError, match="token"):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="exp", prompt="hi", max_tokens=2, temperature=0).choices[0].index == 0

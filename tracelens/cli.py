@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may wait and generate")
     p.add_argument("--io-timeout", type=float, default=None, help="seconds one socket read or write may block")
     p.add_argument("--stream-buffer", type=int, default=None, help="tokens a stream reader may fall behind")
+    p.add_argument("--batch-window-ms", type=float, default=None,
+                   help="milliseconds to gather concurrent requests into one batch (0: no waiting)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="most prompts in one batch")
+    p.add_argument("--max-queue", type=int, default=None, help="most requests waiting for the model; more get 503")
     p.set_defaults(func=server)
     return parser
 

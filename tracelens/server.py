@@ -1,10 +1,10 @@
 """A persistent model server: load a model once, then generate, steer and capture from other processes.
 
 ``ModelServer(backend, experiment)`` serves one `LocalBackend` over HTTP (standard library only) with JSON
-``POST`` endpoints mirroring the backend's methods, and ``GET /health``:
+``POST`` endpoints mirroring the backend's methods, ``GET /health``, and an OpenAI-compatible API under ``/v1``:
 
 - ``GET /health`` -> ``{status: "ok", experiment, variant, model: {name, n_layers, hidden_dim, d_vocab, dtype,
-  device}, use_chat_template}``
+  device}, use_chat_template, limits, batching}``
 - ``POST /generate`` ``{prompts, config?, steering?, system_prompts?}`` -> ``{responses: [str], results: [result]}``
   (results as below, without activations)
 - ``POST /generate_with_capture`` ``{prompts, config?, capture?, steering?, system_prompts?}`` -> ``{results: [result]}``
@@ -14,26 +14,49 @@
   as it is generated: ``{token, token_id, activations}``; a failure after the first line is sent as a final line
   ``{error, status}`` (status: the HTTP code it would have had). The connection closes at the end (HTTP/1.0).
 - ``POST /forward_with_capture`` ``{input_ids, attention_mask?, capture}`` -> ``{activations}``
+- ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` as OpenAI's, ``stream`` (server-sent
+  events) included, for the model id ``experiment``. Supported: ``max_tokens`` (completions default 16; chat
+  default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
+  ``seed``, ``stop`` (strings: the text is cut before the first, generation runs on to the end of the batch),
+  ``logprobs`` (completions: 0-20 alternatives; chat: ``logprobs`` + ``top_logprobs`` 0-20; not with ``stream``),
+  ``stream_options.include_usage``, ``user``; ``n``, ``top_p``, ``best_of`` only at 1, penalties at 0, no ``echo``,
+  ``suffix`` or ``logit_bias``. Steering is the extra field ``steering`` (the same entries as ``/generate``). A
+  chat of one user message (and an optional system message first) is formatted as ``/generate`` formats a
+  prompt; longer conversations go through the tokenizer's chat template. Completion prompts are used as given.
+  Errors have OpenAI's shape ``{"error": {message, type, param, code}}`` (an unknown model: 404
+  ``model_not_found``).
 
 Encodings (no pickle anywhere): a tensor is ``{"safetensors": base64}`` (one tensor under the key ``"t"``) or, for
 ``input_ids``/``attention_mask`` and steering vectors, a plain nested JSON list of numbers. An activation blob
 ``{layer: {component: tensor}}`` is ``{"safetensors": base64}`` of one safetensors file with keys
 ``"{layer}/{component}"``. ``config`` has the `GenerationConfig` fields, ``capture`` is ``{layers?, components?}``,
-a steering entry is ``{layer, vector, coefficient?, component?, positions?}``.
+a steering entry is ``{layer, vector, coefficient?, component?, positions?}``, or names an extracted vector:
+``{trait, layer?, method?, position?, coefficient?, component?, positions?}`` steers with the best vector of
+the experiment's selection (`tracelens.selection`) that matches the given fields (position default
+``response[:]``).
+
+Batching: ``/generate``, ``/generate_with_capture`` and the unstreamed ``/v1`` requests queue for one worker
+thread, which gathers requests for ``batch_window_ms`` after the oldest arrived (or until ``max_batch_size``
+prompts wait) and runs those with equal ``max_new_tokens``, temperature, ``stop_token_ids`` and capture as one
+left-padded generation, each request's steering limited to its own rows (`SteeringSpec.rows`); requests with other
+settings wait for a later batch, and seeded sampling runs alone (its random draws would depend on the batch).
+A greedy request gets the same tokens as alone (tests/test_server.py). At most ``max_queue`` requests wait; more
+get 503 with the reason. Streams (``/stream``, ``stream: true``) and ``/forward_with_capture`` run one at a time
+between batches. One lock serialises all model access, so hooks of different calls never mix.
 
 Security: binds 127.0.0.1 by default and then checks the Host header (against DNS rebinding); a non-loopback
-host is refused unless a token is set. With a token every request (``/health`` included) must send
+host is refused unless a token is set. With a token every request (``/health`` and ``/v1`` included) must send
 ``Authorization: Bearer <token>``, else 401. Malformed requests get 4xx ``{"error": reason}`` (a prompt that does
 not fit the model's context with its ``max_new_tokens`` included); other failures 500 ``{"error": message}``,
-never a traceback. One lock serialises all model access, so concurrent requests never share a forward pass (or
-hooks).
+never a traceback.
 
 Reliability (settings of `ModelServer`): ``config.max_new_tokens`` must be in [1, ``max_new_tokens_limit``]
 (default when absent: the smaller of 256 and the limit). Each request has a deadline of ``request_timeout``
 seconds for waiting on the model plus generating; past it the answer is 503 (a stream ends with an ``{error}``
 line with status 503). Every socket read or write may block at most ``io_timeout`` seconds: a body shorter than its
 Content-Length gets 408, and a client that stops reading is dropped. Generation stops (between tokens) when
-its client disconnects. A stream generates into a per-request buffer of at most ``stream_buffer`` tokens on a
+its client disconnects (a batch: when all of its clients have gone or passed their deadlines; one that leaves
+early is answered at once). A stream generates into a per-request buffer of at most ``stream_buffer`` tokens on a
 worker thread, so the model lock is never held while waiting on a reader; a reader that falls that far behind is
 dropped and its generation stops.
 """
@@ -53,9 +76,12 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
@@ -64,8 +90,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
-from tracelens.generation import GenerationCancelled
+from tracelens.experiments import Experiment, get_model_variant
+from tracelens.extraction import load_vector
+from tracelens.generation import GenerationCancelled, HookedGenerator
 from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
+from tracelens.prompts import encode
+from tracelens.selection import select_vector
 from tracelens.sites import COMPONENTS
 
 DEFAULT_PORT = 8765
@@ -74,11 +104,12 @@ TOKEN_ENV = "TRACELENS_SERVER_TOKEN"
 
 
 class RequestError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status (4xx, or 503 for a busy model)."""
+    """An error answered as ``{"error": message}`` with an HTTP status (4xx, or 503 for a busy model); under
+    ``/v1`` as OpenAI's ``{"error": {message, type, param, code}}`` with ``code`` (e.g. ``model_not_found``)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.code = status, code
 
 
 class _ClientGone(Exception):
@@ -243,7 +274,13 @@ def _check_components(comps, what: str) -> None:
         raise RequestError(f"{what}: unknown component(s) {bad}; valid: {', '.join(COMPONENTS)}")
 
 
-def parse_steering(v, n_layers: int, hidden_dim: int) -> list[SteeringSpec] | None:
+NamedVector = Callable[[dict, str], tuple[int, torch.Tensor]]
+"""Resolves a steering entry that names its vector (``trait``...) to ``(layer, vector)``; RequestError if none."""
+
+
+def parse_steering(v, n_layers: int, hidden_dim: int, named: NamedVector | None = None) -> list[SteeringSpec] | None:
+    """Steering entries ``{layer, vector, coefficient?, component?, positions?}``; with ``named``, an entry may
+    give ``trait`` (and ``layer?``, ``method?``, ``position?``) instead of ``vector``, resolved by ``named``."""
     if v is None:
         return None
     if not isinstance(v, list):
@@ -253,13 +290,24 @@ def parse_steering(v, n_layers: int, hidden_dim: int) -> list[SteeringSpec] | No
         what = f"steering[{i}]"
         if not isinstance(s, dict):
             raise RequestError(f"{what} must be an object")
+        by_name = named is not None and "trait" in s
         try:
-            _fields(s, ("layer", "vector"), ("coefficient", "component", "positions"))
+            if by_name:
+                _fields(s, ("trait",), ("layer", "method", "position", "coefficient", "component", "positions"))
+            else:
+                _fields(s, ("layer", "vector"), ("coefficient", "component", "positions"))
         except RequestError as err:
             raise RequestError(f"{what}: {err}") from None
-        if not _is_int(s["layer"]) or not -n_layers <= s["layer"] < n_layers:
+        if (not by_name or "layer" in s) and (not _is_int(s["layer"]) or not -n_layers <= s["layer"] < n_layers):
             raise RequestError(f"{what}.layer must be an integer in [-{n_layers}, {n_layers})")
-        vec = decode_tensor(s["vector"], f"{what}.vector", torch.float32)
+        comp = s.get("component", "residual")
+        if not isinstance(comp, str):
+            raise RequestError(f"{what}.component must be a string")
+        _check_components([comp], f"{what}.component")
+        if by_name:
+            layer, vec = named(s, what)
+        else:
+            layer, vec = s["layer"], decode_tensor(s["vector"], f"{what}.vector", torch.float32)
         if vec.shape != (hidden_dim,):
             raise RequestError(f"{what}.vector has shape {list(vec.shape)}; the model needs [{hidden_dim}]")
         if not torch.isfinite(vec).all():
@@ -267,14 +315,10 @@ def parse_steering(v, n_layers: int, hidden_dim: int) -> list[SteeringSpec] | No
         coef = s.get("coefficient", 1.0)
         if not _is_num(coef):
             raise RequestError(f"{what}.coefficient must be a finite number; got {coef!r}")
-        comp = s.get("component", "residual")
-        if not isinstance(comp, str):
-            raise RequestError(f"{what}.component must be a string")
-        _check_components([comp], f"{what}.component")
         pos = s.get("positions", "all")
         if pos not in ("all", "response"):
             raise RequestError(f"{what}.positions must be 'all' or 'response'")
-        out.append(SteeringSpec(s["layer"], vec, float(coef), comp, pos))
+        out.append(SteeringSpec(layer, vec.float(), float(coef), comp, pos))
     return out
 
 
@@ -373,6 +417,180 @@ class _TokenStream:
             raise item.error
 
 
+@dataclass(eq=False)
+class _Job:
+    """One /generate, /generate_with_capture or /v1 request waiting for (or in) a batch: its prompts as the
+    model sees them, its settings and its steering (over its own prompts)."""
+
+    texts: list[str]
+    config: GenerationConfig
+    steering: list[SteeringSpec] | None
+    capture: CaptureSpec | None
+    top_logprobs: int | None
+    req: _Request
+    queued_at: float = 0.0
+    results: list[CaptureResult] | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple | None:
+        """Jobs with equal keys share a batch; None: this job runs alone (seeded sampling, whose random draws
+        would change with the batch)."""
+        c = self.config
+        if c.temperature > 0 and c.seed is not None:
+            return None
+        capture = None if self.capture is None else (
+            None if self.capture.layers is None else tuple(self.capture.layers), tuple(self.capture.components))
+        return c.max_new_tokens, c.temperature, tuple(c.stop_token_ids or ()), capture
+
+
+class _Batcher:
+    """Gathers jobs into batches on one worker thread and runs each batch as one left-padded generation.
+
+    The oldest waiting job opens a batch; the worker waits until ``window`` seconds after it arrived (or until
+    ``max_rows`` prompts with its key wait), then takes, in arrival order, every waiting job with that key that
+    still fits in ``max_rows`` (the oldest always). Each job's steering is limited to its own rows
+    (`SteeringSpec.rows`), so every prompt gets what it would get alone. At most ``max_queue`` jobs wait
+    (503 beyond). Jobs that arrive while a batch runs form the next one.
+    """
+
+    def __init__(self, app: "ModelServer", window: float, max_rows: int, max_queue: int) -> None:
+        self.app, self.window, self.max_rows, self.max_queue = app, window, max_rows, max_queue
+        self.cond = threading.Condition()
+        self.pending: list[_Job] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="tracelens-batcher")
+        self.thread.start()
+
+    def run(self, job: _Job) -> list[CaptureResult]:
+        """Queue ``job`` and wait for its results; 503 when the queue is full or the job's deadline passes
+        first (it then leaves the queue, or its batch, whose generation stops once all its jobs have left)."""
+        with self.cond:
+            if len(self.pending) >= self.max_queue:
+                raise RequestError(f"the model server's queue is full ({len(self.pending)} requests waiting, "
+                                   f"max_queue={self.max_queue}); retry later", HTTPStatus.SERVICE_UNAVAILABLE)
+            job.queued_at = time.monotonic()
+            self.pending.append(job)
+            self.cond.notify_all()
+        while not job.done.wait(0.02):
+            if job.req.cancelled():
+                with self.cond:
+                    queued = job in self.pending
+                    if queued:
+                        self.pending.remove(job)
+                raise job.req.cancelled_error(GenerationCancelled(
+                    "while waiting for the model" if queued else "while its batch was generating"))
+        if job.error is not None:
+            raise job.error
+        return job.results
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            for job in self.pending:
+                job.error = RequestError("the model server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+                job.done.set()
+            self.pending.clear()
+            self.cond.notify_all()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self.cond:
+            while True:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return None
+                first = self.pending[0]
+                key = first.key
+                while key is not None and first in self.pending and not self.closed:
+                    rows = sum(len(j.texts) for j in self.pending if j.key == key)
+                    left = first.queued_at + self.window - time.monotonic()
+                    if rows >= self.max_rows or left <= 0:
+                        break
+                    self.cond.wait(left)
+                if first in self.pending and not self.closed:
+                    break
+            batch, rows = [], 0
+            for job in list(self.pending):
+                if job is first or (key is not None and job.key == key and rows + len(job.texts) <= self.max_rows):
+                    batch.append(job)
+                    rows += len(job.texts)
+                    self.pending.remove(job)
+            return batch
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Generate for ``jobs`` as one call under the model lock; each job gets its rows of the results."""
+        lock = self.app.lock
+        while not lock.acquire(timeout=0.05):  # a /stream or /forward_with_capture holds the model
+            jobs = [j for j in jobs if not j.req.cancelled()]  # their handlers have answered already
+            if not jobs:
+                return
+        try:
+            texts, steering = [], []
+            for job in jobs:
+                rows = (len(texts), len(texts) + len(job.texts))
+                steering += [replace(spec, rows=rows) for spec in job.steering or ()]
+                texts += job.texts
+            asked = [j.top_logprobs for j in jobs if j.top_logprobs is not None]
+            kwargs = {"steering": steering or None, "formatted": True, "top_logprobs": max(asked) if asked else None,
+                      "cancel": lambda: all(j.req.cancelled() for j in jobs)}
+            b = self.app.backend
+            if jobs[0].capture is not None:
+                results = b.generate_with_capture(texts, jobs[0].config, jobs[0].capture, **kwargs)
+            else:
+                results = b.generate_results(texts, jobs[0].config, **kwargs)
+            start = 0
+            for job in jobs:
+                job.results = [_keep_logprobs(r, job.top_logprobs) for r in results[start:start + len(job.texts)]]
+                start += len(job.texts)
+        except GenerationCancelled as err:
+            for job in jobs:
+                job.error = job.req.cancelled_error(err)
+        except Exception as err:  # answered to every job of the batch (500)
+            for job in jobs:
+                job.error = err
+        finally:
+            lock.release()
+            for job in jobs:
+                job.done.set()
+
+
+def _keep_logprobs(r: CaptureResult, k: int | None) -> CaptureResult:
+    """``r`` with the top ``k`` alternatives per token (the batch may have asked for more), none for None."""
+    if k is None:
+        return replace(r, response_logprobs=None, response_top_logprobs=None)
+    if r.response_top_logprobs is None:
+        return r
+    return replace(r, response_top_logprobs=[top[:k] for top in r.response_top_logprobs])
+
+
+@dataclass
+class _Stream:
+    """A streamed answer: ``body(tokens)`` turns the generated tokens into the pieces written as they come;
+    ``error(message, status)`` is the last piece when generation fails after the first."""
+
+    tokens: _TokenStream
+    body: Callable[[Iterator[TokenResult]], Iterator[bytes]]
+    error: Callable[[str, int], bytes]
+    content_type: str
+
+
+def _ndjson_tokens(tokens: Iterator[TokenResult]) -> Iterator[bytes]:
+    for t in tokens:
+        item = {"token": t.token, "token_id": t.token_id, "activations": encode_activations(t.activations)}
+        yield (json.dumps(item) + "\n").encode()
+
+
+def _ndjson_error(message: str, status: int) -> bytes:
+    return (json.dumps({"error": message, "status": int(status)}) + "\n").encode()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "tracelens-model-server"
     app: "ModelServer"  # set on the subclass made by ModelServer, with `timeout` (socket timeout, seconds)
@@ -385,15 +603,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         req = _Request(self.connection, self.app.request_timeout)
+        openai = urlsplit(self.path).path.startswith("/v1/")
         try:
             status, answer = HTTPStatus.OK, self._answer(method, req)
         except _ClientGone as err:
             return self._drop(err)
         except RequestError as err:
-            status, answer = err.status, {"error": str(err)}
+            status, answer = err.status, openai_error(str(err), err.status, err.code) if openai else {"error": str(err)}
         except Exception as err:  # JSON, never a traceback
             self.log_error("model server error %s: %s", type(err).__name__, err)
-            status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"}
+            status, message = HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {err}"
+            answer = openai_error(message, status) if openai else {"error": message}
         if answer is None:  # streamed
             return None
         try:
@@ -406,14 +626,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.app._check_request(self)
         path = urlsplit(self.path).path
         if method == "GET":
-            if path != "/health":
-                raise RequestError(f"no GET route {path!r}; GET /health only", HTTPStatus.NOT_FOUND)
-            return self.app.health()
+            route = self.app.get_routes.get(path)
+            if route is None:
+                raise RequestError(f"no GET route {path!r}; GET routes: {', '.join(self.app.get_routes)}",
+                                   HTTPStatus.NOT_FOUND)
+            return route()
         route = self.app.routes.get(path)
         if route is None:
             raise RequestError(f"no POST route {path!r}; routes: {', '.join(self.app.routes)}", HTTPStatus.NOT_FOUND)
         answer = route(self._read_body(), req)
-        if isinstance(answer, _TokenStream):
+        if isinstance(answer, _Stream):
             return self._stream(answer, req)
         return answer
 
@@ -444,35 +666,34 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError("body must be a JSON object")
         return body
 
-    def _stream(self, tokens: _TokenStream, req: _Request) -> None:
+    def _stream(self, stream: _Stream, req: _Request) -> None:
+        items = stream.body(iter(stream.tokens))
         try:
-            items = iter(tokens)
-            first = next(items, None)  # a failure before the first token is answered with its status
+            first = next(items, None)  # a failure before the first piece is answered with its status
             self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Content-Type", stream.content_type)
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             try:
                 if first is not None:
-                    self._write_line(first)
-                for t in items:
-                    self._write_line(t)
+                    self._write(first)
+                for piece in items:
+                    self._write(piece)
             except _ClientGone:
                 raise
             except RequestError as err:
-                self._write_line({"error": str(err), "status": err.status})
+                self._write(stream.error(str(err), err.status))
             except Exception as err:
                 self.log_error("model server stream error %s: %s", type(err).__name__, err)
-                self._write_line({"error": f"{type(err).__name__}: {err}", "status": HTTPStatus.INTERNAL_SERVER_ERROR})
+                self._write(stream.error(f"{type(err).__name__}: {err}", HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
+            items.close()
             req.gone.set()  # stops a generation that is still running
         self.close_connection = True
 
-    def _write_line(self, item: TokenResult | dict) -> None:
-        if isinstance(item, TokenResult):
-            item = {"token": item.token, "token_id": item.token_id, "activations": encode_activations(item.activations)}
+    def _write(self, piece: bytes) -> None:
         try:
-            self.wfile.write((json.dumps(item) + "\n").encode())
+            self.wfile.write(piece)
             self.wfile.flush()
         except OSError as err:  # reset, or not read for io_timeout
             raise _ClientGone(f"{type(err).__name__}: {err}") from None
@@ -501,37 +722,49 @@ class ModelServer:
     ``serve_forever()`` or ``start()`` (a daemon thread), and ``close()`` when done. Raises ValueError for a
     non-loopback ``host`` without a ``token``, and for settings out of range. Settings (see the module docstring):
     ``max_new_tokens_limit`` (tokens, default 1024), ``request_timeout`` (seconds, default 600), ``io_timeout``
-    (seconds, default 30), ``stream_buffer`` (tokens, default 256).
+    (seconds, default 30), ``stream_buffer`` (tokens, default 256), ``batch_window_ms`` (milliseconds, default
+    10), ``max_batch_size`` (prompts, default 16), ``max_queue`` (requests, default 64). ``experiments_root``
+    is where steering vectors named by trait are read (default: `tracelens.experiments.experiments_root()`).
     """
 
     def __init__(self, backend: LocalBackend, experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  token: str | None = None, *, variant: str | None = None, verbose: bool = True,
                  max_new_tokens_limit: int = 1024, request_timeout: float = 600.0, io_timeout: float = 30.0,
-                 stream_buffer: int = 256) -> None:
+                 stream_buffer: int = 256, batch_window_ms: float = 10.0, max_batch_size: int = 16,
+                 max_queue: int = 64, experiments_root: str | os.PathLike | None = None) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string or None")
         if host not in LOCAL_HOSTS and token is None:
             raise ValueError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
                              "or set a token (every request must then send 'Authorization: Bearer <token>')")
-        for name, value in (("max_new_tokens_limit", max_new_tokens_limit), ("stream_buffer", stream_buffer)):
+        for name, value in (("max_new_tokens_limit", max_new_tokens_limit), ("stream_buffer", stream_buffer),
+                            ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
         for name, value in (("request_timeout", request_timeout), ("io_timeout", io_timeout)):
             if not _is_num(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
+        if not _is_num(batch_window_ms) or batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be a finite number of milliseconds >= 0; got {batch_window_ms!r}")
         self.backend, self.experiment, self.variant = backend, experiment, variant
+        self.exp = Experiment.named(experiment, None if experiments_root is None else Path(experiments_root))
         self.token, self.verbose = token, verbose
         self.max_new_tokens_limit, self.stream_buffer = max_new_tokens_limit, stream_buffer
         self.request_timeout, self.io_timeout = float(request_timeout), float(io_timeout)
+        self.eos_ids = frozenset(HookedGenerator(backend.model).stop_ids().tolist())
+        self.created = int(time.time())
         self.lock = threading.Lock()
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
-                       "/stream": self.stream, "/forward_with_capture": self.forward_with_capture}
+                       "/stream": self.stream, "/forward_with_capture": self.forward_with_capture,
+                       "/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions}
+        self.get_routes = {"/health": self.health, "/v1/models": self.models}
         handler = type("_BoundHandler", (_Handler,), {"app": self, "timeout": self.io_timeout})
         self.httpd = threading_server(host, port, handler)
         self.host = host
         self.port = self.httpd.server_address[1]
         self.allowed_hosts = None if host not in LOCAL_HOSTS else loopback_host_headers(self.port)
         self._thread: threading.Thread | None = None
+        self.batcher = _Batcher(self, batch_window_ms / 1000, max_batch_size, max_queue)
 
     @property
     def url(self) -> str:
@@ -553,6 +786,7 @@ class ModelServer:
             self._thread.join()
             self._thread = None
         self.httpd.server_close()
+        self.batcher.close()
 
     def __enter__(self) -> "ModelServer":
         return self
@@ -582,21 +816,43 @@ class ModelServer:
         finally:
             self.lock.release()
 
-    def _generating(self, req: _Request, fn: Callable, *args):
-        """``fn(*args)`` under the model lock, cancelled between tokens once ``req``'s deadline passes or its
-        client has gone."""
-        with self.model_lock(req):
-            try:
-                return fn(*args, cancel=req.cancelled)
-            except GenerationCancelled as err:
-                raise req.cancelled_error(err) from None
-
-    def _check_fits(self, prompts: list[str], config: GenerationConfig, system: list | None = None) -> None:
+    def _check_fits(self, prompts: list[str], config: GenerationConfig, formatted: bool = False) -> None:
         """400 for an empty prompt list or a prompt that does not fit the model's context (no model work)."""
         try:
-            self.backend.check_generation(prompts, config, system)
+            self.backend.check_generation(prompts, config, formatted=formatted)
         except ValueError as err:
             raise RequestError(str(err)) from None
+
+    def _batched(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
+                 capture: CaptureSpec | None, req: _Request, top_logprobs: int | None = None) -> list[CaptureResult]:
+        """Results for the formatted ``texts``, generated in a batch with other requests (see `_Batcher`)."""
+        self._check_fits(texts, config, formatted=True)
+        return self.batcher.run(_Job(texts, config, steering, capture, top_logprobs, req))
+
+    def _named_vector(self, entry: dict, what: str) -> tuple[int, torch.Tensor]:
+        """``(layer, vector)`` of a steering entry that names a trait: the best vector of the experiment's
+        selection (`tracelens.selection`) matching its ``layer``, ``method``, ``position`` (default
+        ``response[:]``) and ``component``; 400 when there is none."""
+        args = {k: entry.get(k) for k in ("trait", "method")}
+        args["position"] = entry.get("position", "response[:]")
+        for k, v in args.items():
+            if v is not None and not isinstance(v, str):
+                raise RequestError(f"{what}.{k} must be a string; got {v!r}")
+        layer = entry.get("layer")  # checked by parse_steering
+        layer = layer + self.backend.n_layers if layer is not None and layer < 0 else layer
+        try:
+            variant = get_model_variant(self.exp, None, "extraction").name
+            best = select_vector(self.exp, args["trait"], variant=variant, position=args["position"],
+                                 component=entry.get("component", "residual"), layer=layer,
+                                 method=args["method"], allow_unscored=True)
+            return best.layer, load_vector(self.exp, args["trait"], variant, best.position, best.component,
+                                           best.method, best.layer)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise RequestError(f"{what}: no steering vector for trait {args['trait']!r} in experiment "
+                               f"{self.exp.name!r} ({err})") from None
+
+    def _steering(self, v) -> list[SteeringSpec] | None:
+        return parse_steering(v, self.backend.n_layers, self.backend.hidden_dim, self._named_vector)
 
     # --- endpoints (each takes the parsed JSON body and the request) ---
 
@@ -608,7 +864,9 @@ class ModelServer:
                           "d_vocab": getattr(cfg, "d_vocab", None), "n_ctx": getattr(cfg, "n_ctx", None),
                           "dtype": str(getattr(cfg, "dtype", "")), "device": str(b.device)},
                 "use_chat_template": b.use_chat_template,
-                "limits": {"max_new_tokens": self.max_new_tokens_limit, "request_timeout_s": self.request_timeout}}
+                "limits": {"max_new_tokens": self.max_new_tokens_limit, "request_timeout_s": self.request_timeout},
+                "batching": {"window_ms": self.batcher.window * 1000, "max_batch_size": self.batcher.max_rows,
+                             "max_queue": self.batcher.max_queue, "waiting": len(self.batcher.pending)}}
 
     def _generation_args(self, body: dict, with_capture: bool):
         b = self.backend
@@ -620,23 +878,22 @@ class ModelServer:
             if len(system) != len(prompts):
                 raise RequestError(f"got {len(prompts)} prompts but {len(system)} system_prompts")
         config = parse_config(body.get("config"), self.max_new_tokens_limit)
-        steering = parse_steering(body.get("steering"), b.n_layers, b.hidden_dim)
+        steering = self._steering(body.get("steering"))
         capture = parse_capture(body.get("capture"), b.n_layers) if with_capture else None
-        self._check_fits(prompts, config, system)
-        return prompts, config, steering, capture, system
+        texts = [b.format(p, s) for p, s in zip(prompts, system or [None] * len(prompts))]
+        return texts, config, steering, capture
 
     def generate(self, body: dict, req: _Request) -> dict:
-        prompts, config, steering, _, system = self._generation_args(body, False)
-        results = self._generating(req, self.backend.generate_results, prompts, config, steering, system)
+        texts, config, steering, _ = self._generation_args(body, False)
+        results = self._batched(texts, config, steering, None, req)
         return {"responses": [r.response_text for r in results],
                 "results": [result_to_json(r, activations=False) for r in results]}
 
     def generate_with_capture(self, body: dict, req: _Request) -> dict:
-        prompts, config, steering, capture, system = self._generation_args(body, True)
-        results = self._generating(req, self.backend.generate_with_capture, prompts, config, capture, steering, system)
-        return {"results": [result_to_json(r) for r in results]}
+        texts, config, steering, capture = self._generation_args(body, True)
+        return {"results": [result_to_json(r) for r in self._batched(texts, config, steering, capture, req)]}
 
-    def stream(self, body: dict, req: _Request) -> _TokenStream:
+    def stream(self, body: dict, req: _Request) -> _Stream:
         """Validate now; then generate on a worker thread (see `_TokenStream`)."""
         b = self.backend
         _fields(body, ("prompt",), ("config", "capture", "steering"))
@@ -645,9 +902,10 @@ class ModelServer:
             raise RequestError("prompt must be a string")
         config = parse_config(body.get("config"), self.max_new_tokens_limit)
         capture = parse_capture(body.get("capture"), b.n_layers)
-        steering = parse_steering(body.get("steering"), b.n_layers, b.hidden_dim)
+        steering = self._steering(body.get("steering"))
         self._check_fits([prompt], config)
-        return _TokenStream(self, req, lambda cancel: b.stream(prompt, config, capture, steering, cancel=cancel))
+        tokens = _TokenStream(self, req, lambda cancel: b.stream(prompt, config, capture, steering, cancel=cancel))
+        return _Stream(tokens, _ndjson_tokens, _ndjson_error, "application/x-ndjson")
 
     def forward_with_capture(self, body: dict, req: _Request) -> dict:
         b = self.backend
@@ -669,11 +927,296 @@ class ModelServer:
             encoded = encode_activations(acts)
         return {"activations": encoded}
 
+    # --- OpenAI-compatible endpoints (see the module docstring) ---
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.experiment, "object": "model", "created": self.created,
+                                            "owned_by": "tracelens"}]}
+
+    def completions(self, body: dict, req: _Request) -> dict | _Stream:
+        return self._openai(_OpenAIRequest.parse(body, False, self), req)
+
+    def chat_completions(self, body: dict, req: _Request) -> dict | _Stream:
+        return self._openai(_OpenAIRequest.parse(body, True, self), req)
+
+    def _openai(self, r: "_OpenAIRequest", req: _Request) -> dict | _Stream:
+        if r.stream:
+            self._check_fits(r.texts, r.config, formatted=True)
+            b = self.backend
+            tokens = _TokenStream(self, req, lambda cancel: b.stream(r.texts[0], r.config, None, r.steering,
+                                                                     cancel=cancel, formatted=True))
+            return _Stream(tokens, lambda items: self._sse(r, items), _sse_error, "text/event-stream")
+        results = self._batched(r.texts, r.config, r.steering, None, req, r.logprobs)
+        choices, used = [], 0
+        for i, res in enumerate(results):
+            text, n, finish = self._finish(res.response_token_ids, r)
+            logprobs = None if r.logprobs is None else self._logprobs_json(res, n, r.chat)
+            if r.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            used += n
+        prompt_tokens = sum(len(res.prompt_token_ids) for res in results)
+        return {**r.head(self.experiment), "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
+
+    def _finish(self, ids: list[int], r: "_OpenAIRequest") -> tuple[str, int, str]:
+        """The answer's text (cut before the first stop string), how many tokens it used, and why it ended."""
+        tok = self.backend.tokenizer
+        text = tok.decode(ids, skip_special_tokens=True)
+        cut = _stop_index(text, r.stop)
+        if cut is not None:  # the tokens that start before the cut
+            n = sum(len(tok.decode(ids[:i], skip_special_tokens=True)) < cut for i in range(len(ids)))
+            return text[:cut], n, "stop"
+        stopped = len(ids) < r.config.max_new_tokens or (ids and ids[-1] in self.eos_ids)
+        return text, len(ids), "stop" if stopped else "length"
+
+    def _logprobs_json(self, res: CaptureResult, n: int, chat: bool) -> dict:
+        """OpenAI's logprobs object of the first ``n`` response tokens (chat: ``content``; completions: the
+        legacy ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``)."""
+        tok = self.backend.tokenizer
+        ids, chosen, tops = res.response_token_ids[:n], res.response_logprobs[:n], res.response_top_logprobs[:n]
+        strings = [tok.decode([i]) for i in ids]
+        if chat:
+            def entry(i: int, lp: float) -> dict:
+                s = tok.decode([i])
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, l) for j, l in top]}
+                                for i, lp, top in zip(ids, chosen, tops)]}
+        offsets = [sum(len(s) for s in strings[:k]) for k in range(len(strings))]
+        return {"tokens": strings, "token_logprobs": chosen, "text_offset": offsets,
+                "top_logprobs": [{tok.decode([j]): l for j, l in top} for top in tops]}
+
+    def _sse(self, r: "_OpenAIRequest", tokens: Iterator[TokenResult]) -> Iterator[bytes]:
+        """Server-sent events of one streamed answer: a chunk per piece of text, the finish reason in the last,
+        usage when asked (``stream_options.include_usage``), then ``[DONE]``. Text within the longest stop string
+        of the end is held back until it cannot start a stop string, so the pieces join to the unstreamed text."""
+        tok, head = self.backend.tokenizer, r.head(self.experiment)
+        ids: list[int] = []
+        sent, hold = 0, max((len(s) - 1 for s in r.stop), default=0)
+
+        def chunk(text: str | None, finish: str | None) -> bytes:
+            if r.chat:
+                delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return _sse_data({**head, "choices": [choice]})
+
+        finish = None
+        for t in tokens:
+            if not ids and r.chat:
+                yield chunk(None, None)  # the role, once the first token exists
+            ids.append(t.token_id)
+            text = tok.decode(ids, skip_special_tokens=True)
+            cut = _stop_index(text, r.stop)
+            if cut is not None:
+                yield chunk(text[sent:cut], "stop")
+                finish = "stop"
+                break
+            safe = len(text) - hold - text.endswith("\ufffd")  # an unfinished UTF-8 character waits too
+            if safe > sent:
+                yield chunk(text[sent:safe], None)
+                sent = safe
+        if finish is None:
+            if not ids and r.chat:
+                yield chunk(None, None)
+            text, _, finish = self._finish(ids, r)
+            yield chunk(text[sent:], finish)
+        if r.include_usage:
+            prompt_tokens = len(encode(tok, r.texts[0]))
+            n = self._finish(ids, r)[1]
+            yield _sse_data({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                              "total_tokens": prompt_tokens + n}})
+        yield b"data: [DONE]\n\n"
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The model's text for chat ``messages`` (``role``, ``content``): one user turn, with an optional system
+        turn first, is formatted as ``/generate`` formats a prompt; longer conversations need a chat template."""
+        roles = [m["role"] for m in messages]
+        contents = [m["content"] for m in messages]
+        if roles == ["user"]:
+            return self.backend.format(contents[0])
+        if roles == ["system", "user"]:
+            return self.backend.format(contents[1], contents[0])
+        tok = self.backend.tokenizer
+        use = self.backend.use_chat_template
+        if use is False or getattr(tok, "chat_template", None) is None:
+            raise RequestError(f"messages with roles {roles} need the model's chat template, and this server "
+                               "formats prompts without one; send one user message (and an optional system one first)")
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        except Exception as err:  # jinja raises TemplateError; templates also raise ValueError/KeyError
+            raise RequestError(f"the model's chat template refused these messages: {err}") from None
+
+
+# --- the OpenAI-compatible protocol ----------------------------------------------------------------------
+
+_OPENAI_COMMON = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                  "presence_penalty", "frequency_penalty", "logit_bias", "user", "steering")
+_MAX_TOP_LOGPROBS = 20
+
+
+def openai_error(message: str, status: int, code: str | None = None) -> dict:
+    """OpenAI's error body: ``type`` is ``invalid_request_error`` for 4xx, else ``server_error``."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        int(status), "invalid_request_error" if 400 <= status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _sse_data(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _sse_error(message: str, status: int) -> bytes:
+    return _sse_data(openai_error(message, status)) + b"data: [DONE]\n\n"
+
+
+def _stop_index(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _only(body: dict, name: str, allowed: tuple, why: str) -> None:
+    if body.get(name) not in allowed:
+        raise RequestError(f"{name} must be {' or '.join(map(json.dumps, allowed))} ({why}); got {body[name]!r}")
+
+
+@dataclass
+class _OpenAIRequest:
+    """A parsed ``/v1/completions`` or ``/v1/chat/completions`` body (``texts``: the model's text per choice)."""
+
+    chat: bool
+    texts: list[str]
+    config: GenerationConfig
+    steering: list[SteeringSpec] | None
+    stop: list[str]
+    logprobs: int | None  # top alternatives per token; None: no logprobs
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def head(self, model: str) -> dict:
+        kind = ("chatcmpl", "chat.completion") if self.chat else ("cmpl", "text_completion")
+        obj = kind[1] + (".chunk" if self.stream and self.chat else "")
+        return {"id": f"{kind[0]}-{self.id}", "object": obj, "created": self.created, "model": model}
+
+    @classmethod
+    def parse(cls, body: dict, chat: bool, app: ModelServer) -> "_OpenAIRequest":
+        if chat:
+            _fields(body, ("model", "messages"), _OPENAI_COMMON + ("max_completion_tokens", "logprobs", "top_logprobs"))
+        else:
+            _fields(body, ("model", "prompt"), _OPENAI_COMMON + ("logprobs", "echo", "suffix", "best_of"))
+        if body["model"] != app.experiment:
+            raise RequestError(f"model {body['model']!r} is not served here; this server serves {app.experiment!r} "
+                               "(GET /v1/models)", HTTPStatus.NOT_FOUND, "model_not_found")
+        for name, allowed, why in (("n", (None, 1), "one choice per request"),
+                                   ("top_p", (None, 1, 1.0), "nucleus sampling is not supported"),
+                                   ("presence_penalty", (None, 0, 0.0), "penalties are not supported"),
+                                   ("frequency_penalty", (None, 0, 0.0), "penalties are not supported"),
+                                   ("best_of", (None, 1), "one candidate per prompt"),
+                                   ("echo", (None, False), "prompt logprobs are not supported"),
+                                   ("suffix", (None,), "insertion is not supported")):
+            if name in body:
+                _only(body, name, allowed, why)
+        if body.get("logit_bias") not in (None, {}):
+            raise RequestError(f"logit_bias must be null or {{}} (biasing is not supported); got {body['logit_bias']!r}")
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise RequestError(f"user must be a string; got {body['user']!r}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(f"stream must be true or false; got {stream!r}")
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                    or not isinstance(options.get("include_usage", False), bool)):
+            raise RequestError(f"stream_options must be {{include_usage: bool}} with stream=true; got {options!r}")
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not 0 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(f"stop must be a non-empty string or a list of up to 4 of them; got {body['stop']!r}")
+        logprobs = cls._logprobs(body, chat)
+        if stream and logprobs is not None:
+            raise RequestError("logprobs with stream=true is not supported; ask without streaming")
+        texts = cls._chat_texts(body["messages"], app) if chat else cls._prompts(body["prompt"])
+        if stream and len(texts) != 1:
+            raise RequestError(f"stream=true takes one prompt; got {len(texts)}")
+        config = cls._config(body, chat, app.max_new_tokens_limit)
+        return cls(chat, texts, config, app._steering(body.get("steering")), stop, logprobs, stream,
+                   bool((options or {}).get("include_usage", False)))
+
+    @staticmethod
+    def _config(body: dict, chat: bool, limit: int) -> GenerationConfig:
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        n = body.get(name)
+        if n is None:  # OpenAI's default for completions; for chat, the server's own default
+            n = min(16 if not chat else GenerationConfig.max_new_tokens, limit)
+        if not _is_int(n) or not 1 <= n <= limit:
+            raise RequestError(f"{name} must be an integer in [1, {limit}]; got {n!r}")
+        temperature = body.get("temperature", 1.0)
+        temperature = 1.0 if temperature is None else temperature
+        if not _is_num(temperature) or not 0 <= temperature <= 2:
+            raise RequestError(f"temperature must be a number in [0, 2]; got {temperature!r}")
+        seed = body.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise RequestError(f"seed must be an integer or null; got {seed!r}")
+        return GenerationConfig(n, float(temperature), None, seed)
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        if chat:
+            wanted, top = body.get("logprobs"), body.get("top_logprobs")
+            if wanted not in (None, True, False):
+                raise RequestError(f"logprobs must be true or false; got {wanted!r}")
+            if top is not None and (not _is_int(top) or not 0 <= top <= _MAX_TOP_LOGPROBS):
+                raise RequestError(f"top_logprobs must be an integer in [0, {_MAX_TOP_LOGPROBS}]; got {top!r}")
+            if top is not None and not wanted:
+                raise RequestError("top_logprobs needs logprobs=true")
+            return (top or 0) if wanted else None
+        n = body.get("logprobs")
+        if n is not None and (not _is_int(n) or not 0 <= n <= _MAX_TOP_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer in [0, {_MAX_TOP_LOGPROBS}] or null; got {n!r}")
+        return n
+
+    @staticmethod
+    def _prompts(prompt) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError("prompt must be a string or a non-empty list of strings (token-id prompts are not "
+                               f"supported); got {json.dumps(prompt)[:80]}")
+        return prompts
+
+    @staticmethod
+    def _chat_texts(messages, app: ModelServer) -> list[str]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {role, content}")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise RequestError(f"messages[{i}] must be an object with role and content")
+            unknown = sorted(set(m) - {"role", "content", "name"})
+            if unknown:
+                raise RequestError(f"messages[{i}]: unknown field(s): {', '.join(unknown)}; allowed: role, content, name")
+            role = {"developer": "system"}.get(m["role"], m["role"])
+            if role not in ("system", "user", "assistant"):
+                raise RequestError(f"messages[{i}].role must be system, developer, user or assistant; got {m['role']!r}")
+            content = m["content"]
+            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in content):
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+            turns.append({"role": role, "content": content})
+        return [app.chat_text(turns)]
+
 
 def serve(experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
           variant: str | None = None, use_chat_template: bool | None = None, **settings) -> None:
     """Load ``experiment``'s model once and serve it until interrupted (Ctrl-C); ``settings`` are `ModelServer`'s
-    (``max_new_tokens_limit``, ``request_timeout``, ``io_timeout``, ``stream_buffer``)."""
+    (``max_new_tokens_limit``, ``request_timeout``, ``io_timeout``, ``stream_buffer``, ``batch_window_ms``,
+    ``max_batch_size``, ``max_queue``)."""
     if host not in LOCAL_HOSTS and token is None:  # fail before the (slow) model load
         raise ValueError(f"host {host!r} needs a token (--token or ${TOKEN_ENV})")
     backend = LocalBackend.from_experiment(experiment, variant, use_chat_template=use_chat_template)
@@ -694,6 +1237,7 @@ def main_server(args) -> int:
           port=getattr(args, "port", None) or DEFAULT_PORT,
           token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None,
           variant=getattr(args, "variant", None),
-          **{k: getattr(args, k) for k in ("max_new_tokens_limit", "request_timeout", "io_timeout", "stream_buffer")
+          **{k: getattr(args, k) for k in ("max_new_tokens_limit", "request_timeout", "io_timeout", "stream_buffer",
+                                           "batch_window_ms", "max_batch_size", "max_queue")
              if getattr(args, k, None) is not None})
     return 0
