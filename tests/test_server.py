@@ -321,7 +321,7 @@ def test_concurrent_requests_run_as_one_batch_and_each_equals_its_request_alone(
     rows = sum(len(p) for p, _, _ in BATCH_REQUESTS)
     with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False, batch_window_ms=60_000,
                      max_batch_size=rows).start() as srv:
-        remote = RemoteBackend(srv.url, timeout=60)
+        remote = RemoteBackend(srv.url, timeout=60.0)
         batch_sizes.seen.clear()
         got = _in_parallel([lambda p=p, s=s, sys=sys: remote.generate_with_capture(p, cfg, CAPTURE, s, sys)
                             for p, s, sys in BATCH_REQUESTS])
@@ -338,7 +338,7 @@ def test_requests_with_other_settings_wait_for_a_batch_of_their_own(tiny, local,
     want = [local.generate(p, GenerationConfig(max_new_tokens=n)) for p, n in bodies]
     with ModelServer(LocalBackend.from_model(tiny.model), "exp", port=0, verbose=False, batch_window_ms=1000,
                      max_batch_size=2).start() as srv:
-        remote = RemoteBackend(srv.url, timeout=60)
+        remote = RemoteBackend(srv.url, timeout=60.0)
         batch_sizes.seen.clear()
         calls = [lambda p=p, n=n: remote.generate(p, GenerationConfig(max_new_tokens=n)) for p, n in bodies]
         first = threading.Thread(target=lambda: got.__setitem__(0, calls[0]()))
@@ -371,7 +371,7 @@ def test_a_full_queue_answers_503_with_the_reason(tiny):
 def test_batching_settings_are_checked(tiny):
     backend = LocalBackend.from_model(tiny.model)
     for kw, msg in [({"max_batch_size": 0}, "max_batch_size must be an integer >= 1; got 0"),
-                    ({"max_queue": 2.0}, "max_queue must be an integer >= 1; got 2.0"),
+                    ({"max_queue": -1}, "max_queue must be an integer >= 1; got -1"),
                     ({"batch_window_ms": -1}, "batch_window_ms must be a finite number of milliseconds >= 0; got -1")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             ModelServer(backend, "exp", port=0, **kw)

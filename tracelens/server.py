@@ -730,7 +730,7 @@ class ModelServer:
     def __init__(self, backend: LocalBackend, experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  token: str | None = None, *, variant: str | None = None, verbose: bool = True,
                  max_new_tokens_limit: int = 1024, request_timeout: float = 600.0, io_timeout: float = 30.0,
-                 stream_buffer: int = 256, batch_window_ms: float = 10.0, max_batch_size: int = 16,
+                 stream_buffer: int = 256, batch_window_ms: int | float = 10.0, max_batch_size: int = 16,
                  max_queue: int = 64, experiments_root: str | os.PathLike | None = None) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string or None")
