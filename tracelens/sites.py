@@ -21,6 +21,8 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
+from tracelens.loading import attention_implementation
+
 COMPONENTS: dict[str, str] = {
     "residual": "blocks.{layer}.hook_resid_post",
     "attn_contribution": "blocks.{layer}.hook_attn_out",
@@ -170,8 +172,6 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
 
 def _check_fires(model: TransformerBridge, name: str) -> None:
     """Raise when hook point `name` never fires because the model runs SDPA attention."""
-    from tracelens.loading import attention_implementation
-
     implementation = attention_implementation(model)
     if implementation == "eager":
         return
