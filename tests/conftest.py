@@ -9,7 +9,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tracelens.testing import ARCHITECTURES, tiny_model  # noqa: E402
+from tracelens.loading import ATTN_IMPLEMENTATIONS, sdpa_supported  # noqa: E402
+from tracelens.testing import ARCHITECTURES, tiny_hf_model, tiny_model  # noqa: E402
+
+ATTENTION_CASES = [
+    (arch, impl) for arch in ARCHITECTURES for impl in ATTN_IMPLEMENTATIONS
+    if impl == "eager" or sdpa_supported(tiny_hf_model(arch, n_layers=1))
+]
+"""(architecture, attn_implementation) for every implementation each architecture's HF class has (Gemma-2: eager)."""
+
+
+def attention_ids(case: tuple[str, str]) -> str:
+    return "-".join(case)
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,16 +30,32 @@ def cached_tiny(architecture: str, **kwargs):
 
 @pytest.fixture(params=ARCHITECTURES)
 def tiny(request):
-    """A `TinyModel` (bridge + untouched HF reference) per architecture, fp32, init std 0.02."""
-    t = cached_tiny(request.param)
-    yield t
-    assert not _active_hooks(t.model), "a test left hooks on the model"
+    """A `TinyModel` (bridge + untouched HF reference) per architecture, fp32, init std 0.02, `load_model`'s
+    default attention (SDPA, eager for Gemma-2)."""
+    yield from _checked(cached_tiny(request.param))
 
 
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_sharp(request):
     """Like `tiny` with init std 0.2: decode-step logits are sensitive enough to expose cache bugs."""
-    t = cached_tiny(request.param, init_std=0.2)
+    yield from _checked(cached_tiny(request.param, init_std=0.2))
+
+
+@pytest.fixture(params=ATTENTION_CASES, ids=attention_ids)
+def tiny_each_attn(request):
+    """Like `tiny`, once per attention implementation; the reference runs the same implementation."""
+    architecture, impl = request.param
+    yield from _checked(cached_tiny(architecture, attn_implementation=impl))
+
+
+@pytest.fixture(params=ATTENTION_CASES, ids=attention_ids)
+def tiny_sharp_each_attn(request):
+    """Like `tiny_sharp`, once per attention implementation; the reference runs the same implementation."""
+    architecture, impl = request.param
+    yield from _checked(cached_tiny(architecture, init_std=0.2, attn_implementation=impl))
+
+
+def _checked(t):
     yield t
     assert not _active_hooks(t.model), "a test left hooks on the model"
 

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from tracelens import load_model
 from tracelens.default_model import default_model_path
+from tracelens.loading import attention_implementation
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,15 @@ def test_greedy_continuation_knows_the_capital_of_france(default_model, monkeypa
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
-def test_bridge_logits_equal_hf_logits_on_the_converted_folder(default_model):
-    hf = AutoModelForCausalLM.from_pretrained(default_model_path(), attn_implementation="eager").eval()
-    ids = default_model.tokenizer(["Tell me a story about a happy dog."], return_tensors="pt").input_ids
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bridge_logits_equal_hf_logits_on_the_converted_folder(default_model, attn):
+    model = default_model if attn == "sdpa" else load_model("default", attn_implementation="eager")
+    assert attention_implementation(model) == attn  # SDPA is the default model's default
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path(), attn_implementation=attn).eval()
+    ids = model.tokenizer(["Tell me a story about a happy dog."], return_tensors="pt").input_ids
     with torch.inference_mode():
-        assert torch.equal(default_model(ids), hf(ids).logits)
-    assert (default_model.cfg.n_layers, default_model.cfg.d_model) == (30, 576)
+        assert torch.equal(model(ids), hf(ids).logits)
+    assert (model.cfg.n_layers, model.cfg.d_model) == (30, 576)
 
 
 def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_counts(default_model):

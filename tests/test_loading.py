@@ -10,19 +10,36 @@ import transformers
 
 import tracelens.default_model as dm
 from tracelens import load_model
+from tracelens.loading import attention_implementation
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 
-def test_a_saved_folder_loads_and_matches_the_hf_model(tmp_path):
+@pytest.mark.parametrize("attn", [None, "eager", "sdpa"])
+def test_a_saved_folder_loads_and_matches_the_hf_model(tmp_path, attn):
     hf = tiny_hf_model("qwen3", bos=False)
     reference = copy.deepcopy(hf)
     hf.save_pretrained(tmp_path)
     make_tokenizer(bos=False).save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, attn_implementation=attn)
     assert not model.training and model.cfg.n_layers == 2
+    assert attention_implementation(model) == (attn or "sdpa")
+    reference.set_attn_implementation(attn or "sdpa")
     ids = model.tokenizer(["The capital of France"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids).logits)
+
+
+def test_sdpa_is_the_default_where_the_hf_class_has_it_and_eager_elsewhere():
+    assert attention_implementation(load_model(tiny_hf_model("llama"), make_tokenizer())) == "sdpa"
+    assert attention_implementation(load_model(tiny_hf_model("gemma2"), make_tokenizer())) == "eager"
+    assert attention_implementation(load_model(tiny_hf_model("llama"), make_tokenizer(), attn_implementation="eager")) == "eager"
+
+
+def test_attention_implementation_errors_name_the_choices():
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('eager', 'sdpa'\) or None; got 'flash'"):
+        load_model(tiny_hf_model("llama"), make_tokenizer(), attn_implementation="flash")
+    with pytest.raises(ValueError, match=r"got Gemma2ForCausalLM\. Load it with attn_implementation='eager'"):
+        load_model(tiny_hf_model("gemma2"), make_tokenizer(), attn_implementation="sdpa")
 
 
 def test_the_callers_tokenizer_is_not_mutated():
@@ -116,6 +133,7 @@ def test_device_map_loading_from_disk(tmp_path):
     make_tokenizer().save_pretrained(tmp_path)
     model = load_model(tmp_path, device_map="auto")
     assert str(model.cfg.device) == "cpu"
+    reference.set_attn_implementation(attention_implementation(model))
     ids = model.tokenizer(["The capital of France"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids).logits)

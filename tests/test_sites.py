@@ -1,11 +1,14 @@
 """Hook-site naming, layer checks, contribution detection and HF module-path translation."""
 
+import re
+
 import pytest
 import torch
 
-from tracelens import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
+from tracelens import COMPONENTS, CaptureHook, detect_contribution_paths, get_hook_path, resolve_hook_name
 from tracelens.sites import ContributionPath
 
+from conftest import cached_tiny
 from hf_reference import hf_capture, hf_module_for
 
 
@@ -112,3 +115,24 @@ def test_other_wrapped_hf_modules_map_to_their_components_hook_out(tiny):
     # Llama's post_attention_layernorm is the pre-MLP norm (ln2); Gemma-2's is the attention post-norm.
     hook = resolve_hook_name(tiny.model, "model.layers.0.input_layernorm")
     assert hook == "blocks.0.ln1.hook_out"
+
+
+def test_attention_pattern_hooks_on_an_sdpa_model_say_to_load_with_eager():
+    sdpa = cached_tiny("llama", attn_implementation="sdpa").model
+    for name in ("blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", "blocks.0.attn.hook_rot_k"):
+        with pytest.raises(ValueError, match=rf"hook point '{re.escape(name)}' must be hooked on a model loaded with "
+                                             r"attn_implementation='eager'; got a model running 'sdpa' attention"):
+            resolve_hook_name(sdpa, name)
+    with pytest.raises(ValueError, match=r"load_model\(\.\.\., attn_implementation='eager'\)"):
+        CaptureHook(sdpa, "blocks.0.attn.hook_pattern")
+    assert resolve_hook_name(sdpa, "blocks.0.attn.hook_k") == "blocks.0.attn.hook_k"
+
+
+def test_attention_pattern_hooks_on_an_eager_model_capture_the_pattern():
+    t = cached_tiny("llama", attn_implementation="eager")
+    ids = t.tokenizer(["The capital of France is Paris."], return_tensors="pt").input_ids
+    with CaptureHook(t.model, "blocks.0.attn.hook_pattern") as cap, torch.no_grad():
+        t.model(ids)
+    pattern = cap.get()
+    assert pattern.shape == (1, t.model.cfg.n_heads, ids.shape[1], ids.shape[1])
+    assert torch.allclose(pattern.sum(-1), torch.ones(()))

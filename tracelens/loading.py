@@ -1,7 +1,14 @@
 """`load_model`: any supported causal LM as a raw-mode TransformerLens `TransformerBridge`.
 
-Raw mode (no weight processing) keeps every activation bit-identical to the eager HF model. The
-bridge wraps the HF model in place; its tokenizer is a configured copy at `model.tokenizer`.
+Raw mode (no weight processing) keeps every activation bit-identical to the HF model run with the
+same attention implementation. The bridge wraps the HF model in place; its tokenizer is a configured
+copy at `model.tokenizer`.
+
+Attention: TransformerLens 4.3 always runs its own eager re-implementation of attention (scores,
+softmax, `hook_pattern`) whatever the HF config says. With `attn_implementation="sdpa"` each attention
+component instead runs its HF module (`hook_in` -> HF SDPA attention -> `hook_out`, TL's own delegating
+`AttentionBridge.forward`), so the hooks inside it that only TL's eager attention computes never fire
+(`tracelens.sites.EAGER_ONLY_HOOKS`).
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import types
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +25,7 @@ import torch
 from packaging.version import Version
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 # Architectures whose hook sites are checked against HF to the bit in tracelens' own tests.
@@ -33,6 +42,9 @@ TESTED_ARCHITECTURES = (
 # `cache=`, so cached generation silently runs without a cache (wrong decode logits).
 _FIRST_BROKEN_TRANSFORMERS = Version("5.24")
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+"""Attention implementations `load_model` accepts; the default is "sdpa" where `sdpa_supported` says so."""
+
 _names = itertools.count()
 
 
@@ -45,6 +57,7 @@ def load_model(
     name: str | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    attn_implementation: str | None = None,
 ) -> TransformerBridge:
     """Load a causal LM as a raw-mode `TransformerBridge` in eval mode.
 
@@ -60,8 +73,15 @@ def load_model(
         device_map, max_memory: spread a model from disk over several devices (accelerate's
             `device_map="auto"`); instead of `device`. Hook adapters, capture and generation move their
             vectors to each activation's device, so layers may live on different GPUs.
+        attn_implementation: "sdpa" (torch's fused attention; the default where `sdpa_supported`) or
+            "eager" (the default elsewhere, e.g. Gemma-2, whose HF class has no SDPA). Every tracelens
+            site equals the HF model run with the same implementation, to the bit. Hooks on the attention
+            pattern, scores or rotated queries/keys (`tracelens.sites.EAGER_ONLY_HOOKS`) need "eager".
+            Read the result back with `attention_implementation(model)`.
     """
     _check_transformers_version()
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None; got {attn_implementation!r}")
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError("load_model(model) with an in-memory model needs tokenizer=...")
@@ -77,7 +97,7 @@ def load_model(
         if device_map is not None and device is not None:
             raise ValueError("pass either device or device_map, not both")
         hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or torch.float32, attn_implementation="eager",
+            folder, dtype=dtype or torch.float32, attn_implementation="eager",  # switched after the boot
             **({"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}),
         )
         if tokenizer is None:
@@ -88,6 +108,7 @@ def load_model(
     else:  # accelerate placed the layers; the bridge's device is where the embeddings are
         device = next(hf_model.get_input_embeddings().parameters()).device
     hf_model = hf_model.eval()
+    sdpa = _wants_sdpa(attn_implementation, hf_model)
     label = name or getattr(hf_model.config, "name_or_path", None) or type(hf_model).__name__
     bridge = TransformerBridge.boot_transformers(
         f"{label}#{next(_names)}",
@@ -96,7 +117,39 @@ def load_model(
         device=device,
         dtype=next(hf_model.parameters()).dtype,
     )
+    if sdpa:  # TransformerLens forced the HF model to eager while building the bridge
+        _use_sdpa(bridge)
     return bridge.eval()
+
+
+def sdpa_supported(hf_model: PreTrainedModel) -> bool:
+    """Whether `load_model` can run `hf_model` with SDPA: a tested architecture whose HF class has SDPA."""
+    return type(hf_model).__name__ in TESTED_ARCHITECTURES and bool(getattr(hf_model, "_supports_sdpa", False))
+
+
+def attention_implementation(model: TransformerBridge) -> str:
+    """The attention implementation a loaded model runs: "eager" or "sdpa" (fixed at `load_model`)."""
+    return model.original_model.config._attn_implementation
+
+
+def _wants_sdpa(requested: str | None, hf_model: PreTrainedModel) -> bool:
+    """Whether to run SDPA: asked for (and supported, else ValueError), or by default where supported."""
+    if requested is None:
+        return sdpa_supported(hf_model)
+    if requested == "sdpa" and not sdpa_supported(hf_model):
+        raise ValueError(
+            "attn_implementation='sdpa' must be used with a tested architecture whose HF class supports SDPA; "
+            f"got {type(hf_model).__name__}. Load it with attn_implementation='eager'."
+        )
+    return requested == "sdpa"
+
+
+def _use_sdpa(bridge: TransformerBridge) -> None:
+    """Run every attention component through its HF module with SDPA instead of TL's eager re-implementation."""
+    bridge.original_model.set_attn_implementation("sdpa")
+    for block in bridge.blocks:
+        # GeneralizedComponent.__setattr__ forwards attributes to the wrapped HF module; bind on the bridge itself.
+        object.__setattr__(block.attn, "forward", types.MethodType(AttentionBridge.forward, block.attn))
 
 
 def _default_device() -> torch.device:

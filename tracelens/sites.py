@@ -8,6 +8,8 @@ Components and what each TL hook holds (raw-mode bridge, equal to the HF module 
     attn_out           blocks.L.attn.hook_out     raw o_proj output
     mlp_out            blocks.L.mlp.hook_out      raw down_proj output
     k_proj, v_proj     blocks.L.attn.hook_k/_v    k_proj/v_proj outputs as [batch, pos, n_kv_heads, d_head], pre-RoPE
+
+All of them fire under both attention implementations; `EAGER_ONLY_HOOKS` fire only under eager.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
+from tracelens.loading import attention_implementation
+
 COMPONENTS: dict[str, str] = {
     "residual": "blocks.{layer}.hook_resid_post",
     "attn_contribution": "blocks.{layer}.hook_attn_out",
@@ -28,6 +32,11 @@ COMPONENTS: dict[str, str] = {
     "k_proj": "blocks.{layer}.attn.hook_k",
     "v_proj": "blocks.{layer}.attn.hook_v",
 }
+
+EAGER_ONLY_HOOKS = ("hook_attn_scores", "hook_pattern", "hook_rot_q", "hook_rot_k", "hook_cos", "hook_sin",
+                    "hook_q_normed", "hook_k_normed")
+"""Attention hook points that only TransformerLens' eager attention computes (scores, pattern, RoPE'd q/k
+and its inputs, q/k norms as TL names them); a model loaded with attn_implementation="sdpa" never fires them."""
 
 
 def resolve_layer(layer: int, n_layers: int) -> int:
@@ -136,6 +145,7 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
         raise TypeError(f"hook path must be a str, got {type(path).__name__}")
     hooks = model.hook_dict
     if path in hooks:
+        _check_fires(model, path)
         return path
     match = _HF_LAYER_PATH.match(path)
     if match:
@@ -158,6 +168,21 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
         f"unknown hook point {path!r}: neither a TransformerLens hook name nor an HF module path "
         f"like 'model.layers.3'{hint} get_hook_path(layer, component) builds valid names."
     )
+
+
+def _check_fires(model: TransformerBridge, name: str) -> None:
+    """Raise when hook point `name` never fires because the model runs SDPA attention."""
+    implementation = attention_implementation(model)
+    if implementation == "eager":
+        return
+    point = model.hook_dict[name]
+    if any(getattr(block.attn, hook, None) is point for block in model.blocks for hook in EAGER_ONLY_HOOKS):
+        raise ValueError(
+            f"hook point {name!r} must be hooked on a model loaded with attn_implementation='eager'; got a model "
+            f"running {implementation!r} attention, which never computes it (attention pattern, scores and "
+            "rotated queries/keys exist only in eager attention). Load it with "
+            "load_model(..., attn_implementation='eager')."
+        )
 
 
 def _walk_hf_path(model: TransformerBridge, path: str) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """Tiny random-init models with an in-process tokenizer, for tests and docs (nothing downloads).
 
 `tiny_model("llama")` returns a loaded tracelens model (a raw-mode `TransformerBridge`) together
-with an untouched eager-attention HF copy of the same weights, the independent path every
-correctness test compares against.
+with an untouched HF copy of the same weights running the same attention implementation, the
+independent path every correctness test compares against.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformer_lens.model_bridge import TransformerBridge
 
-from tracelens.loading import load_model
+from tracelens.loading import attention_implementation, load_model
 
 ARCHITECTURES = ("llama", "mistral", "gemma2", "gemma3", "qwen2", "qwen3")
 """The architectures every parity and conformance test runs on (the README's tested list is generated from it)."""
@@ -175,16 +175,20 @@ def tiny_hf_model(
     return cls(config).to(dtype).eval()
 
 
-def tiny_model(architecture: str = "llama", *, bos: bool | None = None, **kwargs) -> TinyModel:
+def tiny_model(architecture: str = "llama", *, bos: bool | None = None, attn_implementation: str | None = None,
+               **kwargs) -> TinyModel:
     """Load a tiny random model through `tracelens.load_model`, plus an untouched reference copy.
 
-    `bos=None` picks the architecture's family habit: no BOS for Qwen, BOS otherwise. Other keyword
-    arguments go to `tiny_hf_model` (n_layers, d_model, n_heads, n_kv_heads, d_mlp, seed, init_std, dtype).
+    `bos=None` picks the architecture's family habit: no BOS for Qwen, BOS otherwise.
+    `attn_implementation` goes to `load_model` (None: its default); the reference runs the same one.
+    Other keyword arguments go to `tiny_hf_model` (n_layers, d_model, n_heads, n_kv_heads, d_mlp, seed,
+    init_std, dtype).
     """
     if bos is None:
         bos = not architecture.startswith("qwen")
     hf = tiny_hf_model(architecture, bos=bos, **kwargs)
     reference = copy.deepcopy(hf)
     tokenizer = make_tokenizer(bos=bos, vocab_size=hf.config.vocab_size)
-    model = load_model(hf, tokenizer, name=f"tiny-{architecture}")
+    model = load_model(hf, tokenizer, name=f"tiny-{architecture}", attn_implementation=attn_implementation)
+    reference.set_attn_implementation(attention_implementation(model))
     return TinyModel(model=model, reference=reference, tokenizer=tokenizer, architecture=architecture)

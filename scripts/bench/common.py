@@ -18,23 +18,39 @@ def reexec_with_malloc_settings() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
 
 
-def model_pair(name: str, device: str = "cpu", **mid_shape):
-    """(tracelens model, untouched eager HF copy, description) for "default" or a "mid" random Llama."""
+def add_attention_argument(parser) -> None:
+    parser.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
+                        help="the tracelens model's attention (default: load_model's default, sdpa for these Llamas); "
+                             "HF runs the same one, and separately HF's own default")
+
+
+def model_pair(name: str, device: str = "cpu", attn_implementation: str | None = None, **mid_shape):
+    """(tracelens model, untouched HF copy running the same attention implementation, description) for
+    "default" or a "mid" random Llama. `hf.set_attn_implementation` switches the copy to another one."""
     from transformers import AutoModelForCausalLM
 
     from tracelens import load_model
+    from tracelens.loading import attention_implementation
     from tracelens.testing import make_tokenizer, tiny_hf_model
 
     if name == "default":
         from tracelens.default_model import default_model_path
 
         path = default_model_path()
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval().to(device)
-        return load_model(path, device=device), hf, "default (SmolLM2-135M, 30 layers, d 576)"
-    hf = tiny_hf_model("llama", vocab_size=512, **mid_shape)
-    shape = ", ".join(f"{k} {v}" for k, v in mid_shape.items())
-    model = load_model(copy.deepcopy(hf), make_tokenizer(), device=device)
-    return model, hf.to(device), f"mid random Llama ({shape})"
+        model = load_model(path, device=device, attn_implementation=attn_implementation)
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention_implementation(model))
+        desc = "default (SmolLM2-135M, 30 layers, d 576)"
+    else:
+        hf = tiny_hf_model("llama", vocab_size=512, **mid_shape)
+        model = load_model(copy.deepcopy(hf), make_tokenizer(), device=device, attn_implementation=attn_implementation)
+        hf.set_attn_implementation(attention_implementation(model))
+        desc = "mid random Llama (" + ", ".join(f"{k} {v}" for k, v in mid_shape.items()) + ")"
+    return model, hf.eval().to(device), f"{desc}, tracelens attention {attention_implementation(model)}"
+
+
+def hf_default_attention(hf) -> str:
+    """The attention implementation `from_pretrained` picks when none is asked for: SDPA where the class has it."""
+    return "sdpa" if hf._supports_sdpa else "eager"
 
 
 def alternate(variants, rounds: int) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """Generation throughput (tokens/s) of HookedGenerator against HF `generate`, in one process.
 
-Variants, run alternately each round (median over rounds reported), greedy, 64 new tokens, no early stop:
-  hf plain            HF `generate` on an untouched eager copy of the model
+Variants, run alternately each round (median over rounds reported), greedy, 64 new tokens (--new-tokens), no early stop:
+  hf plain            HF `generate` on an untouched copy of the model, same attention as the tracelens model
   hf steered          the same with a torch forward hook adding a vector at one layer
+  hf default plain    HF `generate` with HF's default attention (SDPA here); only when it differs
+  hf default steered  the same, steered
   tl steered          TransformerLens `bridge.generate` under a SteeringHook
   hooked plain        HookedGenerator
   hooked steered      HookedGenerator with one SteeringConfig
   hooked steer+cap3   HookedGenerator, steered, capturing the residual of 3 layers per token
 Peak memory: this process's peak resident set after each table (all variants so far together).
-Targets: hooked steered >= 0.9x hf steered at batch 8; steer + capture >= 0.8x.
+Targets: hooked steered >= 0.9x hf steered at batch 8; steer + capture >= 0.8x. The last column
+compares against HF steered with its default attention, what a user running plain HF would get.
 
     python scripts/bench/generation.py [--rounds 3] [--models default,mid] [--batches 1,8]
+                                       [--attn-implementation eager|sdpa] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import resource
 import time
 
-from common import alternate, model_pair, reexec_with_malloc_settings  # noqa: E402
+from common import add_attention_argument, alternate, hf_default_attention, model_pair, reexec_with_malloc_settings  # noqa: E402
 
 reexec_with_malloc_settings()
 
@@ -27,16 +31,16 @@ import torch  # noqa: E402
 
 from tracelens import CaptureConfig, HookedGenerator, SteeringConfig, SteeringHook, get_hook_path  # noqa: E402
 
-NEW_TOKENS = 64
 
 
-def _models(name: str, device: str):
-    return model_pair(name, device, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536)
+def _models(name: str, device: str, attn: str | None):
+    return model_pair(name, device, attn, n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_mlp=1536)
 
 
-def bench(name: str, batch: int, rounds: int, device: str) -> None:
-    model, hf, desc = _models(name, device)
-    hf.generation_config.eos_token_id = None  # no early stop: every variant makes exactly NEW_TOKENS
+def bench(name: str, batch: int, rounds: int, device: str, attn: str | None, new_tokens: int) -> None:
+    model, hf, desc = _models(name, device, attn)
+    same, default = hf.config._attn_implementation, hf_default_attention(hf)
+    hf.generation_config.eos_token_id = None  # no early stop: every variant makes exactly new_tokens
     layer = model.cfg.n_layers // 2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.cfg.d_vocab, (batch, 24), generator=g).to(device)
@@ -47,20 +51,24 @@ def bench(name: str, batch: int, rounds: int, device: str) -> None:
     steer = [SteeringConfig(v, layer, coefficient=4.0)]
     cap3 = CaptureConfig(layers=[layer - 2, layer, layer + 2])
 
+    def hf_plain():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
     def hf_steered():
         handle = hf.model.layers[layer].register_forward_hook(lambda m, i, o: (o[0] + 4.0 * v,) + tuple(o[1:])
                                                               if isinstance(o, tuple) else o + 4.0 * v)
         try:
-            hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            hf_plain()
         finally:
             handle.remove()
 
     def tl_steered():
         with SteeringHook(model, v, get_hook_path(layer), 4.0):
-            model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, stop_at_eos=False, verbose=False)
+            model.generate(ids, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False, verbose=False)
 
-    def timed(fn):
+    def timed(fn, hf_attn: str = same):
         def run():
+            hf.set_attn_implementation(hf_attn)  # a config switch, untimed; only the HF variants read it
             start = time.perf_counter()
             fn()
             return time.perf_counter() - start
@@ -68,20 +76,25 @@ def bench(name: str, batch: int, rounds: int, device: str) -> None:
         return run
 
     variants = {
-        "hf plain": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
-        "hf steered": hf_steered,
-        "tl steered": tl_steered,
-        "hooked plain": lambda: gen.generate(ids, mask, NEW_TOKENS, stop_at_eos=False),
-        "hooked steered": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, stop_at_eos=False),
-        "hooked steer+cap3": lambda: gen.generate(ids, mask, NEW_TOKENS, steering=steer, capture=cap3, stop_at_eos=False),
+        "hf plain": timed(hf_plain),
+        "hf steered": timed(hf_steered),
+        **({"hf default plain": timed(hf_plain, default), "hf default steered": timed(hf_steered, default)}
+           if default != same else {}),
+        "tl steered": timed(tl_steered),
+        "hooked plain": timed(lambda: gen.generate(ids, mask, new_tokens, stop_at_eos=False)),
+        "hooked steered": timed(lambda: gen.generate(ids, mask, new_tokens, steering=steer, stop_at_eos=False)),
+        "hooked steer+cap3": timed(lambda: gen.generate(ids, mask, new_tokens, steering=steer, capture=cap3,
+                                                        stop_at_eos=False)),
     }
-    med = alternate({k: timed(fn) for k, fn in variants.items()}, rounds)
-    tps = {k: batch * NEW_TOKENS / t for k, t in med.items()}
-    print(f"\n### {desc}, batch {batch}, {NEW_TOKENS} new tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
-    print("| variant | tokens/s | vs hf plain | vs hf steered |")
-    print("|---|---|---|---|")
+    med = alternate(variants, rounds)
+    tps = {k: batch * new_tokens / t for k, t in med.items()}
+    default_steered = tps["hf default steered" if default != same else "hf steered"]
+    print(f"\n### {desc}, batch {batch}, {new_tokens} new tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
+    print(f"hf: {same} attention (as tracelens); hf default: {default} attention\n")
+    print("| variant | tokens/s | vs hf plain | vs hf steered | vs hf default steered |")
+    print("|---|---|---|---|---|")
     for k, t in tps.items():
-        print(f"| {k} | {t:.1f} | {t / tps['hf plain']:.3f}x | {t / tps['hf steered']:.3f}x |")
+        print(f"| {k} | {t:.1f} | {t / tps['hf plain']:.3f}x | {t / tps['hf steered']:.3f}x | {t / default_steered:.3f}x |")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nprocess peak RSS so far: {peak_mib:.0f} MiB")
 
@@ -92,10 +105,12 @@ def main() -> None:
     p.add_argument("--models", default="default,mid")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--new-tokens", type=int, default=64)
+    add_attention_argument(p)
     args = p.parse_args()
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            bench(name, batch, args.rounds, args.device)
+            bench(name, batch, args.rounds, args.device, args.attn_implementation, args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 Variants, run alternately (A B C ... A B C ...) so drift hits all alike; the median of the rounds is
 reported:
-  hf plain            the eager HF model, no hooks
+  hf plain            the HF model with the tracelens model's attention implementation, no hooks
   hf raw capture      the same HF model, torch forward hooks copying every layer's output to CPU
+  hf default ...      both again with HF's default attention (SDPA here); only when it differs
   plain               the tracelens model (TransformerBridge), no hooks
   capture all         MultiLayerCapture of every residual layer
   steer one           one SteeringHook
   project all         MultiLayerProjection of every residual layer
 Target: capture and projection within 1.10x of the raw-torch-hook capture.
 
-    python scripts/bench/hooks.py [--rounds 10] [--models default,mid]
+    python scripts/bench/hooks.py [--rounds 10] [--models default,mid] [--attn-implementation eager|sdpa]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import alternate, model_pair, reexec_with_malloc_settings  # noqa: E402
+from common import add_attention_argument, alternate, hf_default_attention, model_pair, reexec_with_malloc_settings  # noqa: E402
 
 reexec_with_malloc_settings()
 
@@ -27,8 +28,8 @@ import torch  # noqa: E402
 from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path  # noqa: E402
 
 
-def _models(name: str, device: str):
-    return model_pair(name, device, n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048)
+def _models(name: str, device: str, attn: str | None):
+    return model_pair(name, device, attn, n_layers=16, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048)
 
 
 def _raw_capture(hf):
@@ -52,16 +53,18 @@ def _raw_capture(hf):
     return Raw()
 
 
-def bench(name: str, rounds: int, batch: int, seq: int, device: str) -> None:
-    model, hf, desc = _models(name, device)
+def bench(name: str, rounds: int, batch: int, seq: int, device: str, attn: str | None) -> None:
+    model, hf, desc = _models(name, device, attn)
+    same, default = hf.config._attn_implementation, hf_default_attention(hf)
     n, d = model.cfg.n_layers, model.cfg.d_model
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.cfg.d_vocab, (batch, seq), generator=g).to(device)
     vec = torch.randn(d, generator=g)
     vectors = {layer: torch.randn(d, generator=g) for layer in range(n)}
 
-    def timed(fn, ctx_factory):
+    def timed(fn, ctx_factory, hf_attn: str = same):
         def run():
+            hf.set_attn_implementation(hf_attn)  # a config switch, untimed; only the HF variants read it
             with ctx_factory():
                 start = time.perf_counter()
                 fn(ids)
@@ -73,6 +76,8 @@ def bench(name: str, rounds: int, batch: int, seq: int, device: str) -> None:
     variants = {
         "hf plain": timed(hf, null),
         "hf raw capture": timed(hf, lambda: _raw_capture(hf)),
+        **({"hf default plain": timed(hf, null, default), "hf default raw capture": timed(hf, lambda: _raw_capture(hf), default)}
+           if default != same else {}),
         "plain": timed(model, null),
         "capture all": timed(model, lambda: MultiLayerCapture(model)),
         "steer one": timed(model, lambda: SteeringHook(model, vec, get_hook_path(n // 2), 4.0)),
@@ -80,10 +85,13 @@ def bench(name: str, rounds: int, batch: int, seq: int, device: str) -> None:
     }
     med = alternate(variants, rounds)
     print(f"\n### {desc}, batch {batch} x {seq} tokens, {rounds} rounds, torch threads {torch.get_num_threads()}\n")
-    print("| variant | median ms | vs plain (tracelens) | vs hf raw capture |")
-    print("|---|---|---|---|")
+    print(f"hf: {same} attention (as tracelens); hf default: {default} attention\n")
+    default_capture = med["hf default raw capture" if default != same else "hf raw capture"]
+    print("| variant | median ms | vs plain (tracelens) | vs hf raw capture | vs hf default raw capture |")
+    print("|---|---|---|---|---|")
     for k, t in med.items():
-        print(f"| {k} | {t * 1e3:.1f} | {t / med['plain']:.3f}x | {t / med['hf raw capture']:.3f}x |")
+        print(f"| {k} | {t * 1e3:.1f} | {t / med['plain']:.3f}x | {t / med['hf raw capture']:.3f}x "
+              f"| {t / default_capture:.3f}x |")
 
 
 class _Null:
@@ -101,9 +109,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--models", default="default,mid")
     p.add_argument("--device", default="cpu")
+    add_attention_argument(p)
     args = p.parse_args()
     for name in args.models.split(","):
-        bench(name, args.rounds, args.batch, args.seq, args.device)
+        bench(name, args.rounds, args.batch, args.seq, args.device, args.attn_implementation)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Correctness on an accelerator: parity, steering conformance and the KV-cache guard, fp32 and bf16.
 
-For each test architecture and dtype, on `--device` (default cuda), against the untouched HF model on
-the same device: logits and every tracelens site equal HF (max |diff|), steering at a residual layer
+For each test architecture, dtype and attention implementation (eager, and SDPA where the HF class has
+it), on `--device` (default cuda), against the untouched HF model on the same device running the same
+implementation: logits and every tracelens site equal HF (max |diff|), steering at a residual layer
 equals the same edit as a torch forward hook, and KV-cached greedy generation equals uncached (step
 logits). With two or more GPUs it also loads the default model with `device_map="auto"` over them and
 checks steering and capture there. Prints a markdown table; exits 1 if a check fails.
@@ -18,6 +19,7 @@ import sys
 import torch
 
 from tracelens import COMPONENTS, CaptureHook, HookedGenerator, SteeringHook, get_hook_path, load_model
+from tracelens.loading import sdpa_supported
 from tracelens.testing import ARCHITECTURES, make_tokenizer, tiny_hf_model
 
 TEXT = "The capital of France is Paris, and I am so happy today!"
@@ -53,11 +55,16 @@ def _module(reference, layer, component):
     return f"model.layers.{layer}" + (f".{sub}" if sub else "")
 
 
-def check(arch: str, dtype: torch.dtype, device: str) -> dict[str, float]:
+def attn_implementations(arch: str) -> list[str]:
+    return ["eager", "sdpa"] if sdpa_supported(tiny_hf_model(arch, n_layers=1)) else ["eager"]
+
+
+def check(arch: str, dtype: torch.dtype, device: str, attn: str) -> dict[str, float]:
     bos = not arch.startswith("qwen")
     hf = tiny_hf_model(arch, n_layers=3, init_std=0.2, dtype=dtype, bos=bos)
     reference = copy.deepcopy(hf).to(device)
-    model = load_model(hf, make_tokenizer(bos=bos), device=device)
+    reference.set_attn_implementation(attn)
+    model = load_model(hf, make_tokenizer(bos=bos), device=device, attn_implementation=attn)
     ids = model.tokenizer([TEXT], return_tensors="pt").input_ids.to(device)
     sites = {get_hook_path(l, c): _module(reference, l, c) for l in range(3) for c in COMPONENTS}
     ref_logits, ref_acts = _hf_outputs(reference, ids, sites.values())
@@ -105,16 +112,17 @@ def main() -> int:
     args = p.parse_args()
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     lines = [f"### tracelens GPU check on {name}, torch {torch.__version__}", "",
-             "| arch | dtype | logits max abs diff | sites max abs diff | steering vs torch hook | cached vs uncached step logits | ok |",
-             "|---|---|---|---|---|---|---|"]
+             "| arch | dtype | attention | logits max abs diff | sites max abs diff | steering vs torch hook | cached vs uncached step logits | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     ok_all = True
     for dtype in (torch.float32, torch.bfloat16):
         for arch in ARCHITECTURES:
-            r = check(arch, dtype, args.device)
-            ok = all(x <= TOL[dtype] for x in r.values())
-            ok_all &= ok
-            lines.append(f"| {arch} | {str(dtype)[6:]} | {r['logits']:.2e} | {r['sites']:.2e} | {r['steering']:.2e} "
-                         f"| {r['kv cache']:.2e} | {'yes' if ok else 'NO'} |")
+            for attn in attn_implementations(arch):
+                r = check(arch, dtype, args.device, attn)
+                ok = all(x <= TOL[dtype] for x in r.values())
+                ok_all &= ok
+                lines.append(f"| {arch} | {str(dtype)[6:]} | {attn} | {r['logits']:.2e} | {r['sites']:.2e} "
+                             f"| {r['steering']:.2e} | {r['kv cache']:.2e} | {'yes' if ok else 'NO'} |")
     n_gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     if n_gpus >= 2:
         split = check_split(n_gpus)
