@@ -411,7 +411,7 @@ def test_bad_inputs_fail_fast_with_the_numbers(tiny):
         ActivationCappingHook(m, torch.ones(d), get_hook_path(0), 0.0, mode="clip")
     with pytest.raises(ValueError, match=r"vectors_by_layer has layers \[0, 1\] but thresholds_by_layer has \[0\]"):
         MultiLayerActivationCapping(m, {0: torch.ones(d), 1: torch.ones(d)}, {0: 1.0})
-    for bad in [(5, 2), (-1, None), (1.5, None), (torch.tensor([1, 4]), 3), (torch.tensor([0.5]), None), (1,)]:
+    for bad in [(5, 2), (-1, None), (torch.tensor([1, 4]), 3), (torch.tensor([-1, 2]), None)]:
         with pytest.raises(ValueError, match=r"token_range must be \(start, end\)"):
             PerPositionSteeringHook(m, torch.ones(d), get_hook_path(0), token_range=bad)
     with pytest.raises(ValueError, match=r"configs\[0\] has batch slice \(2, 2\)"):
