@@ -105,3 +105,53 @@ def test_a_response_backend_writes_the_records_then_projections_run_locally(setu
     with pytest.raises(ValueError, match="needs the local model"):
         run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(one_pass=True), backend=backend,
                        response_backend=Responder.from_model(backend.model))
+
+
+def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setup):
+    """Steering at the monitored layer: the recorded projections and the massive-dim activations kept for
+    cleaning both equal those of the steered generation, not of an unsteered prefill."""
+    from tracelens.cleaning import clean_scores
+    from tracelens.hooks import SteeringHook
+    from tracelens.massive import MassiveDimCollector
+    from tracelens.prompts import tokenize_batch
+    from tracelens.selection import select_vector
+
+    exp, backend, prompt_set = setup
+    m = backend.model
+    collector = MassiveDimCollector(m, exp.massive_activations_path("base"), target_tokens=100)
+    collector.register()
+    for text in ["Tell me a long story about the sea, the wind and the boats that sail on it."] * 8:
+        ids, mask = tokenize_batch(backend.tokenizer, [backend.format(text)])
+        with torch.no_grad():
+            m(ids, attention_mask=mask)
+    assert collector.finalize() is not None
+    layer = select_vector(exp, TRAIT).layer
+    steer = SteeringSpec(layer, torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(3)), 4.0)
+    config = MonitorConfig(layers="best", max_new_tokens=5, calibrate=False, one_pass=True)
+    run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[steer])
+
+    rec = ResponseRecord.from_dict(json.loads(exp.inference_response_path("base", "mini", 0).read_text()))
+    out = json.loads(exp.projection_path("base", TRAIT, "mini", 0).read_text())
+    [entry] = ProjectionRecord.from_dict(out).projections
+    assert entry.layer == layer
+    site, ids = get_hook_path(layer), torch.tensor([rec.token_ids])
+    with SteeringHook(m, steer.vector, site, 4.0), CaptureHook(m, site) as cap, torch.no_grad():
+        m(ids)  # a prefill under the same steering, the capture inside it
+    steered = cap.get()[0]
+    with CaptureHook(m, site) as cap, torch.no_grad():
+        m(ids)
+    unsteered = cap.get()[0]
+    v = load_vector(exp, TRAIT, "base", "response[:]", "residual", entry.method, layer)
+    n, unit = rec.prompt_end, v / v.norm()
+    assert entry.response == pytest.approx((steered[n:] @ unit).tolist(), abs=1e-4)
+    assert entry.response != pytest.approx((unsteered[n:] @ unit).tolist(), abs=1e-2)
+
+    data = out["massive_dim_data"]
+    dims = data["all_candidates"]
+    kept = torch.tensor([data["response"][str(layer)][str(d)] for d in dims]).T  # [n_response, n_dims]
+    assert torch.allclose(kept, steered[n:, dims], atol=1e-4)
+    assert not torch.allclose(kept, unsteered[n:, dims], atol=1e-2)
+    cleaned = clean_scores(entry.response, data["response"][str(layer)], data["vector"][str(layer)], dims)
+    zeroed = steered[n:].clone()
+    zeroed[:, dims] = 0
+    assert cleaned == pytest.approx((zeroed @ unit).tolist(), abs=1e-3)

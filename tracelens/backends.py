@@ -315,7 +315,7 @@ class LocalBackend:
         rows = [r.prompt_token_ids + r.response_token_ids for r in results]
         ids, mask = left_pad(rows)
         width = ids.shape[1]
-        steer = _full_sequence_steering(self._model, steering, results, width)
+        steer = _full_sequence_steering(self._model, steering, results)
         with steer:
             acts = self.forward_with_capture(ids, mask, capture)
         for i, r in enumerate(results):
@@ -384,12 +384,12 @@ def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int],
     return chosen, [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
 
 
-def _full_sequence_steering(model, steering, results, width) -> ExitStack:
+def _full_sequence_steering(model, steering, results) -> ExitStack:
     """The generation's steering, applied to one forward over the whole left-padded sequence."""
     stack = ExitStack()
-    first = torch.tensor([width - len(r.response_token_ids) - 1 for r in results])  # each row's last prompt token
+    prompt_lengths = torch.tensor([len(r.prompt_token_ids) for r in results])
     for spec in steering or ():
-        stack.enter_context(steering_hook(model, spec.to_config(), first, lambda: 0))
+        stack.enter_context(steering_hook(model, spec.to_config(), prompt_lengths))
     return stack
 
 

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from tracelens import edits
 from tracelens.capture import capture_at_position
-from tracelens.hooks import HookAdapter, _checked_vector, _edit_flat, _flat, _TokenPositions
+from tracelens.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
 from tracelens.metrics import accuracy
-from tracelens.positions import parse_position, resolve_position
+from tracelens.positions import TokenPositions, parse_position, resolve_position
 from tracelens.sites import get_hook_path, resolve_layer
 
 COMPARATORS = ("greater", "less")
@@ -40,7 +40,9 @@ class ConditionalSteering(HookAdapter):
     row's prompt (a `prompt[...]` position, counted from the row's first real token). A row passes when
     `score > threshold` ("greater") or `score < threshold` ("less"). The decision is made on every forward
     call that starts a sequence (no KV cache) and reused by the cached decode steps that continue it.
-    The condition is read before any steering, so `layer >= condition_layer` (ValueError otherwise).
+    The decision is part of the edit: it runs in the edit phase of its hook point (see `tracelens.hooks`),
+    before this adapter's own steering and after edits registered earlier there; `layer >= condition_layer`
+    (ValueError otherwise). It reads token positions, so it needs the `with` form, not `fwd_hooks()`.
     Left-padded batches need their attention mask. After a forward, `.scores` `[batch]` and `.gate`
     `[batch]` (bool) hold the last decision.
     """
@@ -65,22 +67,22 @@ class ConditionalSteering(HookAdapter):
         self.position = position
         self.scores: Tensor | None = None
         self.gate: Tensor | None = None
-        self._positions = _TokenPositions(model)
+        self.positions = TokenPositions(model)
 
-    def _enter_extra(self, stack) -> None:
+    def __enter__(self):
         self.scores = self.gate = None
-        self._positions.register(stack)
+        return super().__enter__()
 
     def _hooks(self):
-        # Same site: the decision is registered first, so it reads the unsteered activation.
+        # Same site: the decision is registered first, so it reads the activation before this steering.
         return [(self.condition_hook, self._decide), (self.steer_hook, self._steer)]
 
     def _decide(self, act: Tensor, hook) -> None:
-        if self._positions._past:  # a cached decode step continues the decided sequence
+        if self.positions.continues_cache:  # a cached decode step continues the decided sequence
             return
         flat = _flat(act)
         batch, seq = flat.shape[:2]
-        _, real = self._positions.current(batch, seq, act.device)
+        _, real = self.positions.current(batch, seq, act.device)
         lengths = real.sum(1)
         if not torch.equal(real, torch.arange(seq, device=act.device)[None, :] >= (seq - lengths)[:, None]):
             raise ValueError("conditional steering needs left-padded rows (real tokens last, attention mask passed)")
@@ -97,8 +99,7 @@ class ConditionalSteering(HookAdapter):
         if self.gate is None or self.gate.shape[0] != act.shape[0]:
             raise RuntimeError("no condition decision for this batch: run the prompt (without KV cache) first")
         v = self.vector.to(act.device)
-        steered = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
-        return torch.where(self.gate.view(-1, *([1] * (act.dim() - 1))), steered, act)
+        return _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient), self.gate)
 
 
 @dataclass(frozen=True)

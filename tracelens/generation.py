@@ -10,6 +10,7 @@ generation; `SteeringConfig(positions="response")` steers from the last prompt p
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,8 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelens import edits
-from tracelens.hooks import HookAdapter, PerSampleSteering, SteeringHook, _checked_vector, _edit_flat, _layers, finite_float
+from tracelens.hooks import READ, HookAdapter, PerPositionSteeringHook, PerSampleSteering, SteeringHook, _layers, finite_float
 from tracelens.sites import get_hook_path
 
 if TYPE_CHECKING:
@@ -129,55 +129,58 @@ class _Step:
     stopped: torch.BoolTensor  # rows whose token this step is a stop token
 
 
-class _ResponseSteering(HookAdapter):
-    """Steer absolute indices >= `first` (an int, or one per row) of the left-padded sequence, in the rows
-    `config.rows` (None: all); `offset()` gives the index of the current forward call's first position."""
-
-    def __init__(self, model, config: SteeringConfig, first: int | Tensor, offset) -> None:
-        super().__init__(model)
-        self.hook_name = get_hook_path(config.layer, config.component, model)
-        self.vector = _checked_vector(model, self.hook_name, config.vector)
-        self.coefficient, self.first, self.offset = float(config.coefficient), first, offset
-        self.rows = config.rows
-
-    def _hooks(self):
-        return [(self.hook_name, self._steer)]
-
-    def _steer(self, act: Tensor, hook) -> Tensor:
-        v = self.vector.to(act.device)
-        steered = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
-        idx = self.offset() + torch.arange(act.shape[1], device=act.device)
-        first = torch.as_tensor(self.first, device=act.device).reshape(-1, 1)
-        keep = idx[None, :] >= first
-        if self.rows is not None:
-            start, end = self.rows
-            if end > act.shape[0]:
-                raise ValueError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
-            in_rows = torch.zeros(act.shape[0], 1, dtype=torch.bool, device=act.device)
-            in_rows[start:end] = True
-            keep = keep & in_rows
-        keep = keep.view(keep.shape[0], -1, *([1] * (act.dim() - 2)))
-        return torch.where(keep, steered, act)
-
-
-def steering_hook(model, config: SteeringConfig, first: int | Tensor, offset) -> HookAdapter:
-    """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", else steering from index
-    `first` (the last prompt token of the left-padded sequence, an int or one per row) on. `config.rows` limits
-    either to a slice of the batch (`PerSampleSteering` for positions "all")."""
+def steering_hook(model, config: SteeringConfig, prompt_lengths: int | Int[Tensor, "batch"]) -> HookAdapter:
+    """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", a `PerPositionSteeringHook`
+    from each row's last prompt token on for "response" (`prompt_lengths`: real prompt tokens, an int or one
+    per row), a `ConditionalSteering` when it has a condition. `config.rows` limits either to a slice of the batch
+    (then `prompt_lengths` must have one entry per row for "response")."""
     if config.condition is not None:
         from tracelens.conditional import ConditionalSteering
 
         c = config.condition
         return ConditionalSteering(model, config.vector, config.layer, c.vector, c.layer, c.threshold, c.comparator,
                                    config.coefficient, c.position, config.component)
+    path = get_hook_path(config.layer, config.component, model)
     if config.positions == "all" and config.rows is not None:
         return PerSampleSteering(model, [(config.layer, config.vector, config.coefficient, config.rows)], config.component)
     if config.positions == "all":
-        return SteeringHook(model, config.vector, get_hook_path(config.layer, config.component, model), config.coefficient)
+        return SteeringHook(model, config.vector, path, config.coefficient)
     if config.positions == "response":
-        return _ResponseSteering(model, config, first, offset)
+        return PerPositionSteeringHook(model, config.vector, path, config.coefficient,
+                                       (_response_starts(prompt_lengths, config.rows), None))
     raise ValueError(f"SteeringConfig.positions must be 'all' or 'response', got {config.positions!r}")
 
+
+class StepCapture(HookAdapter):
+    """Reads, at `capture.layers` x `capture.components`, the last position of each forward call (the one that
+    produces the next token): `.last[layer][component]` is `[batch, d]` (flat, on CPU), replaced every call."""
+
+    phase = READ
+
+    def __init__(self, model, capture: CaptureConfig) -> None:
+        super().__init__(model)
+        self._sites = [(layer, component, get_hook_path(layer, component, model))
+                       for layer in _layers(model, capture.layers) for component in capture.components]
+        self.last: dict[int, dict[str, Tensor]] = {layer: {} for layer, _, _ in self._sites}
+
+    def _hooks(self):
+        return [(name, functools.partial(self._keep, layer, component)) for layer, component, name in self._sites]
+
+    def _keep(self, layer: int, component: str, act: Tensor, hook) -> None:
+        self.last[layer][component] = act[:, -1].detach().flatten(1).to("cpu")
+
+
+
+def _response_starts(prompt_lengths: int | Int[Tensor, "batch"], rows: tuple[int, int] | None):
+    """Where "response" steering starts in each row: its last prompt token; rows outside `rows` never start."""
+    if rows is None:
+        return prompt_lengths - 1
+    starts = torch.as_tensor(prompt_lengths).reshape(-1) - 1
+    if rows[1] > starts.numel():
+        raise ValueError(f"rows must lie within the batch of {starts.numel()}; got {rows}")
+    outside = torch.ones_like(starts, dtype=torch.bool)
+    outside[rows[0]:rows[1]] = False
+    return starts.masked_fill(outside, torch.iinfo(starts.dtype).max)
 
 class HookedGenerator:
     """Generation with capture and steering on a tracelens model (see the module docstring)."""
@@ -289,16 +292,13 @@ class HookedGenerator:
             raise ValueError("the batch must be left-padded: every row's last position must be a real token")
         stop_ids = stop_ids.to(device)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        prompt_len = ids.shape[1]
-        state = {"offset": 0}
-        grabbed: dict[int, dict[str, Tensor]] = {}
+        prompt_lengths = mask.sum(dim=1)
 
         # Hooks stay registered while a stream is suspended at `yield` and go when it is closed.
         with contextlib.ExitStack() as stack:
             for cfg in steering or ():
-                stack.enter_context(steering_hook(self.model, cfg, prompt_len - 1, lambda: state["offset"]))
-            if capture is not None:
-                stack.enter_context(self.model.hooks(fwd_hooks=self._capture_hooks(capture, grabbed)))
+                stack.enter_context(steering_hook(self.model, cfg, prompt_lengths))
+            grabbed = {} if capture is None else stack.enter_context(StepCapture(self.model, capture)).last
 
             cache, inputs = None, ids
             stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -320,24 +320,8 @@ class HookedGenerator:
                 if stopped.all():
                     return
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                if use_cache:
-                    cache, inputs = out.past_key_values, token[:, None]
-                    state["offset"] = ids.shape[1]
-                    ids = torch.cat([ids, token[:, None]], dim=1)
-                else:
-                    ids = torch.cat([ids, token[:, None]], dim=1)
-                    inputs = ids
-
-    def _capture_hooks(self, capture: CaptureConfig, grabbed: dict) -> list:
-        """Hooks keeping the last position of each forward call (the one that produces the next token)."""
-        pairs = []
-        for layer in _layers(self.model, capture.layers):
-            grabbed[layer] = {}
-            for component in capture.components:
-                def keep(act, hook, _l=layer, _c=component):
-                    grabbed[_l][_c] = act[:, -1].detach().flatten(1).to("cpu")
-                pairs.append((get_hook_path(layer, component, self.model), keep))
-        return pairs
+                ids = torch.cat([ids, token[:, None]], dim=1)
+                cache, inputs = (out.past_key_values, token[:, None]) if use_cache else (None, ids)
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:

@@ -1,73 +1,132 @@
 """Hook adapters: capture, steer, ablate, cap and project activations at TransformerLens hook points.
 
-Every adapter is a context manager over `model.hooks(...)`: its TL hooks are added on enter and
-exactly those are removed on exit, also when the body raises. Adapters nest and stack (hooks on one
-site run in the order they were entered) and work the same under `model(...)`, `run_with_hooks`,
-`run_with_cache` and generation. `adapter.fwd_hooks()` gives the same hooks as a list for
-`model.run_with_hooks(..., fwd_hooks=adapter.fwd_hooks())`. `path` is a TL hook name or an HF module path
-(`"model.layers.16"`), see `tracelens.sites.resolve_hook_name`.
+`HookAdapter` is the one base: it owns registration and removal, and a subclass only defines what it does
+to an activation (a single-site adapter implements `SiteEdit.edit` or `SiteRead.read`). An adapter is a
+context manager over `model.hooks(...)`: its TL hooks are added on enter and exactly those are removed on
+exit, also when the body raises; adapters nest and unwind innermost first. `adapter.fwd_hooks()` gives the
+same hooks as a list for `model.run_with_hooks(..., fwd_hooks=adapter.fwd_hooks())`. Adapters work the same
+under `model(...)`, `run_with_hooks`, `run_with_cache` and `HookedGenerator`.
 
-Activations at head-split sites (`attn.hook_k`/`hook_v`, `[batch, pos, heads, d_head]`) are edited
-as their flat `[batch, pos, heads * d_head]` view, so vectors are always 1-D.
+Order at a hook point: an adapter is an edit (it returns a new activation) or a read (it records one). All
+tracelens hooks at one hook point run as one group, at the place of the first of them: every edit, in the
+order registered, then every read, in the order registered. So a capture or projection sees the activation
+after all edits at its site, whether it was entered before or after them, in an outer or an inner `with`
+block, or passed to `run_with_hooks` through `fwd_hooks()`. Hooks added outside tracelens (a plain TL hook,
+`run_with_cache`'s cache) keep their own place: added after the group's first hook, they see its result.
+
+`path` is a TL hook name or an HF module path (`"model.layers.16"`), see `tracelens.sites.resolve_hook_name`.
+Activations at head-split sites (`attn.hook_k`/`hook_v`, `[batch, pos, heads, d_head]`) are edited as their
+flat `[batch, pos, heads * d_head]` view, so vectors are always 1-D.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar, Literal
 
 import torch
 from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tracelens import edits
-from tracelens.sites import get_hook_path, resolve_hook_name, resolve_layer
+from tracelens.positions import TokenPositions
+from tracelens.sites import get_hook_path, resolve_hook_name, resolve_layer, site_width
 
 HookFn = Callable[..., Tensor | None]
+Phase = Literal["edit", "read"]
+EDIT: Phase = "edit"
+READ: Phase = "read"
 
 
-class HookAdapter:
-    """Base: subclasses list `(hook_name, fn)` pairs in `_hooks()`; `fn(act, hook)` returns the new
-    activation or None for "unchanged"."""
+class _Grouped:
+    """One adapter hook as TL registers it: `fn(act, hook)` and its phase. The first `_Grouped` registered at
+    a hook point runs the group of all of them there (edits, then reads, each in registration order); the
+    others then pass. One wrapped by TL (`run_with_hooks(remove_batch_dim=True)`) is not found in the group
+    and runs alone, in its place."""
+
+    __slots__ = ("fn", "phase")
+
+    def __init__(self, fn: HookFn, phase: Phase) -> None:
+        self.fn, self.phase = fn, phase
+
+    def __call__(self, act: Tensor, hook) -> Tensor | None:
+        group = [h.user_hook for h in getattr(hook, "fwd_hooks", ()) if isinstance(h.user_hook, _Grouped)]
+        if self not in group:
+            return self.fn(act, hook)
+        if group[0] is not self:
+            return None
+        if len({id(member) for member in group}) != len(group):
+            raise RuntimeError(f"an adapter's hook is registered twice at {hook.name}; register each adapter once")
+        out = act
+        for member in sorted(group, key=lambda m: m.phase == READ):  # stable: registration order within a phase
+            new = member.fn(out, hook)
+            out = out if new is None else new
+        return None if out is act else out
+
+
+class HookAdapter(ABC):
+    """The base of every adapter: registration, removal and the order at a hook point (module docstring).
+
+    A subclass sets `phase` (EDIT or READ) and lists `(hook_name, fn)` pairs in `_hooks()`; `fn(act, hook)`
+    returns the new activation (an edit) or None (a read). One that needs token positions sets
+    `self.positions` (a `TokenPositions`, registered as a pre-hook on the HF model while the adapter is active).
+    """
+
+    phase: ClassVar[Phase] = EDIT
 
     def __init__(self, model) -> None:
         self.model = model
+        self.positions: TokenPositions | None = None
         self._stack: contextlib.ExitStack | None = None
+        self._registered: list[tuple[str, _Grouped]] | None = None
 
+    @abstractmethod
     def _hooks(self) -> list[tuple[str, HookFn]]:
-        raise NotImplementedError
+        """`(hook_name, fn)` pairs, one per hook point the adapter acts on."""
 
-    def _enter_extra(self, stack: contextlib.ExitStack) -> None:
-        """Register anything besides TL hooks (removed with them)."""
+    def _grouped(self) -> list[tuple[str, _Grouped]]:
+        """The hooks as registered, built once so that each keeps its identity in its hook point's group."""
+        if self._registered is None:
+            self._registered = [(name, _Grouped(fn, self.phase)) for name, fn in self._hooks()]
+        return self._registered
 
-    def _needs_extra(self) -> bool:
-        """True when the TL hooks only work with what `_enter_extra` registers."""
-        return False
+    @property
+    def active(self) -> bool:
+        """True inside the adapter's `with` block."""
+        return self._stack is not None
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
         """`[(hook_name, fn), ...]` for `model.run_with_hooks(..., fwd_hooks=...)`, equal to the `with` form.
 
-        Captures and projections still accumulate on the adapter (`.get()`). An adapter that also needs a
-        hook outside TransformerLens (`PerPositionSteeringHook` with a `token_range`) raises TypeError.
+        Captures and projections still accumulate on the adapter (`.get()`). TypeError for an adapter that
+        reads token positions (it needs a pre-hook on the HF model, which run_with_hooks cannot register);
+        RuntimeError while the adapter is active (its hooks are registered already).
         """
-        if self._needs_extra():
+        if self.positions is not None:
             raise TypeError(
-                f"{type(self).__name__} with a token_range must be used as a context manager (it reads the "
-                "attention mask through a pre-hook on the HF model, which run_with_hooks cannot register); "
-                "got a fwd_hooks() call"
+                f"{type(self).__name__} reads token positions from the attention mask through a pre-hook on the HF "
+                "model, which run_with_hooks cannot register: use it as a context manager (with ...); got a "
+                "fwd_hooks() call"
             )
-        return list(self._hooks())
+        if self.active:
+            raise RuntimeError(f"{type(self).__name__} is active, so its hooks are registered already; got a "
+                               "fwd_hooks() call inside its with block")
+        return list(self._grouped())
 
     def __enter__(self):
         if self._stack is not None:
             raise RuntimeError(f"{type(self).__name__} is already active; create a new one to stack it")
         stack = contextlib.ExitStack()
         try:
-            self._enter_extra(stack)
-            stack.enter_context(self.model.hooks(fwd_hooks=self._hooks()))
+            if self.positions is not None:
+                self.positions.register(stack)
+            stack.enter_context(self.model.hooks(fwd_hooks=self._grouped()))
         except BaseException:
             stack.close()
             raise
@@ -79,26 +138,74 @@ class HookAdapter:
         return bool(stack.__exit__(*exc))
 
 
+class SiteAdapter(HookAdapter):
+    """An adapter at one hook point, `self.hook_name` (resolved from `path`). A vector passed through
+    `_vector` is checked against the site's width, and so is every activation at run time."""
+
+    def __init__(self, model, path: str) -> None:
+        super().__init__(model)
+        self.hook_name = resolve_hook_name(model, path)
+        self.width: int | None = None
+
+    def _vector(self, vector: Tensor, what: str = "vector") -> Float[Tensor, "d"]:
+        v = _checked_vector(self.model, self.hook_name, vector, what)
+        self.width = v.shape[0]
+        return v
+
+    def _hooks(self) -> list[tuple[str, HookFn]]:
+        return [(self.hook_name, self._apply)]
+
+    @abstractmethod
+    def _apply(self, act: Tensor, hook) -> Tensor | None:
+        """The TL hook function."""
+
+
+class SiteEdit(SiteAdapter):
+    """A single-site edit: a subclass implements `edit` on the flat activation and may restrict it with
+    `where` (rows x positions)."""
+
+    phase = EDIT
+
+    @abstractmethod
+    def edit(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
+        """The edited activation, same shape and dtype."""
+
+    def where(self, batch: int, seq: int, device) -> Bool[Tensor, "batch seq"] | None:
+        """Where the edit applies, `[batch, seq]`; None (the default) for everywhere."""
+        return None
+
+    def _apply(self, act: Tensor, hook) -> Tensor:
+        return _edit_flat(act, self.width, hook, self.edit, self.where(act.shape[0], act.shape[1], act.device))
+
+
+class SiteRead(SiteAdapter):
+    """A single-site read: a subclass implements `read` (it records, never edits)."""
+
+    phase = READ
+
+    @abstractmethod
+    def read(self, act: Tensor) -> None:
+        """Record `act` (detached, in the hook point's own shape)."""
+
+    def _apply(self, act: Tensor, hook) -> None:
+        if self.width is not None:
+            _check_runtime_width(_flat(act), self.width, hook)
+        self.read(act.detach())
+
+
+class _Composite(HookAdapter):
+    """An adapter made of child adapters of its own phase, `parts`; their hooks register together."""
+
+    parts: dict | list
+
+    def _children(self) -> Iterable[HookAdapter]:
+        return self.parts.values() if isinstance(self.parts, dict) else self.parts
+
+    def _hooks(self) -> list[tuple[str, HookFn]]:
+        return [pair for part in self._children() for pair in part._hooks()]
+
+
 # --- shared validation ------------------------------------------------------------------------------
-
-_HEAD_SITES = {"attn.hook_k": "kv", "attn.hook_v": "kv", "attn.k.hook_out": "kv", "attn.v.hook_out": "kv",
-               "attn.hook_q": "q", "attn.q.hook_out": "q", "attn.hook_z": "q"}
-
-
-def site_width(model, hook_name: str) -> int | None:
-    """Flat width of the activation at `hook_name`, when known without running the model."""
-    cfg = model.cfg
-    leaf = hook_name.split(".", 2)[-1] if hook_name.startswith("blocks.") else hook_name
-    kind = _HEAD_SITES.get(leaf)
-    if kind == "kv":
-        return (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
-    if kind == "q":
-        return cfg.n_heads * cfg.d_head
-    if leaf.startswith("hook_resid") or leaf in ("hook_out", "hook_in", "hook_attn_out", "hook_mlp_out",
-                                                 "attn.hook_out", "mlp.hook_out", "ln1_post.hook_out",
-                                                 "ln2_post.hook_out"):
-        return cfg.d_model
-    return None
 
 
 def _checked_vector(model, hook_name: str, vector: Tensor, what: str = "vector") -> Float[Tensor, "d"]:
@@ -135,11 +242,15 @@ def _check_runtime_width(act: Tensor, width: int, hook) -> None:
         raise ValueError(f"vector has {width} elements but the activation at {hook.name} has width {act.shape[-1]}")
 
 
-def _edit_flat(act: Tensor, width: int, hook, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """Apply `fn` to the flat view of `act` and return it in `act`'s shape."""
+def _edit_flat(act: Tensor, width: int, hook, fn: Callable[[Tensor], Tensor],
+               where: Bool[Tensor, "batch"] | Bool[Tensor, "batch seq"] | None = None) -> Tensor:
+    """`fn` applied to the flat view of `act`, kept only where `where` (rows, or rows x positions) is True,
+    returned in `act`'s shape."""
     flat = _flat(act)
     _check_runtime_width(flat, width, hook)
     out = fn(flat)
+    if where is not None:
+        out = torch.where(where.view(*where.shape, *([1] * (out.dim() - where.dim()))), out, flat)
     return rearrange(out, "b p (h d) -> b p h d", h=act.shape[2]) if act.dim() == 4 else out
 
 
@@ -177,7 +288,7 @@ class CaptureBuffer:
         self.items.clear()
 
 
-class CaptureHook(HookAdapter):
+class CaptureHook(SiteRead):
     """Record the activation at `path` on every forward pass (detached; on CPU unless `keep_on_gpu`).
 
     `.get()` -> `[batch, seq, hidden]`, repeated forwards concatenated on the batch dim;
@@ -185,16 +296,11 @@ class CaptureHook(HookAdapter):
     """
 
     def __init__(self, model, path: str, keep_on_gpu: bool = False) -> None:
-        super().__init__(model)
-        self.hook_name = resolve_hook_name(model, path)
+        super().__init__(model, path)
         self.keep_on_gpu = keep_on_gpu
         self._acts = CaptureBuffer(self.hook_name)
 
-    def _hooks(self):
-        return [(self.hook_name, self._capture)]
-
-    def _capture(self, act: Tensor, hook) -> None:
-        act = act.detach()
+    def read(self, act: Tensor) -> None:
         self._acts.add(act if self.keep_on_gpu else act.to("cpu"))
 
     def get(self, concat: bool = True) -> Tensor | list[Tensor]:
@@ -204,13 +310,10 @@ class CaptureHook(HookAdapter):
         self._acts.clear()
 
 
-class _PerLayer(HookAdapter):
+class _PerLayer(_Composite):
     """Base for adapters that run one child adapter per layer; `.parts` maps layer -> child."""
 
     parts: dict[int, HookAdapter]
-
-    def _hooks(self):
-        return [pair for part in self.parts.values() for pair in part._hooks()]
 
     def _part(self, layer: int):
         key = resolve_layer(layer, self.model.cfg.n_layers)
@@ -221,6 +324,8 @@ class _PerLayer(HookAdapter):
 
 class MultiLayerCapture(_PerLayer):
     """`CaptureHook` at `component` of each of `layers` (None = all). `.get(layer)`, `.get_all()`."""
+
+    phase = READ
 
     def __init__(self, model, layers: Iterable[int] | None = None, component: str = "residual",
                  keep_on_gpu: bool = False) -> None:
@@ -241,116 +346,76 @@ class MultiLayerCapture(_PerLayer):
 # --- steering ---------------------------------------------------------------------------------------
 
 
-class SteeringHook(HookAdapter):
+class SteeringHook(SiteEdit):
     """Add `coefficient * vector` at every position of every forward pass (prompt and each decode step).
 
     The vector is not normalised: with unit vectors the coefficient is in residual-norm units.
     """
 
     def __init__(self, model, vector: Tensor, path: str, coefficient: float = 1.0) -> None:
-        super().__init__(model)
-        self.hook_name = resolve_hook_name(model, path)
-        self.vector = _checked_vector(model, self.hook_name, vector)
+        super().__init__(model, path)
+        self.vector = self._vector(vector)
         self.coefficient = finite_float(coefficient, "coefficient")
 
-    def _hooks(self):
-        return [(self.hook_name, self._steer)]
-
-    def _steer(self, act: Tensor, hook) -> Tensor:
-        v = self.vector.to(act.device)
-        return _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient))
+    def edit(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
+        return edits.add(h, self.vector.to(h.device), self.coefficient)
 
 
-class MultiLayerSteering(HookAdapter):
+class MultiLayerSteering(_Composite):
     """Several `SteeringHook`s: `configs=[(layer, vector, coef), ...]`; a 4th item overrides `component`."""
 
     def __init__(self, model, configs: Sequence[tuple], component: str = "residual") -> None:
         super().__init__(model)
-        self._steerers = []
+        self.parts = []
         for i, cfg in enumerate(configs):
             if len(cfg) not in (3, 4):
                 raise ValueError(f"configs[{i}] must be (layer, vector, coef[, component]), got {len(cfg)} items")
             layer, vector, coef, *comp = cfg
             path = get_hook_path(layer, comp[0] if comp else component, model)
-            self._steerers.append(SteeringHook(model, vector, path, coef))
-
-    def _hooks(self):
-        return [pair for s in self._steerers for pair in s._hooks()]
+            self.parts.append(SteeringHook(model, vector, path, coef))
 
 
-class _TokenPositions:
-    """Each current token's position counted from its row's first real token, for every forward call.
-
-    Reads the attention mask (which generation passes for past + current tokens) from a forward
-    pre-hook on the HF model; without a mask, rows are unpadded and positions continue the KV cache.
-    """
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self._mask: Tensor | None = None
-        self._past = 0
-
-    def register(self, stack: contextlib.ExitStack) -> None:
-        handle = self.model.original_model.register_forward_pre_hook(self._record, with_kwargs=True)
-        stack.callback(handle.remove)
-
-    def _record(self, module, args, kwargs) -> None:
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        cache = kwargs.get("past_key_values")
-        self._past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-
-    def current(self, batch: int, seq: int, device) -> tuple[Int[Tensor, "batch seq"], torch.BoolTensor]:
-        """(positions, is_real_token) for the `seq` tokens of the forward call in progress."""
-        if self._mask is None:
-            pos = torch.arange(self._past, self._past + seq, device=device).expand(batch, seq)
-            return pos, torch.ones(batch, seq, dtype=torch.bool, device=device)
-        mask = self._mask.to(device)
-        if mask.shape[0] != batch or mask.shape[1] < seq:
-            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not cover a [{batch}, {seq}] activation")
-        pos = mask.long().cumsum(dim=1)[:, -seq:] - 1
-        return pos, mask[:, -seq:].bool()
-
-
-class PerPositionSteeringHook(HookAdapter):
+class PerPositionSteeringHook(SteeringHook):
     """Steer only absolute token positions `start <= p < end` (`end=None`: open; `token_range=None`: all).
 
     Positions count from each row's first real token (left padding accounted for) and stay correct
     across KV-cached decode steps, so `token_range=(prompt_len, None)` steers exactly the generated
-    tokens. Pass the attention mask when a batch is padded.
+    tokens. `start` may be one int per row (a 1-D integer tensor), e.g. each row's own prompt length.
+    Pass the attention mask when a batch is padded.
     """
 
     def __init__(self, model, vector: Tensor, path: str, coefficient: float = 1.0,
-                 token_range: tuple[int, int | None] | None = None) -> None:
-        super().__init__(model)
+                 token_range: tuple[int | Int[Tensor, "batch"], int | None] | None = None) -> None:
+        super().__init__(model, vector, path, coefficient)
+        self.token_range = _check_token_range(token_range)
         if token_range is not None:
-            if len(token_range) != 2 or not isinstance(token_range[0], int) or token_range[0] < 0 or (
-                token_range[1] is not None and token_range[1] < token_range[0]
-            ):
-                raise ValueError(f"token_range must be (start, end) with 0 <= start <= end or end=None, got {token_range!r}")
-        self.steer = SteeringHook(model, vector, path, coefficient)
-        self.token_range = token_range
-        self._positions = _TokenPositions(model)
+            self.positions = TokenPositions(model)
 
-    def _needs_extra(self) -> bool:
-        return self.token_range is not None  # positions come from the attention mask, read by a pre-hook
-
-    def _enter_extra(self, stack):
-        if self._needs_extra():
-            self._positions.register(stack)
-
-    def _hooks(self):
+    def where(self, batch: int, seq: int, device) -> Bool[Tensor, "batch seq"] | None:
         if self.token_range is None:
-            return self.steer._hooks()
-        return [(self.steer.hook_name, self._steer_range)]
+            return None
+        return self.positions.mask(*self.token_range, batch, seq, device)
 
-    def _steer_range(self, act: Tensor, hook) -> Tensor:
-        start, end = self.token_range
-        pos, real = self._positions.current(act.shape[0], act.shape[1], act.device)
-        inside = real & (pos >= start) & ((pos < end) if end is not None else True)
-        steered = self.steer._steer(act, hook)
-        view = inside.view(*inside.shape, *([1] * (act.dim() - 2)))
-        return torch.where(view, steered, act)
+
+def _check_token_range(token_range):
+    """`token_range` unchanged: None, or (start, end) with start an int >= 0 or a 1-D integer tensor of them
+    (one per row), and end None or an int >= every start; ValueError otherwise."""
+    if token_range is None:
+        return None
+    ok = isinstance(token_range, tuple) and len(token_range) == 2
+    if ok:
+        start, end = token_range
+        if isinstance(start, Tensor):
+            ok = start.dim() == 1 and start.numel() > 0 and not start.is_floating_point() and start.dtype != torch.bool
+            low, high = (int(start.min()), int(start.max())) if ok else (0, 0)
+        else:
+            ok = isinstance(start, int) and not isinstance(start, bool)
+            low = high = start if ok else 0
+        ok = ok and low >= 0 and (end is None or (isinstance(end, int) and not isinstance(end, bool) and end >= high))
+    if not ok:
+        raise ValueError(f"token_range must be (start, end) with 0 <= start <= end or end=None (start an int or one "
+                         f"per row), got {token_range!r}")
+    return token_range
 
 
 class PerSampleSteering(HookAdapter):
@@ -375,40 +440,31 @@ class PerSampleSteering(HookAdapter):
             self._by_hook.setdefault(hook_name, []).append((v, finite_float(coef, f"configs[{i}] coefficient"), start, end))
 
     def _hooks(self):
-        return [(name, self._make_fn(entries)) for name, entries in self._by_hook.items()]
+        return [(name, functools.partial(self._steer, entries)) for name, entries in self._by_hook.items()]
 
     @staticmethod
-    def _make_fn(entries):
-        def steer(act: Tensor, hook) -> Tensor:
-            out = act.clone()
-            for v, coef, start, end in entries:
-                if end > act.shape[0]:
-                    raise ValueError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
-                flat = _flat(out[start:end])
-                _check_runtime_width(flat, v.shape[0], hook)
-                out[start:end] = edits.add(flat, v.to(act.device), coef).view_as(out[start:end])
-            return out
-
-        return steer
+    def _steer(entries: list[tuple[Tensor, float, int, int]], act: Tensor, hook) -> Tensor:
+        for v, coef, start, end in entries:
+            if end > act.shape[0]:
+                raise ValueError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
+            rows = torch.zeros(act.shape[0], dtype=torch.bool, device=act.device)
+            rows[start:end] = True
+            act = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v.to(h.device), coef), rows)
+        return act
 
 
 # --- ablation and capping ---------------------------------------------------------------------------
 
 
-class AblationHook(HookAdapter):
+class AblationHook(SiteEdit):
     """Project the direction out: `x' = x - (x . r) r` with `r` the unit direction, at every position."""
 
     def __init__(self, model, direction: Tensor, path: str) -> None:
-        super().__init__(model)
-        self.hook_name = resolve_hook_name(model, path)
-        self.direction = edits.unit(_checked_vector(model, self.hook_name, direction, "direction"))
+        super().__init__(model, path)
+        self.direction = edits.unit(self._vector(direction, "direction"))
 
-    def _hooks(self):
-        return [(self.hook_name, self._ablate)]
-
-    def _ablate(self, act: Tensor, hook) -> Tensor:
-        r = self.direction.to(act.device)
-        return _edit_flat(act, r.shape[0], hook, lambda h: edits.ablate(h, r))
+    def edit(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
+        return edits.ablate(h, self.direction.to(h.device))
 
 
 class MultiLayerAblation(_PerLayer):
@@ -419,7 +475,7 @@ class MultiLayerAblation(_PerLayer):
         self.parts = {l: AblationHook(model, direction, get_hook_path(l, component, model)) for l in _layers(model, layers)}
 
 
-class ActivationCappingHook(HookAdapter):
+class ActivationCappingHook(SiteEdit):
     """Clamp the projection on the unit direction `v` at `threshold` (raw units of `<h, v>`).
 
     floor: `h <- h + max(0, t - <h,v>) v`; ceiling: `h <- h - max(0, <h,v> - t) v`. The part of `h`
@@ -427,20 +483,15 @@ class ActivationCappingHook(HookAdapter):
     """
 
     def __init__(self, model, vector: Tensor, path: str, threshold: float, mode: str = "floor") -> None:
-        super().__init__(model)
+        super().__init__(model, path)
         if mode not in ("floor", "ceiling"):
             raise ValueError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
-        self.hook_name = resolve_hook_name(model, path)
-        self.direction = edits.unit(_checked_vector(model, self.hook_name, vector, "vector"))
+        self.direction = edits.unit(self._vector(vector, "vector"))
         self.threshold = finite_float(threshold, "threshold")
         self.mode = mode
 
-    def _hooks(self):
-        return [(self.hook_name, self._cap)]
-
-    def _cap(self, act: Tensor, hook) -> Tensor:
-        v = self.direction.to(act.device)
-        return _edit_flat(act, v.shape[0], hook, lambda h: edits.cap(h, v, self.threshold, self.mode))
+    def edit(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
+        return edits.cap(h, self.direction.to(h.device), self.threshold, self.mode)
 
 
 class MultiLayerActivationCapping(_PerLayer):
@@ -465,7 +516,7 @@ class MultiLayerActivationCapping(_PerLayer):
 # --- projection -------------------------------------------------------------------------------------
 
 
-class ProjectionHook(HookAdapter):
+class ProjectionHook(SiteRead):
     """Scores `<h, v>` (v unit, float32) computed where the activation lives; only scores leave it.
 
     `.get()` -> `[batch, seq]` for a `[d]` vector, `[batch, seq, n_vec]` for a `[n_vec, d]` matrix;
@@ -473,23 +524,17 @@ class ProjectionHook(HookAdapter):
     """
 
     def __init__(self, model, vector: Tensor, path: str) -> None:
-        super().__init__(model)
-        self.hook_name = resolve_hook_name(model, path)
+        super().__init__(model, path)
         if isinstance(vector, Tensor) and vector.dim() == 2:
-            rows = [edits.unit(_checked_vector(model, self.hook_name, r, f"vector[{i}]"), f"vector[{i}]")
-                    for i, r in enumerate(vector)]
-            self.vectors = torch.stack(rows)
+            self.vectors = torch.stack([edits.unit(self._vector(r, f"vector[{i}]"), f"vector[{i}]")
+                                        for i, r in enumerate(vector)])
         else:
-            self.vectors = edits.unit(_checked_vector(model, self.hook_name, vector), "vector")
+            self.vectors = edits.unit(self._vector(vector), "vector")
         self._scores = CaptureBuffer(self.hook_name)
         self._norms = CaptureBuffer(self.hook_name)
 
-    def _hooks(self):
-        return [(self.hook_name, self._project)]
-
-    def _project(self, act: Tensor, hook) -> None:
-        flat = _flat(act.detach())
-        _check_runtime_width(flat, self.vectors.shape[-1], hook)
+    def read(self, act: Tensor) -> None:
+        flat = _flat(act)
         self._scores.add(edits.project(flat, self.vectors.to(act.device)).cpu())
         self._norms.add(flat.float().norm(dim=-1).cpu())
 
@@ -506,6 +551,8 @@ class ProjectionHook(HookAdapter):
 
 class MultiLayerProjection(_PerLayer):
     """`ProjectionHook` per layer: `vectors_by_layer={L: [d] or [n_vec, d]}`; `.get(layer)`, `.get_all()`."""
+
+    phase = READ
 
     def __init__(self, model, vectors_by_layer: dict[int, Tensor], component: str = "residual") -> None:
         super().__init__(model)

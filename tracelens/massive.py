@@ -2,39 +2,44 @@
 fixed biases in projections. Calibrate which they are here; `tracelens.cleaning.clean_scores` then removes
 their share from projections.
 
-`MassiveDimCollector` calibrates passively: residual hooks on every layer read prefill passes only
-(decode steps, seq len 1, are ignored) and real tokens only, until `target_tokens` tokens are seen,
-then stop; `finalize()` removes the hooks and writes `calibration.json`, with running sums under
-`_state` so an interrupted calibration resumes.
+`MassiveDimCollector` calibrates passively: a read adapter (`tracelens.hooks`) on every layer's residual
+reads prefill passes only (decode steps, seq len 1, are ignored) and real tokens only, until
+`target_tokens` tokens are seen, then stops; `finalize()` removes the hooks and writes `calibration.json`,
+with running sums under `_state` so an interrupted calibration resumes. Being a read, it sees the residual
+after any steering at the same layer.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from tracelens.cleaning import CLEAN_MODES
-from tracelens.hooks import _TokenPositions
+from tracelens.hooks import READ, HookAdapter
 from tracelens.io import read_json, write_json
+from tracelens.positions import TokenPositions
 from tracelens.sites import get_hook_path
 
 
-class MassiveDimCollector:
-    """Passive calibration of massive dims over prefill passes (see the module docstring)."""
+class MassiveDimCollector(HookAdapter):
+    """Passive calibration of massive dims over prefill passes (see the module docstring); `register()` /
+    `finalize()` or a `with` block add and remove its hooks."""
+
+    phase = READ
 
     def __init__(self, model, path: Path, target_tokens: int = 5000, top_k: int = 5, info: dict | None = None) -> None:
-        self.model, self.path, self.target_tokens, self.top_k = model, Path(path), target_tokens, top_k
+        super().__init__(model)
+        self.path, self.target_tokens, self.top_k = Path(path), target_tokens, top_k
         self.info = info or {}
         n, d = model.cfg.n_layers, model.cfg.d_model
         self.sums = torch.zeros(n, d, dtype=torch.float64)
         self.unit_sums = torch.zeros(n, d, dtype=torch.float64)
         self.norm_sums = torch.zeros(n, dtype=torch.float64)
         self.tokens_seen, self.n_prompts = 0, 0
-        self._stack: contextlib.ExitStack | None = None
-        self._positions = _TokenPositions(model)
+        self.positions = TokenPositions(model)
         if self.path.is_file():
             self._resume(read_json(self.path))
 
@@ -49,42 +54,31 @@ class MassiveDimCollector:
     def should_skip(self) -> bool:
         return self.tokens_seen >= self.target_tokens
 
-    @property
-    def active(self) -> bool:
-        return self._stack is not None
-
     def register(self) -> None:
         """Add the hooks (idempotent; nothing is added once the budget is reached)."""
-        if self.active or self.should_skip():
-            return
-        stack = contextlib.ExitStack()
-        self._positions.register(stack)
-        hooks = [(get_hook_path(l, "residual"), self._make_hook(l)) for l in range(self.model.cfg.n_layers)]
-        stack.enter_context(self.model.hooks(fwd_hooks=hooks))
-        self._stack = stack
+        if not self.active and not self.should_skip():
+            self.__enter__()
 
-    def _make_hook(self, layer: int):
-        def hook(act: Tensor, hook) -> None:
-            if act.shape[1] <= 1 or self.tokens_seen >= self.target_tokens:
-                return None  # decode steps carry no new prompt tokens; stop once calibrated
-            _, real = self._positions.current(act.shape[0], act.shape[1], act.device)
-            h = act.detach()[real].double().cpu()  # [n_real, d]
-            self.sums[layer] += h.sum(0)
-            norms = h.norm(dim=-1)
-            self.norm_sums[layer] += norms.sum()
-            self.unit_sums[layer] += (h / norms.clamp(min=1e-12)[:, None]).sum(0)
-            if layer == self.model.cfg.n_layers - 1:  # count once per pass, after every layer has seen it
-                self.tokens_seen += h.shape[0]
-                self.n_prompts += act.shape[0]
-            return None
+    def _hooks(self):
+        return [(get_hook_path(l, "residual"), functools.partial(self._collect, l)) for l in range(self.model.cfg.n_layers)]
 
-        return hook
+    def _collect(self, layer: int, act: Tensor, hook) -> None:
+        if act.shape[1] <= 1 or self.tokens_seen >= self.target_tokens:
+            return  # decode steps carry no new prompt tokens; stop once calibrated
+        _, real = self.positions.current(act.shape[0], act.shape[1], act.device)
+        h = act.detach()[real].double().cpu()  # [n_real, d]
+        self.sums[layer] += h.sum(0)
+        norms = h.norm(dim=-1)
+        self.norm_sums[layer] += norms.sum()
+        self.unit_sums[layer] += (h / norms.clamp(min=1e-12)[:, None]).sum(0)
+        if layer == self.model.cfg.n_layers - 1:  # count once per pass, after every layer has seen it
+            self.tokens_seen += h.shape[0]
+            self.n_prompts += act.shape[0]
 
     def finalize(self) -> dict | None:
         """Remove the hooks and write the calibration file; None (nothing written) under 100 tokens."""
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
+        if self.active:
+            self.__exit__(None, None, None)
         if self.tokens_seen < 100:
             return None
         report = {**self.info, "prompt_set": self.info.get("prompt_set", "calibration"),

@@ -6,7 +6,9 @@ and writes one `ProjectionRecord` per prompt and trait. Finished prompts are ski
 first run also calibrates massive dims passively (`MassiveDimCollector`, prefill passes only) and,
 once a calibration exists, each record carries the activations at the candidate dims so a viewer can
 clean projections. `one_pass=True` instead records projections while generating (steering allowed),
-so a steered or capped generation is monitored in the same call.
+so a steered or capped generation is monitored in the same call: projections and the massive-dim
+activations kept for cleaning are both read after the steering (reads run after edits at a hook point,
+see `tracelens.hooks`), from the pass that produced the response.
 """
 
 from __future__ import annotations
@@ -104,17 +106,19 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     calibrating = config.calibrate and not collector.should_skip()
     if calibrating:
         collector.register()
-    records, one_pass_scores = {}, {}
+    records, one_pass_scores, one_pass_acts = {}, {}, {}
     try:  # stage 1: responses (their prefill passes calibrate the massive dims)
         for prompt in ps.prompts:
             rpath = exp.inference_response_path(mv.name, ps.name, prompt.id)
             pending = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt.id).is_file()]
-            if rpath.is_file():
+            # One pass: a projection comes from the pass that generated its response, so a prompt with a
+            # missing projection is generated again (its response record rewritten).
+            if rpath.is_file() and not (config.one_pass and pending):
                 if pending:
                     records[prompt.id] = ResponseRecord.from_dict(read_json(rpath))
                 continue
             if config.one_pass:
-                record, one_pass_scores[prompt.id] = _generate_and_project(
+                record, one_pass_scores[prompt.id], one_pass_acts[prompt.id] = _generate_and_project(
                     backend, prompt.text, ps.system_prompt, targets, config, steering, mv.model)
             else:
                 record = _generate(backend, prompt.text, ps.system_prompt, config, mv.model)
@@ -135,7 +139,8 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
             rec.prompt_id, rec.prompt_set = prompt_id, ps.name
             out = rec.to_dict()
             if calibration is not None:
-                out["massive_dim_data"] = _massive_dim_data(backend, record, targets[trait], calibration)
+                out["massive_dim_data"] = _massive_dim_data(backend, record, targets[trait], calibration,
+                                                            one_pass_acts.get(prompt_id))
             write_json(path, out)
             written["projections"] += 1
     return written
@@ -192,40 +197,52 @@ def _project(backend, record: ResponseRecord, target: _Target, scores=None) -> P
 
 
 def _generate_and_project(backend, text, system_prompt, targets, config, steering, model_id):
-    """One pass: generate while every trait's projection hooks record. The final token is never fed back,
-    so response scores cover all response tokens but the last; the record is trimmed to match."""
+    """One pass: generate while every trait's projections and the monitored layers' activations are recorded,
+    after any steering at their sites. The final token is never fed back, so response scores cover all
+    response tokens but the last; the record is trimmed to match. Returns the record,
+    `{trait: {layer: (scores, norms)}}` and `{(layer, component): [n_tokens, d]}` (on CPU, kept for cleaning)."""
     ids, mask = tokenize_batch(backend.tokenizer, [backend.format(text, system_prompt)])
     with ExitStack() as stack:
         projs = {t: stack.enter_context(MultiLayerProjection(backend.model, tg.vectors, tg.component))
                  for t, tg in targets.items()}
+        caps = {(l, tg.component): CaptureHook(backend.model, get_hook_path(l, tg.component))
+                for tg in targets.values() for l in tg.vectors}
+        for cap in caps.values():
+            stack.enter_context(cap)
         [out] = HookedGenerator(backend.model).generate(
             ids, mask, config.max_new_tokens, steering=[s.to_config() for s in steering or ()] or None)
     fed = out.token_ids[:-1]
     scores = {t: {l: (torch.cat(p.get(l, concat=False), dim=1)[0], torch.cat(p.get_norms(l, concat=False), dim=1)[0])
                   for l in tg.vectors} for (t, tg), p in zip(targets.items(), projs.values())}
+    acts = {key: torch.cat(cap.get(concat=False), dim=1)[0] for key, cap in caps.items()}
     prompt_ids = ids[0].tolist()
     text_out = backend.tokenizer.decode(fed, skip_special_tokens=True).strip()
     record = _record(backend, text, system_prompt, prompt_ids, fed, text_out, model_id)
-    return record, scores
+    return record, scores, acts
 
 
-def _massive_dim_data(backend, record: ResponseRecord, target: _Target, calibration: dict) -> dict:
-    """Activations at the candidate massive dims per projected layer, for cleaning in a viewer."""
+def _massive_dim_data(backend, record: ResponseRecord, target: _Target, calibration: dict,
+                      acts: dict[tuple[int, str], torch.Tensor] | None = None) -> dict:
+    """Activations at the candidate massive dims per projected layer, for cleaning in a viewer: from `acts`
+    (`{(layer, component): [n_tokens, d]}`, those a one-pass run projected, steered or not), else from a
+    prefill of the record."""
     dims = candidate_dims(calibration, "all")
     n = record.prompt_end
-    ids = torch.tensor([record.token_ids], device=backend.device)
-    caps = {l: CaptureHook(backend.model, get_hook_path(l, target.component)) for l in target.vectors}
-    with ExitStack() as stack, torch.inference_mode():
-        for c in caps.values():
-            stack.enter_context(c)
-        backend.model(ids)
+    if acts is None:
+        ids = torch.tensor([record.token_ids], device=backend.device)
+        caps = {l: CaptureHook(backend.model, get_hook_path(l, target.component)) for l in target.vectors}
+        with ExitStack() as stack, torch.inference_mode():
+            for c in caps.values():
+                stack.enter_context(c)
+            backend.model(ids)
+        acts = {(l, target.component): c.get()[0] for l, c in caps.items()}
     top = calibration["aggregate"]["top_dims_by_layer"]
     data = {"dims": {str(l): top[str(l)] for l in target.vectors}, "all_candidates": dims,
             "top5_3layers": candidate_dims(calibration, "top5-3layers"), "prompt": {}, "response": {}, "vector": {}}
-    for l, cap in caps.items():
-        acts = cap.get()[0][:, dims].float()
-        data["prompt"][str(l)] = {str(d): [round(float(x), 4) for x in acts[:n, i]] for i, d in enumerate(dims)}
-        data["response"][str(l)] = {str(d): [round(float(x), 4) for x in acts[n:, i]] for i, d in enumerate(dims)}
+    for l in target.vectors:
+        at_dims = acts[(l, target.component)][:, dims].float()
+        data["prompt"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[:n, i]] for i, d in enumerate(dims)}
+        data["response"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[n:, i]] for i, d in enumerate(dims)}
         v = target.vectors[l]
         data["vector"][str(l)] = {str(d): round(float(v[d] / v.norm()), 6) for d in dims}
     return data

@@ -68,6 +68,27 @@ def get_hook_path(layer: int, component: str = "residual", model: TransformerBri
     return COMPONENTS[component].format(layer=layer)
 
 
+_HEAD_SITES = {"attn.hook_k": "kv", "attn.hook_v": "kv", "attn.k.hook_out": "kv", "attn.v.hook_out": "kv",
+               "attn.hook_q": "q", "attn.q.hook_out": "q", "attn.hook_z": "q"}
+_MODEL_WIDTH_SITES = ("hook_out", "hook_in", "hook_attn_out", "hook_mlp_out", "attn.hook_out", "mlp.hook_out",
+                      "ln1_post.hook_out", "ln2_post.hook_out")
+
+
+def site_width(model: TransformerBridge, hook_name: str) -> int | None:
+    """Flat width of the activation at `hook_name` (heads x d_head at head-split sites), when known without
+    running the model; None otherwise."""
+    cfg = model.cfg
+    leaf = hook_name.split(".", 2)[-1] if hook_name.startswith("blocks.") else hook_name
+    kind = _HEAD_SITES.get(leaf)
+    if kind == "kv":
+        return (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
+    if kind == "q":
+        return cfg.n_heads * cfg.d_head
+    if leaf.startswith("hook_resid") or leaf in _MODEL_WIDTH_SITES:
+        return cfg.d_model
+    return None
+
+
 class ContributionPath(str):
     """An HF module name relative to a decoder layer (the seed's value), with its TL hook template.
 
