@@ -10,6 +10,20 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _vllm_backend(args: argparse.Namespace, mode: str):
+    """A `VLLMBackend` for the variant of ``args`` (experiment, variant); ValueError for a LoRA variant, whose
+    adapter the vLLM backend does not load (its responses would be the base model's)."""
+    from tracelens.experiments import get_model_variant
+
+    mv = get_model_variant(args.experiment, args.variant, mode=mode)
+    if mv.lora is not None:
+        raise ValueError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
+                         f"{mv.lora!r} (use --backend local, which merges the adapter)")
+    from tracelens.vllm_backend import VLLMBackend
+
+    return VLLMBackend(mv.model)
+
+
 def demo(args: argparse.Namespace) -> None:
     from tracelens.demo import DemoSettings, run_demo
     from tracelens.loading import load_model
@@ -29,12 +43,7 @@ def extract(args: argparse.Namespace) -> None:
         from tracelens.judge import OpenAIJudge
 
         vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
-    response_backend = None
-    if args.backend == "vllm":
-        from tracelens.experiments import get_model_variant
-        from tracelens.vllm_backend import VLLMBackend
-
-        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant, mode="extraction").model)
+    response_backend = _vllm_backend(args, "extraction") if args.backend == "vllm" else None
     reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge,
                              response_backend=response_backend)
     from tracelens.metrics import Estimate
@@ -98,12 +107,7 @@ def monitor(args: argparse.Namespace) -> None:
     from tracelens.monitoring import MonitorConfig, run_monitoring
 
     config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
-    response_backend = None
-    if args.backend == "vllm":
-        from tracelens.experiments import get_model_variant
-        from tracelens.vllm_backend import VLLMBackend
-
-        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant).model)
+    response_backend = _vllm_backend(args, "application") if args.backend == "vllm" else None
     written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant,
                              response_backend=response_backend)
     print(f"wrote {written['responses']} response records and {written['projections']} projection records")
