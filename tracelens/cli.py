@@ -125,10 +125,10 @@ def massive(args: argparse.Namespace) -> None:
         print(f"dim {dim}: up to {peak:.0f}x the mean |activation| of its layer")
 
 
-def serve(args: argparse.Namespace) -> None:
-    from tracelens.dashboard import main_serve
+def dashboard(args: argparse.Namespace) -> None:
+    from tracelens.dashboard import main_dashboard
 
-    main_serve(args)
+    main_dashboard(args)
 
 
 def server(args: argparse.Namespace) -> None:
@@ -217,12 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-token", action="store_true")
     p.set_defaults(func=massive)
 
-    p = sub.add_parser("serve", help="the Trait Dynamics dashboard for an experiment (local web page)")
+    p = sub.add_parser("dashboard", aliases=["serve"],
+                       help="the Trait Dynamics dashboard for an experiment (local web page; 'serve' is an alias)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
-    p.set_defaults(func=serve)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback address and any Host header; needs a token")
+    p.add_argument("--token", default=None,
+                   help="required of every request; needed with --allow-remote ($TRACELENS_DASHBOARD_TOKEN)")
+    p.set_defaults(func=dashboard)
 
     p = sub.add_parser("server", help="keep an experiment's model loaded and serve generation/capture/steering")
     p.add_argument("--experiment", required=True)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
 import json
 import math
 import os
@@ -65,7 +64,14 @@ from safetensors.torch import save as st_save
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
 from tracelens.generation import GenerationCancelled
-from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
+from tracelens.local_http import (
+    LOCAL_HOSTS,
+    check_token,
+    host_header_ok,
+    loopback_host_headers,
+    threading_server,
+    token_ok,
+)
 from tracelens.sites import COMPONENTS
 
 DEFAULT_PORT = 8765
@@ -508,8 +514,7 @@ class ModelServer:
                  token: str | None = None, *, variant: str | None = None, verbose: bool = True,
                  max_new_tokens_limit: int = 1024, request_timeout: float = 600.0, io_timeout: float = 30.0,
                  stream_buffer: int = 256) -> None:
-        if token is not None and (not isinstance(token, str) or not token):
-            raise ValueError("token must be a non-empty string or None")
+        check_token(token)
         if host not in LOCAL_HOSTS and token is None:
             raise ValueError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
                              "or set a token (every request must then send 'Authorization: Bearer <token>')")
@@ -563,11 +568,8 @@ class ModelServer:
     # --- checks ---
 
     def _check_request(self, handler: BaseHTTPRequestHandler) -> None:
-        if self.token is not None:
-            auth = handler.headers.get("Authorization") or ""
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                raise RequestError("missing or wrong token: send 'Authorization: Bearer <token>'", HTTPStatus.UNAUTHORIZED)
+        if not token_ok(handler.headers, self.token):
+            raise RequestError("missing or wrong token: send 'Authorization: Bearer <token>'", HTTPStatus.UNAUTHORIZED)
         if not host_header_ok(handler.headers, self.allowed_hosts):
             raise RequestError("unexpected Host header; use the server's 127.0.0.1 address", HTTPStatus.FORBIDDEN)
 
