@@ -72,15 +72,19 @@ def test_forward_with_capture_and_properties(tiny):
     assert (backend.n_layers, backend.hidden_dim, backend.device.type) == (2, 64, "cpu")
 
 
-def test_from_experiment_loads_the_variant_and_its_chat_template_setting(tmp_path):
+def test_from_experiment_loads_the_variant_its_lora_adapter_and_its_chat_template_setting(tmp_path):
     from tracelens.experiments import Experiment
-    from tracelens.testing import make_tokenizer, tiny_hf_model
+    from tracelens.loading import load_model
+    from tracelens.testing import make_tokenizer, save_tiny_lora, tiny_hf_model
 
     folder = tmp_path / "tiny-llama"
     tiny_hf_model("llama").save_pretrained(folder)
     make_tokenizer(bos=True).save_pretrained(folder)
+    adapter = save_tiny_lora(tiny_hf_model("llama"), tmp_path / "adapter")
     exp = Experiment.named("exp", tmp_path / "experiments")
-    exp.write_config({"base": {"model": str(folder), "lora": None}, "lora": {"model": str(folder), "lora": "x"}},
+    exp.write_config({"base": {"model": str(folder), "lora": None},
+                      "lora": {"model": str(folder), "lora": str(adapter)},
+                      "broken": {"model": str(folder), "lora": 7}},
                      defaults={"application": "base"}, use_chat_template=False)
 
     backend = LocalBackend.from_experiment("exp", root=tmp_path / "experiments", device="cpu")
@@ -92,8 +96,14 @@ def test_from_experiment_loads_the_variant_and_its_chat_template_setting(tmp_pat
     reference = LocalBackend.from_model(cached_tiny("llama").model, use_chat_template=False)
     cfg = GenerationConfig(max_new_tokens=4)
     assert backend.generate(PROMPTS, cfg) == reference.generate(PROMPTS, cfg)
-    with pytest.raises(NotImplementedError, match="LoRA"):
-        LocalBackend.from_experiment("exp", "lora", root=tmp_path / "experiments")
+    # The LoRA variant is the base model with its adapter merged, never the base model under its name.
+    lora = LocalBackend.from_experiment("exp", "lora", root=tmp_path / "experiments", device="cpu")
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        merged = load_model(folder, lora=adapter, device="cpu")(ids)
+        assert torch.equal(lora.model(ids), merged) and not torch.allclose(merged, backend.model(ids), atol=0.1)
+    with pytest.raises(ValueError, match=r"model_variants.broken.lora must be a non-empty string or null; got 7"):
+        LocalBackend.from_experiment("exp", "broken", root=tmp_path / "experiments")
     with pytest.raises(KeyError, match="no model variant"):
         LocalBackend.from_experiment("exp", "nope", root=tmp_path / "experiments")
 

@@ -50,3 +50,16 @@ def test_server_limits_reach_the_model_server(monkeypatch):
     assert cli.main(["server", "--experiment", "x", "--max-new-tokens-limit", "64", "--io-timeout", "5"]) == 0
     assert seen["experiment"] == "x" and seen["max_new_tokens_limit"] == 64 and seen["io_timeout"] == 5.0
     assert "request_timeout" not in seen  # unset flags keep the server's defaults
+
+
+@pytest.mark.parametrize("command", ["extract", "monitor"])
+def test_the_vllm_backend_refuses_a_lora_variant(command, tmp_path, monkeypatch, capsys):
+    """vLLM would generate with the base model: refused before anything loads, never run under the LoRA label."""
+    from tracelens.experiments import Experiment
+
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
+    Experiment.named("x", tmp_path).write_config({"tuned": {"model": "default", "lora": "adapters/tuned"}})
+    argv = [command, "--experiment", "x", "--traits", "starter/optimism", "--backend", "vllm"]
+    assert cli.main(argv + (["--prompt-set", "general"] if command == "monitor" else [])) == 2
+    assert ("--backend vllm needs a variant without a LoRA adapter; got 'tuned' with lora 'adapters/tuned'"
+            in capsys.readouterr().err)

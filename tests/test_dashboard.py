@@ -1,5 +1,6 @@
-"""The Trait Dynamics dashboard: massive-dim cleaning, the JSON API, and one real headless-Chromium check."""
+"""The Trait Dynamics dashboard: massive-dim cleaning, the JSON API, its token, and one real headless-Chromium check."""
 
+import base64
 import http.client
 import json
 import os
@@ -161,14 +162,14 @@ def server(tmp_path):
     thread.join(5)
 
 
-def _get(server, path: str, host: str | None = None):
+def _get(server, path: str, host: str | None = None, headers: dict | None = None, response: bool = False):
     port = server.server_address[1]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path, headers={"Host": host or f"127.0.0.1:{port}"})
+    conn.request("GET", path, headers={"Host": host or f"127.0.0.1:{port}", **(headers or {})})
     res = conn.getresponse()
     body = res.read()
     conn.close()
-    return res.status, res.getheader("Content-Type"), body
+    return (res.status, res.getheader("Content-Type"), body) + ((res,) if response else ())
 
 
 def _json(server, path: str, status: int = 200):
@@ -261,6 +262,54 @@ def test_foreign_host_header_and_remote_bind_are_refused(server, tmp_path):
     assert status == 403 and "Host header" in json.loads(body)["error"]
     with pytest.raises(ValueError, match="allow_remote=True"):
         make_server(server.RequestHandlerClass.data.exp, host="0.0.0.0", port=0)
+
+
+def test_allow_remote_without_a_token_is_refused_at_start(server):
+    exp = server.RequestHandlerClass.data.exp
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with pytest.raises(ValueError, match="allow_remote=True needs a token"):
+            make_server(exp, host=host, port=0, allow_remote=True)
+    with pytest.raises(ValueError, match="token must be a non-empty string or None; got ''"):
+        make_server(exp, port=0, allow_remote=True, token="")
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_with_a_token_every_request_must_carry_it(tmp_path):
+    exp = _write_experiment(tmp_path / "experiments")
+    srv, thread = serve_in_thread(exp, verbose=False, allow_remote=True, token="s3cret")
+    try:
+        for auth in (None, "Bearer wrong", "s3cret", "Bearer ", _basic("me", "wrong"), "Basic !!not-base64"):
+            for path in ("/", "/api/info"):
+                status, _, body, res = _get(srv, path, headers={"Authorization": auth} if auth else {}, response=True)
+                assert status == 401 and "missing or wrong token" in json.loads(body)["error"], (auth, path)
+                assert res.getheader("WWW-Authenticate").startswith("Basic ")  # a browser then asks for the token
+        for auth in ("Bearer s3cret", _basic("anyone", "s3cret")):  # a client, or a browser after its prompt
+            assert _get(srv, "/", headers={"Authorization": auth})[0] == 200
+            assert _get(srv, "/api/info", host="dashboard.example:80", headers={"Authorization": auth})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("command", ["dashboard", "serve"])
+def test_the_dashboard_command_and_its_serve_alias(command, tmp_path, monkeypatch, capsys):
+    import tracelens.dashboard
+    from tracelens import cli
+
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
+    monkeypatch.delenv("TRACELENS_DASHBOARD_TOKEN", raising=False)
+    assert cli.main([command, "--experiment", "exp", "--allow-remote", "--host", "0.0.0.0"]) == 2
+    assert "allow_remote=True needs a token" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(tracelens.dashboard, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
+    assert cli.main([command, "--experiment", "exp", "--allow-remote", "--token", "s3cret"]) == 0
+    assert seen == {"experiment": "exp", "host": "127.0.0.1", "port": 8000, "allow_remote": True, "token": "s3cret"}
+    monkeypatch.setenv("TRACELENS_DASHBOARD_TOKEN", "from-env")
+    assert cli.main([command, "--experiment", "exp"]) == 0 and seen["token"] == "from-env"
 
 
 def test_corrupt_file_is_a_json_error_without_traceback(server):

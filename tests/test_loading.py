@@ -11,7 +11,7 @@ import transformers
 import tracelens.default_model as dm
 from tracelens import load_model
 from tracelens.loading import attention_implementation
-from tracelens.testing import make_tokenizer, tiny_hf_model
+from tracelens.testing import ARCHITECTURES, make_tokenizer, save_tiny_lora, tiny_hf_model
 
 
 @pytest.mark.parametrize("attn", [None, "eager", "sdpa"])
@@ -141,3 +141,53 @@ def test_device_map_loading_from_disk(tmp_path):
         load_model(tmp_path, device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="device_map applies when loading from disk"):
         load_model(tiny_hf_model("llama"), make_tokenizer(), device_map="auto")
+
+
+# --- LoRA adapters: merged into the HF model before bridging ---------------------------------------------
+
+
+def _saved_base_and_adapter(tmp_path, architecture: str):
+    """A tiny model saved with its tokenizer, a random LoRA adapter for it, and an untouched HF copy."""
+    bos = not architecture.startswith("qwen")
+    hf = tiny_hf_model(architecture, bos=bos)
+    hf.save_pretrained(tmp_path / "base")
+    make_tokenizer(bos=bos).save_pretrained(tmp_path / "base")
+    return tmp_path / "base", save_tiny_lora(hf, tmp_path / "adapter"), hf
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_lora_adapter_is_merged_and_matches_the_hf_peft_model(tmp_path, architecture):
+    from peft import PeftModel
+
+    base, adapter, hf = _saved_base_and_adapter(tmp_path, architecture)
+    model = load_model(base, lora=adapter, device="cpu")
+    ids = model.tokenizer(["The capital of France is Paris"], return_tensors="pt").input_ids
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+        unmerged = peft_model(ids, output_hidden_states=True)
+        merged = peft_model.merge_and_unload()(ids).logits
+        base_logits = hf(ids).logits
+    # Same merge as peft's own: bit-identical. The unmerged adapter (x W + x A B) rounds differently: 1e-5.
+    assert torch.equal(logits, merged)
+    torch.testing.assert_close(logits, unmerged.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_post"], unmerged.hidden_states[1], rtol=0, atol=1e-5)
+    assert (logits - base_logits).abs().max() > 0.1  # the adapter is not the identity
+
+
+def test_lora_errors_name_the_problem(tmp_path, monkeypatch):
+    import sys
+
+    base, adapter, _ = _saved_base_and_adapter(tmp_path, "llama")
+    missing = r"LoRA adapter '.*nope' not found; looked in: .*nope\. .* an id already in the HF cache\.$"
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_model(base, lora=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json: not a saved LoRA adapter"):
+        load_model(base, lora=base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="the adapter's peft_type must be LORA; got 'IA3'"):
+        load_model(base, lora=adapter)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=r"needs peft: pip install 'tracelens\[lora\]'"):
+        load_model(base, lora=adapter)

@@ -155,3 +155,27 @@ def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setu
     zeroed = steered[n:].clone()
     zeroed[:, dims] = 0
     assert cleaned == pytest.approx((zeroed @ unit).tolist(), abs=1e-3)
+
+
+def test_a_lora_variant_runs_with_its_adapter_merged(tmp_path):
+    """A pipeline stage loading the variant itself gets the adapted model, and records it as such."""
+    from tracelens.loading import load_model
+    from tracelens.monitoring import run_massive
+    from tracelens.testing import make_tokenizer, save_tiny_lora, tiny_hf_model
+
+    folder = tmp_path / "tiny-llama"
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(folder)
+    make_tokenizer(bos=True).save_pretrained(folder)
+    adapter = save_tiny_lora(hf, tmp_path / "adapter")
+    exp = Experiment.named("lora", tmp_path / "experiments")
+    exp.write_config({"base": {"model": str(folder)}, "tuned": {"model": str(folder), "lora": str(adapter)}},
+                     use_chat_template=False)
+    prompts = tmp_path / "mini.json"  # over the 100 tokens a calibration needs
+    prompts.write_text(json.dumps({"name": "mini", "description": "two long prompts", "prompts": [
+        {"id": i, "text": " ".join([t] * 8)} for i, t in enumerate(["The sun is shining today.", "How are you?"])]}))
+    base, tuned = run_massive(exp, str(prompts), variant="base"), run_massive(exp, str(prompts), variant="tuned")
+    by_hand = run_massive(exp, str(prompts), variant="tuned", backend=LocalBackend.from_model(
+        load_model(folder, lora=adapter, device="cpu"), use_chat_template=False))
+    assert (base["model"], tuned["model"]) == (str(folder), f"{folder} + LoRA {adapter}")
+    assert tuned["_state"] == by_hand["_state"] and tuned["_state"]["sums"] != base["_state"]["sums"]

@@ -29,6 +29,7 @@ from tracelens.generation import (
     steering_hook,
 )
 from tracelens.conditional import Condition
+from tracelens.experiments import Experiment, get_model_variant
 from tracelens.hooks import MultiLayerCapture, _layers, finite_float
 from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
 
@@ -128,31 +129,29 @@ class LocalBackend:
         return cls(model, tokenizer, use_chat_template)
 
     @classmethod
-    def from_experiment(cls, experiment: str, variant: str | None = None, use_chat_template: bool | None = None, *,
-                        mode: str = "application", root: str | os.PathLike | None = None,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LocalBackend":
+    def from_experiment(cls, experiment: str | Experiment, variant: str | None = None,
+                        use_chat_template: bool | None = None, *, mode: str = "application",
+                        root: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "LocalBackend":
         """Load the model of ``experiment``'s ``variant`` (default: the config's ``defaults[mode]``, else the first).
 
-        The chat template is used per ``use_chat_template`` if given, else the config's ``use_chat_template``,
-        else when the tokenizer has one. ``root`` overrides the experiments folder; ``device``/``dtype`` go to
-        `tracelens.loading.load_model`. LoRA variants are not supported yet (NotImplementedError).
+        A variant's LoRA adapter is merged into its model (`tracelens.loading.merge_lora`; needs
+        ``tracelens[lora]``). The chat template is used per ``use_chat_template`` if given, else the config's
+        ``use_chat_template``, else when the tokenizer has one. ``root`` overrides the experiments folder of an
+        experiment given by name; ``device``/``dtype`` go to `tracelens.loading.load_model`.
         """
-        from tracelens.experiments import Experiment, get_model_variant
         from tracelens.loading import load_model
 
-        exp = Experiment.named(experiment, None if root is None else Path(root))
+        exp = experiment if isinstance(experiment, Experiment) else Experiment.named(
+            experiment, None if root is None else Path(root))
         mv = get_model_variant(exp, variant, mode)
-        if mv.lora:
-            raise NotImplementedError(
-                f"variant {mv.name!r} of {experiment!r} has a LoRA adapter ({mv.lora}); tracelens cannot load "
-                "adapters yet: merge it into the model and point the variant's 'model' at the merged folder"
-            )
         if use_chat_template is None:
             configured = exp.config().get("use_chat_template")
             if configured is not None and not isinstance(configured, bool):
                 raise ValueError(f"{exp.config_path}: use_chat_template must be true, false or absent")
             use_chat_template = configured
-        backend = cls(load_model(mv.model, device=device, dtype=dtype), use_chat_template=use_chat_template)
+        model = load_model(mv.model, lora=mv.lora, device=device, dtype=dtype)
+        backend = cls(model, use_chat_template=use_chat_template)
         backend.experiment, backend.variant = exp.name, mv.name
         return backend
 

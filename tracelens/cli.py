@@ -10,6 +10,20 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _vllm_backend(args: argparse.Namespace, mode: str):
+    """A `VLLMBackend` for the variant of ``args`` (experiment, variant); ValueError for a LoRA variant, whose
+    adapter the vLLM backend does not load (its responses would be the base model's)."""
+    from tracelens.experiments import get_model_variant
+
+    mv = get_model_variant(args.experiment, args.variant, mode=mode)
+    if mv.lora is not None:
+        raise ValueError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
+                         f"{mv.lora!r} (use --backend local, which merges the adapter)")
+    from tracelens.vllm_backend import VLLMBackend
+
+    return VLLMBackend(mv.model)
+
+
 def demo(args: argparse.Namespace) -> None:
     from tracelens.demo import DemoSettings, run_demo
     from tracelens.loading import load_model
@@ -29,12 +43,7 @@ def extract(args: argparse.Namespace) -> None:
         from tracelens.judge import OpenAIJudge
 
         vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
-    response_backend = None
-    if args.backend == "vllm":
-        from tracelens.experiments import get_model_variant
-        from tracelens.vllm_backend import VLLMBackend
-
-        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant, mode="extraction").model)
+    response_backend = _vllm_backend(args, "extraction") if args.backend == "vllm" else None
     reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge,
                              response_backend=response_backend)
     from tracelens.metrics import Estimate
@@ -98,12 +107,7 @@ def monitor(args: argparse.Namespace) -> None:
     from tracelens.monitoring import MonitorConfig, run_monitoring
 
     config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
-    response_backend = None
-    if args.backend == "vllm":
-        from tracelens.experiments import get_model_variant
-        from tracelens.vllm_backend import VLLMBackend
-
-        response_backend = VLLMBackend(get_model_variant(args.experiment, args.variant).model)
+    response_backend = _vllm_backend(args, "application") if args.backend == "vllm" else None
     written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant,
                              response_backend=response_backend)
     print(f"wrote {written['responses']} response records and {written['projections']} projection records")
@@ -121,10 +125,10 @@ def massive(args: argparse.Namespace) -> None:
         print(f"dim {dim}: up to {peak:.0f}x the mean |activation| of its layer")
 
 
-def serve(args: argparse.Namespace) -> None:
-    from tracelens.dashboard import main_serve
+def dashboard(args: argparse.Namespace) -> None:
+    from tracelens.dashboard import main_dashboard
 
-    main_serve(args)
+    main_dashboard(args)
 
 
 def server(args: argparse.Namespace) -> None:
@@ -213,12 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-token", action="store_true")
     p.set_defaults(func=massive)
 
-    p = sub.add_parser("serve", help="the Trait Dynamics dashboard for an experiment (local web page)")
+    p = sub.add_parser("dashboard", aliases=["serve"],
+                       help="the Trait Dynamics dashboard for an experiment (local web page; 'serve' is an alias)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
-    p.set_defaults(func=serve)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback address and any Host header; needs a token")
+    p.add_argument("--token", default=None,
+                   help="required of every request; needed with --allow-remote ($TRACELENS_DASHBOARD_TOKEN)")
+    p.set_defaults(func=dashboard)
 
     p = sub.add_parser("server", help="keep an experiment's model loaded and serve generation/capture/steering")
     p.add_argument("--experiment", required=True)

@@ -23,12 +23,14 @@ browser are checked there (letters, digits, ``. _ -``; ``category/name`` for tra
 and must stay inside the experiment folder (a symlink out of it is refused). Errors are JSON
 ``{"error": message}``: 400 for a bad name or parameter, 404 for a missing file, 500 for an unreadable file
 (message only, no traceback). It binds 127.0.0.1 and checks the Host header (against DNS rebinding) unless
-``allow_remote=True``.
+``allow_remote=True``, which requires a ``token``: every request must then carry it, as HTTP Basic (the browser's
+login prompt: any user name, the token as password) or ``Authorization: Bearer <token>``, else 401.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from http import HTTPStatus
@@ -40,7 +42,14 @@ from urllib.parse import parse_qs, urlsplit
 from tracelens.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
 from tracelens.experiments import Experiment, check_name
 from tracelens.io import read_json, read_jsonl
-from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
+from tracelens.local_http import (
+    LOCAL_HOSTS,
+    check_token,
+    host_header_ok,
+    loopback_host_headers,
+    threading_server,
+    token_ok,
+)
 from tracelens.types import ProjectionEntry, ResponseRecord, SteeringResults
 
 _STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -50,6 +59,7 @@ _CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'
 
 
 _EVALUATION_KEYS = ("splits", "chance", "results", "selected")  # what the extraction view draws
+TOKEN_ENV = "TRACELENS_DASHBOARD_TOKEN"  # the CLI's token when --token is not given
 
 
 class ApiError(Exception):
@@ -277,9 +287,13 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "tracelens-dashboard"
     data: DashboardData  # set on the subclass made by make_server
     allowed_hosts: frozenset[str] | None  # None: any Host header (allow_remote)
+    token: str | None  # None: no authentication (loopback only)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         try:
+            if not token_ok(self.headers, self.token):
+                raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: log in with the token as password, "
+                               "or send 'Authorization: Bearer <token>'")
             self._check_host()
             url = urlsplit(self.path)
             if url.path in _STATIC:
@@ -327,6 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", _CSP)
+        if status == HTTPStatus.UNAUTHORIZED:  # makes a browser ask for the token
+            self.send_header("WWW-Authenticate", 'Basic realm="tracelens dashboard", charset="UTF-8"')
         self.end_headers()
         self.wfile.write(body)
 
@@ -336,20 +352,27 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 8000, *,
-                root: str | Path | None = None, allow_remote: bool = False, verbose: bool = True) -> ThreadingHTTPServer:
+                root: str | Path | None = None, allow_remote: bool = False, token: str | None = None,
+                verbose: bool = True) -> ThreadingHTTPServer:
     """A dashboard server for ``experiment`` (not yet serving; call ``serve_forever``). ``port=0`` picks a free one.
 
     ``root`` overrides the experiments folder (default ``$TRACELENS_EXPERIMENTS`` or ``./experiments``).
-    Raises ValueError for a host other than 127.0.0.1/localhost/::1 unless ``allow_remote=True`` (the data are
-    then readable by anyone who can reach the port), and FileNotFoundError when the experiment folder is missing.
+    ``token`` (any non-empty string) is required of every request when set. Raises ValueError for a host other
+    than 127.0.0.1/localhost/::1 unless ``allow_remote=True``, for ``allow_remote=True`` without a token (the
+    Host check is off, so the files would be readable by anyone who can reach the port), and FileNotFoundError
+    when the experiment folder is missing.
     """
+    check_token(token)
     if host not in LOCAL_HOSTS and not allow_remote:
         raise ValueError(f"host {host!r} would expose the experiment's files to the network; use 127.0.0.1, "
-                         "or pass allow_remote=True if that is intended")
+                         "or pass allow_remote=True with a token if that is intended")
+    if allow_remote and token is None:
+        raise ValueError("allow_remote=True needs a token, which every request must then send; got token=None "
+                         f"(command line: --token or ${TOKEN_ENV})")
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment, root)
     if not exp.dir.is_dir():
         raise FileNotFoundError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
-    handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None})
+    handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None, "token": token})
     server = threading_server(host, port, handler)
     server.verbose = verbose
     if not allow_remote:
@@ -358,12 +381,13 @@ def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int
 
 
 def serve(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 8000, *,
-          root: str | Path | None = None, allow_remote: bool = False) -> None:
+          root: str | Path | None = None, allow_remote: bool = False, token: str | None = None) -> None:
     """Serve the dashboard of ``experiment`` until interrupted (Ctrl-C). See ``make_server`` for the arguments."""
-    server = make_server(experiment, host, port, root=root, allow_remote=allow_remote)
+    server = make_server(experiment, host, port, root=root, allow_remote=allow_remote, token=token)
     h, p = server.server_address[:2]
+    login = "; log in with any user name and the token as password" if token is not None else ""
     print(f"tracelens dashboard for {server.RequestHandlerClass.data.exp.name!r}: "
-          f"http://{'[' + h + ']' if ':' in h else h}:{p}/  (Ctrl-C to stop)", file=sys.stderr)
+          f"http://{'[' + h + ']' if ':' in h else h}:{p}/  (Ctrl-C to stop{login})", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -372,10 +396,12 @@ def serve(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 800
         server.server_close()
 
 
-def main_serve(args) -> int:
-    """CLI glue: ``args`` has ``experiment`` and optionally ``port``, ``host``, ``allow_remote``. Returns 0."""
+def main_dashboard(args) -> int:
+    """CLI glue: ``args`` has ``experiment`` and optionally ``port``, ``host``, ``allow_remote``, ``token`` (else
+    ``$TRACELENS_DASHBOARD_TOKEN``). Returns 0 after Ctrl-C."""
     serve(args.experiment, host=getattr(args, "host", None) or "127.0.0.1", port=getattr(args, "port", None) or 8000,
-          allow_remote=bool(getattr(args, "allow_remote", False)))
+          allow_remote=bool(getattr(args, "allow_remote", False)),
+          token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None)
     return 0
 
 

@@ -6,6 +6,9 @@ else `./experiments`. Config (as the original):
     {"defaults": {"extraction": "instruct", "application": "instruct"},
      "model_variants": {"instruct": {"model": "default", "lora": null}},
      "use_chat_template": true}
+
+A variant's ``lora`` (a peft adapter folder, or an id in the local HF cache; relative paths from the working
+directory, as ``model``) is merged into its model wherever the variant loads (`LocalBackend.from_experiment`).
 """
 
 from __future__ import annotations
@@ -206,5 +209,11 @@ def get_model_variant(experiment: str | Experiment, variant: str | None = None, 
     name = variant or config.get("defaults", {}).get(mode) or next(iter(variants))
     if name not in variants:
         raise KeyError(f"experiment {exp.name!r} has no model variant {name!r}; it has {sorted(variants)}")
-    entry = variants[name]
-    return ModelVariant(name=name, model=entry["model"], lora=entry.get("lora"))
+    entry = variants[name] if isinstance(variants[name], dict) else {}
+    model, lora = entry.get("model"), entry.get("lora")
+    where = f"{exp.config_path}: model_variants.{name}"
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{where}.model must be a non-empty string; got {model!r}")
+    if lora is not None and (not isinstance(lora, str) or not lora):
+        raise ValueError(f"{where}.lora must be a non-empty string or null; got {lora!r}")
+    return ModelVariant(name=name, model=model, lora=lora)

@@ -424,7 +424,6 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     shut down; capture and fitting always run on the local model (`backend`, loaded when not given).
     """
     from tracelens.experiments import get_model_variant
-    from tracelens.loading import load_model
 
     config = config or ExtractionConfig()
     check_config(config)
@@ -434,18 +433,17 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
         load_trait(trait)
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="extraction")
-    chat = exp.config().get("use_chat_template")
 
     def local() -> LocalBackend:
         nonlocal backend
         if backend is None:
-            backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=chat)
+            backend = LocalBackend.from_experiment(exp, mv.name, mode="extraction")
         return backend
 
     if response_backend is None:
         check_config(config, local().n_layers)  # the layer range, before any generation
     config = resolve_defaults(response_backend or local(), config)
-    responses = {t: generate_responses(exp, t, mv.name, response_backend or local(), config, mv.model) for t in traits}
+    responses = {t: generate_responses(exp, t, mv.name, response_backend or local(), config, mv.label) for t in traits}
     if response_backend is not None and hasattr(response_backend, "shutdown"):
         response_backend.shutdown()  # free the GPU before the local model loads
     layers = parse_layers(config.layers, local().n_layers)
@@ -454,7 +452,7 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
         h = responses[trait]
         if vet_judge is not None:
             h = vet_responses(exp, trait, mv.name, vet_judge, h, config.force)
-        h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.model, vetted=vet_judge is not None)
-        vh = fit_vectors(exp, trait, mv.name, config, layers, h, mv.model)
+        h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.label, vetted=vet_judge is not None)
+        vh = fit_vectors(exp, trait, mv.name, config, layers, h, mv.label)
         reports[trait] = evaluate_vectors(exp, trait, mv.name, config, layers, vh)
     return reports

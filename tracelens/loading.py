@@ -2,7 +2,8 @@
 
 Raw mode (no weight processing) keeps every activation bit-identical to the HF model run with the
 same attention implementation. The bridge wraps the HF model in place; its tokenizer is a configured
-copy at `model.tokenizer`.
+copy at `model.tokenizer`. A LoRA adapter (peft, the `lora` extra) is merged into the HF weights before
+bridging, so every hook site sees the adapted model.
 
 Attention: TransformerLens 4.3 always runs its own eager re-implementation of attention (scores,
 softmax, `hook_pattern`) whatever the HF config says. With `attn_implementation="sdpa"` each attention
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import types
 import warnings
@@ -52,6 +54,7 @@ def load_model(
     source: str | os.PathLike | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
     *,
+    lora: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     name: str | None = None,
@@ -67,6 +70,8 @@ def load_model(
             downloaded), or an in-memory `PreTrainedModel` (then `tokenizer` is required; the model
             is wrapped in place, so keep a `copy.deepcopy` if you need the untouched original).
         tokenizer: overrides the tokenizer saved with the model. It is copied, never mutated.
+        lora: a peft LoRA adapter (a folder written by `save_pretrained`, or an id in the local HF
+            cache) merged into the weights before bridging (`merge_lora`); needs `tracelens[lora]`.
         dtype: weights' dtype; default float32 from disk, unchanged for an in-memory model.
         device: default CUDA when available, else CPU; an in-memory model is moved there.
         name: a label for TransformerLens; defaults to a unique one.
@@ -102,6 +107,8 @@ def load_model(
         )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(folder)
+    if lora is not None:
+        hf_model = merge_lora(hf_model, lora)
     if device_map is None:
         device = torch.device(device) if device is not None else _default_device()
         hf_model = hf_model.to(device)
@@ -152,6 +159,24 @@ def _use_sdpa(bridge: TransformerBridge) -> None:
         object.__setattr__(block.attn, "forward", types.MethodType(AttentionBridge.forward, block.attn))
 
 
+def merge_lora(model: PreTrainedModel, adapter: str | os.PathLike) -> PreTrainedModel:
+    """`model` with the peft LoRA `adapter` (folder or local-HF-cache id) merged into its weights, in place.
+
+    The merged weights are the base weights plus each adapter's scaled low-rank update, in the base
+    dtype; what is returned is a plain `PreTrainedModel` of the same class (no peft wrapper left).
+    ImportError without peft; ValueError for an adapter of another peft type.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ImportError("loading a LoRA adapter needs peft: pip install 'tracelens[lora]'") from err
+    folder = _resolve_folder(adapter, "LoRA adapter", "adapter_config.json")
+    peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"the adapter's peft_type must be LORA; got {peft_type!r} in {folder / 'adapter_config.json'}")
+    return PeftModel.from_pretrained(model, folder).merge_and_unload()
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -166,16 +191,18 @@ def _check_transformers_version() -> None:
         )
 
 
-def _resolve_folder(source: str | os.PathLike) -> Path:
-    """A local model folder for `source`: "default", a path, or an id in the local HF cache."""
-    if str(source) == "default":
+def _resolve_folder(source: str | os.PathLike, what: str = "model", marker: str = "config.json") -> Path:
+    """A local folder holding `marker` for `source`: a path, an id in the local HF cache, or (for a model)
+    "default"."""
+    if what == "model" and str(source) == "default":
         from tracelens.default_model import default_model_path
 
         return default_model_path()
+    saved = "HF model" if what == "model" else what
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a saved HF model")
+        if not (path / marker).is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no {marker}: not a saved {saved}")
         return path
     looked = [str(path.resolve())]
     if "/" in str(source) and not path.is_absolute() and not str(source).startswith("."):
@@ -183,18 +210,21 @@ def _resolve_folder(source: str | os.PathLike) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(str(source), local_files_only=True))
+            cached = Path(snapshot_download(str(source), local_files_only=True))
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
             looked.append(f"the HF cache at {constants.HF_HUB_CACHE}")
+        else:
+            if not (cached / marker).is_file():
+                raise FileNotFoundError(f"{source!r} in the HF cache ({cached}) has no {marker}: not a saved {saved}")
+            return cached
+    default = ", or 'default'" if what == "model" else ""
     raise FileNotFoundError(
-        f"model {str(source)!r} not found; looked in: {', '.join(looked)}. tracelens never downloads: "
-        "pass a folder written by save_pretrained, an id already in the HF cache, or 'default'."
+        f"{what} {str(source)!r} not found; looked in: {', '.join(looked)}. tracelens never downloads: "
+        f"pass a folder written by save_pretrained, an id already in the HF cache{default}."
     )
 
 
 def _read_architecture(folder: Path) -> str:
-    import json
-
     config = json.loads((folder / "config.json").read_text())
     archs = config.get("architectures") or []
     return archs[0] if archs else f"<no 'architectures' in {folder / 'config.json'}>"

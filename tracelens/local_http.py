@@ -1,8 +1,12 @@
-"""What the dashboard and the model server share: a threaded HTTP server on a local address, and the
-Host-header check that keeps a loopback server from answering pages on other sites (DNS rebinding)."""
+"""What the dashboard and the model server share: a threaded HTTP server on a local address, the
+Host-header check that keeps a loopback server from answering pages on other sites (DNS rebinding), and
+the shared-secret token a server reachable from the network requires."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import socket
 from http.server import ThreadingHTTPServer
 
@@ -25,3 +29,27 @@ def loopback_host_headers(port: int) -> frozenset[str]:
 def host_header_ok(headers, allowed: frozenset[str] | None) -> bool:
     """True when `allowed` is None (any host) or the request's Host header is one of them."""
     return allowed is None or (headers.get("Host") or "").strip().lower() in allowed
+
+
+def check_token(token) -> None:
+    """ValueError unless `token` is None (no authentication) or a non-empty string."""
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError(f"token must be a non-empty string or None; got {token!r}")
+
+
+def token_ok(headers, token: str | None) -> bool:
+    """True when `token` is None or the request's Authorization header carries it: ``Bearer <token>``, or
+    HTTP Basic with the token as password and any user name (what a browser sends after its login prompt).
+    The comparison takes the same time wherever a wrong token differs."""
+    if token is None:
+        return True
+    scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+    given = given.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.encode(), token.encode())

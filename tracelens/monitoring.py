@@ -73,8 +73,6 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     down; projections run on the local model. Passive calibration needs local prefill passes, so it does
     not happen on that path (run `tracelens massive` instead).
     """
-    from tracelens.loading import load_model
-
     config = config or MonitorConfig()
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="application")
@@ -89,12 +87,12 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
                 system_prompts=[ps.system_prompt] * len(todo))
             for p, r in zip(todo, results):
                 record = _record(response_backend, p.text, ps.system_prompt, r.prompt_token_ids, r.response_token_ids,
-                                 r.response_text, mv.model)
+                                 r.response_text, mv.label)
                 write_json(exp.inference_response_path(mv.name, ps.name, p.id), record.to_dict())
         if hasattr(response_backend, "shutdown"):
             response_backend.shutdown()
     if backend is None:
-        backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
+        backend = LocalBackend.from_experiment(exp, mv.name)
     if steering and not config.one_pass:
         raise ValueError("steering while monitoring needs one_pass=True (projections recorded during generation)")
     ps = load_prompt_set(prompt_set)
@@ -102,7 +100,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     targets = {t: _vector_targets(exp, t, backend.n_layers, config.layers) for t in traits}
     calib_path = exp.massive_activations_path(mv.name)
     collector = MassiveDimCollector(backend.model, calib_path, config.target_tokens,
-                                    info={"experiment": exp.name, "model": mv.model, "model_variant": mv.name})
+                                    info={"experiment": exp.name, "model": mv.label, "model_variant": mv.name})
     calibrating = config.calibrate and not collector.should_skip()
     if calibrating:
         collector.register()
@@ -119,9 +117,9 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
                 continue
             if config.one_pass:
                 record, one_pass_scores[prompt.id], one_pass_acts[prompt.id] = _generate_and_project(
-                    backend, prompt.text, ps.system_prompt, targets, config, steering, mv.model)
+                    backend, prompt.text, ps.system_prompt, targets, config, steering, mv.label)
             else:
-                record = _generate(backend, prompt.text, ps.system_prompt, config, mv.model)
+                record = _generate(backend, prompt.text, ps.system_prompt, config, mv.label)
             write_json(rpath, record.to_dict())
             written["responses"] += 1
             records[prompt.id] = record
@@ -253,17 +251,15 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
     """A deliberate massive-dim calibration: prefill every prompt of `prompt_set` (default: the 50 shipped
     neutral prompts) and write `massive_activations/{prompt_set}.json`; `per_token` adds each prompt's
     per-token values at the candidate dims, for every layer."""
-    from tracelens.loading import load_model
-
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     if backend is None:
-        backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
+        backend = LocalBackend.from_experiment(exp, mv.name)
     ps = load_prompt_set(prompt_set)
     path = exp.massive_activations_path(mv.name, ps.name)
     path.unlink(missing_ok=True)  # a deliberate run starts over
     collector = MassiveDimCollector(backend.model, path, target_tokens=10**12, info={
-        "experiment": exp.name, "model": mv.model, "model_variant": mv.name, "prompt_set": ps.name,
+        "experiment": exp.name, "model": mv.label, "model_variant": mv.name, "prompt_set": ps.name,
         "source": "deliberate"})
     texts = [backend.format(p.text, ps.system_prompt) for p in ps.prompts]
     collector.register()

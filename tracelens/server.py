@@ -66,7 +66,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
 import json
 import math
 import os
@@ -93,7 +92,14 @@ from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, Loc
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import load_vector
 from tracelens.generation import GenerationCancelled, HookedGenerator
-from tracelens.local_http import LOCAL_HOSTS, host_header_ok, loopback_host_headers, threading_server
+from tracelens.local_http import (
+    LOCAL_HOSTS,
+    check_token,
+    host_header_ok,
+    loopback_host_headers,
+    threading_server,
+    token_ok,
+)
 from tracelens.prompts import encode
 from tracelens.selection import select_vector
 from tracelens.sites import COMPONENTS
@@ -732,8 +738,7 @@ class ModelServer:
                  max_new_tokens_limit: int = 1024, request_timeout: float = 600.0, io_timeout: float = 30.0,
                  stream_buffer: int = 256, batch_window_ms: int | float = 10.0, max_batch_size: int = 16,
                  max_queue: int = 64, experiments_root: str | os.PathLike | None = None) -> None:
-        if token is not None and (not isinstance(token, str) or not token):
-            raise ValueError("token must be a non-empty string or None")
+        check_token(token)
         if host not in LOCAL_HOSTS and token is None:
             raise ValueError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
                              "or set a token (every request must then send 'Authorization: Bearer <token>')")
@@ -797,11 +802,8 @@ class ModelServer:
     # --- checks ---
 
     def _check_request(self, handler: BaseHTTPRequestHandler) -> None:
-        if self.token is not None:
-            auth = handler.headers.get("Authorization") or ""
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                raise RequestError("missing or wrong token: send 'Authorization: Bearer <token>'", HTTPStatus.UNAUTHORIZED)
+        if not token_ok(handler.headers, self.token):
+            raise RequestError("missing or wrong token: send 'Authorization: Bearer <token>'", HTTPStatus.UNAUTHORIZED)
         if not host_header_ok(handler.headers, self.allowed_hosts):
             raise RequestError("unexpected Host header; use the server's 127.0.0.1 address", HTTPStatus.FORBIDDEN)
 

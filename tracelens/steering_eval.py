@@ -206,12 +206,11 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
 
     `judge_info` (e.g. `{"validity": judge_validity(...)}`) is stored with the judge's name in the header.
     """
-    from tracelens.loading import load_model
-
     config = config or SteeringEvalConfig()
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     mv = get_model_variant(exp, variant, mode="application")
-    extraction_variant = get_model_variant(exp, variant, mode="extraction").name
+    source = get_model_variant(exp, variant, mode="extraction")
+    extraction_variant = source.name
     data = load_trait(trait)
     questions = data.steering.questions
     search = questions[: config.n_search]
@@ -220,7 +219,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
         raise ValueError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
                          f"{len(report_qs)} for the report; each side needs at least one")
     if backend is None:
-        backend = LocalBackend.from_model(load_model(mv.model), use_chat_template=exp.config().get("use_chat_template"))
+        backend = LocalBackend.from_experiment(exp, mv.name)
     layers = parse_layers(config.layers, backend.n_layers)
     meta = load_activation_metadata(exp, trait, extraction_variant, config.position, config.component)
     vectors = {l: load_vector(exp, trait, extraction_variant, config.position, config.component, config.method, l)
@@ -230,8 +229,8 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     path = exp.steering_results_path(trait, mv.name, config.position)
     judge_name = getattr(judge, "name", type(judge).__name__)
     header = SteeringHeader(
-        trait=trait, direction=direction, steering_model=mv.model, steering_experiment=exp.name,
-        vector_source={"model": mv.model, "experiment": exp.name, "trait": trait, "method": config.method,
+        trait=trait, direction=direction, steering_model=mv.label, steering_experiment=exp.name,
+        vector_source={"model": source.label, "experiment": exp.name, "trait": trait, "method": config.method,
                        "component": config.component,
                        "input_hash": vectors_hash(exp, trait, extraction_variant, config.position, config.component,
                                                   config.method)},
@@ -252,7 +251,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     @functools.cache
     def reference() -> tuple[ReferenceTexts, _Scored]:
         """The judge-free reference, computed only when a baseline or run is missing."""
-        refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.model, backend, config)
+        refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.label, backend, config)
         return refs, _score_texts(backend.model, refs)
 
     if not any(line.get("type") == "baseline" for line in lines):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -173,6 +175,21 @@ def tiny_hf_model(
     config.architectures = [cls.__name__]  # as a saved config has; TransformerLens picks its adapter by it
     torch.manual_seed(seed)
     return cls(config).to(dtype).eval()
+
+
+def save_tiny_lora(model: PreTrainedModel, folder: str | os.PathLike, *, rank: int = 4, seed: int = 0) -> Path:
+    """Write a random peft LoRA adapter for `model` (untouched) to `folder` and return the folder.
+
+    The adapter has rank `rank` on every attention q/v/o and MLP down projection; its weights are random on
+    both factors (`init_lora_weights=False`), so unlike a fresh adapter it changes the model. Needs peft.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                        init_lora_weights=False)
+    get_peft_model(copy.deepcopy(model), config).save_pretrained(folder)
+    return Path(folder)
 
 
 def tiny_model(architecture: str = "llama", *, bos: bool | None = None, attn_implementation: str | None = None,

@@ -207,11 +207,17 @@ class JudgeResult:
 
 
 class ModelVariant(NamedTuple):
-    """A named model of an experiment: ``name`` (e.g. "instruct"), the ``model`` id, an optional ``lora``."""
+    """A named model of an experiment: ``name`` (e.g. "instruct"), the ``model`` id, an optional ``lora``
+    adapter (a peft folder or cached id, merged into the model when it loads)."""
 
     name: str
     model: str
     lora: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What runs, as recorded in results: ``model``, or ``"{model} + LoRA {lora}"`` with an adapter."""
+        return self.model if self.lora is None else f"{self.model} + LoRA {self.lora}"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self._asdict())
