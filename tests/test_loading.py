@@ -51,6 +51,17 @@ def test_the_callers_tokenizer_is_not_mutated():
     assert model.cfg.tokenizer_prepends_bos is False
 
 
+def test_in_memory_model_without_architectures_in_its_config_loads():
+    """transformers' GGUF loader leaves `config.architectures` empty; TransformerLens routes on it."""
+    hf = tiny_hf_model("gemma3")
+    hf.config.architectures = None
+    reference = copy.deepcopy(hf)
+    model = load_model(hf, make_tokenizer(), attn_implementation="eager")  # the reference's attention
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids).logits)
+
+
 def test_in_memory_model_needs_a_tokenizer():
     with pytest.raises(ValueError, match=r"in-memory model needs tokenizer="):
         load_model(tiny_hf_model("llama"))

@@ -92,6 +92,8 @@ def load_model(
             raise ValueError("load_model(model) with an in-memory model needs tokenizer=...")
         hf_model = source
         _check_architecture(type(hf_model).__name__)
+        if not hf_model.config.architectures:  # e.g. loaded from a GGUF file; TransformerLens routes on it
+            hf_model.config.architectures = [type(hf_model).__name__]
         if dtype is not None:
             hf_model = hf_model.to(dtype)
         if device_map is not None:
