@@ -6,6 +6,7 @@ import os
 # Tests never touch the network: any accidental hub call fails at once instead of hanging.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -21,6 +22,19 @@ ATTENTION_CASES = [
 
 def attention_ids(case: tuple[str, str]) -> str:
     return "-".join(case)
+
+
+@pytest.fixture(autouse=True)
+def _type_checks(request):
+    """Annotations are checked at run time (pyproject's addopts); `unchecked_types` tests opt out."""
+    if request.node.get_closest_marker("unchecked_types") is None:
+        yield
+        return
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @functools.lru_cache(maxsize=None)

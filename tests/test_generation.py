@@ -126,8 +126,12 @@ def test_stream_yields_the_same_tokens_and_activations_as_generate(tiny_sharp):
     assert [s.token_id for s in streamed] == out.token_ids
     assert [s.step for s in streamed] == list(range(len(out.token_ids)))
     assert torch.equal(torch.stack([s.activations[1]["residual"] for s in streamed]), out.activations[1]["residual"])
+
+
+@pytest.mark.unchecked_types
+def test_stream_refuses_a_batch(tiny):
     with pytest.raises(ValueError, match="stream takes one prompt"):
-        next(gen.stream(*tokenize_batch(t.tokenizer, PROMPTS)))
+        next(HookedGenerator(tiny.model).stream(*tokenize_batch(tiny.tokenizer, PROMPTS)))
 
 
 def test_a_stopped_row_stops_growing_while_others_continue(tiny_sharp):

@@ -171,7 +171,7 @@ def test_a_lora_adapter_is_merged_and_matches_the_hf_peft_model(tmp_path, archit
     from peft import PeftModel
 
     base, adapter, hf = _saved_base_and_adapter(tmp_path, architecture)
-    model = load_model(base, lora=adapter, device="cpu")
+    model = load_model(base, lora=adapter, device="cpu", attn_implementation="eager")  # as the peft reference
     ids = model.tokenizer(["The capital of France is Paris"], return_tensors="pt").input_ids
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()
     with torch.no_grad():

@@ -60,6 +60,7 @@ def test_projection_on_zero_vector_is_zero_not_nan():
         lambda: project_out_subspace(torch.ones(3), torch.ones(1, 4)),
     ],
 )
+@pytest.mark.unchecked_types
 def test_width_mismatch_names_the_likely_cause(call):
     with pytest.raises(ValueError, match=r"width 3 but the vector has width 4; the vector is probably from another model"):
         call()

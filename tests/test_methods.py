@@ -115,6 +115,7 @@ def test_inputs_are_not_modified(name, planted):
 # ---- input checks ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unchecked_types
 @pytest.mark.parametrize("name", ALL)
 def test_width_mismatch(name):
     with pytest.raises(ValueError, match="pos_acts has width 4 but neg_acts has width 5; both classes must come"):
@@ -147,6 +148,7 @@ def test_one_row_per_class_is_enough(name):
     assert result["vector"].norm().item() == pytest.approx(1.0)
 
 
+@pytest.mark.unchecked_types
 def test_shape_and_type_checks():
     with pytest.raises(ValueError, match="pos_acts must be 2-D \\[n, d\\], got shape \\(3,\\)"):
         get_method("mean_diff").extract(torch.ones(3), torch.ones(2, 3))
@@ -154,6 +156,7 @@ def test_shape_and_type_checks():
         get_method("mean_diff").extract(torch.ones(2, 3), [[1.0, 2.0, 3.0]])
 
 
+@pytest.mark.unchecked_types
 def test_validation_split_checks():
     pos, neg = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="pass both val_pos_acts and val_neg_acts, or neither"):

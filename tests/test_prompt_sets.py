@@ -123,6 +123,7 @@ def test_names_that_could_escape_the_root_are_rejected(name):
         load_prompt_set(name)
 
 
+@pytest.mark.unchecked_types
 def test_non_string_name_is_rejected():
     with pytest.raises(ValueError, match=r"invalid prompt set name 3"):
         load_prompt_set(3)

@@ -210,6 +210,7 @@ def test_a_request_past_its_deadline_gets_503_and_frees_the_model(tiny, forwards
         assert _post(srv.url + "/generate", {"prompts": ["Hi"], "config": {"max_new_tokens": 1}})[0] == 200
 
 
+@pytest.mark.unchecked_types
 def test_server_settings_are_checked(tiny):
     backend = LocalBackend.from_model(tiny.model)
     for kw, msg in [({"max_new_tokens_limit": 0}, "max_new_tokens_limit must be an integer >= 1; got 0"),
@@ -286,6 +287,7 @@ def test_generation_entry_points_check_the_context_length_first(tiny, forwards):
     assert len(gen.generate(torch.full((1, 250), 5), max_new_tokens=6)[0].token_ids) == 6  # exactly fits
 
 
+@pytest.mark.unchecked_types
 def test_negative_or_non_finite_temperature_and_coefficients_are_errors(tiny, forwards):
     forwards.reset()
     ids = torch.tensor([[1, 5, 6]])

@@ -27,6 +27,7 @@ def test_unknown_component_lists_the_valid_ones():
         get_hook_path(0, "resid")
 
 
+@pytest.mark.unchecked_types
 def test_layers_are_range_checked_and_negative_layers_count_from_the_end(tiny):
     n = tiny.model.cfg.n_layers
     assert get_hook_path(-1, model=tiny.model) == f"blocks.{n - 1}.hook_resid_post"

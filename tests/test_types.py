@@ -288,6 +288,7 @@ def test_steering_header_checks_direction():
         SteeringHeader(trait="t", direction="up")
 
 
+@pytest.mark.unchecked_types
 def test_from_dict_rejects_non_mappings():
     with pytest.raises(TypeError, match="VectorSpec.from_dict expects a mapping, got list"):
         VectorSpec.from_dict([9, "residual"])

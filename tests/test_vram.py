@@ -55,12 +55,14 @@ def test_tensor_size_gb_matches_a_real_tensor():
     assert tensor_size_gb(t.shape, t.dtype) * 1e9 == t.numel() * t.element_size()
 
 
+@pytest.mark.unchecked_types
 @pytest.mark.parametrize("shape", [(2, -1), (2.5, 3), (True, 2), ("4",)])
 def test_tensor_size_gb_rejects_bad_shapes(shape):
     with pytest.raises(ValueError, match=r"shape must be a sequence of non-negative ints.*bad entries"):
         tensor_size_gb(shape)
 
 
+@pytest.mark.unchecked_types
 def test_tensor_size_gb_rejects_a_non_dtype():
     with pytest.raises(ValueError, match=r"dtype must be a torch.dtype"):
         tensor_size_gb((2, 2), "bfloat16")

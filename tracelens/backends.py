@@ -31,7 +31,7 @@ from tracelens.generation import (
 from tracelens.conditional import Condition
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.hooks import MultiLayerCapture, _layers, finite_float
-from tracelens.prompts import encode, format_prompt, left_pad, tokenize_batch
+from tracelens.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
 
 
 @dataclass
@@ -303,8 +303,8 @@ class LocalBackend:
         return CaptureResult(
             prompt_text=prompt_text,
             response_text=tok.decode(response_ids, skip_special_tokens=True).strip(),
-            prompt_tokens=tok.convert_ids_to_tokens(prompt_ids),
-            response_tokens=tok.convert_ids_to_tokens(response_ids),
+            prompt_tokens=token_strings(tok, prompt_ids),
+            response_tokens=token_strings(tok, response_ids),
             prompt_token_ids=prompt_ids,
             response_token_ids=list(response_ids),
         )

@@ -396,7 +396,8 @@ class OpenAIJudge(_BatchScoring):
 
     # -- scoring
 
-    def score_trait(self, question: str, response: str, trait_name: str, definition: str) -> float | None:
+    def score_trait(self, question: str, response: str, trait_name: str | None,
+                    definition: str | None) -> float | None:
         if not trait_name:
             raise ValueError("OpenAIJudge.score_trait needs a trait_name (and its definition); got none.")
         system = TRAIT_SYSTEM.format(trait=trait_name, definition=definition or "")

@@ -305,7 +305,8 @@ def remove_massive_dims(
 
 
 def normalize_projections(
-    raw: Float[Tensor, " t"], token_norms: Float[Tensor, " t"], mode: str = "normalized"
+    raw: Float[Tensor, " t"] | Sequence[float], token_norms: Float[Tensor, " t"] | Sequence[float],
+    mode: str = "normalized",
 ) -> Float[Tensor, " t"]:
     """Rescale per-token projections: ``normalized`` divides by the mean token norm (layer-scale adjusted),
     ``cosine`` by each token's own norm (a cosine), ``raw`` returns them unchanged. A zero norm gives 0.

@@ -29,7 +29,7 @@ from tracelens.hooks import CaptureHook, MultiLayerProjection
 from tracelens.io import read_json, write_json
 from tracelens.massive import MassiveDimCollector, candidate_dims
 from tracelens.prompt_sets import load_prompt_set
-from tracelens.prompts import tokenize_batch
+from tracelens.prompts import token_strings, tokenize_batch
 from tracelens.selection import select_vector
 from tracelens.sites import get_hook_path
 from tracelens.types import ProjectionEntry, ProjectionRecord, ResponseRecord
@@ -283,7 +283,7 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
                 for c in caps:
                     stack.enter_context(c)
                 backend.model(ids.to(backend.device))
-            rows.append({"prompt_id": prompt.id, "tokens": backend.tokenizer.convert_ids_to_tokens(ids[0].tolist()),
+            rows.append({"prompt_id": prompt.id, "tokens": token_strings(backend.tokenizer, ids[0].tolist()),
                          "values": {str(l): {str(d): [round(float(x), 2) for x in c.get()[0][:, d]] for d in dims}
                                     for l, c in zip(layers, caps)}})
         report["per_token"] = rows

@@ -48,6 +48,12 @@ def encode(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The tokenizer's string for each id; an id past its vocabulary (models often have spare embedding
+    rows, which a steered model can sample) becomes `"<id N>"` instead of None."""
+    return [t if t is not None else f"<id {i}>" for i, t in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)))]
+
+
 def tokenize_batch(tokenizer, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Left-padded `input_ids` and `attention_mask` for `texts` (each encoded by `encode`)."""
     if not texts:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tracelens.backends import CaptureResult, GenerationConfig
-from tracelens.prompts import encode, format_prompt
+from tracelens.prompts import encode, format_prompt, token_strings
 
 INSTALL_HINT = "pip install 'tracelens[vllm]'"
 _QUANT_METHODS = ("awq", "gptq")
@@ -158,8 +158,8 @@ class VLLMBackend:
             results.append(CaptureResult(
                 prompt_text=text,
                 response_text=completion.text.strip(),
-                prompt_tokens=tok.convert_ids_to_tokens(prompt_ids),
-                response_tokens=tok.convert_ids_to_tokens(response_ids),
+                prompt_tokens=token_strings(tok, prompt_ids),
+                response_tokens=token_strings(tok, response_ids),
                 prompt_token_ids=list(prompt_ids),
                 response_token_ids=response_ids,
             ))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tracelens.math import remove_massive_dims
 
-Acts = Float[Tensor, "n d"]
+Acts = Float[Tensor, "_n d"]  # rows may differ between arguments ("_n" is not matched); widths must not
 
 
 def _check_acts(x: Any, name: str, min_rows: int, method: str) -> Acts:
