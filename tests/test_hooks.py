@@ -395,13 +395,13 @@ def test_calibrated_threshold_is_the_percentile_of_real_token_projections(tiny):
 def test_bad_inputs_fail_fast_with_the_numbers(tiny):
     m, d = tiny.model, tiny.model.cfg.d_model
     n = m.cfg.n_layers
-    with pytest.raises(ValueError, match=r"vector must be 1-D \[d_model\], got shape \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"vector must be 1-D \[d_model\]; got shape \(2, 64\)"):
         SteeringHook(m, torch.ones(2, d), get_hook_path(0))
     with pytest.raises(ValueError, match=rf"vector has {d + 1} elements but blocks.0.hook_resid_post has width {d}: .*another model"):
         SteeringHook(m, torch.ones(d + 1), get_hook_path(0))
-    with pytest.raises(ValueError, match=r"direction has norm 0, too small"):
+    with pytest.raises(ValueError, match=r"direction must have norm >= 1e-08 to define a direction; got norm 0$"):
         AblationHook(m, torch.zeros(d), get_hook_path(0))
-    with pytest.raises(ValueError, match=r"direction has norm 1e-09, too small"):
+    with pytest.raises(ValueError, match=r"direction must have norm >= 1e-08 to define a direction; got norm 1e-09$"):
         AblationHook(m, torch.full((d,), 1e-9 / d**0.5), get_hook_path(0))
     with pytest.raises(ValueError, match=r"unknown component 'resid'"):
         MultiLayerCapture(m, component="resid")

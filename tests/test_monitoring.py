@@ -10,7 +10,7 @@ from tracelens.backends import LocalBackend, SteeringSpec
 from tracelens.experiments import Experiment
 from tracelens.extraction import ExtractionConfig, load_vector, run_extraction
 from tracelens.hooks import CaptureHook
-from tracelens.monitoring import MonitorConfig, resolve_monitor_layers, run_monitoring
+from tracelens.monitoring import MonitorConfig, run_monitoring
 from tracelens.types import ProjectionRecord, ResponseRecord
 
 TRAIT = "starter/optimism"
@@ -28,14 +28,6 @@ def setup(tmp_path, tiny):
                                    "prompts": [{"id": i, "text": t} for i, t in enumerate(
                                        ["How are you?", "Tell me about the sea.", "What is two plus two?"])]}))
     return exp, backend, str(prompts)
-
-
-def test_resolve_monitor_layers():
-    assert resolve_monitor_layers("best,best+5", 3, 10) == [3, 8]
-    assert resolve_monitor_layers("best,best+5", 7, 10) == [7, 9]  # clamped to the last layer
-    assert resolve_monitor_layers("best-1,2", 3, 10) == [2]
-    with pytest.raises(ValueError, match="bad monitor layer 'worst'"):
-        resolve_monitor_layers("worst", 3, 10)
 
 
 def test_projection_records_equal_capture_then_project_and_reruns_skip(setup):

@@ -117,7 +117,7 @@ def test_ids_need_not_be_contiguous_and_null_system_prompt_is_none(tmp_path):
     assert [p.id for p in ps.prompts] == [7, -2] and ps.system_prompt is None
 
 
-@pytest.mark.parametrize("name", ["../neutral", "..", ".", "a/b", "a\\b", "/etc/passwd", "", ".hidden", "neutral.txt"])
+@pytest.mark.parametrize("name", ["../neutral", "..", ".", "a/b", "a\\b", "/etc/passwd", "", ".hidden", "_private"])
 def test_names_that_could_escape_the_root_are_rejected(name):
     with pytest.raises(ValueError, match=r"invalid prompt set name .*pass a pathlib.Path or a path ending in '.json'"):
         load_prompt_set(name)

@@ -353,7 +353,7 @@ def test_trait_names_that_could_escape_the_root_are_rejected(tmp_path, name):
 
 @pytest.mark.unchecked_types
 def test_non_string_trait_name_is_rejected():
-    with pytest.raises(ValueError, match=r"trait must be a string like 'starter/optimism', got PosixPath"):
+    with pytest.raises(ValueError, match=r"trait must be a string like 'starter/optimism'; got PosixPath"):
         load_trait(Path("starter/optimism"))
 
 

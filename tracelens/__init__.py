@@ -1,6 +1,6 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
-from tracelens.ab import ABConfig, ABDataError, ABDataset, ABItem, ABResult, letter_propensity, load_ab, run_ab
+from tracelens.ab import ABConfig, ABDataset, ABItem, ABResult, letter_propensity, load_ab, run_ab
 from tracelens.ab_plot import propensity_svg
 from tracelens.backends import (
     CaptureResult,
@@ -13,9 +13,28 @@ from tracelens.backends import (
 )
 from tracelens.capture import capture_at_position
 from tracelens.cleaning import clean_scores
-from tracelens.client import RemoteBackend, ServerError, get_backend
+from tracelens.client import RemoteBackend, get_backend
 from tracelens.conditional import Condition, ConditionalSteering, ConditionFit, fit_condition_threshold
 from tracelens.dashboard import make_server, serve, serve_in_thread
+from tracelens.errors import (
+    ABDataError,
+    BackendError,
+    ConfigError,
+    DataError,
+    DirectionError,
+    GenerationCancelled,
+    InputTypeError,
+    JudgeError,
+    MissingArtifactError,
+    PromptSetError,
+    RequestError,
+    ServerError,
+    ShapeError,
+    StateError,
+    TraitDataError,
+    TracelensError,
+    UnknownKeyError,
+)
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
@@ -40,7 +59,6 @@ from tracelens.judge import (
     Degeneracy,
     EmbeddingJudge,
     Judge,
-    JudgeError,
     OpenAIJudge,
     degeneracy,
     offline_judge,
@@ -81,7 +99,7 @@ from tracelens.methods import (
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
 from tracelens.monitoring import MonitorConfig, run_massive, run_monitoring
 from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
-from tracelens.prompt_sets import Prompt, PromptSet, PromptSetError, list_prompt_sets, load_prompt_set
+from tracelens.prompt_sets import Prompt, PromptSet, list_prompt_sets, load_prompt_set
 from tracelens.prompts import format_prompt, tokenize_batch
 from tracelens.selection import select_vector, select_vectors
 from tracelens.server import ModelServer
@@ -90,7 +108,6 @@ from tracelens.traits import (
     JudgeCorpus,
     Scenario,
     SteeringQuestions,
-    TraitDataError,
     TraitDataset,
     list_traits,
     load_trait,
@@ -140,19 +157,23 @@ __all__ = [
     "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults", "SteeringEntry",
     "ModelConfig",
     # judges
-    "Judge", "OpenAIJudge", "EmbeddingJudge", "JudgeError", "summarize_judge_scores", "offline_judge", "degeneracy",
+    "Judge", "OpenAIJudge", "EmbeddingJudge", "summarize_judge_scores", "offline_judge", "degeneracy",
     "Degeneracy",
     # traits, experiments and the pipeline
-    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "TraitDataError", "JudgeCorpus",
+    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "JudgeCorpus",
     "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
     "select_vector", "select_vectors",
     # A/B datasets and propensity curves, vector interchange
-    "load_ab", "run_ab", "ABConfig", "ABResult", "ABDataset", "ABItem", "ABDataError", "letter_propensity",
+    "load_ab", "run_ab", "ABConfig", "ABResult", "ABDataset", "ABItem", "letter_propensity",
     "propensity_svg", "export_vector", "import_vector",
     # monitoring, massive activations, prompt sets, profiling
     "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
     "serve", "make_server", "serve_in_thread",
-    "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt", "PromptSetError",
-    "VLLMBackend", "detect_quantization", "ModelServer", "RemoteBackend", "ServerError", "get_backend",
+    "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt",
+    "VLLMBackend", "detect_quantization", "ModelServer", "RemoteBackend", "get_backend",
     "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
+    # errors (tracelens.errors)
+    "TracelensError", "ConfigError", "ShapeError", "DirectionError", "DataError", "TraitDataError", "PromptSetError",
+    "ABDataError", "MissingArtifactError", "UnknownKeyError", "InputTypeError", "BackendError", "JudgeError",
+    "ServerError", "StateError", "GenerationCancelled", "RequestError",
 ]

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelens.capture import capture_sequences
+from tracelens.errors import ABDataError, ConfigError, MissingArtifactError
 from tracelens.extraction import chance_band, parse_layers
 from tracelens.hooks import PerSampleSteering
 from tracelens.methods import get_method
@@ -39,10 +40,6 @@ from tracelens.steering_eval import random_control
 DATA_DIR = Path(__file__).parent / "data" / "ab"
 READ_POSITIONS = {"letter": "response[0]", "after": "response[1]"}
 _ANSWER = re.compile(r"^\s*(\(?)([A-Z])(\)?)\s*$")
-
-
-class ABDataError(ValueError):
-    """An A/B dataset file is invalid; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ def load_ab(source: str | Path) -> ABDataset:
         path = DATA_DIR / f"{source}.jsonl"
     if not path.is_file():
         shipped = sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
-        raise FileNotFoundError(f"no A/B dataset at {source!r}; give a .jsonl/.json path or one of {shipped}")
+        raise MissingArtifactError(f"no A/B dataset at {source!r}; give a .jsonl/.json path or one of {shipped}")
     text = path.read_text()
     if path.suffix == ".json":
         try:
@@ -206,7 +203,7 @@ def answer_activations(model, encoded: Sequence[EncodedItem], layers: Sequence[i
     the token after it (`"after"`, e.g. ")"), float32 on CPU. (Tokens before the letter are shared by both
     completions of a causal model, so they cannot contrast them.)"""
     if read not in READ_POSITIONS:
-        raise ValueError(f"read must be one of {sorted(READ_POSITIONS)}, got {read!r}")
+        raise ConfigError(f"read must be one of {sorted(READ_POSITIONS)}, got {read!r}")
     rows = [e.matching for e in encoded] + [e.not_matching for e in encoded]
     lens = [len(e.prefix) for e in encoded] * 2
     acts = capture_sequences(model, rows, lens, list(layers), READ_POSITIONS[read], "first", component, batch_size)
@@ -220,7 +217,7 @@ def letter_propensity(model, encoded: Sequence[EncodedItem], vectors: Sequence[T
     from the next-token distribution after the prefix, with `multiplier * vectors[k]` added at every position
     of `layer` (`vectors` one per multiplier, or None for no steering). Rows of all multipliers share batches."""
     if vectors is not None and (layer is None or len(vectors) != len(multipliers)):
-        raise ValueError(f"steering needs a layer and one vector per multiplier; got layer={layer}, "
+        raise ConfigError(f"steering needs a layer and one vector per multiplier; got layer={layer}, "
                          f"{len(vectors)} vectors for {len(multipliers)} multipliers")
     rows = [(k, i) for k in range(len(multipliers)) for i in range(len(encoded))]
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
@@ -283,7 +280,7 @@ def balance_letters(indices: Sequence[int], dataset: ABDataset) -> list[int]:
     for i in indices:
         by_letter.setdefault(dataset.items[i].matching, []).append(i)
     if len(by_letter) < 2:
-        raise ValueError(f"the train questions all match letter {list(by_letter)}; the A/B set needs both letters")
+        raise ConfigError(f"the train questions all match letter {list(by_letter)}; the A/B set needs both letters")
     m = min(len(ix) for ix in by_letter.values())
     return sorted(i for ix in by_letter.values() for i in ix[:m])
 
@@ -300,7 +297,7 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
     config = config or ABConfig()
     multipliers = sorted({float(m) for m in config.multipliers} | {0.0})
     if len(multipliers) < 3 or multipliers[0] >= 0 or multipliers[-1] <= 0:
-        raise ValueError(f"multipliers need both signs, got {list(config.multipliers)}")
+        raise ConfigError(f"multipliers need both signs, got {list(config.multipliers)}")
     layers = parse_layers(config.layers, model.cfg.n_layers)
     encoded = encode_items(model.tokenizer, dataset)
     splits = split_by_question([item.prompt for item in dataset.items], config.fractions, config.seed)

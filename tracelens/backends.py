@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
 from tracelens.generation import (
     CaptureConfig,
     HookedGenerator,
@@ -148,7 +149,7 @@ class LocalBackend:
         if use_chat_template is None:
             configured = exp.config().get("use_chat_template")
             if configured is not None and not isinstance(configured, bool):
-                raise ValueError(f"{exp.config_path}: use_chat_template must be true, false or absent")
+                raise DataError(f"{exp.config_path}: use_chat_template must be true, false or absent")
             use_chat_template = configured
         model = load_model(mv.model, lora=mv.lora, device=device, dtype=dtype)
         backend = cls(model, use_chat_template=use_chat_template)
@@ -256,13 +257,13 @@ class LocalBackend:
     def _prepare(self, prompts, config: GenerationConfig, system_prompts, formatted: bool) -> tuple[list[str], int]:
         """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
+            raise InputTypeError("prompts must be a list of strings, not one string")
         if len(prompts) == 0:
-            raise ValueError("prompts must be a non-empty list of strings; got an empty list")
+            raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
         if system_prompts is not None and len(system_prompts) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
+            raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
         if formatted and system_prompts is not None:
-            raise ValueError("formatted prompts are used as given: put the system prompt in the text; "
+            raise ConfigError("formatted prompts are used as given: put the system prompt in the text; "
                              "got system_prompts with formatted=True")
         texts = list(prompts) if formatted else [self.format(p, s) for p, s in
                                                  zip(prompts, system_prompts or [None] * len(prompts))]
@@ -275,7 +276,7 @@ class LocalBackend:
         config = config or GenerationConfig()
         if top_logprobs is not None and (not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool)
                                          or top_logprobs < 0):
-            raise ValueError(f"top_logprobs must be None or an integer >= 0; got {top_logprobs!r}")
+            raise ConfigError(f"top_logprobs must be None or an integer >= 0; got {top_logprobs!r}")
         texts, longest = self._prepare(prompts, config, system_prompts, formatted)
 
         def run(batch: list[tuple[int, str]]) -> list[CaptureResult]:
@@ -346,9 +347,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     out-of-memory, which would silently move those slices.
     """
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings; got one string")
+        raise InputTypeError("prompts must be a list of strings; got one string")
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be None or >= 1; got {batch_size}")
+        raise ConfigError(f"batch_size must be None or >= 1; got {batch_size}")
     size = batch_size or max(1, len(prompts))
     responses = []
     for start in range(0, len(prompts), size):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tracelens.errors import ConfigError, ShapeError
 from tracelens.hooks import MultiLayerCapture
 from tracelens.positions import parse_position, resolve_position
 from tracelens.prompts import encode, format_prompt, left_pad
@@ -34,10 +35,10 @@ def capture_at_position(
     prompts); results equal one-prompt-at-a-time capture. An empty slice raises with the prompt index.
     """
     if parse_position(position).frame == "response":
-        raise ValueError(f"position {position!r} reads the response, but capture_at_position is prefill-only; "
+        raise ConfigError(f"position {position!r} reads the response, but capture_at_position is prefill-only; "
                          "use a 'prompt[...]' or 'all[...]' position")
     if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise ConfigError("prompts must be a non-empty list of strings")
     squeeze = isinstance(layers, int)
     layer_list = [layers] if squeeze else list(layers)
     texts = list(prompts) if pre_formatted else [format_prompt(tokenizer, p) for p in prompts]
@@ -65,9 +66,9 @@ def capture_sequences(
     `batch_size` (default 8); an empty slice raises with the row index.
     """
     if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+        raise ConfigError(f"unknown pool {pool!r}; use one of {POOLS}")
     if len(rows) != len(prompt_lens):
-        raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
+        raise ShapeError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
     batch_size = batch_size or 8
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
     out: list[Tensor] = []
@@ -82,7 +83,7 @@ def capture_sequences(
         for i, r in enumerate(chunk):
             s, e = resolve_position(position, prompt_lens[start + i], len(r))
             if e <= s:
-                raise ValueError(f"position {position!r} selects no tokens of prompt {start + i} ({len(r)} tokens)")
+                raise ConfigError(f"position {position!r} selects no tokens of prompt {start + i} ({len(r)} tokens)")
             pad = width - len(r)
             out.append(_pool(acts[i, :, pad + s : pad + e].float().cpu(), pool))
     return out if pool == "none" else torch.stack(out)

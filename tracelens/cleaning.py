@@ -24,6 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from tracelens.errors import ConfigError, DataError
+
+
 CLEAN_MODES = {"none": None, "top5-3layers": "top5_3layers", "all": "all_candidates"}
 
 
@@ -62,13 +65,13 @@ def clean_scores(raw: Sequence[float], acts_by_dim: Mapping, vec_by_dim: Mapping
         try:
             acts, v = _lookup(acts_by_dim, dim), _lookup(vec_by_dim, dim)
         except KeyError:
-            raise ValueError(
+            raise DataError(
                 f"massive dim {dim} has no activations or no vector value in massive_dim_data "
                 f"(activations for {sorted(map(str, acts_by_dim))}, vector values for {sorted(map(str, vec_by_dim))}); "
                 "re-run inference so the projection file records every candidate dim"
             ) from None
         if len(acts) != len(out):
-            raise ValueError(f"massive dim {dim} has {len(acts)} activations for {len(out)} tokens; "
+            raise DataError(f"massive dim {dim} has {len(acts)} activations for {len(out)} tokens; "
                              "they must be one per token of the segment")
         out = [s - float(a) * float(v) for s, a in zip(out, acts)]
     return out
@@ -78,11 +81,11 @@ def dims_for_mode(massive_dim_data: Mapping | None, mode: str) -> list:
     """The dims that Clean mode ``mode`` removes (see ``CLEAN_MODES``); ValueError for an unknown mode or
     when the file has no ``massive_dim_data`` for a mode other than ``"none"``."""
     if mode not in CLEAN_MODES:
-        raise ValueError(f"clean mode must be one of {list(CLEAN_MODES)}, got {mode!r}")
+        raise ConfigError(f"clean mode must be one of {list(CLEAN_MODES)}, got {mode!r}")
     key = CLEAN_MODES[mode]
     if key is None:
         return []
     if not massive_dim_data or key not in massive_dim_data:
-        raise ValueError(f"this projection file has no massive_dim_data[{key!r}]; choose clean mode 'none' "
+        raise DataError(f"this projection file has no massive_dim_data[{key!r}]; choose clean mode 'none' "
                          "or re-run inference with massive-dim calibration")
     return list(massive_dim_data[key])

@@ -13,11 +13,12 @@ def _csv(text: str) -> list[str]:
 def _vllm_backend(args: argparse.Namespace, mode: str):
     """A `VLLMBackend` for the variant of ``args`` (experiment, variant); ValueError for a LoRA variant, whose
     adapter the vLLM backend does not load (its responses would be the base model's)."""
+    from tracelens.errors import ConfigError
     from tracelens.experiments import get_model_variant
 
     mv = get_model_variant(args.experiment, args.variant, mode=mode)
     if mv.lora is not None:
-        raise ValueError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
+        raise ConfigError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
                          f"{mv.lora!r} (use --backend local, which merges the adapter)")
     from tracelens.vllm_backend import VLLMBackend
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None)
     p.add_argument("--methods", default="probe,mean_diff,gradient")
     p.add_argument("--position", default=None, help="position DSL, e.g. 'response[:]' (default by model type)")
-    p.add_argument("--layers", default="all", help="all | 30%%-60%% | 0-20:5 | 3,5,7")
+    p.add_argument("--layers", default="all", help="all | 30%%-60%% | 0-20:5 | 3,5,-1, comma-separated")
     p.add_argument("--component", default="residual")
     p.add_argument("--splits", default="0.6,0.2,0.2",
                    help="train,select,test fractions of the questions (answers of one question stay together)")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--traits", required=True)
     p.add_argument("--variant", default=None)
-    p.add_argument("--layers", default="30%-60%")
+    p.add_argument("--layers", default="30%-60%", help="as for extract")
     p.add_argument("--method", default="probe")
     p.add_argument("--position", default="response[:]")
     p.add_argument("--component", default="residual")
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-set", required=True, help="a shipped set (general, neutral) or a JSON file")
     p.add_argument("--traits", required=True)
     p.add_argument("--variant", default=None)
-    p.add_argument("--layers", default="best,best+5")
+    p.add_argument("--layers", default="best,best+5",
+                   help="as for extract, plus best / best+N / best-N (best: the selected vector's layer)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--one-pass", action="store_true", help="record projections while generating")
     p.add_argument("--backend", choices=["local", "vllm"], default="local",
@@ -247,12 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. A bad setting or input (ValueError, KeyError, a missing file) prints one line and
-    returns 2, any other failure one line and 1; `--debug` shows the traceback instead."""
+    """Run a command. Any `TracelensError` (a bad setting or input, a missing file, a failed judge or backend)
+    and any other ValueError, KeyError or FileNotFoundError prints one line and returns 2; any other failure
+    prints one line and returns 1; `--debug` shows the traceback instead."""
+    from tracelens.errors import TracelensError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (TracelensError, ValueError, KeyError, FileNotFoundError) as err:
         if args.debug:
             raise
         print(f"tracelens {args.command}: error: {_message(err)}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.errors import InputTypeError, ServerError
 from tracelens.server import (
     DEFAULT_PORT,
     TOKEN_ENV,
@@ -27,15 +28,6 @@ from tracelens.server import (
     result_from_json,
     steering_to_json,
 )
-
-
-class ServerError(RuntimeError):
-    """The server answered an error: ``status`` (HTTP code) and its ``{"error"}`` message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"model server error {status}: {message}")
-        self.status = status
-        self.message = message
 
 
 class RemoteBackend:
@@ -109,7 +101,7 @@ class RemoteBackend:
     @staticmethod
     def _prompts(prompts) -> list[str]:
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
+            raise InputTypeError("prompts must be a list of strings, not one string")
         return list(prompts)
 
     def _gen_body(self, prompts, config, steering, system_prompts) -> dict:

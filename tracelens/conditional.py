@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tracelens import edits
 from tracelens.capture import capture_at_position
+from tracelens.errors import ConfigError, StateError
 from tracelens.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
 from tracelens.metrics import accuracy
 from tracelens.positions import TokenPositions, parse_position, resolve_position
@@ -52,12 +53,12 @@ class ConditionalSteering(HookAdapter):
                  component: str = "residual") -> None:
         super().__init__(model)
         if comparator not in COMPARATORS:
-            raise ValueError(f"comparator must be one of {COMPARATORS}, got {comparator!r}")
+            raise ConfigError(f"comparator must be one of {COMPARATORS}, got {comparator!r}")
         if parse_position(position).frame != "prompt":
-            raise ValueError(f"the condition is read from the prompt: use a 'prompt[...]' position, got {position!r}")
+            raise ConfigError(f"the condition is read from the prompt: use a 'prompt[...]' position, got {position!r}")
         n = model.cfg.n_layers
         if resolve_layer(layer, n) < resolve_layer(condition_layer, n):
-            raise ValueError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
+            raise ConfigError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
                              "forward pass, before the decision exists; use a steering layer >= the condition layer")
         self.steer_hook = get_hook_path(layer, component, model)
         self.condition_hook = get_hook_path(condition_layer, component, model)
@@ -85,19 +86,19 @@ class ConditionalSteering(HookAdapter):
         _, real = self.positions.current(batch, seq, act.device)
         lengths = real.sum(1)
         if not torch.equal(real, torch.arange(seq, device=act.device)[None, :] >= (seq - lengths)[:, None]):
-            raise ValueError("conditional steering needs left-padded rows (real tokens last, attention mask passed)")
+            raise ConfigError("conditional steering needs left-padded rows (real tokens last, attention mask passed)")
         scores = []
         for i, n in enumerate(lengths.tolist()):
             s, e = resolve_position(self.position, n, n)
             if e <= s:
-                raise ValueError(f"position {self.position!r} selects no tokens of row {i} ({n} tokens)")
+                raise ConfigError(f"position {self.position!r} selects no tokens of row {i} ({n} tokens)")
             scores.append(edits.project(flat[i, seq - n + s : seq - n + e], self.condition.to(act.device)).mean())
         self.scores = torch.stack(scores)
         self.gate = self.scores > self.threshold if self.comparator == "greater" else self.scores < self.threshold
 
     def _steer(self, act: Tensor, hook) -> Tensor:
         if self.gate is None or self.gate.shape[0] != act.shape[0]:
-            raise RuntimeError("no condition decision for this batch: run the prompt (without KV cache) first")
+            raise StateError("no condition decision for this batch: run the prompt (without KV cache) first")
         v = self.vector.to(act.device)
         return _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v, self.coefficient), self.gate)
 

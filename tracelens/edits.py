@@ -10,26 +10,38 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-_MIN_NORM = 1e-8
+from tracelens.errors import ConfigError, DirectionError, InputTypeError, ShapeError
+
+
+MIN_NORM = 1e-8
+"""The smallest norm a vector may have to define a direction (the seed's hooks use the same bound)."""
 
 
 def as_vector(vector: Tensor, what: str = "vector") -> Float[Tensor, "d"]:
-    """`vector` as a float32 1-D tensor; anything else is a ValueError naming its shape."""
+    """`vector` as a float32 1-D tensor; InputTypeError for a non-tensor, ShapeError for other shapes,
+    DirectionError for NaN or inf entries."""
     if not isinstance(vector, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(vector).__name__}")
+        raise InputTypeError(f"{what} must be a torch.Tensor; got {type(vector).__name__}")
     if vector.dim() != 1:
-        raise ValueError(f"{what} must be 1-D [d_model], got shape {tuple(vector.shape)}")
+        raise ShapeError(f"{what} must be 1-D [d_model]; got shape {tuple(vector.shape)}")
     if not torch.isfinite(vector).all():
-        raise ValueError(f"{what} contains NaN or inf")
+        raise DirectionError(f"{what} contains NaN or inf")
     return vector.detach().float()
 
 
-def unit(vector: Tensor, what: str = "direction") -> Float[Tensor, "d"]:
-    """The float32 unit vector along `vector`; a zero or near-zero (norm < 1e-8) vector is an error."""
+def unit(vector: Tensor, what: str = "direction", hint: str = "") -> Float[Tensor, "d"]:
+    """The float32 unit vector along `vector`: the one unit-vector policy of tracelens.
+
+    Every direction tracelens steers, ablates, caps, projects on in a hook, or returns from an extraction method is
+    normalised here, and a vector with NaN / inf entries or a norm below `MIN_NORM` is a DirectionError (`hint`
+    appended to its message), never a silent zero or NaN. (The seed's measurement helpers in `tracelens.math`
+    keep its documented +1e-8 guard: there a zero vector measures 0.)
+    """
     v = as_vector(vector, what)
     norm = v.norm()
-    if norm < _MIN_NORM:
-        raise ValueError(f"{what} has norm {norm.item():.3g}, too small to define a direction (need >= 1e-8)")
+    if norm < MIN_NORM:
+        raise DirectionError(f"{what} must have norm >= {MIN_NORM:g} to define a direction; got norm "
+                             f"{norm.item():.3g}{hint}")
     return v / norm
 
 
@@ -60,5 +72,5 @@ def cap(
     elif mode == "ceiling":
         shift = -(proj - threshold).clamp(min=0)
     else:
-        raise ValueError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
+        raise ConfigError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
     return (hf + shift[..., None] * unit_direction).to(h.dtype)

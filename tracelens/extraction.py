@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tracelens.backends import GenerationConfig, LocalBackend
 from tracelens.capture import capture_sequences
+from tracelens.errors import ConfigError, MissingArtifactError
 from tracelens.experiments import Experiment
 from tracelens.io import load_tensors, read_json, save_tensors, write_json
 from tracelens.methods import get_method
@@ -69,25 +70,43 @@ class ExtractionConfig:
     method_kwargs: dict[str, dict] = field(default_factory=dict)
 
 
-def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
-    """Layers from "all", "30%-60%" (of depth, inclusive), "0-20:5" (start-end:step, inclusive), "3,5,7" or a list."""
-    if not isinstance(spec, str):
-        layers = [int(x) for x in spec]
-    elif spec == "all":
-        layers = list(range(n_layers))
-    elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%-(\d+(?:\.\d+)?)%", spec):
-        lo, hi = (round(float(x) / 100 * (n_layers - 1)) for x in m.groups())
-        layers = list(range(lo, hi + 1))
-    elif m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?", spec):
-        lo, hi, step = int(m[1]), int(m[2]), int(m[3] or 1)
-        layers = list(range(lo, hi + 1, step))
-    elif re.fullmatch(r"-?\d+(,-?\d+)*", spec):
-        layers = [int(x) for x in spec.split(",")]
-    else:
-        raise ValueError(f"bad layer spec {spec!r}: use 'all', '30%-60%', '0-20:5', '3,5,7' or a list")
+LAYER_GRAMMAR = "'all', 'P%-Q%' (of depth), 'A-B' or 'A-B:step' (inclusive), ints (negative from the end), 'best', \
+'best+N' or 'best-N', comma-separated (e.g. '3,5,-1', 'best,best+5', '0-20:5,30')"
+
+
+def parse_layers(spec: str | Sequence[int], n_layers: int, best: int | None = None) -> list[int]:
+    """The sorted, distinct layers (0..n_layers-1) a layer spec names: the one layer grammar of tracelens.
+
+    `spec` is a list of ints or a string in `LAYER_GRAMMAR`; "30%-60%" of 10 layers is [3, 4, 5] (round(0.3 * 9)
+    to round(0.6 * 9)). "best" needs `best`, the selected layer (as `tracelens monitor` has); best+N / best-N are
+    clamped to the model's layers, since the best layer moves with the data. Anything else out of range, or an
+    empty result, is a ConfigError.
+    """
+    parts = [spec] if not isinstance(spec, str) else [p.strip() for p in spec.split(",")]
+    layers = []
+    for part in parts:
+        if not isinstance(part, str):
+            layers += [int(x) for x in part]
+        elif part == "all":
+            layers += range(n_layers)
+        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%-(\d+(?:\.\d+)?)%", part):
+            lo, hi = (round(float(x) / 100 * (n_layers - 1)) for x in m.groups())
+            layers += range(lo, hi + 1)
+        elif m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?", part):
+            layers += range(int(m[1]), int(m[2]) + 1, int(m[3] or 1))
+        elif re.fullmatch(r"-?\d+", part):
+            layers.append(int(part))
+        elif m := re.fullmatch(r"best(?:([+-])(\d+))?", part):
+            if best is None:
+                raise ConfigError(f"layer spec {spec!r} uses {part!r}, but no best layer is known here (only "
+                                  "`tracelens monitor` selects one); give ints, ranges or 'all'")
+            offset = int(m[2] or 0) * (-1 if m[1] == "-" else 1)
+            layers.append(min(max(best + offset, 0), n_layers - 1))
+        else:
+            raise ConfigError(f"layer spec must be {LAYER_GRAMMAR}; got {spec!r} (bad part {part!r})")
     bad = [l for l in layers if not -n_layers <= l < n_layers]
     if bad or not layers:
-        raise ValueError(f"layer spec {spec!r} gives layers {bad or layers} outside 0..{n_layers - 1}")
+        raise ConfigError(f"layer spec {spec!r} gives layers {bad or layers} outside 0..{n_layers - 1}")
     return sorted({l % n_layers for l in layers})
 
 
@@ -108,25 +127,25 @@ def check_config(config: ExtractionConfig, n_layers: int | None = None) -> None:
     """ValueError naming the first setting of `config` that cannot work (checked before any model work;
     the layer range only when `n_layers` is known)."""
     if isinstance(config.methods, str) or not config.methods:
-        raise ValueError(f"methods must be a non-empty list of method names; got {config.methods!r}")
+        raise ConfigError(f"methods must be a non-empty list of method names; got {config.methods!r}")
     for name in config.methods:
         get_method(name)
     if config.component not in COMPONENTS:
-        raise ValueError(f"component must be one of {', '.join(COMPONENTS)}; got {config.component!r}")
+        raise ConfigError(f"component must be one of {', '.join(COMPONENTS)}; got {config.component!r}")
     if config.position is not None:
         parse_position(config.position)
     for name in ("max_new_tokens", "limit", "batch_size"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer or None; got {value!r}")
     if not math.isfinite(config.temperature) or config.temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0; got {config.temperature!r}")
+        raise ConfigError(f"temperature must be a finite number >= 0; got {config.temperature!r}")
     parse_layers(config.layers, n_layers or 10**6)
     check_fractions(config.splits)
     if config.n_random < 20:
-        raise ValueError(f"n_random must be at least 20 for a chance band; got {config.n_random}")
+        raise ConfigError(f"n_random must be at least 20 for a chance band; got {config.n_random}")
     if config.n_resamples < 100:
-        raise ValueError(f"n_resamples must be at least 100 for a 95% interval; got {config.n_resamples}")
+        raise ConfigError(f"n_resamples must be at least 100 for a 95% interval; got {config.n_resamples}")
 
 
 def resolve_defaults(backend: LocalBackend, config: ExtractionConfig) -> ExtractionConfig:
@@ -139,7 +158,7 @@ def resolve_defaults(backend: LocalBackend, config: ExtractionConfig) -> Extract
     needed = tokens_needed(position)
     max_new = config.max_new_tokens or (64 if chat else 16)
     if needed and max_new < needed:
-        raise ValueError(f"position {position!r} needs {needed} response tokens but max_new_tokens is {max_new}")
+        raise ConfigError(f"position {position!r} needs {needed} response tokens but max_new_tokens is {max_new}")
     return ExtractionConfig(**{**asdict(config), "position": position, "max_new_tokens": max_new})
 
 
@@ -216,7 +235,7 @@ def kept_indices(exp: Experiment, trait: str, variant: str, vetted: bool) -> lis
         return list(range(n))
     kept = read_json(exp.vetting_path(trait, variant))["kept_indices"]
     if len(kept) < MIN_KEPT:
-        raise ValueError(f"only {len(kept)} of {n} pairs of {trait} passed vetting (need {MIN_KEPT}); "
+        raise ConfigError(f"only {len(kept)} of {n} pairs of {trait} passed vetting (need {MIN_KEPT}); "
                          "check the scenarios or the judge, or extract without vetting")
     return kept
 
@@ -239,7 +258,7 @@ def capture_activations(exp: Experiment, trait: str, variant: str, model, config
               for name, idx in split_by_question([r["prompt"] for r in pos], config.splits, config.split_seed).items()}
     too_small = {name: len(idx) for name, idx in splits.items() if len(idx) < 2}
     if too_small:
-        raise ValueError(f"{trait}: every split needs at least 2 pairs after vetting; got {too_small}")
+        raise ConfigError(f"{trait}: every split needs at least 2 pairs after vetting; got {too_small}")
     layers = list(range(model.cfg.n_layers))
 
     def acts(rows):
@@ -278,7 +297,7 @@ def load_activation_metadata(experiment: str | Experiment, trait: str, variant: 
     variant = variant.name if isinstance(variant, ModelVariant) else variant
     path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no activation metadata at {path}; run `tracelens extract` first")
+        raise MissingArtifactError(f"no activation metadata at {path}; run `tracelens extract` first")
     return ActivationMetadata.from_dict(read_json(path))
 
 
@@ -286,7 +305,7 @@ def load_splits(exp: Experiment, trait: str, variant: str, position: str, compon
     """`{"train", "select", "test"}` -> the indices (into the responses stage's pairs) of each split."""
     path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no activation metadata at {path}; run `tracelens extract` first")
+        raise MissingArtifactError(f"no activation metadata at {path}; run `tracelens extract` first")
     return read_json(path)["splits"]
 
 
@@ -428,7 +447,7 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     config = config or ExtractionConfig()
     check_config(config)
     if isinstance(traits, str) or not traits:
-        raise ValueError(f"traits must be a non-empty list of trait names; got {traits!r}")
+        raise ConfigError(f"traits must be a non-empty list of trait names; got {traits!r}")
     for trait in traits:
         load_trait(trait)
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)

@@ -19,15 +19,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelens.errors import ConfigError, GenerationCancelled, ShapeError
 from tracelens.hooks import READ, HookAdapter, PerPositionSteeringHook, PerSampleSteering, SteeringHook, _layers, finite_float
 from tracelens.sites import get_hook_path
 
 if TYPE_CHECKING:
     from tracelens.conditional import Condition
-
-
-class GenerationCancelled(RuntimeError):
-    """Generation stopped between two tokens because its `cancel` callable returned True."""
 
 
 def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
@@ -37,7 +34,7 @@ def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperatu
     check_temperature(temperature)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is not None and prompt_len + max_new_tokens > n_ctx:
-        raise ValueError(
+        raise ConfigError(
             f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {prompt_len + max_new_tokens} "
             f"tokens, over the model's context of {n_ctx}; shorten the prompt or lower max_new_tokens"
         )
@@ -46,7 +43,7 @@ def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperatu
 def check_max_new_tokens(max_new_tokens: int) -> int:
     """`max_new_tokens` unchanged; ValueError unless it is an int (not a bool) >= 1."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+        raise ConfigError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     return max_new_tokens
 
 
@@ -54,7 +51,7 @@ def check_temperature(temperature: float) -> float:
     """`temperature` as a float; ValueError when it is NaN, infinite or negative (0 means greedy)."""
     t = finite_float(temperature, "temperature")
     if t < 0:
-        raise ValueError(f"temperature must be >= 0; got {t}")
+        raise ConfigError(f"temperature must be >= 0; got {t}")
     return t
 
 
@@ -83,12 +80,12 @@ class SteeringConfig:
     def __post_init__(self) -> None:
         self.coefficient = finite_float(self.coefficient, "coefficient")
         if self.condition is not None and self.positions != "all":
-            raise ValueError(f"conditional steering covers every position: positions must be 'all'; "
+            raise ConfigError(f"conditional steering covers every position: positions must be 'all'; "
                              f"got {self.positions!r}")
         if self.rows is not None:
             self.rows = check_rows(self.rows)
             if self.condition is not None:
-                raise ValueError("conditional steering picks its own rows: rows must be None; "
+                raise ConfigError("conditional steering picks its own rows: rows must be None; "
                                  f"got {self.rows} with a condition")
 
 
@@ -97,7 +94,7 @@ def check_rows(rows) -> tuple[int, int]:
     ok = (isinstance(rows, (tuple, list)) and len(rows) == 2
           and all(isinstance(r, int) and not isinstance(r, bool) for r in rows) and 0 <= rows[0] < rows[1])
     if not ok:
-        raise ValueError(f"rows must be (start, end) integers with 0 <= start < end; got {rows!r}")
+        raise ConfigError(f"rows must be (start, end) integers with 0 <= start < end; got {rows!r}")
     return int(rows[0]), int(rows[1])
 
 
@@ -148,7 +145,7 @@ def steering_hook(model, config: SteeringConfig, prompt_lengths: int | Int[Tenso
     if config.positions == "response":
         return PerPositionSteeringHook(model, config.vector, path, config.coefficient,
                                        (_response_starts(prompt_lengths, config.rows), None))
-    raise ValueError(f"SteeringConfig.positions must be 'all' or 'response', got {config.positions!r}")
+    raise ConfigError(f"SteeringConfig.positions must be 'all' or 'response', got {config.positions!r}")
 
 
 class StepCapture(HookAdapter):
@@ -177,7 +174,7 @@ def _response_starts(prompt_lengths: int | Int[Tensor, "batch"], rows: tuple[int
         return prompt_lengths - 1
     starts = torch.as_tensor(prompt_lengths).reshape(-1) - 1
     if rows[1] > starts.numel():
-        raise ValueError(f"rows must lie within the batch of {starts.numel()}; got {rows}")
+        raise ConfigError(f"rows must lie within the batch of {starts.numel()}; got {rows}")
     outside = torch.ones_like(starts, dtype=torch.bool)
     outside[rows[0]:rows[1]] = False
     return starts.masked_fill(outside, torch.iinfo(starts.dtype).max)
@@ -237,7 +234,7 @@ class HookedGenerator:
         """An iterator over each generated token of a single prompt (batch 1) as it is produced.
         Arguments are checked now (ValueError), not at the first token; `cancel` as in `generate`."""
         if input_ids.shape[0] != 1:
-            raise ValueError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
+            raise ShapeError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
         self._check(input_ids, max_new_tokens, temperature)
         stops = self.stop_ids(stop_token_ids, True)
         return self._stream(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
@@ -258,7 +255,7 @@ class HookedGenerator:
 
     def _check(self, input_ids: Tensor, max_new_tokens: int, temperature: float) -> None:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+            raise ShapeError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
         check_generation_args(self.model, input_ids.shape[1], max_new_tokens, temperature)
 
     def _package(self, row: int, steps: list[_Step], output_logits: bool) -> SequenceOutput:
@@ -287,9 +284,9 @@ class HookedGenerator:
         ids = input_ids.to(device)
         mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+            raise ShapeError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
         if (mask[:, -1] == 0).any():
-            raise ValueError("the batch must be left-padded: every row's last position must be a real token")
+            raise ConfigError("the batch must be left-padded: every row's last position must be a real token")
         stop_ids = stop_ids.to(device)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         prompt_lengths = mask.sum(dim=1)

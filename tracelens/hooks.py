@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tracelens import edits
+from tracelens.errors import ConfigError, InputTypeError, ShapeError, StateError, UnknownKeyError
 from tracelens.positions import TokenPositions
 from tracelens.sites import get_hook_path, resolve_hook_name, resolve_layer, site_width
 
@@ -62,7 +63,7 @@ class _Grouped:
         if group[0] is not self:
             return None
         if len({id(member) for member in group}) != len(group):
-            raise RuntimeError(f"an adapter's hook is registered twice at {hook.name}; register each adapter once")
+            raise StateError(f"an adapter's hook is registered twice at {hook.name}; register each adapter once")
         out = act
         for member in sorted(group, key=lambda m: m.phase == READ):  # stable: registration order within a phase
             new = member.fn(out, hook)
@@ -109,19 +110,19 @@ class HookAdapter(ABC):
         RuntimeError while the adapter is active (its hooks are registered already).
         """
         if self.positions is not None:
-            raise TypeError(
+            raise InputTypeError(
                 f"{type(self).__name__} reads token positions from the attention mask through a pre-hook on the HF "
                 "model, which run_with_hooks cannot register: use it as a context manager (with ...); got a "
                 "fwd_hooks() call"
             )
         if self.active:
-            raise RuntimeError(f"{type(self).__name__} is active, so its hooks are registered already; got a "
+            raise StateError(f"{type(self).__name__} is active, so its hooks are registered already; got a "
                                "fwd_hooks() call inside its with block")
         return list(self._grouped())
 
     def __enter__(self):
         if self._stack is not None:
-            raise RuntimeError(f"{type(self).__name__} is already active; create a new one to stack it")
+            raise StateError(f"{type(self).__name__} is already active; create a new one to stack it")
         stack = contextlib.ExitStack()
         try:
             if self.positions is not None:
@@ -212,7 +213,7 @@ def _checked_vector(model, hook_name: str, vector: Tensor, what: str = "vector")
     v = edits.as_vector(vector, what)
     width = site_width(model, hook_name)
     if width is not None and v.shape[0] != width:
-        raise ValueError(
+        raise ShapeError(
             f"{what} has {v.shape[0]} elements but {hook_name} has width {width}: "
             "the vector is probably from another model or site"
         )
@@ -225,10 +226,10 @@ def finite_float(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)) or (
         isinstance(value, Tensor) and value.numel() != 1
     ):
-        raise TypeError(f"{what} must be a number; got {type(value).__name__}")
+        raise InputTypeError(f"{what} must be a number; got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{what} must be a finite number; got {v}")
+        raise ConfigError(f"{what} must be a finite number; got {v}")
     return v
 
 
@@ -239,7 +240,7 @@ def _flat(act: Tensor) -> Tensor:
 
 def _check_runtime_width(act: Tensor, width: int, hook) -> None:
     if act.shape[-1] != width:
-        raise ValueError(f"vector has {width} elements but the activation at {hook.name} has width {act.shape[-1]}")
+        raise ShapeError(f"vector has {width} elements but the activation at {hook.name} has width {act.shape[-1]}")
 
 
 def _edit_flat(act: Tensor, width: int, hook, fn: Callable[[Tensor], Tensor],
@@ -274,11 +275,11 @@ class CaptureBuffer:
 
     def get(self, concat: bool = True) -> Tensor | list[Tensor]:
         if not self.items:
-            raise ValueError(f"nothing captured at {self.hook_name}: run a forward pass inside the with block")
+            raise ConfigError(f"nothing captured at {self.hook_name}: run a forward pass inside the with block")
         if not concat:
             return list(self.items)
         if len({t.shape[1:] for t in self.items}) > 1:
-            raise ValueError(
+            raise ShapeError(
                 f"captures at {self.hook_name} differ in shape beyond the batch dim "
                 f"({[tuple(t.shape) for t in self.items]}); use get(concat=False)"
             )
@@ -318,7 +319,7 @@ class _PerLayer(_Composite):
     def _part(self, layer: int):
         key = resolve_layer(layer, self.model.cfg.n_layers)
         if key not in self.parts:
-            raise KeyError(f"layer {layer} was not hooked; hooked layers: {sorted(self.parts)}")
+            raise UnknownKeyError(f"layer {layer} was not hooked; hooked layers: {sorted(self.parts)}")
         return self.parts[key]
 
 
@@ -369,7 +370,7 @@ class MultiLayerSteering(_Composite):
         self.parts = []
         for i, cfg in enumerate(configs):
             if len(cfg) not in (3, 4):
-                raise ValueError(f"configs[{i}] must be (layer, vector, coef[, component]), got {len(cfg)} items")
+                raise ConfigError(f"configs[{i}] must be (layer, vector, coef[, component]), got {len(cfg)} items")
             layer, vector, coef, *comp = cfg
             path = get_hook_path(layer, comp[0] if comp else component, model)
             self.parts.append(SteeringHook(model, vector, path, coef))
@@ -413,7 +414,7 @@ def _check_token_range(token_range):
             low = high = start if ok else 0
         ok = ok and low >= 0 and (end is None or (isinstance(end, int) and not isinstance(end, bool) and end >= high))
     if not ok:
-        raise ValueError(f"token_range must be (start, end) with 0 <= start <= end or end=None (start an int or one "
+        raise ConfigError(f"token_range must be (start, end) with 0 <= start <= end or end=None (start an int or one "
                          f"per row), got {token_range!r}")
     return token_range
 
@@ -430,11 +431,11 @@ class PerSampleSteering(HookAdapter):
         self._by_hook: dict[str, list[tuple[Tensor, float, int, int]]] = {}
         for i, cfg in enumerate(configs):
             if len(cfg) != 4:
-                raise ValueError(f"configs[{i}] must be (layer, vector, coef, (b_start, b_end)), got {len(cfg)} items")
+                raise ConfigError(f"configs[{i}] must be (layer, vector, coef, (b_start, b_end)), got {len(cfg)} items")
             layer, vector, coef, rows = cfg
             start, end = rows
             if not 0 <= start < end:
-                raise ValueError(f"configs[{i}] has batch slice {tuple(rows)}; need 0 <= b_start < b_end")
+                raise ConfigError(f"configs[{i}] has batch slice {tuple(rows)}; need 0 <= b_start < b_end")
             hook_name = get_hook_path(layer, component, model)
             v = _checked_vector(model, hook_name, vector, f"configs[{i}] vector")
             self._by_hook.setdefault(hook_name, []).append((v, finite_float(coef, f"configs[{i}] coefficient"), start, end))
@@ -446,7 +447,7 @@ class PerSampleSteering(HookAdapter):
     def _steer(entries: list[tuple[Tensor, float, int, int]], act: Tensor, hook) -> Tensor:
         for v, coef, start, end in entries:
             if end > act.shape[0]:
-                raise ValueError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
+                raise ShapeError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
             rows = torch.zeros(act.shape[0], dtype=torch.bool, device=act.device)
             rows[start:end] = True
             act = _edit_flat(act, v.shape[0], hook, lambda h: edits.add(h, v.to(h.device), coef), rows)
@@ -485,8 +486,8 @@ class ActivationCappingHook(SiteEdit):
     def __init__(self, model, vector: Tensor, path: str, threshold: float, mode: str = "floor") -> None:
         super().__init__(model, path)
         if mode not in ("floor", "ceiling"):
-            raise ValueError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
-        self.direction = edits.unit(self._vector(vector, "vector"))
+            raise ConfigError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
+        self.direction = edits.unit(self._vector(vector, "vector"), "vector")
         self.threshold = finite_float(threshold, "threshold")
         self.mode = mode
 
@@ -501,7 +502,7 @@ class MultiLayerActivationCapping(_PerLayer):
                  mode: str = "floor", component: str = "residual") -> None:
         super().__init__(model)
         if set(vectors_by_layer) != set(thresholds_by_layer):
-            raise ValueError(
+            raise ConfigError(
                 f"vectors_by_layer has layers {sorted(vectors_by_layer)} but thresholds_by_layer has "
                 f"{sorted(thresholds_by_layer)}; give a threshold for every vector"
             )
@@ -584,9 +585,9 @@ def calibrate_cap_threshold(model, vector: Tensor, layer: int, prompts: Sequence
     Prompts are tokenized with the model's tokenizer as given (format chat prompts beforehand).
     """
     if not prompts:
-        raise ValueError("calibrate_cap_threshold needs at least one prompt")
+        raise ConfigError("calibrate_cap_threshold needs at least one prompt")
     if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        raise ConfigError(f"percentile must be in [0, 100], got {percentile}")
     tok = model.tokenizer
     scores = []
     with ProjectionHook(model, vector, get_hook_path(layer, component, model)) as proj, torch.inference_mode():

@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelens import edits
+from tracelens.errors import ConfigError, DataError, ShapeError
 
 FORMATS = ("gguf", "steering_vectors", "repeng", "hidden_states")
 GGUF_ARCH = "controlvector"
@@ -46,7 +47,7 @@ def export_vector(vectors: Vectors, fmt: str, path: str | Path | None = None, *,
     checked = _check_vectors(vectors)
     if fmt == "gguf":
         if path is None:
-            raise ValueError("export_vector(..., 'gguf') needs a path to write to")
+            raise ConfigError("export_vector(..., 'gguf') needs a path to write to")
         return _write_gguf(checked, Path(path), model_hint)
     if fmt == "steering_vectors":
         from steering_vectors import SteeringVector
@@ -62,10 +63,10 @@ def export_vector(vectors: Vectors, fmt: str, path: str | Path | None = None, *,
         return cls(model_type=model_hint, directions={k: v.numpy().astype(np.float32) for k, v in checked.items()})
     if fmt == "hidden_states":
         if n_layers is None:
-            raise ValueError("export_vector(..., 'hidden_states') needs n_layers (the model's number of blocks)")
+            raise ConfigError("export_vector(..., 'hidden_states') needs n_layers (the model's number of blocks)")
         too_deep = [k for k in checked if k >= n_layers]
         if too_deep:
-            raise ValueError(f"layers {too_deep} do not exist in a model with n_layers={n_layers}")
+            raise ConfigError(f"layers {too_deep} do not exist in a model with n_layers={n_layers}")
         width = next(iter(checked.values())).shape[0]
         out = torch.zeros(n_layers + 1, width)
         for layer, v in checked.items():
@@ -73,7 +74,7 @@ def export_vector(vectors: Vectors, fmt: str, path: str | Path | None = None, *,
         if path is not None:
             torch.save(out, path)
         return out
-    raise ValueError(f"unknown vector format {fmt!r}; use one of {FORMATS}")
+    raise ConfigError(f"unknown vector format {fmt!r}; use one of {FORMATS}")
 
 
 def import_vector(source, fmt: str | None = None) -> dict[int, Float[Tensor, " d"]]:
@@ -86,7 +87,7 @@ def import_vector(source, fmt: str | None = None) -> dict[int, Float[Tensor, " d
         return _read_gguf(Path(source))
     if fmt == "steering_vectors":
         if getattr(source, "layer_type", None) != "decoder_block":
-            raise ValueError(f"only decoder_block steering vectors map to the residual stream; got layer_type "
+            raise ConfigError(f"only decoder_block steering vectors map to the residual stream; got layer_type "
                              f"{getattr(source, 'layer_type', None)!r}")
         return _check_vectors(source.layer_activations)
     if fmt == "repeng":
@@ -94,10 +95,10 @@ def import_vector(source, fmt: str | None = None) -> dict[int, Float[Tensor, " d
     if fmt == "hidden_states":
         t = torch.load(source, weights_only=True) if isinstance(source, (str, Path)) else source
         if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0] < 2:
-            raise ValueError(f"a hidden-state vector must be a [n_layers + 1, d] tensor, got "
+            raise ShapeError(f"a hidden-state vector must be a [n_layers + 1, d] tensor, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         return _check_vectors({r - 1: t[r] for r in range(1, t.shape[0]) if t[r].any()})
-    raise ValueError(f"unknown vector format {fmt!r}; use one of {FORMATS}")
+    raise ConfigError(f"unknown vector format {fmt!r}; use one of {FORMATS}")
 
 
 def _guess_format(source) -> str:
@@ -105,27 +106,27 @@ def _guess_format(source) -> str:
         suffix = Path(source).suffix
         if suffix in (".gguf", ".pt"):
             return "gguf" if suffix == ".gguf" else "hidden_states"
-        raise ValueError(f"cannot tell the format of {source!r} from its suffix; pass fmt= one of {FORMATS}")
+        raise ConfigError(f"cannot tell the format of {source!r} from its suffix; pass fmt= one of {FORMATS}")
     if isinstance(source, Tensor):
         return "hidden_states"
     if hasattr(source, "layer_activations"):
         return "steering_vectors"
     if hasattr(source, "directions") and hasattr(source, "model_type"):
         return "repeng"
-    raise ValueError(f"cannot tell the vector format of a {type(source).__name__}; pass fmt= one of {FORMATS}")
+    raise ConfigError(f"cannot tell the vector format of a {type(source).__name__}; pass fmt= one of {FORMATS}")
 
 
 def _check_vectors(vectors: Vectors) -> dict[int, Tensor]:
     if not isinstance(vectors, Mapping) or not vectors:
-        raise ValueError("vectors must be a non-empty {layer: [d] tensor} mapping")
+        raise ConfigError("vectors must be a non-empty {layer: [d] tensor} mapping")
     out = {}
     for layer, v in sorted(vectors.items()):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"vector layers must be non-negative ints, got {layer!r}")
+            raise ConfigError(f"vector layers must be non-negative ints, got {layer!r}")
         out[layer] = edits.as_vector(torch.as_tensor(v), f"vector of layer {layer}").cpu().clone()
     widths = {v.shape[0] for v in out.values()}
     if len(widths) > 1:
-        raise ValueError(f"vectors of different widths {sorted(widths)}: they cannot come from one model")
+        raise ShapeError(f"vectors of different widths {sorted(widths)}: they cannot come from one model")
     return out
 
 
@@ -135,7 +136,7 @@ def _write_gguf(vectors: dict[int, Tensor], path: Path, model_hint: str) -> Path
     from tracelens.io import _replacing
 
     if 0 in vectors:
-        raise ValueError("llama.cpp rejects a control vector for layer 0 ('invalid (zero) direction tensor layer "
+        raise ConfigError("llama.cpp rejects a control vector for layer 0 ('invalid (zero) direction tensor layer "
                          "index'); drop layer 0 before exporting to GGUF")
     with _replacing(path) as tmp:
         writer = gguf.GGUFWriter(tmp, GGUF_ARCH)
@@ -156,17 +157,17 @@ def _read_gguf(path: Path) -> dict[int, Tensor]:
     reader = gguf.GGUFReader(path)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != GGUF_ARCH:
-        raise ValueError(f"{path} is not a control vector (general.architecture "
+        raise DataError(f"{path} is not a control vector (general.architecture "
                          f"{None if arch is None else arch.contents()!r}, expected {GGUF_ARCH!r})")
     out = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
         if prefix != "direction" or not index.isdigit():
-            raise ValueError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold direction.K tensors")
+            raise DataError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold direction.K tensors")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
-            raise ValueError(f"{path}: {tensor.name} must be a 1-D F32 tensor, got {tensor.tensor_type.name} "
+            raise DataError(f"{path}: {tensor.name} must be a 1-D F32 tensor, got {tensor.tensor_type.name} "
                              f"of shape {tuple(tensor.shape)}")
         out[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
     if not out:
-        raise ValueError(f"{path} holds no direction tensors")
+        raise DataError(f"{path} holds no direction tensors")
     return _check_vectors(out)

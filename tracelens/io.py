@@ -20,6 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tracelens.errors import DataError, MissingArtifactError
+
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -71,7 +74,7 @@ def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is corrupt (not valid JSON: {err}); delete it or re-run with --force") from err
+        raise DataError(f"{path} is corrupt (not valid JSON: {err}); delete it or re-run with --force") from err
 
 
 def append_jsonl(path: Path, obj) -> None:
@@ -123,7 +126,7 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path} line {i + 1} is corrupt: {err}") from err
+            raise DataError(f"{path} line {i + 1} is corrupt: {err}") from err
     return out
 
 
@@ -135,8 +138,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no tensor file at {path}")
+        raise MissingArtifactError(f"no tensor file at {path}")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt or not a safetensors file: {err}") from err
+        raise DataError(f"{path} is corrupt or not a safetensors file: {err}") from err

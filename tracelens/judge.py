@@ -61,6 +61,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tracelens.errors import ConfigError, JudgeError
 from tracelens.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
 from tracelens.types import JudgeResult
 
@@ -84,10 +85,6 @@ RELEVANCE_SYSTEM = (
 )
 SCORE_USER = 'Question: "{question}"\nResponse: "{response}"\nScore:'
 RELEVANCE_USER = 'Question: "{question}"\nResponse: "{response}"\nAnswer:'
-
-
-class JudgeError(RuntimeError):
-    """A judge could not produce scores: the endpoint refused, kept failing, or answered without logprobs."""
 
 
 @runtime_checkable
@@ -140,7 +137,7 @@ def _rows(
     rows = []
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or "question" not in item or "response" not in item:
-            raise ValueError(
+            raise ConfigError(
                 f"items[{i}] must be a mapping with 'question' and 'response' (and optionally 'trait_name', "
                 f"'definition'), got {item!r:.200}."
             )
@@ -376,7 +373,7 @@ class OpenAIJudge(_BatchScoring):
         backoff: float = 1.0,
     ) -> None:
         if max_concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"OpenAIJudge needs max_concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0, got "
                 f"max_concurrency={max_concurrency}, retries={retries}, timeout={timeout}, backoff={backoff}."
             )
@@ -399,7 +396,7 @@ class OpenAIJudge(_BatchScoring):
     def score_trait(self, question: str, response: str, trait_name: str | None,
                     definition: str | None) -> float | None:
         if not trait_name:
-            raise ValueError("OpenAIJudge.score_trait needs a trait_name (and its definition); got none.")
+            raise ConfigError("OpenAIJudge.score_trait needs a trait_name (and its definition); got none.")
         system = TRAIT_SYSTEM.format(trait=trait_name, definition=definition or "")
         return logprob_score(self._top_logprobs(system, SCORE_USER, question, response), TRAIT_MIN_MASS)
 
@@ -606,7 +603,7 @@ def repetition_score(text: str) -> float:
 def _both_sides(positive_texts: Sequence[str], negative_texts: Sequence[str], what: str) -> tuple[list[str], list[str]]:
     positive_texts, negative_texts = list(positive_texts), list(negative_texts)
     if not positive_texts or not negative_texts:
-        raise ValueError(
+        raise ConfigError(
             f"{what} needs at least one positive and one negative text, got {len(positive_texts)} positive and "
             f"{len(negative_texts)} negative."
         )
@@ -659,7 +656,7 @@ class EmbeddingJudge(_BatchScoring):
         max_length: int = 256,
     ) -> None:
         if features not in self.FEATURES:
-            raise ValueError(f"EmbeddingJudge features must be one of {self.FEATURES}, got {features!r}.")
+            raise ConfigError(f"EmbeddingJudge features must be one of {self.FEATURES}, got {features!r}.")
         self.model_path = model_path
         self.features = features
         self.C = C
@@ -765,7 +762,7 @@ def offline_judge(trait: str | TraitDataset) -> EmbeddingJudge:
     dataset = load_trait(trait) if isinstance(trait, str) else trait
     corpus = dataset.judge_corpus
     if corpus is None:
-        raise ValueError(
+        raise ConfigError(
             f"offline_judge needs a labelled judge corpus for trait {dataset.name!r}; got none: "
             f"{dataset.path / JUDGE_CORPUS_FILE} does not exist. Write one ({{\"text\": ..., \"label\": 1 | 0}} per "
             "line, at least 10 per label, independent of the scenarios) or judge with OpenAIJudge."

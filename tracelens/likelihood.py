@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tracelens.errors import ShapeError
 from tracelens.prompts import left_pad
 
 
@@ -27,10 +28,10 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
     ids; every prompt and every response needs at least one token (ValueError naming the row).
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        raise ShapeError(f"got {len(prompts)} prompts but {len(responses)} responses")
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not len(p) or not len(r):
-            raise ValueError(f"row {i} needs at least one prompt token and one response token; "
+            raise ShapeError(f"row {i} needs at least one prompt token and one response token; "
                              f"got {len(p)} and {len(r)}")
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
     device = model.cfg.device

@@ -30,6 +30,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tracelens.errors import BackendError, ConfigError, MissingArtifactError
+
 # Architectures whose hook sites are checked against HF to the bit in tracelens' own tests.
 TESTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -86,10 +88,10 @@ def load_model(
     """
     _check_transformers_version()
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None; got {attn_implementation!r}")
+        raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None; got {attn_implementation!r}")
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("load_model(model) with an in-memory model needs tokenizer=...")
+            raise ConfigError("load_model(model) with an in-memory model needs tokenizer=...")
         hf_model = source
         _check_architecture(type(hf_model).__name__)
         if not hf_model.config.architectures:  # e.g. loaded from a GGUF file; TransformerLens routes on it
@@ -97,12 +99,12 @@ def load_model(
         if dtype is not None:
             hf_model = hf_model.to(dtype)
         if device_map is not None:
-            raise ValueError("device_map applies when loading from disk; place an in-memory model yourself")
+            raise ConfigError("device_map applies when loading from disk; place an in-memory model yourself")
     else:
         folder = _resolve_folder(source)
         _check_architecture(_read_architecture(folder))
         if device_map is not None and device is not None:
-            raise ValueError("pass either device or device_map, not both")
+            raise ConfigError("pass either device or device_map, not both")
         hf_model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or torch.float32, attn_implementation="eager",  # switched after the boot
             **({"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}),
@@ -146,7 +148,7 @@ def _wants_sdpa(requested: str | None, hf_model: PreTrainedModel) -> bool:
     if requested is None:
         return sdpa_supported(hf_model)
     if requested == "sdpa" and not sdpa_supported(hf_model):
-        raise ValueError(
+        raise ConfigError(
             "attn_implementation='sdpa' must be used with a tested architecture whose HF class supports SDPA; "
             f"got {type(hf_model).__name__}. Load it with attn_implementation='eager'."
         )
@@ -175,7 +177,7 @@ def merge_lora(model: PreTrainedModel, adapter: str | os.PathLike) -> PreTrained
     folder = _resolve_folder(adapter, "LoRA adapter", "adapter_config.json")
     peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"the adapter's peft_type must be LORA; got {peft_type!r} in {folder / 'adapter_config.json'}")
+        raise ConfigError(f"the adapter's peft_type must be LORA; got {peft_type!r} in {folder / 'adapter_config.json'}")
     return PeftModel.from_pretrained(model, folder).merge_and_unload()
 
 
@@ -186,7 +188,7 @@ def _default_device() -> torch.device:
 def _check_transformers_version() -> None:
     installed = metadata.version("transformers")
     if Version(installed) >= _FIRST_BROKEN_TRANSFORMERS:
-        raise RuntimeError(
+        raise BackendError(
             f"transformers {installed} is installed, but TransformerLens 4.3 gives "
             "silently wrong KV-cached generation with transformers >= 5.24. "
             "Install a known-good release: pip install 'transformers>=5.9,<5.24'"
@@ -204,7 +206,7 @@ def _resolve_folder(source: str | os.PathLike, what: str = "model", marker: str 
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / marker).is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no {marker}: not a saved {saved}")
+            raise MissingArtifactError(f"{path} is a folder but has no {marker}: not a saved {saved}")
         return path
     looked = [str(path.resolve())]
     if "/" in str(source) and not path.is_absolute() and not str(source).startswith("."):
@@ -217,10 +219,10 @@ def _resolve_folder(source: str | os.PathLike, what: str = "model", marker: str 
             looked.append(f"the HF cache at {constants.HF_HUB_CACHE}")
         else:
             if not (cached / marker).is_file():
-                raise FileNotFoundError(f"{source!r} in the HF cache ({cached}) has no {marker}: not a saved {saved}")
+                raise MissingArtifactError(f"{source!r} in the HF cache ({cached}) has no {marker}: not a saved {saved}")
             return cached
     default = ", or 'default'" if what == "model" else ""
-    raise FileNotFoundError(
+    raise MissingArtifactError(
         f"{what} {str(source)!r} not found; looked in: {', '.join(looked)}. tracelens never downloads: "
         f"pass a folder written by save_pretrained, an id already in the HF cache{default}."
     )
@@ -242,7 +244,7 @@ def _check_architecture(architecture: str) -> None:
             stacklevel=3,
         )
         return
-    raise ValueError(
+    raise ConfigError(
         f"unsupported architecture {architecture!r}: TransformerLens 4.3 cannot bridge it. "
         f"Tested architectures: {', '.join(TESTED_ARCHITECTURES)}."
     )

@@ -10,6 +10,8 @@ import hmac
 import socket
 from http.server import ThreadingHTTPServer
 
+from tracelens.errors import ConfigError
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -34,7 +36,7 @@ def host_header_ok(headers, allowed: frozenset[str] | None) -> bool:
 def check_token(token) -> None:
     """ValueError unless `token` is None (no authentication) or a non-empty string."""
     if token is not None and (not isinstance(token, str) or not token):
-        raise ValueError(f"token must be a non-empty string or None; got {token!r}")
+        raise ConfigError(f"token must be a non-empty string or None; got {token!r}")
 
 
 def token_ok(headers, token: str | None) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tracelens.cleaning import CLEAN_MODES
+from tracelens.errors import ConfigError
 from tracelens.hooks import READ, HookAdapter
 from tracelens.io import read_json, write_json
 from tracelens.positions import TokenPositions
@@ -117,7 +118,7 @@ def aggregate(sums: Tensor, unit_sums: Tensor, norm_sums: Tensor, tokens: int, n
 def candidate_dims(calibration: dict, mode: str) -> list[int]:
     """Dims to clean: "top5-3layers" = in some layer's top 5 at 3 or more layers; "all" = every top dim."""
     if mode not in CLEAN_MODES:
-        raise ValueError(f"unknown clean mode {mode!r}; use one of {list(CLEAN_MODES)}")
+        raise ConfigError(f"unknown clean mode {mode!r}; use one of {list(CLEAN_MODES)}")
     if mode == "none":
         return []
     counts: dict[int, int] = {}

@@ -1,7 +1,9 @@
 """Model-free vector math for trait directions.
 
 Every function takes tensors of any float dtype (float16/bfloat16 included) and returns float32 results.
-Vectors are normalised with a +1e-8 guard, so zero vectors give 0 rather than NaN. Shape names:
+These are measurements, and keep the seed's +1e-8 guard: a zero vector or row measures 0 rather than NaN.
+(A direction that tracelens steers, ablates, caps or returns from a method goes through `edits.unit`, which
+raises DirectionError on a zero or non-finite vector.) Shape names:
 ``d`` is the model width, ``n`` a number of vectors or samples, ``k`` a number of basis directions.
 
 The separation metrics of :mod:`tracelens.metrics` are importable from here too, as from the seed's ``core.math``.
@@ -16,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelens.errors import ConfigError, ShapeError
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct  # noqa: F401
 
 EPS = 1e-8
@@ -25,7 +28,7 @@ EPS = 1e-8
 def _check_width(width: int, vector_width: int, what: str) -> None:
     """Raise if an activation-like tensor and a direction have different model widths."""
     if width != vector_width:
-        raise ValueError(
+        raise ShapeError(
             f"{what} has width {width} but the vector has width {vector_width}; "
             "the vector is probably from another model (check the model it was extracted from)."
         )
@@ -102,7 +105,7 @@ def pca(
     positive so the signs are reproducible. All-identical rows give a ratio of 0. Raises ValueError if n < 2.
     """
     if vectors.ndim != 2 or vectors.shape[0] < 2:
-        raise ValueError(f"pca needs a 2-D tensor with at least 2 rows, got shape {tuple(vectors.shape)}.")
+        raise ShapeError(f"pca needs a 2-D tensor with at least 2 rows, got shape {tuple(vectors.shape)}.")
     centered = vectors.float() - vectors.float().mean(dim=0)
     _, s, vt = torch.linalg.svd(centered, full_matrices=False)
     k = min(n_components, s.shape[0])
@@ -137,7 +140,7 @@ def grand_mean_center(
     Removes what every trait direction shares (Sofroniew et al. 2026, §1.1.4). Raises ValueError if empty.
     """
     if not vectors:
-        raise ValueError("grand_mean_center needs at least one vector, got an empty mapping.")
+        raise ConfigError("grand_mean_center needs at least one vector, got an empty mapping.")
     names = sorted(vectors)
     grand_mean = torch.stack([vectors[name].float() for name in names]).mean(dim=0)
     return {name: vectors[name].float() - grand_mean for name in names}, grand_mean
@@ -152,7 +155,7 @@ def compute_top_pcs_by_variance(
     Returns ``(basis [k, d], variance ratios [k], k)``. Used on neutral activations to find shared noise.
     """
     if not 0 < variance_threshold <= 1:
-        raise ValueError(f"variance_threshold must be in (0, 1], got {variance_threshold}.")
+        raise ConfigError(f"variance_threshold must be in (0, 1], got {variance_threshold}.")
     components, ratio, _ = pca(activations, n_components=min(activations.shape))
     k = int((ratio.cumsum(0) < variance_threshold).sum()) + 1
     k = min(k, max_components, components.shape[0])
@@ -176,7 +179,7 @@ def trait_clusters(
     from sklearn.cluster import KMeans
 
     if not 1 <= k <= vectors.shape[0]:
-        raise ValueError(f"k must be between 1 and the number of vectors ({vectors.shape[0]}), got {k}.")
+        raise ConfigError(f"k must be between 1 and the number of vectors ({vectors.shape[0]}), got {k}.")
     km = KMeans(n_clusters=k, n_init=n_init, random_state=random_state)
     km.fit(vectors.float().cpu().numpy())
     return torch.from_numpy(km.labels_).long(), torch.from_numpy(km.cluster_centers_).float(), float(km.inertia_)
@@ -193,11 +196,11 @@ def representational_similarity(
     whose cosines are all equal correlates 0 with every layer, itself included.
     """
     if method not in ("spearman", "cosine"):
-        raise ValueError(f"method must be 'spearman' or 'cosine', got {method!r}.")
+        raise ConfigError(f"method must be 'spearman' or 'cosine', got {method!r}.")
     layers = sorted(vectors_by_layer)
     sizes = {layer: vectors_by_layer[layer].shape[0] for layer in layers}
     if len(set(sizes.values())) != 1 or next(iter(sizes.values()), 0) < 3:
-        raise ValueError(f"every layer needs the same n >= 3 vectors, got n per layer {sizes}.")
+        raise ShapeError(f"every layer needs the same n >= 3 vectors, got n per layer {sizes}.")
     n = next(iter(sizes.values()))
     rows, cols = torch.triu_indices(n, n, offset=1)
     triangles = torch.stack([pairwise_cosine_matrix(vectors_by_layer[layer])[rows, cols] for layer in layers])
@@ -224,7 +227,7 @@ def pca_norm_correlation(
     from tracelens.metrics import pearson_correlation
 
     if projections.ndim != 2 or projections.shape[1] < 2 or projections.shape[0] != len(names):
-        raise ValueError(
+        raise ShapeError(
             f"projections must be [len(names)={len(names)}, >=2], got shape {tuple(projections.shape)}."
         )
     keep = [i for i, name in enumerate(names) if name in norms]
@@ -296,7 +299,7 @@ def remove_massive_dims(
     ValueError (they would silently index from the end).
     """
     if any(dim < 0 for dim in dims):
-        raise ValueError(f"massive dims must be non-negative indices, got {list(dims)}.")
+        raise ConfigError(f"massive dims must be non-negative indices, got {list(dims)}.")
     if not dims:
         return activations
     out = activations.clone() if clone else activations
@@ -316,10 +319,10 @@ def normalize_projections(
     if mode == "raw":
         return raw
     if raw.shape != norms.shape:
-        raise ValueError(f"raw has shape {tuple(raw.shape)} but token_norms has {tuple(norms.shape)}.")
+        raise ShapeError(f"raw has shape {tuple(raw.shape)} but token_norms has {tuple(norms.shape)}.")
     if mode == "cosine":
         return torch.where(norms > 0, raw / norms.clamp_min(EPS), 0.0)
     if mode == "normalized":
         mean_norm = norms.mean() if norms.numel() else torch.tensor(0.0)
         return raw / mean_norm if mean_norm > 0 else torch.zeros_like(raw)
-    raise ValueError(f"mode must be 'normalized', 'cosine' or 'raw', got {mode!r}.")
+    raise ConfigError(f"mode must be 'normalized', 'cosine' or 'raw', got {mode!r}.")

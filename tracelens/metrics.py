@@ -14,6 +14,9 @@ from jaxtyping import Float
 from scipy.stats import rankdata
 from torch import Tensor
 
+from tracelens.errors import ConfigError, ShapeError
+
+
 Scores = Float[Tensor, " n"] | Sequence[float]
 
 
@@ -21,7 +24,7 @@ def _scores(x: Scores, name: str, min_len: int = 1) -> Float[Tensor, " n"]:
     """Return ``x`` as a 1-D float64 tensor, raising ValueError if it is not 1-D or too short."""
     t = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64)
     if t.ndim != 1 or t.shape[0] < min_len:
-        raise ValueError(f"{name} must be a 1-D sequence of at least {min_len} scores, got shape {tuple(t.shape)}.")
+        raise ShapeError(f"{name} must be a 1-D sequence of at least {min_len} scores, got shape {tuple(t.shape)}.")
     return t
 
 
@@ -60,7 +63,7 @@ def pearson_correlation(x: Scores, y: Scores) -> float:
     """Pearson r of two equal-length sequences, in [-1, 1]; a constant input gives 0 (denominator >= 1e-8)."""
     x, y = _scores(x, "x", 2), _scores(y, "y", 2)
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}.")
+        raise ShapeError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}.")
     xc, yc = x - x.mean(), y - y.mean()
     return float((xc @ yc) / (xc.norm() * yc.norm()).clamp_min(1e-8))
 
@@ -106,7 +109,7 @@ class Estimate:
 def resample_counts(n: int, n_resamples: int = N_RESAMPLES, seed: int = 0) -> Float[Tensor, "b n"]:
     """How often each of ``n`` items is drawn in each of ``n_resamples`` bootstrap resamples (rows sum to n)."""
     if n < 1:
-        raise ValueError(f"the bootstrap needs at least 1 item; got {n}")
+        raise ConfigError(f"the bootstrap needs at least 1 item; got {n}")
     g = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, n, (n_resamples, n), generator=g)
     return torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
@@ -135,7 +138,7 @@ def paired_separation(pos_proj: Scores, neg_proj: Scores, threshold: float, n_re
     """
     pos, neg = _scores(pos_proj, "pos_proj", 2), _scores(neg_proj, "neg_proj", 2)
     if pos.shape != neg.shape:
-        raise ValueError(f"paired scores must have one positive and one negative per question; got {len(pos)} "
+        raise ShapeError(f"paired scores must have one positive and one negative per question; got {len(pos)} "
                          f"and {len(neg)}")
     n = len(pos)
     w = torch.cat([torch.ones(1, n, dtype=torch.float64), resample_counts(n, n_resamples, seed)])

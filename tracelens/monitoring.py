@@ -13,7 +13,6 @@ see `tracelens.hooks`), from the pass that produced the response.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ from datetime import datetime, timezone
 import torch
 
 from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.edits import unit
+from tracelens.errors import ConfigError
 from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import load_vector
+from tracelens.extraction import load_vector, parse_layers
 from tracelens.generation import HookedGenerator
 from tracelens.hooks import CaptureHook, MultiLayerProjection
 from tracelens.io import read_json, write_json
@@ -44,22 +45,6 @@ class MonitorConfig:
     one_pass: bool = False
 
 
-def resolve_monitor_layers(spec: str, best: int, n_layers: int) -> list[int]:
-    """"best,best+5" style specs (also plain ints) -> sorted layers clamped to the model."""
-    layers = set()
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"best(?:([+-])(\d+))?", part)
-        if m:
-            offset = int(m[2] or 0) * (-1 if m[1] == "-" else 1)
-            layers.add(min(max(best + offset, 0), n_layers - 1))
-        elif re.fullmatch(r"\d+", part) and int(part) < n_layers:
-            layers.add(int(part))
-        else:
-            raise ValueError(f"bad monitor layer {part!r} in {spec!r}: use best, best+N, best-N or a layer < {n_layers}")
-    return sorted(layers)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -78,7 +63,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     mv = get_model_variant(exp, variant, mode="application")
     if response_backend is not None:
         if config.one_pass:
-            raise ValueError("one_pass monitoring records projections while generating; it needs the local model")
+            raise ConfigError("one_pass monitoring records projections while generating; it needs the local model")
         ps = load_prompt_set(prompt_set)
         todo = [p for p in ps.prompts if not exp.inference_response_path(mv.name, ps.name, p.id).is_file()]
         if todo:
@@ -94,7 +79,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)
     if steering and not config.one_pass:
-        raise ValueError("steering while monitoring needs one_pass=True (projections recorded during generation)")
+        raise ConfigError("steering while monitoring needs one_pass=True (projections recorded during generation)")
     ps = load_prompt_set(prompt_set)
     written = {"responses": 0, "projections": 0}
     targets = {t: _vector_targets(exp, t, backend.n_layers, config.layers) for t in traits}
@@ -157,7 +142,7 @@ class _Target:
 def _vector_targets(exp: Experiment, trait: str, n_layers: int, spec: str) -> _Target:
     best = select_vector(exp, trait)
     variant = get_model_variant(exp, mode="extraction").name
-    layers = resolve_monitor_layers(spec, best.layer, n_layers)
+    layers = parse_layers(spec, n_layers, best=best.layer)
     meta = read_json(exp.vectors_dir(trait, variant, best.position, best.component, best.method) / "metadata.json")
     return _Target(best.method, best.source, best.position, best.component,
                    {l: load_vector(exp, trait, variant, best.position, best.component, best.method, l) for l in layers},
@@ -241,8 +226,8 @@ def _massive_dim_data(backend, record: ResponseRecord, target: _Target, calibrat
         at_dims = acts[(l, target.component)][:, dims].float()
         data["prompt"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[:n, i]] for i, d in enumerate(dims)}
         data["response"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[n:, i]] for i, d in enumerate(dims)}
-        v = target.vectors[l]
-        data["vector"][str(l)] = {str(d): round(float(v[d] / v.norm()), 6) for d in dims}
+        v = unit(target.vectors[l], f"the vector of layer {l}")
+        data["vector"][str(l)] = {str(d): round(float(v[d]), 6) for d in dims}
     return data
 
 
@@ -271,7 +256,7 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
     finally:
         report = collector.finalize()
     if report is None:
-        raise ValueError(f"prompt set {ps.name!r} has under 100 tokens; too few to calibrate")
+        raise ConfigError(f"prompt set {ps.name!r} has under 100 tokens; too few to calibrate")
     if per_token:
         dims = candidate_dims(report, "all")
         layers = list(range(backend.n_layers))

@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from tracelens.errors import ConfigError, ShapeError
+
 FRAMES = ("prompt", "response", "all", "system", "thinking")
 _EXAMPLES = "examples: 'prompt[-1]', 'prompt[-3:]', 'response[:5]', 'response[:]', 'all[:]', 'turn[0]:prompt[-1]'"
 _TURN = re.compile(r"^turn\[(-?\d+)\]:(.+)$")
@@ -40,14 +42,14 @@ class Position:
 def parse_position(position: str) -> Position:
     """Parse `frame[slice]`; a malformed string is a ValueError with examples."""
     if not isinstance(position, str):
-        raise ValueError(f"position must be a string like 'prompt[-1]', got {position!r}; {_EXAMPLES}")
+        raise ConfigError(f"position must be a string like 'prompt[-1]', got {position!r}; {_EXAMPLES}")
     text, turn = position.strip(), None
     m = _TURN.match(text)
     if m:
         turn, text = int(m[1]), m[2]
     m = _FRAME.match(text)
     if not m or m[1] not in FRAMES:
-        raise ValueError(f"malformed position {position!r}: expected frame[slice] with frame in {FRAMES}; {_EXAMPLES}")
+        raise ConfigError(f"malformed position {position!r}: expected frame[slice] with frame in {FRAMES}; {_EXAMPLES}")
     frame, body = m[1], m[2].strip()
     if re.fullmatch(_INT, body):
         i = int(body)
@@ -56,7 +58,7 @@ def parse_position(position: str) -> Position:
         a, b = body.split(":")
         start, stop = (int(a) if a else None), (int(b) if b else None)
     else:
-        raise ValueError(f"malformed slice [{body}] in position {position!r}; {_EXAMPLES}")
+        raise ConfigError(f"malformed slice [{body}] in position {position!r}; {_EXAMPLES}")
     return Position(frame, start, stop, turn)
 
 
@@ -66,7 +68,7 @@ def frame_bounds(pos: Position, prompt_len: int, seq_len: int,
     if pos.turn is not None or pos.frame in ("system", "thinking"):
         key = pos.frame if pos.turn is None else f"turn[{pos.turn}]:{pos.frame}"
         if not turn_boundaries or key not in turn_boundaries:
-            raise ValueError(f"position frame {key!r} needs turn_boundaries with that key; got {sorted(turn_boundaries or {})}")
+            raise ConfigError(f"position frame {key!r} needs turn_boundaries with that key; got {sorted(turn_boundaries or {})}")
         return turn_boundaries[key]
     return {"prompt": (0, prompt_len), "response": (prompt_len, seq_len), "all": (0, seq_len)}[pos.frame]
 
@@ -133,7 +135,7 @@ class TokenPositions:
             return pos, torch.ones(batch, seq, dtype=torch.bool, device=device)
         mask = self._mask.to(device)
         if mask.shape[0] != batch or mask.shape[1] < seq:
-            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not cover a [{batch}, {seq}] activation")
+            raise ShapeError(f"attention mask of shape {tuple(mask.shape)} does not cover a [{batch}, {seq}] activation")
         pos = mask.long().cumsum(dim=1)[:, -seq:] - 1
         return pos, mask[:, -seq:].bool()
 
@@ -151,5 +153,5 @@ def _per_row(bound: int | Tensor, batch: int, device) -> int | Int[Tensor, "batc
     if not isinstance(bound, Tensor):
         return bound
     if bound.shape != (batch,):
-        raise ValueError(f"a per-row position bound must have one value per row ({batch}); got shape {tuple(bound.shape)}")
+        raise ShapeError(f"a per-row position bound must have one value per row ({batch}); got shape {tuple(bound.shape)}")
     return bound.to(device)[:, None]

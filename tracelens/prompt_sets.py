@@ -22,19 +22,17 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from tracelens.errors import ConfigError, MissingArtifactError, PromptSetError
+from tracelens.experiments import check_name
+
+
 _TOP_KEYS = ("name", "description", "prompts", "system_prompt")
 _REQUIRED_KEYS = ("name", "description", "prompts")
-# A set name is one file stem: letters, digits, '_' and '-', so it can never leave the sets folder.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
-
-
-class PromptSetError(ValueError):
-    """A prompt set file exists but its content is invalid (the message names the file)."""
+_FILE_HINT = "; to load a file, pass a pathlib.Path or a path ending in '.json'"
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def default_prompt_sets_root() -> Path:
     """The folder of prompt sets shipped with tracelens (`tracelens/data/prompt_sets`)."""
     path = Path(str(resources.files("tracelens").joinpath("data", "prompt_sets")))
     if not path.is_dir():
-        raise FileNotFoundError(f"tracelens' shipped prompt-set folder is missing: expected a directory at {path}")
+        raise MissingArtifactError(f"tracelens' shipped prompt-set folder is missing: expected a directory at {path}")
     return path
 
 
@@ -87,33 +85,34 @@ def list_prompt_sets(root: str | Path | None = None) -> list[str]:
     A file is listed whether or not its content is valid (`load_prompt_set` reports what is wrong).
     """
     base = _resolve_root(root)
-    return sorted(p.stem for p in base.glob("*.json") if p.is_file() and _NAME.match(p.stem))
+    return sorted(p.stem for p in base.glob("*.json") if p.is_file() and _is_name(p.stem))
 
 
 def load_prompt_set(name_or_path: str | Path, root: str | Path | None = None) -> PromptSet:
     """Load and validate a prompt set by name (from `root`, default the shipped sets) or from a file path.
 
     Args:
-        name_or_path: a set name such as "neutral" (letters, digits, '_' and '-' only, so a name can never point
-            outside `root`), or a `pathlib.Path` / a string ending in ".json" naming a file to read directly.
+        name_or_path: a set name such as "neutral" (one folder name by `experiments.check_name`, so it can never
+            point outside `root`), or a `pathlib.Path` / a string ending in ".json" naming a file to read directly.
         root: the folder to look names up in, e.g. an experiment's own `datasets/inference`.
 
     Raises:
-        ValueError: a name that is not a plain file stem (e.g. "../secrets", "a/b", "").
-        FileNotFoundError: no such set or file (the message lists the available sets).
+        ConfigError (a ValueError): a name that is not one folder name (`experiments.check_name`; e.g.
+            "../secrets", "a/b", "").
+        MissingArtifactError (a FileNotFoundError): no such set or file (the message lists the available sets).
         PromptSetError: the file is not valid JSON or not in the prompt-set format (missing or unknown keys, empty
             or duplicate prompt ids, empty text, ...). The message names the file.
     """
     if isinstance(name_or_path, Path) or (isinstance(name_or_path, str) and name_or_path.endswith(".json")):
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt set file {str(path)!r} does not exist")
+            raise MissingArtifactError(f"prompt set file {str(path)!r} does not exist")
         return _read_prompt_set(path)
     base = _resolve_root(root)
-    path = base / f"{_check_name(name_or_path)}.json"
+    path = base / f"{check_name(name_or_path, 'prompt set', hint=_FILE_HINT)[0]}.json"
     if not path.is_file():
         available = list_prompt_sets(base)
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"prompt set {name_or_path!r} not found: no file {path}. Sets in {base}: "
             f"{', '.join(available) or 'none'}. To load a file elsewhere, pass its path ending in '.json'"
         )
@@ -128,17 +127,15 @@ def _resolve_root(root: str | Path | None) -> Path:
         return default_prompt_sets_root()
     path = Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"prompt set root must be an existing directory, got {str(root)!r}")
+        raise MissingArtifactError(f"prompt set root must be an existing directory, got {str(root)!r}")
     return path
 
 
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"invalid prompt set name {name!r}: expected a plain name like 'neutral' made of letters, digits, '_' "
-            "and '-' (no '/', '\\', '.' or '..'). To load a file, pass a pathlib.Path or a path ending in '.json'"
-        )
-    return name
+def _is_name(stem: str) -> bool:
+    try:
+        return bool(check_name(stem, "prompt set"))
+    except ConfigError:
+        return False
 
 
 def _read_prompt_set(path: Path) -> PromptSet:

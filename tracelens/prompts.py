@@ -8,6 +8,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tracelens.errors import ConfigError
+
+
 
 def format_prompt(tokenizer, prompt: str, system_prompt: str | None = None,
                   use_chat_template: bool | None = None) -> str:
@@ -22,7 +25,7 @@ def format_prompt(tokenizer, prompt: str, system_prompt: str | None = None,
     if not use_chat_template:
         return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+        raise ConfigError("use_chat_template=True but the tokenizer has no chat_template")
     messages = [{"role": "user", "content": prompt}]
     kwargs = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
     if system_prompt is None:
@@ -44,7 +47,7 @@ def encode(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=not has_bos).input_ids
     bos_id = tokenizer.bos_token_id
     if bos_id is not None and len(ids) > 1 and ids[0] == bos_id and ids[1] == bos_id:
-        raise ValueError(f"double BOS token ({bos!r}) at the start of {text[:60]!r}")
+        raise ConfigError(f"double BOS token ({bos!r}) at the start of {text[:60]!r}")
     return ids
 
 
@@ -57,7 +60,7 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 def tokenize_batch(tokenizer, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Left-padded `input_ids` and `attention_mask` for `texts` (each encoded by `encode`)."""
     if not texts:
-        raise ValueError("tokenize_batch needs at least one text")
+        raise ConfigError("tokenize_batch needs at least one text")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return left_pad([encode(tokenizer, t) for t in texts], pad)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tracelens.experiments import Experiment, check_name, get_model_variant
+from tracelens.errors import MissingArtifactError
+from tracelens.experiments import Experiment, find_traits, get_model_variant
 from tracelens.extraction import ALWAYS_EVALUATED
 from tracelens.io import read_json, read_jsonl, write_bytes
 from tracelens.metrics import Estimate
@@ -61,7 +62,7 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
     if traits is None:
         traits = _traits_with_results(exp, ex_variant, st_variant)
         if not traits:
-            raise FileNotFoundError(
+            raise MissingArtifactError(
                 f"experiment {exp.name!r} has no extraction evaluation ({ex_variant}) and no steering results "
                 f"({st_variant}) under {exp.dir}; run `tracelens extract` (and steering) first")
     out = [f"# Experiment report: {exp.name}", "", HOW_TO_READ]
@@ -69,7 +70,7 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
         evaluations = exp.evaluation_paths(trait, ex_variant)
         steering = exp.steering_results_paths(trait, st_variant)
         if not evaluations and not steering:
-            raise FileNotFoundError(f"no extraction evaluation or steering results for {trait!r} in experiment "
+            raise MissingArtifactError(f"no extraction evaluation or steering results for {trait!r} in experiment "
                                     f"{exp.name!r} ({exp.extraction_dir(trait, ex_variant)}); run extraction first")
         out += [f"## {trait}", ""]
         for path in evaluations:
@@ -88,24 +89,10 @@ def write_report(experiment: str | Experiment, traits: Sequence[str] | None, pat
 
 
 def _traits_with_results(exp: Experiment, ex_variant: str, st_variant: str) -> list[str]:
-    """``category/name`` of every trait with an evaluation file or a steering results file, sorted."""
-    def folders(root: Path) -> list[str]:  # skips what is no trait name, e.g. steering/_reference
-        return [p.name for p in sorted(root.iterdir()) if p.is_dir() and _is_name(p.name)] if root.is_dir() else []
-
-    def two_level(root: Path) -> list[str]:
-        return [f"{c}/{n}" for c in folders(root) for n in folders(root / c)]
-
-    found = {t for t in two_level(exp.stage_root("extraction")) if exp.evaluation_paths(t, ex_variant)}
-    found |= {t for t in two_level(exp.stage_root("steering")) if exp.steering_results_paths(t, st_variant)}
+    """Names of every trait with an evaluation file or a steering results file, sorted."""
+    found = set(find_traits(exp.stage_root("extraction"), lambda t: bool(exp.evaluation_paths(t, ex_variant))))
+    found |= set(find_traits(exp.stage_root("steering"), lambda t: bool(exp.steering_results_paths(t, st_variant))))
     return sorted(found)
-
-
-def _is_name(name: str) -> bool:
-    try:
-        check_name(name, "folder")
-    except ValueError:
-        return False
-    return True
 
 
 # --- formatting -------------------------------------------------------------------------------------------

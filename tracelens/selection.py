@@ -10,6 +10,7 @@ A lower level is used only when no higher level has any candidate.
 
 from __future__ import annotations
 
+from tracelens.errors import MissingArtifactError
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import ALWAYS_EVALUATED, select_rank
 from tracelens.io import read_json, read_jsonl
@@ -33,7 +34,7 @@ def select_vectors(experiment: str | Experiment, trait: str, n: int = 3, *, vari
         found = [r for r in level(exp, trait, name, position, component, min_coherence) if wanted(r.layer, r.method)]
         if found:
             return found[:n]
-    raise FileNotFoundError(
+    raise MissingArtifactError(
         f"no scored vectors for {trait!r} in experiment {exp.name!r} ({position}, {component}): run "
         "`tracelens extract` (and `tracelens steer`), or pass allow_unscored=True"
     )

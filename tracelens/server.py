@@ -89,6 +89,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.errors import ConfigError, RequestError
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import load_vector
 from tracelens.generation import GenerationCancelled, HookedGenerator
@@ -107,15 +108,6 @@ from tracelens.sites import COMPONENTS
 DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 256 * 1024 * 1024
 TOKEN_ENV = "TRACELENS_SERVER_TOKEN"
-
-
-class RequestError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status (4xx, or 503 for a busy model); under
-    ``/v1`` as OpenAI's ``{"error": {message, type, param, code}}`` with ``code`` (e.g. ``model_not_found``)."""
-
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 class _ClientGone(Exception):
@@ -740,17 +732,17 @@ class ModelServer:
                  max_queue: int = 64, experiments_root: str | os.PathLike | None = None) -> None:
         check_token(token)
         if host not in LOCAL_HOSTS and token is None:
-            raise ValueError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
+            raise ConfigError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
                              "or set a token (every request must then send 'Authorization: Bearer <token>')")
         for name, value in (("max_new_tokens_limit", max_new_tokens_limit), ("stream_buffer", stream_buffer),
                             ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
         for name, value in (("request_timeout", request_timeout), ("io_timeout", io_timeout)):
             if not _is_num(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number of seconds > 0; got {value!r}")
+                raise ConfigError(f"{name} must be a finite number of seconds > 0; got {value!r}")
         if not _is_num(batch_window_ms) or batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms must be a finite number of milliseconds >= 0; got {batch_window_ms!r}")
+            raise ConfigError(f"batch_window_ms must be a finite number of milliseconds >= 0; got {batch_window_ms!r}")
         self.backend, self.experiment, self.variant = backend, experiment, variant
         self.exp = Experiment.named(experiment, None if experiments_root is None else Path(experiments_root))
         self.token, self.verbose = token, verbose
@@ -1220,7 +1212,7 @@ def serve(experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, to
     (``max_new_tokens_limit``, ``request_timeout``, ``io_timeout``, ``stream_buffer``, ``batch_window_ms``,
     ``max_batch_size``, ``max_queue``)."""
     if host not in LOCAL_HOSTS and token is None:  # fail before the (slow) model load
-        raise ValueError(f"host {host!r} needs a token (--token or ${TOKEN_ENV})")
+        raise ConfigError(f"host {host!r} needs a token (--token or ${TOKEN_ENV})")
     backend = LocalBackend.from_experiment(experiment, variant, use_chat_template=use_chat_template)
     server = ModelServer(backend, experiment, host, port, token, variant=backend.variant, **settings)
     print(f"tracelens model server for {experiment!r}: {server.url}  (Ctrl-C to stop)", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
+from tracelens.errors import ConfigError, InputTypeError
 from tracelens.loading import attention_implementation
 
 COMPONENTS: dict[str, str] = {
@@ -42,9 +43,9 @@ and its inputs, q/k norms as TL names them); a model loaded with attn_implementa
 def resolve_layer(layer: int, n_layers: int) -> int:
     """`layer` as an index in [0, n_layers); negative layers count from the end."""
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+        raise InputTypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
     if not -n_layers <= layer < n_layers:
-        raise ValueError(
+        raise ConfigError(
             f"layer {layer} is out of range for a model with {n_layers} layers "
             f"(valid: 0..{n_layers - 1}, or -{n_layers}..-1 from the end)"
         )
@@ -58,13 +59,13 @@ def get_hook_path(layer: int, component: str = "residual", model: TransformerBri
     negative layer is an error (the depth is unknown).
     """
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
+        raise ConfigError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
     if model is not None:
         layer = resolve_layer(layer, model.cfg.n_layers)
     elif isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+        raise InputTypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
     elif layer < 0:
-        raise ValueError(f"negative layer {layer} needs model= to count from the end")
+        raise ConfigError(f"negative layer {layer} needs model= to count from the end")
     return COMPONENTS[component].format(layer=layer)
 
 
@@ -121,7 +122,7 @@ def detect_contribution_paths(model: TransformerBridge | torch.nn.Module) -> dic
     elif {"self_attn", "mlp"} <= children:
         modules = ("self_attn.o_proj", "mlp.down_proj")
     else:
-        raise ValueError(
+        raise ConfigError(
             f"cannot tell where attention and MLP contributions are in {arch}: its first decoder layer "
             f"has children {sorted(children)}; expected self_attn and mlp (Llama/Mistral/Qwen) or "
             "post_attention_layernorm, pre_/post_feedforward_layernorm (Gemma-2)"
@@ -141,7 +142,7 @@ def _first_decoder_layer(model: torch.nn.Module) -> torch.nn.Module:
             continue
         # In a bridge the HF layer is wrapped; its own children sit under _original_component.
         return getattr(layer, "_original_component", layer)
-    raise ValueError(
+    raise ConfigError(
         f"cannot find decoder layers in {type(hf).__name__}: looked for model.layers, "
         "model.language_model.layers and base_model.model.model.layers"
     )
@@ -163,7 +164,7 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
     them); any other wrapped module maps to its bridge component's `hook_out`.
     """
     if not isinstance(path, str):
-        raise TypeError(f"hook path must be a str, got {type(path).__name__}")
+        raise InputTypeError(f"hook path must be a str, got {type(path).__name__}")
     hooks = model.hook_dict
     if path in hooks:
         _check_fires(model, path)
@@ -178,14 +179,14 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
             return get_hook_path(int(match["layer"]), known[sub], model)
         hook_out = getattr(module, "hook_out", None) if isinstance(module, GeneralizedComponent) else None
         if hook_out is None or hook_out.name is None:
-            raise ValueError(
+            raise ConfigError(
                 f"HF module {path!r} ({type(module).__name__}) has no TransformerLens hook; "
                 "use a TL hook name such as get_hook_path(layer, component)"
             )
         return hook_out.name
     close = difflib.get_close_matches(path, list(hooks), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
+    raise ConfigError(
         f"unknown hook point {path!r}: neither a TransformerLens hook name nor an HF module path "
         f"like 'model.layers.3'{hint} get_hook_path(layer, component) builds valid names."
     )
@@ -198,7 +199,7 @@ def _check_fires(model: TransformerBridge, name: str) -> None:
         return
     point = model.hook_dict[name]
     if any(getattr(block.attn, hook, None) is point for block in model.blocks for hook in EAGER_ONLY_HOOKS):
-        raise ValueError(
+        raise ConfigError(
             f"hook point {name!r} must be hooked on a model loaded with attn_implementation='eager'; got a model "
             f"running {implementation!r} attention, which never computes it (attention pattern, scores and "
             "rotated queries/keys exist only in eager attention). Load it with "
@@ -212,7 +213,7 @@ def _walk_hf_path(model: TransformerBridge, path: str) -> torch.nn.Module:
     for i, part in enumerate(path.split(".")):
         nxt = _child(module, part)
         if nxt is None:
-            raise ValueError(
+            raise ConfigError(
                 f"HF module path {path!r}: {type(module).__name__} at "
                 f"{'.'.join(path.split('.')[:i]) or '<root>'} has no child {part!r}"
             )

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from tracelens.errors import ConfigError
+
+
 SPLITS = ("train", "select", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 
@@ -19,7 +22,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """`fractions` as a (train, select, test) tuple; ValueError unless three positive numbers summing to 1."""
     f = tuple(float(x) for x in fractions)
     if len(f) != 3 or any(not 0 < x < 1 for x in f) or abs(sum(f) - 1) > 1e-6:
-        raise ValueError(f"split fractions must be three numbers in (0, 1) for train, select and test summing "
+        raise ConfigError(f"split fractions must be three numbers in (0, 1) for train, select and test summing "
                          f"to 1; got {tuple(fractions)}")
     return f
 
@@ -36,7 +39,7 @@ def split_by_question(questions: Sequence[str], fractions: Sequence[float] = DEF
     n = len(distinct)
     n_select, n_test = (max(1, round(n * x)) for x in f[1:])
     if n - n_select - n_test < 2:
-        raise ValueError(f"{n} distinct questions are too few for a train / select / test split of {f}: "
+        raise ConfigError(f"{n} distinct questions are too few for a train / select / test split of {f}: "
                          "train needs at least 2; use more scenarios")
     order = sorted(distinct, key=lambda q: hashlib.sha256(f"{seed}\0{q}".encode()).hexdigest())
     cuts = {"test": set(order[:n_test]), "select": set(order[n_test:n_test + n_select])}

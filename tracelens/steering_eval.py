@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 import torch
 
 from tracelens.backends import GenerationConfig, LocalBackend
+from tracelens.edits import unit
+from tracelens.errors import ConfigError
 from tracelens.experiments import Experiment, get_model_variant
 from tracelens.extraction import load_activation_metadata, load_responses, load_splits, load_vector, parse_layers
 from tracelens.generation import HookedGenerator
@@ -70,17 +72,17 @@ class SteeringEvalConfig:
         for name in ("search_steps", "n_search", "max_new_tokens", "n_neutral"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
         if self.n_report is not None and (not isinstance(self.n_report, int) or self.n_report < 1):
-            raise ValueError(f"n_report must be a positive integer or None; got {self.n_report!r}")
+            raise ConfigError(f"n_report must be a positive integer or None; got {self.n_report!r}")
         if self.coefficients is not None:
             if not len(self.coefficients) or not all(math.isfinite(float(c)) for c in self.coefficients):
-                raise ValueError(f"coefficients must be a non-empty list of finite numbers; got {list(self.coefficients)}")
+                raise ConfigError(f"coefficients must be a non-empty list of finite numbers; got {list(self.coefficients)}")
         for name in ("search_coherence", "min_coherence"):
             if not 0 <= float(getattr(self, name)) <= 100:
-                raise ValueError(f"{name} must be in [0, 100]; got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be in [0, 100]; got {getattr(self, name)!r}")
         if self.direction not in (None, "positive", "negative"):
-            raise ValueError(f"direction must be 'positive', 'negative' or None; got {self.direction!r}")
+            raise ConfigError(f"direction must be 'positive', 'negative' or None; got {self.direction!r}")
 
 
 def _now() -> str:
@@ -108,8 +110,7 @@ def _generate(backend: LocalBackend, questions: Sequence[str], rows: list[tuple[
 def random_control(vector: torch.Tensor, seed: int) -> torch.Tensor:
     """A random direction with the norm of `vector` (seeded): the control every steering run stands beside."""
     g = torch.Generator().manual_seed(seed)
-    r = torch.randn(vector.shape[-1], generator=g)
-    return r / r.norm() * vector.float().norm()
+    return unit(torch.randn(vector.shape[-1], generator=g)) * vector.float().norm()
 
 
 # --- judge-free metrics ----------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def judge_validity(judge, exp: Experiment, trait: str, variant: str, position: s
               for side, rows in (("pos", [pos[i] for i in test]), ("neg", [neg[i] for i in test]))}
     pairs = [(p, n) for p, n in zip(scores["pos"], scores["neg"]) if p is not None and n is not None]
     if len(pairs) < 2:
-        raise ValueError(f"the judge scored fewer than 2 test pairs of {trait}; its validity cannot be measured")
+        raise ConfigError(f"the judge scored fewer than 2 test pairs of {trait}; its validity cannot be measured")
     p, n = zip(*pairs)
     return {"auroc": paired_separation(p, n, 50.0)["auroc"].to_dict(), "n_pairs": len(pairs),
             "data": "extraction test split (unseen by the vectors and the judge)"}
@@ -216,7 +217,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     search = questions[: config.n_search]
     report_qs = questions[config.n_search :][: config.n_report]
     if not search or not report_qs:
-        raise ValueError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
+        raise ConfigError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
                          f"{len(report_qs)} for the report; each side needs at least one")
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)

@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformer_lens.model_bridge import TransformerBridge
 
+from tracelens.errors import ConfigError
 from tracelens.loading import attention_implementation, load_model
 
 ARCHITECTURES = ("llama", "mistral", "gemma2", "gemma3", "qwen2", "qwen3")
@@ -134,7 +135,7 @@ def tiny_hf_model(
 ) -> PreTrainedModel:
     """A random-init eager-attention HF causal LM of the given architecture (eval mode)."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown test architecture {architecture!r}; choose one of {ARCHITECTURES}")
+        raise ConfigError(f"unknown test architecture {architecture!r}; choose one of {ARCHITECTURES}")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=d_model,

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+
+from tracelens.errors import MissingArtifactError, TraitDataError
+from tracelens.experiments import check_name
+
 
 POLARITIES = ("positive", "negative")
 SCENARIO_FORMATS = (".jsonl", ".txt")
@@ -41,12 +44,6 @@ _STEERING_KEYS = ("questions", "direction", "eval_prompt", "coherence_prompt", "
 _CORPUS_KEYS = ("text", "label")
 JUDGE_CORPUS_FILE = "judge_corpus.jsonl"
 JUDGE_CORPUS_MIN_PER_LABEL = 10
-# One path segment of a trait name: no separators, no leading dot (so no "." or ".."), no drive letters.
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
-
-class TraitDataError(ValueError):
-    """A trait dataset file exists but its content is invalid (the message names the file and, if known, the line)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +139,7 @@ def default_traits_root() -> Path:
     root = resources.files("tracelens").joinpath("data", "traits")
     path = Path(str(root))
     if not path.is_dir():
-        raise FileNotFoundError(f"tracelens' shipped trait folder is missing: expected a directory at {path}")
+        raise MissingArtifactError(f"tracelens' shipped trait folder is missing: expected a directory at {path}")
     return path
 
 
@@ -167,7 +164,7 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
 
     Args:
         trait: a relative, "/"-separated name such as "starter/optimism". Absolute paths, "." / ".." segments and
-            backslashes are rejected, so a name can never point outside `root`.
+            backslashes are rejected (`experiments.check_name`), so a name can never point outside `root`.
         root: the folder holding trait folders, e.g. an experiment's own dataset folder.
 
     Returns:
@@ -175,18 +172,18 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
         the folder has one, the judge corpus.
 
     Raises:
-        ValueError: `trait` is not a safe relative name.
-        FileNotFoundError: the trait folder or one of its files is missing.
+        ConfigError (a ValueError): `trait` is not a safe relative name (`experiments.check_name`).
+        MissingArtifactError (a FileNotFoundError): the trait folder or one of its files is missing.
         TraitDataError: a file is malformed (bad JSON, a row without a string `prompt`, an empty file, unequal
             positive/negative counts, a `steering.json` without questions or with a bad direction, a judge corpus
             row whose label is not 0/1, a duplicate corpus text, fewer than 10 corpus texts per label, ...).
     """
     base = _resolve_root(root)
-    folder = base.joinpath(*_check_trait_name(trait))
+    folder = base.joinpath(*check_name(trait, "trait", None))
     if not folder.is_dir():
         available = list_traits(base)
         shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "")
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"trait {trait!r} not found: no folder {folder}. Traits under {base}: {shown or 'none'}"
         )
 
@@ -220,29 +217,14 @@ def _resolve_root(root: str | Path | None) -> Path:
         return default_traits_root()
     path = Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"trait root must be an existing directory, got {str(root)!r}")
+        raise MissingArtifactError(f"trait root must be an existing directory, got {str(root)!r}")
     return path
-
-
-def _check_trait_name(trait: str) -> list[str]:
-    """Split a trait name into path segments, rejecting anything that could leave the root."""
-    if not isinstance(trait, str):
-        raise ValueError(f"trait must be a string like 'starter/optimism', got {type(trait).__name__} {trait!r}")
-    segments = trait.split("/")
-    bad = [s for s in segments if not _SEGMENT.match(s)]
-    if not trait or bad:
-        raise ValueError(
-            f"invalid trait name {trait!r}: expected a relative name like 'starter/optimism' made of '/'-separated "
-            "parts of letters, digits, '_', '-' and '.', with no empty, '.' or '..' parts and no leading '/' "
-            f"(bad parts: {bad})"
-        )
-    return segments
 
 
 def _scenario_file(folder: Path, polarity: str) -> Path:
     present = [folder / f"{polarity}{fmt}" for fmt in SCENARIO_FORMATS if (folder / f"{polarity}{fmt}").is_file()]
     if not present:
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"missing {polarity}.jsonl (or {polarity}.txt) in {folder}: each trait needs positive and negative "
             "scenario files"
         )
@@ -303,7 +285,7 @@ def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
 
 def _read_definition(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"missing {path.name} in {path.parent}: each trait needs a judge rubric (score 0-100 with HIGH/MID/LOW bands)"
         )
     text = _read_text(path).strip()
@@ -314,7 +296,7 @@ def _read_definition(path: Path) -> str:
 
 def _read_steering(path: Path) -> SteeringQuestions:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f'missing {path.name} in {path.parent}: each trait needs {{"questions": [...], "direction": "positive"}}'
         )
     text = _read_text(path)

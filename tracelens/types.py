@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
+
 SOURCES = ("steering", "evaluation", "unscored")
 DIRECTIONS = ("positive", "negative")
 MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches this (upstream MIN_COHERENCE)
@@ -36,7 +38,7 @@ MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches 
 def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``d`` that are init fields of dataclass ``cls`` (unknown keys are dropped)."""
     if not isinstance(d, Mapping):
-        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}.")
+        raise InputTypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}.")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return {k: v for k, v in d.items() if k in names}
 
@@ -88,7 +90,7 @@ class ProjectionConfig:
 
     def __post_init__(self) -> None:
         if not self.vectors:
-            raise ValueError("ProjectionConfig needs at least one VectorSpec, got an empty list.")
+            raise ConfigError("ProjectionConfig needs at least one VectorSpec, got an empty list.")
 
     @classmethod
     def single(cls, layer: int, component: str, position: str, method: str, weight: float = 1.0) -> ProjectionConfig:
@@ -148,11 +150,11 @@ class VectorResult:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"VectorResult.source must be one of {SOURCES}, got {self.source!r}.")
+            raise ConfigError(f"VectorResult.source must be one of {SOURCES}, got {self.source!r}.")
         if self.direction is not None and self.direction not in DIRECTIONS:
-            raise ValueError(f"VectorResult.direction must be one of {DIRECTIONS} or None, got {self.direction!r}.")
+            raise ConfigError(f"VectorResult.direction must be one of {DIRECTIONS} or None, got {self.direction!r}.")
         if self.source != "steering" and (self.delta is not None or self.coherence is not None):
-            raise ValueError(
+            raise ConfigError(
                 f"VectorResult.delta and .coherence come from steering runs, but source={self.source!r}; "
                 "set source='steering' or leave them None."
             )
@@ -360,12 +362,12 @@ class ResponseRecord:
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.token_ids):
-            raise ValueError(
+            raise ShapeError(
                 f"ResponseRecord has {len(self.tokens)} tokens but {len(self.token_ids)} token_ids; "
                 "they must describe the same sequence."
             )
         if not 0 <= self.prompt_end <= len(self.tokens):
-            raise ValueError(f"ResponseRecord.prompt_end must be in [0, {len(self.tokens)}], got {self.prompt_end}.")
+            raise ConfigError(f"ResponseRecord.prompt_end must be in [0, {len(self.tokens)}], got {self.prompt_end}.")
 
     @property
     def prompt_tokens(self) -> list[str]:
@@ -422,7 +424,7 @@ class ProjectionEntry:
         Raises ValueError when a segment has not exactly one norm per score.
         """
         if len(prompt) != len(prompt_norms) or len(response) != len(response_norms):
-            raise ValueError(
+            raise ShapeError(
                 f"each segment needs one norm per score: prompt {len(prompt)} scores vs {len(prompt_norms)} "
                 f"norms, response {len(response)} scores vs {len(response_norms)} norms."
             )
@@ -614,7 +616,7 @@ class SteeringHeader:
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"SteeringHeader.direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+            raise ConfigError(f"SteeringHeader.direction must be one of {DIRECTIONS}, got {self.direction!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "header", **dataclasses.asdict(self)}
@@ -690,7 +692,7 @@ class SteeringResults:
             elif kind == "report":
                 report = dict(line)
         if header is None:
-            raise ValueError('results.jsonl has no {"type": "header"} line; it is not a steering results file.')
+            raise DataError('results.jsonl has no {"type": "header"} line; it is not a steering results file.')
         return cls(header=header, baseline=baseline, runs=runs, baseline_timestamp=baseline_ts,
                    baseline_judge_free=baseline_jf, report=report)
 

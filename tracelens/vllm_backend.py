@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tracelens.backends import CaptureResult, GenerationConfig
+from tracelens.errors import BackendError, ConfigError, InputTypeError, ShapeError, StateError
 from tracelens.prompts import encode, format_prompt, token_strings
 
 INSTALL_HINT = "pip install 'tracelens[vllm]'"
@@ -94,7 +95,7 @@ class VLLMBackend:
     @property
     def llm(self):
         if self._llm is None:
-            raise RuntimeError("this VLLMBackend has been shut down; make a new one")
+            raise StateError("this VLLMBackend has been shut down; make a new one")
         return self._llm
 
     @property
@@ -125,10 +126,10 @@ class VLLMBackend:
         """Like `LocalBackend.generate_results`: raw prompts formatted with the chat template (and
         `system_prompts`, one per prompt), results with prompt/response text and token ids, no activations."""
         if steering:
-            raise ValueError("VLLMBackend cannot steer (vLLM exposes no model internals); use LocalBackend")
+            raise ConfigError("VLLMBackend cannot steer (vLLM exposes no model internals); use LocalBackend")
         prompts = _check_prompts(prompts)
         if system_prompts is not None and len(system_prompts) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
+            raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
         texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
         return self._run(texts, config or GenerationConfig())
 
@@ -209,7 +210,7 @@ class VLLMBackend:
 
 def _check_prompts(prompts: Sequence[str]) -> Sequence[str]:
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
+        raise InputTypeError("prompts must be a list of strings, not one string")
     return prompts
 
 
@@ -218,16 +219,16 @@ def _in_input_order(outputs: list, prompt_ids: list[list[int]]) -> list:
     one (ids grow with submission order), else as returned; then each output's `prompt_token_ids`
     must be the ids sent at its position."""
     if len(outputs) != len(prompt_ids):
-        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
+        raise BackendError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
     keys = [_request_key(o) for o in outputs]
     if all(k is not None for k in keys) and len(set(keys)) == len(keys):
         outputs = [o for _, o in sorted(zip(keys, outputs), key=lambda pair: pair[0])]
     for i, (out, sent) in enumerate(zip(outputs, prompt_ids)):
         got = getattr(out, "prompt_token_ids", None)
         if got is not None and list(got) != list(sent):
-            raise RuntimeError(f"vLLM output {i} does not belong to prompt {i} (its prompt token ids differ)")
+            raise BackendError(f"vLLM output {i} does not belong to prompt {i} (its prompt token ids differ)")
         if not getattr(out, "outputs", None):
-            raise RuntimeError(f"vLLM output {i} has no completion")
+            raise BackendError(f"vLLM output {i} has no completion")
     return outputs
 
 

@@ -6,6 +6,7 @@ seed's Adam ascent), ``fisher`` (spread-aware separation by L-BFGS), ``random_ba
 
 from __future__ import annotations
 
+from tracelens.errors import ConfigError
 from tracelens.methods.base import ExtractionMethod, PreCleanedMethod
 from tracelens.methods.fisher import Fisher
 from tracelens.methods.gradient import Gradient
@@ -23,7 +24,7 @@ METHODS: dict[str, type[ExtractionMethod]] = {
 def get_method(name: str) -> ExtractionMethod:
     """A fresh instance of the method called ``name``; raises ValueError listing the names if unknown."""
     if name not in METHODS:
-        raise ValueError(f"unknown extraction method {name!r}; available methods: {', '.join(METHODS)}.")
+        raise ConfigError(f"unknown extraction method {name!r}; available methods: {', '.join(METHODS)}.")
     return METHODS[name]()
 
 

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelens.edits import unit
+from tracelens.errors import ConfigError, InputTypeError, ShapeError
 from tracelens.math import remove_massive_dims
 
 Acts = Float[Tensor, "_n d"]  # rows may differ between arguments ("_n" is not matched); widths must not
@@ -27,17 +29,17 @@ Acts = Float[Tensor, "_n d"]  # rows may differ between arguments ("_n" is not m
 def _check_acts(x: Any, name: str, min_rows: int, method: str) -> Acts:
     """Return ``x`` as a float32 ``[n, d]`` tensor, raising ValueError if it is malformed or non-finite."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}.")
+        raise ShapeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}.")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [n, d], got shape {tuple(x.shape)}; flatten positions first.")
+        raise ShapeError(f"{name} must be 2-D [n, d], got shape {tuple(x.shape)}; flatten positions first.")
     if x.shape[0] < min_rows:
-        raise ValueError(
+        raise ShapeError(
             f"{name} has {x.shape[0]} rows but {method} needs at least {min_rows} per class; collect more examples."
         )
     x = x.detach().to(torch.float32)
     n_bad = int((~torch.isfinite(x)).sum())
     if n_bad:
-        raise ValueError(
+        raise ConfigError(
             f"{name} has {n_bad} non-finite values (NaN or inf); float16 activations overflow above 65504, "
             "so capture in bfloat16 or float32."
         )
@@ -48,7 +50,7 @@ def _check_pair(pos: Any, neg: Any, names: tuple[str, str], min_rows: int, metho
     """Check both classes and that they share a width."""
     pos, neg = _check_acts(pos, names[0], min_rows, method), _check_acts(neg, names[1], min_rows, method)
     if pos.shape[1] != neg.shape[1]:
-        raise ValueError(
+        raise ShapeError(
             f"{names[0]} has width {pos.shape[1]} but {names[1]} has width {neg.shape[1]}; "
             "both classes must come from the same model and hook point."
         )
@@ -73,7 +75,7 @@ def holdout_split(split: Split, fraction: float, seed: int) -> Split:
     if split.val_pos is not None:
         return split
     if not 0 < fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}.")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}.")
     generator = torch.Generator().manual_seed(seed)
     parts = []
     for acts in (split.pos, split.neg):
@@ -115,7 +117,7 @@ class ExtractionMethod(ABC):
         accepted = [p for p in inspect.signature(self._fit).parameters if p != "split"]
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
-            raise TypeError(f"{self.name} got unexpected keyword arguments {unknown}; it accepts {accepted}.")
+            raise InputTypeError(f"{self.name} got unexpected keyword arguments {unknown}; it accepts {accepted}.")
         result = self._fit(split, **kwargs)
         result["vector"] = self._finish(result["vector"], split)
         return result
@@ -124,25 +126,20 @@ class ExtractionMethod(ABC):
         if val_pos is None and val_neg is None:
             return None, None
         if val_pos is None or val_neg is None:
-            raise ValueError("pass both val_pos_acts and val_neg_acts, or neither; got only one.")
+            raise ConfigError("pass both val_pos_acts and val_neg_acts, or neither; got only one.")
         val_pos, val_neg = _check_pair(val_pos, val_neg, ("val_pos_acts", "val_neg_acts"), 1, self.name)
         if val_pos.shape[1] != width:
-            raise ValueError(
+            raise ShapeError(
                 f"val_pos_acts has width {val_pos.shape[1]} but pos_acts has width {width}; "
                 "the validation split must come from the same model and hook point."
             )
         return val_pos, val_neg
 
     def _finish(self, vector: Float[Tensor, " d"], split: Split) -> Float[Tensor, " d"]:
-        """Normalise to unit length and, if ``oriented``, flip so mean(pos @ v) > mean(neg @ v)."""
-        vector = vector.detach().to(device=split.pos.device, dtype=torch.float32)
-        norm = vector.norm()
-        if not torch.isfinite(norm) or norm <= 1e-12:
-            raise ValueError(
-                f"{self.name} found no direction (vector norm {float(norm):.3g}); the two classes may be "
-                "identical or differ only by a constant offset per row."
-            )
-        vector = vector / norm
+        """`edits.unit` of the vector (zero or non-finite: DirectionError), flipped if ``oriented`` so that
+        mean(pos @ v) > mean(neg @ v)."""
+        vector = unit(vector.to(split.pos.device), f"{self.name} found no direction: its vector",
+                      "; the two classes may be identical or differ only by a constant offset per row")
         if self.oriented and (split.pos @ vector).mean() < (split.neg @ vector).mean():
             vector = -vector
         return vector

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelens.errors import ConfigError, DirectionError
 from tracelens.methods.base import ExtractionMethod, Split, holdout_split
 from tracelens.metrics import auroc
 
@@ -65,7 +66,7 @@ def maximise_separation(
     scale = torch.where(std > 0, std, torch.ones_like(std))  # a constant dim keeps its raw scale
     z, delta = centered / scale, (pos_mean - neg_mean) / scale
     if not delta.any():
-        raise ValueError("fisher found no direction: the two classes have identical means.")
+        raise DirectionError("fisher found no direction: the two classes have identical means.")
     mean_variance = z.pow(2).sum() / dof / z.shape[1]  # the identity target, scaled to C's mean variance
 
     def separation(w: Float[Tensor, " d"]) -> Float[Tensor, ""]:
@@ -141,7 +142,7 @@ class Fisher(ExtractionMethod):
     ) -> dict[str, Any]:
         for g in [shrinkage] if shrinkage is not None else shrinkage_grid:
             if not 0 < g <= 1:
-                raise ValueError(f"shrinkage must be in (0, 1], got {g}; 0 is unbounded when rows < dims.")
+                raise ConfigError(f"shrinkage must be in (0, 1], got {g}; 0 is unbounded when rows < dims.")
         # Callers often hold torch.no_grad() or inference_mode(); the optimiser needs autograd, and inference
         # tensors cannot be saved for backward, so re-enable both and clone the inputs into ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():

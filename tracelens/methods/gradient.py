@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tracelens.errors import ConfigError
 from tracelens.methods.base import ExtractionMethod, Split
 
 
@@ -40,7 +41,7 @@ class Gradient(ExtractionMethod):
         regularization: float = 0.01,
     ) -> dict[str, Any]:
         if num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0; got {num_steps}.")
+            raise ConfigError(f"num_steps must be >= 0; got {num_steps}.")
         generator = torch.Generator().manual_seed(seed)
         start = torch.randn(split.pos.shape[1], generator=generator).to(split.pos.device)
         # Callers often hold torch.no_grad() or inference_mode(); Adam needs autograd on ordinary tensors.

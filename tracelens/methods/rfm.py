@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelens.errors import BackendError, ConfigError
 from tracelens.methods.base import ExtractionMethod, Split, holdout_split
 from tracelens.metrics import auroc
 
@@ -68,7 +69,7 @@ class RFM(ExtractionMethod):
     ) -> dict[str, Any]:
         scores = {"vector": "val_auc", "predictor": "predictor_auc"}
         if selection not in scores:
-            raise ValueError(f"selection must be 'vector' or 'predictor'; got {selection!r}.")
+            raise ConfigError(f"selection must be 'vector' or 'predictor'; got {selection!r}.")
         key = scores[selection]
         split = holdout_split(split, val_fraction, seed)
         x = torch.cat([split.pos, split.neg])
@@ -98,7 +99,7 @@ class RFM(ExtractionMethod):
                 grid.append(entry)
         if best is None:
             causes = "; ".join(f"bandwidth={e['bandwidth']}, center_grads={e['center_grads']}: {e['error']}" for e in grid)
-            raise RuntimeError(f"rfm: every fit failed ({causes}).")
+            raise BackendError(f"rfm: every fit failed ({causes}).")
         chosen, vector = best
         return {"vector": vector, **chosen, "grid": grid}
 
