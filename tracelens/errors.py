@@ -100,11 +100,13 @@ class GenerationCancelled(TracelensError, RuntimeError):
 
 class RequestError(TracelensError):
     """A request the model server or dashboard refuses: answered ``{"error": message}`` with HTTP ``status``
-    (400 by default; 4xx for the client's fault, 500 for a stored file it cannot read, 503 when busy or late)."""
+    (400 by default; 4xx for the client's fault, 500 for a stored file it cannot read, 503 when busy or late);
+    under the server's ``/v1`` as OpenAI's ``{"error": {message, type, param, code}}`` with ``code`` (e.g.
+    ``model_not_found``)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.code = status, code
 
 
 __all__ = [
