@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tracelens.ab_plot import propensity_svg
+from tracelens.pipeline.ab_plot import propensity_svg
 from tracelens.metrics import Estimate
 
 

@@ -10,7 +10,7 @@ import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tracelens.loading import ATTN_IMPLEMENTATIONS, sdpa_supported  # noqa: E402
+from tracelens.model.loading import ATTN_IMPLEMENTATIONS, sdpa_supported  # noqa: E402
 from tracelens.testing import ARCHITECTURES, tiny_hf_model, tiny_model  # noqa: E402
 
 ATTENTION_CASES = [

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import cached_tiny
 from tests.hf_reference import hf_capture, hf_hooks
-from tracelens.ab import (
+from tracelens.pipeline.ab import (
     ABConfig,
     ABDataError,
     ABItem,
@@ -22,8 +22,8 @@ from tracelens.ab import (
     load_ab,
     run_ab,
 )
-from tracelens.ab_plot import propensity_svg
-from tracelens.prompts import format_prompt
+from tracelens.pipeline.ab_plot import propensity_svg
+from tracelens.model.prompts import format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_run_ab_vectors_curves_and_splits(t, starter, result):
     r = result.report
     assert r["splits"] == {"train": 40, "select": 8, "test": 32} and r["multipliers"] == [-4.0, 0.0, 4.0]
     encoded = encode_items(t.tokenizer, starter)
-    from tracelens.splits import split_by_question
+    from tracelens.pipeline.splits import split_by_question
 
     train = split_by_question([i.prompt for i in starter.items], (0.5, 0.1, 0.4))["train"]
     letters = [starter.items[i].matching for i in train]
@@ -174,7 +174,7 @@ def test_run_ab_vectors_curves_and_splits(t, starter, result):
 
 
 def test_balance_letters_keeps_equal_counts_and_needs_both_letters(starter):
-    from tracelens.ab import ABDataset, balance_letters
+    from tracelens.pipeline.ab import ABDataset, balance_letters
 
     kept = balance_letters(range(10), starter)  # items alternate A, B
     assert kept == list(range(10))

@@ -1,4 +1,4 @@
-"""The adapter contract, run over every adapter class (every concrete subclass of `tracelens.hooks.HookAdapter`).
+"""The adapter contract, run over every adapter class (every concrete subclass of `tracelens.model.hooks.HookAdapter`).
 
 Each adapter: leaves no hook behind when its block raises; nests and unwinds innermost first; at its neutral
 setting (strength 0, a floor below every activation; any setting of a read) is the identity, to the bit, while
@@ -21,9 +21,9 @@ import torch
 import tracelens
 from conftest import _active_hooks, cached_tiny, encode
 from tracelens import get_hook_path
-from tracelens.conditional import ConditionalSteering
-from tracelens.generation import CaptureConfig, HookedGenerator, StepCapture
-from tracelens.hooks import (
+from tracelens.model.conditional import ConditionalSteering
+from tracelens.model.generation import CaptureConfig, HookedGenerator, StepCapture
+from tracelens.model.hooks import (
     READ,
     AblationHook,
     ActivationCappingHook,
@@ -39,7 +39,7 @@ from tracelens.hooks import (
     ProjectionHook,
     SteeringHook,
 )
-from tracelens.massive import MassiveDimCollector
+from tracelens.model.massive import MassiveDimCollector
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today!", "What is the best way to learn?"]
 STEPS = 3

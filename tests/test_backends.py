@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tracelens import get_hook_path
-from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, _batched
-from tracelens.prompts import tokenize_batch
+from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, _batched
+from tracelens.model.prompts import tokenize_batch
 
 from conftest import cached_tiny
 
@@ -76,8 +76,8 @@ def test_forward_with_capture_and_properties(tiny):
 
 
 def test_from_experiment_loads_the_variant_its_lora_adapter_and_its_chat_template_setting(tmp_path):
-    from tracelens.experiments import Experiment
-    from tracelens.loading import load_model
+    from tracelens.pipeline.experiments import Experiment
+    from tracelens.model.loading import load_model
     from tracelens.testing import make_tokenizer, save_tiny_lora, tiny_hf_model
 
     folder = tmp_path / "tiny-llama"
@@ -134,7 +134,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_order():
 def test_generate_batch_under_per_sample_steering_equals_hf_generate_row_by_row(tiny):
     # the seed's escape hatch: PerSampleSteering around generate_batch(model, tokenizer, prompts, max_new_tokens=...)
     from tracelens import PerSampleSteering, format_prompt, generate_batch
-    from tracelens.prompts import encode
+    from tracelens.model.prompts import encode
 
     from hf_reference import hf_hooks, hf_module_for
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tracelens import get_hook_path
-from tracelens.capture import capture_at_position
-from tracelens.prompts import encode, format_prompt
+from tracelens.model.capture import capture_at_position
+from tracelens.model.prompts import encode, format_prompt
 
 PROMPTS = ["What is the capital of France?", "Hi", "Please answer the question politely and formally."]
 

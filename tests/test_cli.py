@@ -24,7 +24,7 @@ from tracelens import cli
 ])
 def test_usage_errors_print_one_line_and_exit_2(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
-    monkeypatch.setattr("tracelens.loading.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr("tracelens.model.loading.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1 and err.startswith(f"tracelens {argv[0]}: error:")
@@ -43,10 +43,10 @@ def test_a_missing_experiment_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_server_limits_reach_the_model_server(monkeypatch):
-    import tracelens.server
+    import tracelens.serving.server
 
     seen = {}
-    monkeypatch.setattr(tracelens.server, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
+    monkeypatch.setattr(tracelens.serving.server, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
     assert cli.main(["server", "--experiment", "x", "--max-new-tokens-limit", "64", "--io-timeout", "5"]) == 0
     assert seen["experiment"] == "x" and seen["max_new_tokens_limit"] == 64 and seen["io_timeout"] == 5.0
     assert "request_timeout" not in seen  # unset flags keep the server's defaults
@@ -55,7 +55,7 @@ def test_server_limits_reach_the_model_server(monkeypatch):
 @pytest.mark.parametrize("command", ["extract", "monitor"])
 def test_the_vllm_backend_refuses_a_lora_variant(command, tmp_path, monkeypatch, capsys):
     """vLLM would generate with the base model: refused before anything loads, never run under the LoRA label."""
-    from tracelens.experiments import Experiment
+    from tracelens.pipeline.experiments import Experiment
 
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
     Experiment.named("x", tmp_path).write_config({"tuned": {"model": "default", "lora": "adapters/tuned"}})

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import cached_tiny, encode
-from tracelens.capture import capture_at_position
-from tracelens.conditional import ConditionalSteering, fit_condition_threshold
-from tracelens.generation import HookedGenerator
+from tracelens.model.capture import capture_at_position
+from tracelens.model.conditional import ConditionalSteering, fit_condition_threshold
+from tracelens.model.generation import HookedGenerator
 
 PROMPTS = ["How do you feel today?", "Paris is lovely", "hey what's up, that was totally awesome lol", "I am sad"]
 
@@ -143,8 +143,8 @@ def test_fitted_threshold_separates_prompts_that_differ_on_the_condition(t):
 
 
 def test_the_backend_option_equals_the_adapter_around_the_generator(t, vectors):
-    from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
-    from tracelens.conditional import Condition
+    from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
+    from tracelens.model.conditional import Condition
 
     vector, condition = vectors
     backend = LocalBackend.from_model(t.model, use_chat_template=False)
@@ -155,7 +155,7 @@ def test_the_backend_option_equals_the_adapter_around_the_generator(t, vectors):
     spec = SteeringSpec(1, vector, 6.0, condition=Condition(condition, 1, threshold))
     got = backend.generate_results(PROMPTS, GenerationConfig(max_new_tokens=5), [spec])
     texts = [backend.format(p) for p in PROMPTS]
-    from tracelens.prompts import tokenize_batch
+    from tracelens.model.prompts import tokenize_batch
 
     ids, mask = tokenize_batch(t.tokenizer, texts)
     with ConditionalSteering(t.model, vector, 1, condition, 1, threshold, coefficient=6.0) as steer:

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tracelens import load_model
-from tracelens.default_model import default_model_path
-from tracelens.loading import attention_implementation
+from tracelens.model.default_model import default_model_path
+from tracelens.model.loading import attention_implementation
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_bridge_logits_equal_hf_logits_on_the_converted_folder(default_model, at
 
 
 def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_counts(default_model):
-    from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
+    from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
 
     backend = LocalBackend.from_model(default_model)
     v = torch.randn(576, generator=torch.Generator().manual_seed(0))
@@ -53,12 +53,12 @@ def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_count
 
 
 def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, tmp_path):
-    from tracelens.backends import LocalBackend
-    from tracelens.experiments import Experiment
-    from tracelens.extraction import ExtractionConfig, run_extraction
-    from tracelens.selection import select_vector
-    from tracelens.judge import offline_judge
-    from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+    from tracelens.serving.backends import LocalBackend
+    from tracelens.pipeline.experiments import Experiment
+    from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
+    from tracelens.pipeline.selection import select_vector
+    from tracelens.judges.offline import offline_judge
+    from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
     exp = Experiment.named("e2e", tmp_path)
     exp.write_config({"instruct": {"model": "default"}}, {"extraction": "instruct"}, use_chat_template=True)

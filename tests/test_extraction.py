@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-import tracelens.extraction as ex
-from tracelens.backends import LocalBackend
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import ExtractionConfig, load_activation_metadata, parse_layers, run_extraction
+import tracelens.pipeline.extraction as ex
+from tracelens.serving.backends import LocalBackend
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, parse_layers, run_extraction
 from tracelens.io import load_tensors
-from tracelens.selection import select_vector, select_vectors
+from tracelens.pipeline.selection import select_vector, select_vectors
 
 TRAIT = "starter/optimism"
 

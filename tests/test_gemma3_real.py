@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tracelens import load_model
-from tracelens.generation import HookedGenerator, SteeringConfig
+from tracelens.model.generation import HookedGenerator, SteeringConfig
 
 from hf_reference import hf_capture, hf_hooks, hf_module_for
 

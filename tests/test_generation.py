@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tracelens import CaptureHook, get_hook_path
-from tracelens.generation import CaptureConfig, HookedGenerator, SteeringConfig
-from tracelens.prompts import tokenize_batch
+from tracelens.model.generation import CaptureConfig, HookedGenerator, SteeringConfig
+from tracelens.model.prompts import tokenize_batch
 
 from hf_reference import hf_hooks, hf_module_for
 

@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import cached_tiny, encode
 from tests.hf_reference import hf_capture, hf_hooks
-from tracelens.hooks import MultiLayerSteering
-from tracelens.interchange import export_vector, import_vector
+from tracelens.model.hooks import MultiLayerSteering
+from tracelens.pipeline.interchange import export_vector, import_vector
 
 
 @dataclass

@@ -16,24 +16,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import tracelens.cli
-import tracelens.judge
-import tracelens.steering_eval
-from tracelens.judge import (
+import tracelens.judges.base
+import tracelens.pipeline.steering_eval
+from tracelens.errors import JudgeError
+from tracelens.judges.base import Judge, summarize_judge_scores
+from tracelens.judges.degeneracy import Degeneracy, degeneracy
+from tracelens.judges.offline import EmbeddingJudge, offline_judge, repetition_score
+from tracelens.judges.openai import (
     COHERENCE_SYSTEM,
     RELEVANCE_SYSTEM,
-    Degeneracy,
-    EmbeddingJudge,
-    Judge,
-    JudgeError,
     OpenAIJudge,
-    degeneracy,
     logprob_score,
-    offline_judge,
     relevance_verdict,
-    repetition_score,
-    summarize_judge_scores,
 )
-from tracelens.traits import load_trait
+from tracelens.pipeline.traits import load_trait
 from tracelens.types import JudgeResult
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -84,7 +80,7 @@ def test_summarize_empty_and_all_none():
 
 
 def test_module_doctest_runs():
-    assert doctest.testmod(tracelens.judge).failed == 0
+    assert doctest.testmod(tracelens.judges.base).failed == 0
 
 
 # ---------------------------------------------------------------------------------------------- pure scoring
@@ -564,11 +560,11 @@ def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies
         handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
         raise Stop
 
-    from tracelens.experiments import Experiment
+    from tracelens.pipeline.experiments import Experiment
 
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
     Experiment.named("exp").write_config({"base": {"model": "tiny"}})
-    monkeypatch.setattr(tracelens.steering_eval, "judge_validity", fake_judge_validity)
+    monkeypatch.setattr(tracelens.pipeline.steering_eval, "judge_validity", fake_judge_validity)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(Stop):
         tracelens.cli.main(["--debug", "steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hf_reference import hf_hooks
-from tracelens.hooks import SteeringHook
-from tracelens.likelihood import response_logprobs
-from tracelens.steering_eval import ReferenceTexts, _score_texts, judge_free_metrics, random_control
+from tracelens.model.hooks import SteeringHook
+from tracelens.model.likelihood import response_logprobs
+from tracelens.pipeline.steering_eval import ReferenceTexts, _score_texts, judge_free_metrics, random_control
 
 PROMPTS = [[5, 17, 33, 2], [9, 4], [40, 41, 42, 43, 44, 45]]
 RESPONSES = [[7, 8, 9], [100, 3, 12, 60, 61], [11]]

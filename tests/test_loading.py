@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-import tracelens.default_model as dm
+import tracelens.model.default_model as dm
 from tracelens import load_model
-from tracelens.loading import attention_implementation
+from tracelens.model.loading import attention_implementation
 from tracelens.testing import ARCHITECTURES, make_tokenizer, save_tiny_lora, tiny_hf_model
 
 

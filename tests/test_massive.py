@@ -5,11 +5,11 @@ import torch
 from conftest import _active_hooks
 
 from tracelens import get_hook_path
-from tracelens.generation import HookedGenerator
-from tracelens.hooks import CaptureHook
+from tracelens.model.generation import HookedGenerator
+from tracelens.model.hooks import CaptureHook
 from tracelens.io import read_json
-from tracelens.massive import MassiveDimCollector, aggregate, candidate_dims
-from tracelens.prompts import tokenize_batch
+from tracelens.model.massive import MassiveDimCollector, aggregate, candidate_dims
+from tracelens.model.prompts import tokenize_batch
 
 TEXTS = ["The capital of France is Paris.", "I am so happy today!", "What is the best way to learn?"] * 4
 

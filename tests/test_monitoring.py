@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tracelens import get_hook_path
-from tracelens.backends import LocalBackend, SteeringSpec
-from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, load_vector, run_extraction
-from tracelens.hooks import CaptureHook
-from tracelens.monitoring import MonitorConfig, run_monitoring
+from tracelens.serving.backends import LocalBackend, SteeringSpec
+from tracelens.pipeline.experiments import Experiment
+from tracelens.pipeline.extraction import ExtractionConfig, load_vector, run_extraction
+from tracelens.model.hooks import CaptureHook
+from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring
 from tracelens.types import ProjectionRecord, ResponseRecord
 
 TRAIT = "starter/optimism"
@@ -102,11 +102,11 @@ def test_a_response_backend_writes_the_records_then_projections_run_locally(setu
 def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setup):
     """Steering at the monitored layer: the recorded projections and the massive-dim activations kept for
     cleaning both equal those of the steered generation, not of an unsteered prefill."""
-    from tracelens.cleaning import clean_scores
-    from tracelens.hooks import SteeringHook
-    from tracelens.massive import MassiveDimCollector
-    from tracelens.prompts import tokenize_batch
-    from tracelens.selection import select_vector
+    from tracelens.model.cleaning import clean_scores
+    from tracelens.model.hooks import SteeringHook
+    from tracelens.model.massive import MassiveDimCollector
+    from tracelens.model.prompts import tokenize_batch
+    from tracelens.pipeline.selection import select_vector
 
     exp, backend, prompt_set = setup
     m = backend.model
@@ -151,8 +151,8 @@ def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setu
 
 def test_a_lora_variant_runs_with_its_adapter_merged(tmp_path):
     """A pipeline stage loading the variant itself gets the adapted model, and records it as such."""
-    from tracelens.loading import load_model
-    from tracelens.monitoring import run_massive
+    from tracelens.model.loading import load_model
+    from tracelens.pipeline.monitoring import run_massive
     from tracelens.testing import make_tokenizer, save_tiny_lora, tiny_hf_model
 
     folder = tmp_path / "tiny-llama"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tracelens import COMPONENTS, get_hook_path
-from tracelens.loading import attention_implementation
-from tracelens.sites import EAGER_ONLY_HOOKS
+from tracelens.model.loading import attention_implementation
+from tracelens.model.sites import EAGER_ONLY_HOOKS
 from tracelens.testing import tiny_model
 
 from conftest import ATTENTION_CASES, attention_ids, cached_tiny, encode

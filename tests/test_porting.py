@@ -10,10 +10,10 @@ import torch
 
 pytestmark = pytest.mark.slow  # one extraction plus every seed block on a 17-layer tiny model: about a minute
 
-from tracelens.backends import LocalBackend
+from tracelens.serving.backends import LocalBackend
 from tracelens.cli import main as cli_main
-from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, run_extraction
+from tracelens.pipeline.experiments import Experiment
+from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.testing import tiny_model
 
 DOC = Path(__file__).parents[1] / "docs" / "porting.md"

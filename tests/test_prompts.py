@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tracelens import format_prompt, tokenize_batch
-from tracelens.prompts import encode
+from tracelens.model.prompts import encode
 from tracelens.testing import make_tokenizer, tiny_model
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import _active_hooks
 
-from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
-from tracelens.client import RemoteBackend, ServerError
-from tracelens.generation import HookedGenerator, SteeringConfig
-from tracelens.hooks import ActivationCappingHook, PerSampleSteering, SteeringHook
-from tracelens.prompts import encode
-from tracelens.server import ModelServer, decode_activations
-from tracelens.sites import COMPONENTS
+from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.serving.client import RemoteBackend, ServerError
+from tracelens.model.generation import HookedGenerator, SteeringConfig
+from tracelens.model.hooks import ActivationCappingHook, PerSampleSteering, SteeringHook
+from tracelens.model.prompts import encode
+from tracelens.serving.server import ModelServer, decode_activations
+from tracelens.model.sites import COMPONENTS
 from tracelens.testing import tiny_model
 
 N_CTX = 256  # tiny_model's context (max_position_embeddings)

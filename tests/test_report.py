@@ -8,12 +8,12 @@ import pytest
 from conftest import cached_tiny
 from test_steering_eval import TRAIT, FixedJudge
 
-from tracelens.backends import LocalBackend
-from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, run_extraction
+from tracelens.serving.backends import LocalBackend
+from tracelens.pipeline.experiments import Experiment
+from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.io import read_json, read_jsonl, write_json
-from tracelens.report import render_report, write_report
-from tracelens.steering_eval import SteeringEvalConfig, run_steering_eval
+from tracelens.pipeline.report import render_report, write_report
+from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 
 CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
 NUM = r"(-?\d+\.\d+)"

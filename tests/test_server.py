@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import _active_hooks, cached_tiny
 
-from tracelens.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
-from tracelens.client import RemoteBackend, ServerError, get_backend
-from tracelens.experiments import Experiment
+from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.serving.client import RemoteBackend, ServerError, get_backend
+from tracelens.pipeline.experiments import Experiment
 from tracelens.io import save_tensors
-from tracelens.judge import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
-from tracelens.prompts import tokenize_batch
-from tracelens.server import ModelServer, encode_tensor
+from tracelens.judges.openai import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
+from tracelens.model.prompts import tokenize_batch
+from tracelens.serving.server import ModelServer, encode_tensor
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]

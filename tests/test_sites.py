@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tracelens import COMPONENTS, CaptureHook, detect_contribution_paths, get_hook_path, resolve_hook_name
-from tracelens.sites import ContributionPath
+from tracelens.model.sites import ContributionPath
 
 from conftest import cached_tiny
 from hf_reference import hf_capture, hf_module_for

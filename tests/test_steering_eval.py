@@ -2,13 +2,13 @@
 
 import pytest
 
-from tracelens.backends import LocalBackend
-from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
+from tracelens.serving.backends import LocalBackend
+from tracelens.pipeline.experiments import Experiment
+from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.io import read_jsonl
-from tracelens.selection import select_vector, select_vectors
-from tracelens.steering_eval import SteeringEvalConfig, run_steering_eval
-from tracelens.traits import load_trait
+from tracelens.pipeline.selection import select_vector, select_vectors
+from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
+from tracelens.pipeline.traits import load_trait
 
 TRAIT = "starter/optimism"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracelens.traits import (
+from tracelens.pipeline.traits import (
     JudgeCorpus,
     Scenario,
     SteeringQuestions,

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tracelens.backends import GenerationConfig, SteeringSpec
-from tracelens.prompts import encode, format_prompt
+from tracelens.serving.backends import GenerationConfig, SteeringSpec
+from tracelens.model.prompts import encode, format_prompt
 from tracelens.testing import make_tokenizer
-from tracelens.vllm_backend import VLLMBackend, detect_quantization
+from tracelens.serving.vllm_backend import VLLMBackend, detect_quantization
 
 
 class FakeSamplingParams:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tracelens import vram
-from tracelens.vram import (
+from tracelens.model.vram import (
     NO_CUDA_NOTE,
     Profile,
     bandwidth_report,

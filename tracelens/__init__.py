@@ -1,8 +1,8 @@
 """tracelens: find, validate, monitor and intervene with trait directions, on TransformerLens hooks."""
 
-from tracelens.ab import ABConfig, ABDataset, ABItem, ABResult, letter_propensity, load_ab, run_ab
-from tracelens.ab_plot import propensity_svg
-from tracelens.backends import (
+from tracelens.pipeline.ab import ABConfig, ABDataset, ABItem, ABResult, letter_propensity, load_ab, run_ab
+from tracelens.pipeline.ab_plot import propensity_svg
+from tracelens.serving.backends import (
     CaptureResult,
     CaptureSpec,
     GenerationConfig,
@@ -11,11 +11,11 @@ from tracelens.backends import (
     TokenResult,
     generate_batch,
 )
-from tracelens.capture import capture_at_position
-from tracelens.cleaning import clean_scores
-from tracelens.client import RemoteBackend, get_backend
-from tracelens.conditional import Condition, ConditionalSteering, ConditionFit, fit_condition_threshold
-from tracelens.dashboard import make_server, serve, serve_in_thread
+from tracelens.model.capture import capture_at_position
+from tracelens.model.cleaning import clean_scores
+from tracelens.serving.client import RemoteBackend, get_backend
+from tracelens.model.conditional import Condition, ConditionalSteering, ConditionFit, fit_condition_threshold
+from tracelens.serving.dashboard import make_server, serve, serve_in_thread
 from tracelens.errors import (
     ABDataError,
     BackendError,
@@ -35,10 +35,10 @@ from tracelens.errors import (
     TracelensError,
     UnknownKeyError,
 )
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import ExtractionConfig, load_activation_metadata, run_extraction
-from tracelens.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
-from tracelens.hooks import (
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, run_extraction
+from tracelens.model.generation import CaptureConfig, HookedGenerator, SequenceOutput, SteeringConfig, TokenOutput
+from tracelens.model.hooks import (
     AblationHook,
     ActivationCappingHook,
     CaptureHook,
@@ -54,18 +54,13 @@ from tracelens.hooks import (
     SteeringHook,
     calibrate_cap_threshold,
 )
-from tracelens.interchange import export_vector, import_vector
-from tracelens.judge import (
-    Degeneracy,
-    EmbeddingJudge,
-    Judge,
-    OpenAIJudge,
-    degeneracy,
-    offline_judge,
-    summarize_judge_scores,
-)
-from tracelens.loading import load_model
-from tracelens.massive import MassiveDimCollector, candidate_dims
+from tracelens.pipeline.interchange import export_vector, import_vector
+from tracelens.judges.base import Judge, summarize_judge_scores
+from tracelens.judges.degeneracy import Degeneracy, degeneracy
+from tracelens.judges.offline import EmbeddingJudge, offline_judge
+from tracelens.judges.openai import OpenAIJudge
+from tracelens.model.loading import load_model
+from tracelens.model.massive import MassiveDimCollector, candidate_dims
 from tracelens.math import (
     batch_cosine_similarity,
     compute_top_pcs_by_variance,
@@ -97,14 +92,14 @@ from tracelens.methods import (
     get_method,
 )
 from tracelens.metrics import accuracy, auroc, effect_size, pearson_correlation, polarity_correct
-from tracelens.monitoring import MonitorConfig, run_massive, run_monitoring
-from tracelens.positions import parse_position, resolve_position, sanitize_position, tokens_needed
-from tracelens.prompt_sets import Prompt, PromptSet, list_prompt_sets, load_prompt_set
-from tracelens.prompts import format_prompt, tokenize_batch
-from tracelens.selection import select_vector, select_vectors
-from tracelens.server import ModelServer
-from tracelens.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
-from tracelens.traits import (
+from tracelens.pipeline.monitoring import MonitorConfig, run_massive, run_monitoring
+from tracelens.model.positions import parse_position, resolve_position, sanitize_position, tokens_needed
+from tracelens.pipeline.prompt_sets import Prompt, PromptSet, list_prompt_sets, load_prompt_set
+from tracelens.model.prompts import format_prompt, tokenize_batch
+from tracelens.pipeline.selection import select_vector, select_vectors
+from tracelens.serving.server import ModelServer
+from tracelens.model.sites import COMPONENTS, detect_contribution_paths, get_hook_path, resolve_hook_name
+from tracelens.pipeline.traits import (
     JudgeCorpus,
     Scenario,
     SteeringQuestions,
@@ -127,53 +122,29 @@ from tracelens.types import (
     VectorResult,
     VectorSpec,
 )
-from tracelens.vllm_backend import VLLMBackend, detect_quantization
-from tracelens.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
+from tracelens.serving.vllm_backend import VLLMBackend, detect_quantization
+from tracelens.model.vram import Profile, bandwidth_report, find_cuda_tensors, gpu_profile, memory_stats, tensor_size_gb
 
+# Every name imported above stays importable from ``tracelens`` (the seed's ``from core import ...`` names among
+# them); ``__all__`` lists the ones a user starts from. The sub-packages: ``model`` (loading, sites, hook
+# adapters, generation, capture), ``methods`` (extraction methods), ``pipeline`` (traits, experiments and the
+# stages), ``judges``, ``serving`` (backends, model server, client, dashboard); errors in ``tracelens.errors``.
 __all__ = [
-    # loading and hook sites
-    "load_model", "COMPONENTS", "get_hook_path", "detect_contribution_paths", "resolve_hook_name",
-    # hook adapters
-    "HookAdapter", "CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering",
-    "PerPositionSteeringHook", "PerSampleSteering", "AblationHook", "MultiLayerAblation",
-    "ActivationCappingHook", "MultiLayerActivationCapping", "calibrate_cap_threshold",
-    "ProjectionHook", "MultiLayerProjection", "ConditionalSteering", "Condition", "fit_condition_threshold",
-    "ConditionFit",
-    # extraction methods
-    "get_method", "METHODS", "ExtractionMethod", "MeanDiff", "Probe", "Gradient", "Fisher", "RandomBaseline", "RFM",
-    "PreCleanedMethod",
-    # vector math and metrics
-    "projection", "batch_cosine_similarity", "cosine_similarity", "orthogonalize", "pairwise_cosine_matrix",
-    "pca", "project_out_subspace", "grand_mean_center", "compute_top_pcs_by_variance", "denoise_with_pcs",
-    "trait_clusters", "representational_similarity", "pca_norm_correlation", "vector_set_comparison",
-    "remove_massive_dims", "normalize_projections",
-    "accuracy", "effect_size", "polarity_correct", "pearson_correlation", "auroc",
-    # positions, prompts, capture and generation
-    "parse_position", "resolve_position", "tokens_needed", "sanitize_position", "format_prompt", "tokenize_batch",
-    "capture_at_position", "HookedGenerator", "CaptureConfig", "SteeringConfig", "TokenOutput", "SequenceOutput",
-    "LocalBackend", "GenerationConfig", "SteeringSpec", "CaptureSpec", "CaptureResult", "TokenResult", "generate_batch",
-    # records
-    "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "ActivationMetadata",
-    "ResponseRecord", "ProjectionEntry", "ProjectionRecord", "SteeringRunRecord", "SteeringResults", "SteeringEntry",
-    "ModelConfig",
+    # models, hook points and adapters
+    "load_model", "get_hook_path", "detect_contribution_paths", "resolve_hook_name",
+    "CaptureHook", "MultiLayerCapture", "SteeringHook", "MultiLayerSteering", "PerPositionSteeringHook",
+    "PerSampleSteering", "AblationHook", "MultiLayerAblation", "ActivationCappingHook", "MultiLayerActivationCapping",
+    "ProjectionHook", "MultiLayerProjection", "ConditionalSteering",
+    # generation and capture
+    "format_prompt", "capture_at_position", "HookedGenerator", "CaptureConfig", "SteeringConfig",
+    "LocalBackend", "RemoteBackend", "VLLMBackend", "get_backend", "GenerationConfig", "SteeringSpec", "CaptureSpec",
+    # directions
+    "get_method", "projection", "cosine_similarity",
+    # the pipeline
+    "load_trait", "Experiment", "run_extraction", "select_vector", "select_vectors", "run_monitoring", "run_ab",
+    "export_vector", "import_vector",
     # judges
-    "Judge", "OpenAIJudge", "EmbeddingJudge", "summarize_judge_scores", "offline_judge", "degeneracy",
-    "Degeneracy",
-    # traits, experiments and the pipeline
-    "load_trait", "list_traits", "TraitDataset", "Scenario", "SteeringQuestions", "JudgeCorpus",
-    "Experiment", "get_model_variant", "ExtractionConfig", "run_extraction", "load_activation_metadata",
-    "select_vector", "select_vectors",
-    # A/B datasets and propensity curves, vector interchange
-    "load_ab", "run_ab", "ABConfig", "ABResult", "ABDataset", "ABItem", "letter_propensity",
-    "propensity_svg", "export_vector", "import_vector",
-    # monitoring, massive activations, prompt sets, profiling
-    "run_monitoring", "MonitorConfig", "run_massive", "MassiveDimCollector", "candidate_dims", "clean_scores",
-    "serve", "make_server", "serve_in_thread",
-    "load_prompt_set", "list_prompt_sets", "PromptSet", "Prompt",
-    "VLLMBackend", "detect_quantization", "ModelServer", "RemoteBackend", "get_backend",
-    "gpu_profile", "Profile", "memory_stats", "find_cuda_tensors", "bandwidth_report", "tensor_size_gb",
-    # errors (tracelens.errors)
-    "TracelensError", "ConfigError", "ShapeError", "DirectionError", "DataError", "TraitDataError", "PromptSetError",
-    "ABDataError", "MissingArtifactError", "UnknownKeyError", "InputTypeError", "BackendError", "JudgeError",
-    "ServerError", "StateError", "GenerationCancelled", "RequestError",
+    "OpenAIJudge", "offline_judge", "summarize_judge_scores", "degeneracy",
+    # records and errors
+    "VectorSpec", "ProjectionConfig", "VectorResult", "JudgeResult", "ModelVariant", "TracelensError",
 ]

@@ -14,26 +14,26 @@ def _vllm_backend(args: argparse.Namespace, mode: str):
     """A `VLLMBackend` for the variant of ``args`` (experiment, variant); ValueError for a LoRA variant, whose
     adapter the vLLM backend does not load (its responses would be the base model's)."""
     from tracelens.errors import ConfigError
-    from tracelens.experiments import get_model_variant
+    from tracelens.pipeline.experiments import get_model_variant
 
     mv = get_model_variant(args.experiment, args.variant, mode=mode)
     if mv.lora is not None:
         raise ConfigError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
                          f"{mv.lora!r} (use --backend local, which merges the adapter)")
-    from tracelens.vllm_backend import VLLMBackend
+    from tracelens.serving.vllm_backend import VLLMBackend
 
     return VLLMBackend(mv.model)
 
 
 def demo(args: argparse.Namespace) -> None:
-    from tracelens.demo import DemoSettings, run_demo
-    from tracelens.loading import load_model
+    from tracelens.pipeline.demo import DemoSettings, run_demo
+    from tracelens.model.loading import load_model
 
     run_demo(load_model("default"), DemoSettings(trait=args.trait))
 
 
 def extract(args: argparse.Namespace) -> None:
-    from tracelens.extraction import ExtractionConfig, run_extraction
+    from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 
     config = ExtractionConfig(
         methods=_csv(args.methods), position=args.position, layers=args.layers, component=args.component,
@@ -41,7 +41,7 @@ def extract(args: argparse.Namespace) -> None:
     )
     vet_judge = None
     if args.vet:
-        from tracelens.judge import OpenAIJudge
+        from tracelens.judges.openai import OpenAIJudge
 
         vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
     response_backend = _vllm_backend(args, "extraction") if args.backend == "vllm" else None
@@ -60,10 +60,11 @@ def extract(args: argparse.Namespace) -> None:
 
 
 def steer(args: argparse.Namespace) -> None:
-    from tracelens.experiments import get_model_variant
-    from tracelens.judge import OpenAIJudge, offline_judge
+    from tracelens.pipeline.experiments import get_model_variant
+    from tracelens.judges.offline import offline_judge
+    from tracelens.judges.openai import OpenAIJudge
     from tracelens.metrics import Estimate
-    from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+    from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
     config = SteeringEvalConfig(
         layers=args.layers, method=args.method, position=args.position, component=args.component,
@@ -98,14 +99,14 @@ def steer(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from tracelens.report import write_report
+    from tracelens.pipeline.report import write_report
 
     traits = _csv(args.traits) if args.traits else None
     print(f"wrote {write_report(args.experiment, traits, args.output, variant=args.variant)}")
 
 
 def monitor(args: argparse.Namespace) -> None:
-    from tracelens.monitoring import MonitorConfig, run_monitoring
+    from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring
 
     config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
     response_backend = _vllm_backend(args, "application") if args.backend == "vllm" else None
@@ -115,8 +116,8 @@ def monitor(args: argparse.Namespace) -> None:
 
 
 def massive(args: argparse.Namespace) -> None:
-    from tracelens.massive import candidate_dims
-    from tracelens.monitoring import run_massive
+    from tracelens.model.massive import candidate_dims
+    from tracelens.pipeline.monitoring import run_massive
 
     report = run_massive(args.experiment, args.prompt_set, args.per_token, variant=args.variant)
     agg = report["aggregate"]
@@ -127,13 +128,13 @@ def massive(args: argparse.Namespace) -> None:
 
 
 def dashboard(args: argparse.Namespace) -> None:
-    from tracelens.dashboard import main_dashboard
+    from tracelens.serving.dashboard import main_dashboard
 
     main_dashboard(args)
 
 
 def server(args: argparse.Namespace) -> None:
-    from tracelens.server import main_server
+    from tracelens.serving.server import main_server
 
     main_server(args)
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", default="gpt-4.1-mini")
     p.set_defaults(func=steer)
 
-    from tracelens.ab import add_ab_parser
+    from tracelens.pipeline.ab import add_ab_parser
 
     add_ab_parser(sub)
 

@@ -34,7 +34,7 @@ from transformers import (
 from transformer_lens.model_bridge import TransformerBridge
 
 from tracelens.errors import ConfigError
-from tracelens.loading import attention_implementation, load_model
+from tracelens.model.loading import attention_implementation, load_model
 
 ARCHITECTURES = ("llama", "mistral", "gemma2", "gemma3", "qwen2", "qwen3")
 """The architectures every parity and conformance test runs on (the README's tested list is generated from it)."""

@@ -183,7 +183,7 @@ class JudgeResult:
     ``n`` counts the responses with a trait score; ``trait_std`` is the population std; ``success_rate`` is
     the fraction of trait scores above 50; ``min_score``/``max_score`` are over trait scores; ``n_degenerate``
     counts the responses the degeneracy guard flagged (their coherence is 0). Means are None when nothing could
-    be scored. Built by ``tracelens.judge.summarize_judge_scores``.
+    be scored. Built by ``tracelens.judges.summarize_judge_scores``.
     """
 
     trait_mean: float | None
@@ -532,7 +532,7 @@ class SteeringRunRecord:
     "timestamp", "input_hashes"?, "judge_free"?, "control"?}``. ``layer``/``method``/``component`` are
     those of the first vector and ``coefficient`` is its weight. ``judge_free`` and ``control`` (a random
     direction of the same norm and coefficient) hold ``{"trait_effect", "nll_cost", "kl"}``, each
-    ``{"value", "lo", "hi"}`` (see ``tracelens.steering_eval``).
+    ``{"value", "lo", "hi"}`` (see ``tracelens.pipeline.steering_eval``).
     """
 
     result: JudgeResult

@@ -1,7 +1,7 @@
 """A/B propensity curve on the default model: a small run on 24 starter questions (run by the tests)."""
 
 import tracelens
-from tracelens.ab import ABConfig, ABDataset, load_ab, run_ab
+from tracelens.pipeline.ab import ABConfig, ABDataset, load_ab, run_ab
 from tracelens.metrics import Estimate
 
 model = tracelens.load_model("default")  # SmolLM2-135M-Instruct, offline

@@ -4,7 +4,7 @@ import torch
 
 import tracelens
 from tracelens import HookedGenerator, capture_at_position
-from tracelens.conditional import ConditionalSteering, fit_condition_threshold
+from tracelens.model.conditional import ConditionalSteering, fit_condition_threshold
 
 model = tracelens.load_model("default")
 tok = model.tokenizer

@@ -7,7 +7,7 @@ import torch
 
 import tracelens
 from tracelens import MultiLayerSteering, capture_at_position
-from tracelens.interchange import export_vector, import_vector
+from tracelens.pipeline.interchange import export_vector, import_vector
 
 model = tracelens.load_model("default")
 tok = model.tokenizer

@@ -30,11 +30,11 @@ def model_pair(name: str, device: str = "cpu", attn_implementation: str | None =
     from transformers import AutoModelForCausalLM
 
     from tracelens import load_model
-    from tracelens.loading import attention_implementation
+    from tracelens.model.loading import attention_implementation
     from tracelens.testing import make_tokenizer, tiny_hf_model
 
     if name == "default":
-        from tracelens.default_model import default_model_path
+        from tracelens.model.default_model import default_model_path
 
         path = default_model_path()
         model = load_model(path, device=device, attn_implementation=attn_implementation)

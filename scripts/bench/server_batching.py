@@ -27,9 +27,9 @@ reexec_with_malloc_settings()
 import openai  # noqa: E402
 import torch  # noqa: E402
 
-from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec  # noqa: E402
-from tracelens.client import RemoteBackend  # noqa: E402
-from tracelens.server import ModelServer  # noqa: E402
+from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec  # noqa: E402
+from tracelens.serving.client import RemoteBackend  # noqa: E402
+from tracelens.serving.server import ModelServer  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Tell me about cats.", "Will it rain tomorrow?",
            "Describe a sunny day.", "What do trees need to grow?", "Give me a reason to smile."]
@@ -41,7 +41,7 @@ def _backend(name: str) -> LocalBackend:
 
         return LocalBackend.from_model(tiny_model("llama").model)
     from tracelens import load_model
-    from tracelens.default_model import default_model_path
+    from tracelens.model.default_model import default_model_path
 
     return LocalBackend.from_model(load_model(default_model_path(), device="cpu"))
 

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from tracelens import COMPONENTS, CaptureHook, HookedGenerator, SteeringHook, get_hook_path, load_model
-from tracelens.loading import sdpa_supported
+from tracelens.model.loading import sdpa_supported
 from tracelens.testing import ARCHITECTURES, make_tokenizer, tiny_hf_model
 
 TEXT = "The capital of France is Paris, and I am so happy today!"

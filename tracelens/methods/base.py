@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelens.edits import unit
+from tracelens.model.edits import unit
 from tracelens.errors import ConfigError, InputTypeError, ShapeError
 from tracelens.math import remove_massive_dims
 

@@ -1,8 +1,8 @@
 """Massive activations: a few residual dimensions 100-1000x the median (Sun et al. 2024) that act as
-fixed biases in projections. Calibrate which they are here; `tracelens.cleaning.clean_scores` then removes
+fixed biases in projections. Calibrate which they are here; `tracelens.model.cleaning.clean_scores` then removes
 their share from projections.
 
-`MassiveDimCollector` calibrates passively: a read adapter (`tracelens.hooks`) on every layer's residual
+`MassiveDimCollector` calibrates passively: a read adapter (`tracelens.model.hooks`) on every layer's residual
 reads prefill passes only (decode steps, seq len 1, are ignored) and real tokens only, until
 `target_tokens` tokens are seen, then stops; `finalize()` removes the hooks and writes `calibration.json`,
 with running sums under `_state` so an interrupted calibration resumes. Being a read, it sees the residual
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tracelens.cleaning import CLEAN_MODES
+from tracelens.model.cleaning import CLEAN_MODES
 from tracelens.errors import ConfigError
-from tracelens.hooks import READ, HookAdapter
+from tracelens.model.hooks import READ, HookAdapter
 from tracelens.io import read_json, write_json
-from tracelens.positions import TokenPositions
-from tracelens.sites import get_hook_path
+from tracelens.model.positions import TokenPositions
+from tracelens.model.sites import get_hook_path
 
 
 class MassiveDimCollector(HookAdapter):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tracelens.errors import ConfigError, DataError, MissingArtifactError, UnknownKeyError
 from tracelens.io import write_json
-from tracelens.positions import sanitize_position
-from tracelens.splits import SPLITS
+from tracelens.model.positions import sanitize_position
+from tracelens.pipeline.splits import SPLITS
 from tracelens.types import ModelVariant, SteeringEntry
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from tracelens import edits
-from tracelens.capture import capture_at_position
+from tracelens.model.capture import capture_at_position
 from tracelens.errors import ConfigError, StateError
-from tracelens.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
+from tracelens.model.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
 from tracelens.metrics import accuracy
-from tracelens.positions import TokenPositions, parse_position, resolve_position
-from tracelens.sites import get_hook_path, resolve_layer
+from tracelens.model.positions import TokenPositions, parse_position, resolve_position
+from tracelens.model.sites import get_hook_path, resolve_layer
 
 COMPARATORS = ("greater", "less")
 
@@ -41,7 +41,7 @@ class ConditionalSteering(HookAdapter):
     row's prompt (a `prompt[...]` position, counted from the row's first real token). A row passes when
     `score > threshold` ("greater") or `score < threshold` ("less"). The decision is made on every forward
     call that starts a sequence (no KV cache) and reused by the cached decode steps that continue it.
-    The decision is part of the edit: it runs in the edit phase of its hook point (see `tracelens.hooks`),
+    The decision is part of the edit: it runs in the edit phase of its hook point (see `tracelens.model.hooks`),
     before this adapter's own steering and after edits registered earlier there; `layer >= condition_layer`
     (ValueError otherwise). It reads token positions, so it needs the `with` form, not `fwd_hooks()`.
     Left-padded batches need their attention mask. After a forward, `.scores` `[batch]` and `.gate`

@@ -12,7 +12,7 @@ A trait lives in a folder `<root>/<category>/<name>/` (deeper nesting such as `b
   from the reported set into the search set.
 - `judge_corpus.jsonl` (optional): one `{"text": str, "label": 1 | 0}` per line, hand-labelled answers that show
   the trait (1) or its opposite (0), at least 10 per label. It is independent of the scenarios, so an offline
-  judge fitted on it (`tracelens.judge.offline_judge`) never sees the responses the vectors were extracted from.
+  judge fitted on it (`tracelens.judges.offline_judge`) never sees the responses the vectors were extracted from.
 
 The package ships starter traits under `tracelens/data/traits` (see `list_traits()`); pass `root=` to load an
 experiment's own datasets. Files are only ever parsed as text and JSON; nothing in them is executed.
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from tracelens.errors import MissingArtifactError, TraitDataError
-from tracelens.experiments import check_name
+from tracelens.pipeline.experiments import check_name
 
 
 POLARITIES = ("positive", "negative")

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tracelens.errors import ShapeError
-from tracelens.prompts import left_pad
+from tracelens.model.prompts import left_pad
 
 
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -21,23 +21,24 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelens.capture import capture_sequences
+from tracelens.model.capture import capture_sequences
 from tracelens.errors import ABDataError, ConfigError, MissingArtifactError
-from tracelens.extraction import chance_band, parse_layers
-from tracelens.hooks import PerSampleSteering
+from tracelens.pipeline.extraction import chance_band, parse_layers
+from tracelens.model.hooks import PerSampleSteering
 from tracelens.methods import get_method
 from tracelens.metrics import bootstrap_mean, paired_separation
-from tracelens.prompts import encode, format_prompt, left_pad
-from tracelens.splits import split_by_question
-from tracelens.steering_eval import random_control
+from tracelens.model.prompts import encode, format_prompt, left_pad
+from tracelens.pipeline.splits import split_by_question
+from tracelens.pipeline.steering_eval import random_control
 
-DATA_DIR = Path(__file__).parent / "data" / "ab"
+DATA_DIR = Path(str(resources.files("tracelens").joinpath("data", "ab")))
 READ_POSITIONS = {"letter": "response[0]", "after": "response[1]"}
 _ANSWER = re.compile(r"^\s*(\(?)([A-Z])(\)?)\s*$")
 
@@ -372,9 +373,9 @@ def add_ab_parser(subparsers) -> None:
 
 def ab_main(args) -> ABResult:
     """Run `run_ab` from parsed arguments, write the report, vectors and SVG to `args.out`, print a summary."""
-    from tracelens.ab_plot import propensity_svg
+    from tracelens.pipeline.ab_plot import propensity_svg
     from tracelens.io import save_tensors, write_bytes, write_json
-    from tracelens.loading import load_model
+    from tracelens.model.loading import load_model
     from tracelens.metrics import Estimate
 
     config = ABConfig(layers=args.layers, method=args.method, read=args.read, seed=args.seed,

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracelens.backends import LocalBackend
-from tracelens.experiments import Experiment
-from tracelens.extraction import ExtractionConfig, parse_layers, run_extraction, select_rank
-from tracelens.judge import offline_judge
+from tracelens.serving.backends import LocalBackend
+from tracelens.pipeline.experiments import Experiment
+from tracelens.pipeline.extraction import ExtractionConfig, parse_layers, run_extraction, select_rank
+from tracelens.judges.offline import offline_judge
 from tracelens.metrics import Estimate
-from tracelens.report import write_report
-from tracelens.selection import select_vector
-from tracelens.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+from tracelens.pipeline.report import write_report
+from tracelens.pipeline.selection import select_vector
+from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
 DEMO_EXPERIMENT = "smollm2-demo"
 VARIANT = "instruct"

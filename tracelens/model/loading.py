@@ -9,7 +9,7 @@ Attention: TransformerLens 4.3 always runs its own eager re-implementation of at
 softmax, `hook_pattern`) whatever the HF config says. With `attn_implementation="sdpa"` each attention
 component instead runs its HF module (`hook_in` -> HF SDPA attention -> `hook_out`, TL's own delegating
 `AttentionBridge.forward`), so the hooks inside it that only TL's eager attention computes never fire
-(`tracelens.sites.EAGER_ONLY_HOOKS`).
+(`tracelens.model.sites.EAGER_ONLY_HOOKS`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load_model(
     """Load a causal LM as a raw-mode `TransformerBridge` in eval mode.
 
     Args:
-        source: `"default"` (SmolLM2-135M-Instruct, see `tracelens.default_model`), a local folder
+        source: `"default"` (SmolLM2-135M-Instruct, see `tracelens.model.default_model`), a local folder
             written by `save_pretrained`, an HF model id already in the local HF cache (nothing is
             downloaded), or an in-memory `PreTrainedModel` (then `tokenizer` is required; the model
             is wrapped in place, so keep a `copy.deepcopy` if you need the untouched original).
@@ -83,7 +83,7 @@ def load_model(
         attn_implementation: "sdpa" (torch's fused attention; the default where `sdpa_supported`) or
             "eager" (the default elsewhere, e.g. Gemma-2, whose HF class has no SDPA). Every tracelens
             site equals the HF model run with the same implementation, to the bit. Hooks on the attention
-            pattern, scores or rotated queries/keys (`tracelens.sites.EAGER_ONLY_HOOKS`) need "eager".
+            pattern, scores or rotated queries/keys (`tracelens.model.sites.EAGER_ONLY_HOOKS`) need "eager".
             Read the result back with `attention_implementation(model)`.
     """
     _check_transformers_version()
@@ -199,7 +199,7 @@ def _resolve_folder(source: str | os.PathLike, what: str = "model", marker: str 
     """A local folder holding `marker` for `source`: a path, an id in the local HF cache, or (for a model)
     "default"."""
     if what == "model" and str(source) == "default":
-        from tracelens.default_model import default_model_path
+        from tracelens.model.default_model import default_model_path
 
         return default_model_path()
     saved = "HF model" if what == "model" else what

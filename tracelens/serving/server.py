@@ -32,7 +32,7 @@ Encodings (no pickle anywhere): a tensor is ``{"safetensors": base64}`` (one ten
 ``"{layer}/{component}"``. ``config`` has the `GenerationConfig` fields, ``capture`` is ``{layers?, components?}``,
 a steering entry is ``{layer, vector, coefficient?, component?, positions?}``, or names an extracted vector:
 ``{trait, layer?, method?, position?, coefficient?, component?, positions?}`` steers with the best vector of
-the experiment's selection (`tracelens.selection`) that matches the given fields (position default
+the experiment's selection (`tracelens.pipeline.selection`) that matches the given fields (position default
 ``response[:]``).
 
 Batching: ``/generate``, ``/generate_with_capture`` and the unstreamed ``/v1`` requests queue for one worker
@@ -88,12 +88,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.serving.backends import (
+    CaptureResult,
+    CaptureSpec,
+    GenerationConfig,
+    LocalBackend,
+    SteeringSpec,
+    TokenResult,
+)
 from tracelens.errors import ConfigError, RequestError
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import load_vector
-from tracelens.generation import GenerationCancelled, HookedGenerator
-from tracelens.local_http import (
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import load_vector
+from tracelens.model.generation import GenerationCancelled, HookedGenerator
+from tracelens.serving.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,
@@ -101,9 +108,9 @@ from tracelens.local_http import (
     threading_server,
     token_ok,
 )
-from tracelens.prompts import encode
-from tracelens.selection import select_vector
-from tracelens.sites import COMPONENTS
+from tracelens.model.prompts import encode
+from tracelens.pipeline.selection import select_vector
+from tracelens.model.sites import COMPONENTS
 
 DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -114,7 +121,7 @@ class _ClientGone(Exception):
     """The client closed its connection (or stopped reading): there is no one to answer."""
 
 
-# --- encodings (shared with tracelens.client) -------------------------------------------------------
+# --- encodings (shared with tracelens.serving.client) -------------------------------------------------------
 
 
 def encode_tensor(t: torch.Tensor) -> dict:
@@ -722,7 +729,7 @@ class ModelServer:
     ``max_new_tokens_limit`` (tokens, default 1024), ``request_timeout`` (seconds, default 600), ``io_timeout``
     (seconds, default 30), ``stream_buffer`` (tokens, default 256), ``batch_window_ms`` (milliseconds, default
     10), ``max_batch_size`` (prompts, default 16), ``max_queue`` (requests, default 64). ``experiments_root``
-    is where steering vectors named by trait are read (default: `tracelens.experiments.experiments_root()`).
+    is where steering vectors named by trait are read (default: `tracelens.pipeline.experiments.experiments_root()`).
     """
 
     def __init__(self, backend: LocalBackend, experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -825,7 +832,7 @@ class ModelServer:
 
     def _named_vector(self, entry: dict, what: str) -> tuple[int, torch.Tensor]:
         """``(layer, vector)`` of a steering entry that names a trait: the best vector of the experiment's
-        selection (`tracelens.selection`) matching its ``layer``, ``method``, ``position`` (default
+        selection (`tracelens.pipeline.selection`) matching its ``layer``, ``method``, ``position`` (default
         ``response[:]``) and ``component``; 400 when there is none."""
         args = {k: entry.get(k) for k in ("trait", "method")}
         args["position"] = entry.get("position", "response[:]")

@@ -20,11 +20,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelens.errors import ConfigError, GenerationCancelled, ShapeError
-from tracelens.hooks import READ, HookAdapter, PerPositionSteeringHook, PerSampleSteering, SteeringHook, _layers, finite_float
-from tracelens.sites import get_hook_path
+from tracelens.model.hooks import (
+    READ,
+    HookAdapter,
+    PerPositionSteeringHook,
+    PerSampleSteering,
+    SteeringHook,
+    _layers,
+    finite_float,
+)
+from tracelens.model.sites import get_hook_path
 
 if TYPE_CHECKING:
-    from tracelens.conditional import Condition
+    from tracelens.model.conditional import Condition
 
 
 def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
@@ -132,7 +140,7 @@ def steering_hook(model, config: SteeringConfig, prompt_lengths: int | Int[Tenso
     per row), a `ConditionalSteering` when it has a condition. `config.rows` limits either to a slice of the batch
     (then `prompt_lengths` must have one entry per row for "response")."""
     if config.condition is not None:
-        from tracelens.conditional import ConditionalSteering
+        from tracelens.model.conditional import ConditionalSteering
 
         c = config.condition
         return ConditionalSteering(model, config.vector, config.layer, c.vector, c.layer, c.threshold, c.comparator,

@@ -9,9 +9,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tracelens.errors import ConfigError, ShapeError
-from tracelens.hooks import MultiLayerCapture
-from tracelens.positions import parse_position, resolve_position
-from tracelens.prompts import encode, format_prompt, left_pad
+from tracelens.model.hooks import MultiLayerCapture
+from tracelens.model.positions import parse_position, resolve_position
+from tracelens.model.prompts import encode, format_prompt, left_pad
 
 POOLS = ("mean", "first", "last", "none")
 

@@ -8,7 +8,7 @@ once a calibration exists, each record carries the activations at the candidate 
 clean projections. `one_pass=True` instead records projections while generating (steering allowed),
 so a steered or capped generation is monitored in the same call: projections and the massive-dim
 activations kept for cleaning are both read after the steering (reads run after edits at a hook point,
-see `tracelens.hooks`), from the pass that produced the response.
+see `tracelens.model.hooks`), from the pass that produced the response.
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracelens.backends import GenerationConfig, LocalBackend, SteeringSpec
-from tracelens.edits import unit
+from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.model.edits import unit
 from tracelens.errors import ConfigError
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import load_vector, parse_layers
-from tracelens.generation import HookedGenerator
-from tracelens.hooks import CaptureHook, MultiLayerProjection
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import load_vector, parse_layers
+from tracelens.model.generation import HookedGenerator
+from tracelens.model.hooks import CaptureHook, MultiLayerProjection
 from tracelens.io import read_json, write_json
-from tracelens.massive import MassiveDimCollector, candidate_dims
-from tracelens.prompt_sets import load_prompt_set
-from tracelens.prompts import token_strings, tokenize_batch
-from tracelens.selection import select_vector
-from tracelens.sites import get_hook_path
+from tracelens.model.massive import MassiveDimCollector, candidate_dims
+from tracelens.pipeline.prompt_sets import load_prompt_set
+from tracelens.model.prompts import token_strings, tokenize_batch
+from tracelens.pipeline.selection import select_vector
+from tracelens.model.sites import get_hook_path
 from tracelens.types import ProjectionEntry, ProjectionRecord, ResponseRecord
 
 

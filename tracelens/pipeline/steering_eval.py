@@ -30,21 +30,27 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracelens.backends import GenerationConfig, LocalBackend
-from tracelens.edits import unit
+from tracelens.serving.backends import GenerationConfig, LocalBackend
+from tracelens.model.edits import unit
 from tracelens.errors import ConfigError
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import load_activation_metadata, load_responses, load_splits, load_vector, parse_layers
-from tracelens.generation import HookedGenerator
-from tracelens.hooks import PerSampleSteering, SteeringHook
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import (
+    load_activation_metadata,
+    load_responses,
+    load_splits,
+    load_vector,
+    parse_layers,
+)
+from tracelens.model.generation import HookedGenerator
+from tracelens.model.hooks import PerSampleSteering, SteeringHook
 from tracelens.io import append_jsonl, read_json, read_jsonl, unique_sibling, write_json
-from tracelens.judge import summarize_judge_scores
-from tracelens.likelihood import response_logprobs
+from tracelens.judges.base import summarize_judge_scores
+from tracelens.model.likelihood import response_logprobs
 from tracelens.metrics import bootstrap_mean, paired_separation
-from tracelens.prompt_sets import load_prompt_set
-from tracelens.prompts import encode, tokenize_batch
-from tracelens.sites import get_hook_path
-from tracelens.traits import load_trait
+from tracelens.pipeline.prompt_sets import load_prompt_set
+from tracelens.model.prompts import encode, tokenize_batch
+from tracelens.model.sites import get_hook_path
+from tracelens.pipeline.traits import load_trait
 from tracelens.types import (MIN_COHERENCE, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
                              SteeringRunRecord, VectorSpec)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
-from tracelens.generation import (
+from tracelens.model.generation import (
     CaptureConfig,
     HookedGenerator,
     SteeringConfig,
@@ -29,10 +29,10 @@ from tracelens.generation import (
     check_temperature,
     steering_hook,
 )
-from tracelens.conditional import Condition
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.hooks import MultiLayerCapture, _layers, finite_float
-from tracelens.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
+from tracelens.model.conditional import Condition
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.model.hooks import MultiLayerCapture, _layers, finite_float
+from tracelens.model.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
 
 
 @dataclass
@@ -136,12 +136,12 @@ class LocalBackend:
                         dtype: torch.dtype | None = None) -> "LocalBackend":
         """Load the model of ``experiment``'s ``variant`` (default: the config's ``defaults[mode]``, else the first).
 
-        A variant's LoRA adapter is merged into its model (`tracelens.loading.merge_lora`; needs
+        A variant's LoRA adapter is merged into its model (`tracelens.model.loading.merge_lora`; needs
         ``tracelens[lora]``). The chat template is used per ``use_chat_template`` if given, else the config's
         ``use_chat_template``, else when the tokenizer has one. ``root`` overrides the experiments folder of an
-        experiment given by name; ``device``/``dtype`` go to `tracelens.loading.load_model`.
+        experiment given by name; ``device``/``dtype`` go to `tracelens.model.loading.load_model`.
         """
-        from tracelens.loading import load_model
+        from tracelens.model.loading import load_model
 
         exp = experiment if isinstance(experiment, Experiment) else Experiment.named(
             experiment, None if root is None else Path(root))

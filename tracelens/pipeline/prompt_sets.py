@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from tracelens.errors import ConfigError, MissingArtifactError, PromptSetError
-from tracelens.experiments import check_name
+from tracelens.pipeline.experiments import check_name
 
 
 _TOP_KEYS = ("name", "description", "prompts", "system_prompt")

@@ -11,8 +11,8 @@ A lower level is used only when no higher level has any candidate.
 from __future__ import annotations
 
 from tracelens.errors import MissingArtifactError
-from tracelens.experiments import Experiment, get_model_variant
-from tracelens.extraction import ALWAYS_EVALUATED, select_rank
+from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.pipeline.extraction import ALWAYS_EVALUATED, select_rank
 from tracelens.io import read_json, read_jsonl
 from tracelens.types import MIN_COHERENCE, SteeringResults, VectorResult
 

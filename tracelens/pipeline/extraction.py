@@ -4,11 +4,11 @@ Each stage is a function that reads the previous stage's files and writes its ow
 an `input_hash` of everything it depends on; a stage whose outputs carry the current hash is skipped
 (unless `force`), so an interrupted run resumes at the first unfinished stage.
 
-Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.experiments`):
+Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.pipeline.experiments`):
   responses/pos.json, neg.json, metadata.json
   vetting/response_scores.json (only with a vetting judge: pairs kept where pos >= 60 and neg <= 40)
   activations/{position}/{component}/{train,select,test}_all_layers.safetensors, metadata.json
-      each = cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.splits`: by question);
+      each = cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.pipeline.splits`: by question);
       float16 (bfloat16 if float16 would overflow); metadata lists each split's pair indices
   vectors/{position}/{component}/{method}/layer{N}.safetensors (unit float32 "vector"), metadata.json
       (per layer: norm and `baseline`, the decision threshold: the projection of the midpoint of the
@@ -32,17 +32,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from tracelens.backends import GenerationConfig, LocalBackend
-from tracelens.capture import capture_sequences
+from tracelens.serving.backends import GenerationConfig, LocalBackend
+from tracelens.model.capture import capture_sequences
 from tracelens.errors import ConfigError, MissingArtifactError
-from tracelens.experiments import Experiment
+from tracelens.pipeline.experiments import Experiment
 from tracelens.io import load_tensors, read_json, save_tensors, write_json
 from tracelens.methods import get_method
 from tracelens.metrics import N_RESAMPLES, accuracy, auroc, effect_size, paired_separation
-from tracelens.positions import parse_position, tokens_needed
-from tracelens.sites import COMPONENTS
-from tracelens.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
-from tracelens.traits import load_trait
+from tracelens.model.positions import parse_position, tokens_needed
+from tracelens.model.sites import COMPONENTS
+from tracelens.pipeline.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
+from tracelens.pipeline.traits import load_trait
 from tracelens.types import ActivationMetadata, ModelVariant
 
 ALWAYS_EVALUATED = "random_baseline"
@@ -442,7 +442,7 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     `response_backend` (e.g. a `VLLMBackend`) generates the responses of every trait first and is then
     shut down; capture and fitting always run on the local model (`backend`, loaded when not given).
     """
-    from tracelens.experiments import get_model_variant
+    from tracelens.pipeline.experiments import get_model_variant
 
     config = config or ExtractionConfig()
     check_config(config)

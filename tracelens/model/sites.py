@@ -22,7 +22,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from tracelens.errors import ConfigError, InputTypeError
-from tracelens.loading import attention_implementation
+from tracelens.model.loading import attention_implementation
 
 COMPONENTS: dict[str, str] = {
     "residual": "blocks.{layer}.hook_resid_post",

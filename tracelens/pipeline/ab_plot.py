@@ -14,7 +14,7 @@ STYLES = {"curve": ("#1f5fbf", ""), "control": ("#888888", "4 3")}
 
 
 def propensity_svg(report: dict, title: str | None = None) -> str:
-    """The SVG text for `report` (as written by `tracelens.ab.run_ab`)."""
+    """The SVG text for `report` (as written by `tracelens.pipeline.ab.run_ab`)."""
     layers = list(report["layers"])
     mults = report["multipliers"]
     lo_m, hi_m = mults[0], mults[-1]

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tracelens.errors import MissingArtifactError
-from tracelens.experiments import Experiment, find_traits, get_model_variant
-from tracelens.extraction import ALWAYS_EVALUATED
+from tracelens.pipeline.experiments import Experiment, find_traits, get_model_variant
+from tracelens.pipeline.extraction import ALWAYS_EVALUATED
 from tracelens.io import read_json, read_jsonl, write_bytes
 from tracelens.metrics import Estimate
 from tracelens.types import SteeringResults

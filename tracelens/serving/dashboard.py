@@ -9,7 +9,7 @@ vanilla JS and inline SVG, in ``tracelens/data/dashboard/``) calls a JSON API:
 - ``GET /api/traits?variant=V&kind=projections|extraction|steering`` -> ``{traits: ["category/name", ...]}``
 - ``GET /api/projections?variant=V&prompt_set=S&prompt_id=I&trait=T[&trait=T2...]&clean=none|top5-3layers|all``
   -> ``{tokens, prompt_end, clean, traits: {T: [{method, layer, prompt, response, dims_removed}]}, errors: {T: msg}}``
-  (scores cleaned server-side with ``tracelens.cleaning.clean_scores``, rounded to 4 decimals)
+  (scores cleaned server-side with ``tracelens.model.cleaning.clean_scores``, rounded to 4 decimals)
 - ``GET /api/extraction?variant=V&trait=T`` -> ``{evaluations: [{position_dir, position, component, methods, layers,
   splits, chance, results, selected}]}`` (``chance``, ``results`` and ``selected`` as in the evaluation file:
   test AUROC / accuracy ``{value, lo, hi}`` per method x layer, the random directions' 5th-95th percentile band)
@@ -18,7 +18,7 @@ vanilla JS and inline SVG, in ``tracelens/data/dashboard/``) calls a JSON API:
   control, selected}], report}]}`` (``judge_free`` / ``control``: trait effect, NLL cost and KL in nats/token,
   each ``{value, lo, hi}``; ``report`` is the selected run on the report questions, or null)
 
-It only reads what the pipeline wrote, and every file path comes from ``tracelens.experiments``. Names from the
+It only reads what the pipeline wrote, and every file path comes from ``tracelens.pipeline.experiments``. Names from the
 browser are checked there (letters, digits, ``. _ -``; ``category/name`` for traits); the final path is resolved
 and must stay inside the experiment folder (a symlink out of it is refused). Errors are JSON
 ``{"error": message}``: 400 for a bad name or parameter, 404 for a missing file, 500 for an unreadable file
@@ -39,11 +39,11 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from tracelens.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
+from tracelens.model.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
 from tracelens.errors import ConfigError, MissingArtifactError, RequestError
-from tracelens.experiments import Experiment, check_name, find_traits
+from tracelens.pipeline.experiments import Experiment, check_name, find_traits
 from tracelens.io import read_json, read_jsonl
-from tracelens.local_http import (
+from tracelens.serving.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,

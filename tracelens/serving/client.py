@@ -1,4 +1,4 @@
-"""`RemoteBackend`: the `LocalBackend` interface over a running `tracelens.server.ModelServer`, and
+"""`RemoteBackend`: the `LocalBackend` interface over a running `tracelens.serving.server.ModelServer`, and
 `get_backend`, which prefers such a server for the experiment and falls back to loading the model here.
 
 Results are the same types as `LocalBackend`'s (`CaptureResult`, `TokenResult`, `{layer: {component: tensor}}`);
@@ -16,9 +16,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from tracelens.backends import CaptureResult, CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec, TokenResult
+from tracelens.serving.backends import (
+    CaptureResult,
+    CaptureSpec,
+    GenerationConfig,
+    LocalBackend,
+    SteeringSpec,
+    TokenResult,
+)
 from tracelens.errors import InputTypeError, ServerError
-from tracelens.server import (
+from tracelens.serving.server import (
     DEFAULT_PORT,
     TOKEN_ENV,
     capture_to_json,
@@ -31,7 +38,7 @@ from tracelens.server import (
 
 
 class RemoteBackend:
-    """Generation, capture and steering on a model served by `tracelens.server.ModelServer` at ``url``."""
+    """Generation, capture and steering on a model served by `tracelens.serving.server.ModelServer` at ``url``."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None) -> None:
         self.url = url.rstrip("/")

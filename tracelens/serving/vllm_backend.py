@@ -9,7 +9,7 @@ Constraints (vLLM exposes no model internals):
 - seeds are not identical across backends (the same seed gives different samples than HF/LocalBackend);
 - needs the optional extra: ``pip install 'tracelens[vllm]'``.
 
-Prompts go to vLLM as token ids made by `tracelens.prompts.encode`, so a chat-formatted prompt that
+Prompts go to vLLM as token ids made by `tracelens.model.prompts.encode`, so a chat-formatted prompt that
 already starts with BOS is never given a second one and the stored `prompt_token_ids` are exactly what
 `LocalBackend` would feed the model.
 """
@@ -22,9 +22,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tracelens.backends import CaptureResult, GenerationConfig
+from tracelens.serving.backends import CaptureResult, GenerationConfig
 from tracelens.errors import BackendError, ConfigError, InputTypeError, ShapeError, StateError
-from tracelens.prompts import encode, format_prompt, token_strings
+from tracelens.model.prompts import encode, format_prompt, token_strings
 
 INSTALL_HINT = "pip install 'tracelens[vllm]'"
 _QUANT_METHODS = ("awq", "gptq")
