@@ -65,7 +65,7 @@ def test_the_package_raises_no_bare_builtin():
     root = Path(tracelens.__file__).parent
     found = [f"{p.relative_to(root)}: {line.strip()}" for p in sorted(root.rglob("*.py"))
              for line in p.read_text().splitlines() if pattern.search(line)]
-    assert found == ["cleaning.py: raise KeyError(dim)"]
+    assert found == ["model/cleaning.py: raise KeyError(dim)"]
 
 
 def test_an_unknown_variant_is_an_unknown_key_error_and_still_a_key_error(tmp_path):
