@@ -4,7 +4,8 @@ For bulk text (stories, dialogues, rollouts, the response stage of extraction) w
 model internals. vLLM's continuous batching is typically several times faster than `LocalBackend`.
 
 Constraints (vLLM exposes no model internals):
-- no steering hooks: `generate_results(..., steering=...)` raises ValueError;
+- no steering hooks: `generate_results(..., steering=...)` raises ValueError (`TLVLLMBackend` in
+  `tracelens.serving.tl_vllm_backend` steers and captures on TransformerLens' instrumented vLLM engine);
 - no activation capture: results carry text and token ids only;
 - seeds are not identical across backends (the same seed gives different samples than HF/LocalBackend);
 - needs the optional extra: ``pip install 'tracelens[vllm]'``.
@@ -125,16 +126,24 @@ class VLLMBackend:
                          steering=None, system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
         """Like `LocalBackend.generate_results`: raw prompts formatted with the chat template (and
         `system_prompts`, one per prompt), results with prompt/response text and token ids, no activations."""
-        if steering:
-            raise ConfigError("VLLMBackend cannot steer (vLLM exposes no model internals); use LocalBackend")
+        self._check_steering(steering)
         prompts = _check_prompts(prompts)
         if system_prompts is not None and len(system_prompts) != len(prompts):
             raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
         texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
-        return self._run(texts, config or GenerationConfig())
+        return self._run(texts, config or GenerationConfig(), steering)
+
+    def _check_steering(self, steering) -> None:
+        """Refuse steering before any engine work (plain vLLM has no hooks)."""
+        if steering:
+            raise ConfigError("VLLMBackend cannot steer (plain vLLM exposes no model internals); use TLVLLMBackend "
+                              "(tracelens.serving.tl_vllm_backend, TransformerLens' instrumented vLLM) or LocalBackend")
 
     def sampling_params(self, config: GenerationConfig):
         """The `SamplingParams` for `config` (its seed, else the backend's)."""
+        return self._sampling_params_cls(**self._sampling_kwargs(config))
+
+    def _sampling_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             max_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -142,23 +151,32 @@ class VLLMBackend:
         )
         if config.stop_token_ids:
             kwargs["stop_token_ids"] = list(config.stop_token_ids)
-        return self._sampling_params_cls(**kwargs)
+        return kwargs
 
-    def _run(self, texts: list[str], config: GenerationConfig) -> list[CaptureResult]:
+    def _run(self, texts: list[str], config: GenerationConfig, steering=None) -> list[CaptureResult]:
+        """Results for formatted `texts`, in order (`steering`: refused here; a subclass may apply it)."""
+        self._check_steering(steering)
         if not texts:
             return []
-        llm = self.llm
+        ids = [encode(self.tokenizer, t) for t in texts]
+        return self._results(texts, ids, self._complete(ids, config))
+
+    def _complete(self, ids: list[list[int]], config: GenerationConfig) -> list:
+        """vLLM's completion (`outputs[0]`) for each prompt's token ids, in input order."""
+        outputs = self.llm.generate([{"prompt_token_ids": i} for i in ids], self.sampling_params(config))
+        return [out.outputs[0] for out in _in_input_order(list(outputs), ids)]
+
+    def _response_text(self, completion, response_ids: list[int]) -> str:
+        return completion.text.strip()
+
+    def _results(self, texts: list[str], ids: list[list[int]], completions: list) -> list[CaptureResult]:
         tok = self.tokenizer
-        ids = [encode(tok, t) for t in texts]
-        outputs = llm.generate([{"prompt_token_ids": i} for i in ids], self.sampling_params(config))
-        outputs = _in_input_order(list(outputs), ids)
         results = []
-        for text, prompt_ids, out in zip(texts, ids, outputs):
-            completion = out.outputs[0]
+        for text, prompt_ids, completion in zip(texts, ids, completions):
             response_ids = [int(t) for t in completion.token_ids]
             results.append(CaptureResult(
                 prompt_text=text,
-                response_text=completion.text.strip(),
+                response_text=self._response_text(completion, response_ids),
                 prompt_tokens=token_strings(tok, prompt_ids),
                 response_tokens=token_strings(tok, response_ids),
                 prompt_token_ids=list(prompt_ids),
