@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tracelens
-from tracelens import cli, edits, errors
+from tracelens import cli, errors
+from tracelens.model import edits
 from tracelens.errors import (
     ConfigError,
     DirectionError,

@@ -44,3 +44,15 @@ def test_the_readme_lists_exactly_the_tested_architectures():
     listed = re.search(r"<!-- tested-architectures -->(.*?)<!-- /tested-architectures -->", readme).group(1)
     assert listed == ", ".join(ARCHITECTURE_NAMES[a] for a in ARCHITECTURES)
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+
+
+def test_the_package_and_every_module_import_in_a_plain_interpreter():
+    """Without pytest's import hook: a fresh `python` imports tracelens and then each of its modules."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, tracelens\n"
+            "for m in pkgutil.walk_packages(tracelens.__path__, 'tracelens.'):\n"
+            "    importlib.import_module(m.name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tracelens import vram
+from tracelens.model import vram
 from tracelens.model.vram import (
     NO_CUDA_NOTE,
     Profile,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tracelens import edits
+from tracelens.model import edits
 from tracelens.model.capture import capture_at_position
 from tracelens.errors import ConfigError, StateError
 from tracelens.model.hooks import HookAdapter, _checked_vector, _edit_flat, _flat

@@ -34,7 +34,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tracelens import edits
+from tracelens.model import edits
 from tracelens.errors import ConfigError, InputTypeError, ShapeError, StateError, UnknownKeyError
 from tracelens.model.positions import TokenPositions
 from tracelens.model.sites import get_hook_path, resolve_hook_name, resolve_layer, site_width

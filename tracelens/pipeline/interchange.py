@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelens import edits
+from tracelens.model import edits
 from tracelens.errors import ConfigError, DataError, ShapeError
 
 FORMATS = ("gguf", "steering_vectors", "repeng", "hidden_states")
