@@ -11,6 +11,11 @@ reported:
   project all         MultiLayerProjection of every residual layer
 Target: capture and projection within 1.10x of the raw-torch-hook capture.
 
+Prefill capture (a second table): `capture_at_position(..., position="prompt[-1]")` of every layer for
+`--batch` texts of different lengths, against what a user would write with HF alone: the tokenizer with
+left padding, one forward with torch forward hooks keeping each layer's last-position output (float32, CPU).
+Target: tracelens at >= 0.95x the speed of the HF path (time ratio <= 1.05x).
+
     python scripts/bench/hooks.py [--rounds 10] [--models default,mid] [--attn-implementation eager|sdpa]
 """
 
@@ -25,7 +30,13 @@ reexec_with_malloc_settings()
 
 import torch  # noqa: E402
 
-from tracelens import MultiLayerCapture, MultiLayerProjection, SteeringHook, get_hook_path  # noqa: E402
+from tracelens import (  # noqa: E402
+    MultiLayerCapture,
+    MultiLayerProjection,
+    SteeringHook,
+    capture_at_position,
+    get_hook_path,
+)
 
 
 def _models(name: str, device: str, attn: str | None):
@@ -94,6 +105,52 @@ def bench(name: str, rounds: int, batch: int, seq: int, device: str, attn: str |
               f"| {t / default_capture:.3f}x |")
 
 
+def bench_prefill(name: str, rounds: int, batch: int, seq: int, device: str, attn: str | None) -> None:
+    """Prefill capture at the last prompt token of every layer: tracelens against HF tokenizer + torch hooks."""
+    model, hf, desc = _models(name, device, attn)
+    tok = model.tokenizer
+    n = model.cfg.n_layers
+    g = torch.Generator().manual_seed(1)
+    words = ["the", "model", "reads", "a", "long", "prompt", "about", "weather", "and", "answers", "slowly"]
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g).tolist()
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (k,), generator=g)) for k in lengths]
+
+    def hf_capture() -> torch.Tensor:
+        tok.padding_side = "left"
+        enc = tok(texts, padding=True, return_tensors="pt").to(device)
+        kept: list[torch.Tensor] = []
+        hook = lambda module, inputs, output: kept.append(  # noqa: E731
+            (output[0] if isinstance(output, tuple) else output)[:, -1].float().cpu())
+        handles = [layer.register_forward_hook(hook) for layer in hf.model.layers]
+        try:
+            with torch.no_grad():
+                hf(**enc)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(kept, dim=1)
+
+    def ours() -> torch.Tensor:
+        return capture_at_position(model, tok, texts, list(range(n)), "prompt[-1]", pre_formatted=True,
+                                   batch_size=batch)
+
+    def timed(fn):
+        def run():
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        return run
+
+    med = alternate({"hf tokenizer + torch hooks": timed(hf_capture), "capture_at_position": timed(ours)}, rounds)
+    print(f"\n### prefill capture, {desc}, {batch} texts of {min(lengths)}-{max(lengths)} words, all {n} layers, "
+          f"{rounds} rounds, torch threads {torch.get_num_threads()}\n")
+    print("| variant | median ms | time vs hf | speed vs hf |")
+    print("|---|---|---|---|")
+    base = med["hf tokenizer + torch hooks"]
+    for k, t in med.items():
+        print(f"| {k} | {t * 1e3:.1f} | {t / base:.3f}x | {base / t:.3f}x |")
+
+
 class _Null:
     def __enter__(self):
         return self
@@ -113,6 +170,7 @@ def main() -> None:
     args = p.parse_args()
     for name in args.models.split(","):
         bench(name, args.rounds, args.batch, args.seq, args.device, args.attn_implementation)
+        bench_prefill(name, args.rounds, args.batch, args.seq, args.device, args.attn_implementation)
 
 
 if __name__ == "__main__":
