@@ -42,6 +42,12 @@ def cached_tiny(architecture: str, **kwargs):
     return tiny_model(architecture, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """The Llama `TinyModel`, shared by a module (checked for hooks left on it when the module ends)."""
+    yield from _checked(cached_tiny("llama"))
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def tiny(request):
     """A `TinyModel` (bridge + untouched HF reference) per architecture, fp32, init std 0.02, `load_model`'s

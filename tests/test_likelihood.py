@@ -7,6 +7,7 @@ from hf_reference import hf_hooks
 from tracelens.model.hooks import SteeringHook
 from tracelens.model.likelihood import response_logprobs
 from tracelens.pipeline.steering_eval import ReferenceTexts, _score_texts, judge_free_metrics, random_control
+from tracelens.serving.backends import LocalBackend, SteeringSpec
 
 PROMPTS = [[5, 17, 33, 2], [9, 4], [40, 41, 42, 43, 44, 45]]
 RESPONSES = [[7, 8, 9], [100, 3, 12, 60, 61], [11]]
@@ -58,13 +59,13 @@ def _refs():
 
 
 def test_judge_free_metrics_are_zero_at_coefficient_zero_and_match_a_direct_computation(tiny):
-    refs, model = _refs(), tiny.model
-    unsteered = _score_texts(model, refs)
-    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    zero = judge_free_metrics(model, refs, unsteered, "blocks.0.hook_resid_post", v, 0.0)
+    refs, backend = _refs(), LocalBackend.from_model(tiny.model)
+    unsteered = _score_texts(backend, refs)
+    v = torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(2))
+    zero = judge_free_metrics(backend, refs, unsteered, SteeringSpec(0, v, 0.0))
     assert all(m == {"value": 0.0, "lo": 0.0, "hi": 0.0} for m in zero.values())
 
-    got = judge_free_metrics(model, refs, unsteered, "blocks.0.hook_resid_post", v, 4.0)
+    got = judge_free_metrics(backend, refs, unsteered, SteeringSpec(0, v, 4.0))
     edit = {"model.layers.0": lambda h: h + 4.0 * v}
 
     def llr(i, e=None):

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tracelens.serving.backends import GenerationConfig, SteeringSpec
+from tracelens.errors import BackendError
+from tracelens.serving.backends import CaptureSpec, GenerationConfig, SteeringSpec
 from tracelens.model.prompts import encode, format_prompt
 from tracelens.testing import make_tokenizer
 from tracelens.serving.vllm_backend import VLLMBackend, detect_quantization
@@ -88,7 +89,7 @@ def test_order_holds_on_a_second_call_and_for_generate(tok):
     b = backend(tok)
     b.generate(["warm up"])
     texts = [format_prompt(tok, p) for p in PROMPTS]
-    out = b.generate(texts, max_new_tokens=2, temperature=0.0)
+    out = b.generate(texts, GenerationConfig(max_new_tokens=2, temperature=0.0), formatted=True)
     assert out == [f"reply to {len(encode(tok, t))} tokens" for t in texts]
 
 
@@ -103,7 +104,7 @@ def test_prompts_are_sent_as_token_ids_without_a_second_bos(tok):
 
 def test_sampling_params_mapping(tok):
     b = backend(tok, seed=7)
-    b.generate(["p"], max_new_tokens=11, temperature=0.3)
+    b.generate(["p"], GenerationConfig(max_new_tokens=11, temperature=0.3))
     assert b.llm.calls[-1][1].kwargs == {"max_tokens": 11, "temperature": 0.3, "seed": 7}
     b.generate_results(["p"], GenerationConfig(max_new_tokens=5, temperature=0.0, seed=0, stop_token_ids=[3, 4]))
     assert b.llm.calls[-1][1].kwargs == {"max_tokens": 5, "temperature": 0.0, "seed": 0, "stop_token_ids": [3, 4]}
@@ -163,8 +164,13 @@ def test_missing_vllm_names_the_extra(monkeypatch):
 
 def test_steering_is_rejected(tok):
     b = backend(tok)
-    with pytest.raises(ValueError, match="steer"):
+    with pytest.raises(BackendError, match="cannot steer"):
         b.generate_results(["p"], steering=[SteeringSpec(layer=0, vector=torch.zeros(4))])
+    for refused in (lambda: b.n_layers, lambda: b.hidden_dim, lambda: b.generate_with_capture(["p"]),
+                    lambda: b.forward_with_capture(torch.zeros(1, 2, dtype=torch.long), None, CaptureSpec()),
+                    lambda: b.response_logprobs([[1]], [[2]])):
+        with pytest.raises(BackendError, match="VLLMBackend cannot"):
+            refused()
     assert b.llm.calls == []
 
 
@@ -205,7 +211,7 @@ def test_order_kept_without_request_ids(tok):
 
     b.llm.generate = no_ids
     texts = [format_prompt(tok, p) for p in PROMPTS]
-    assert b.generate(texts) == [f"reply to {len(encode(tok, t))} tokens" for t in texts]
+    assert b.generate(texts, formatted=True) == [f"reply to {len(encode(tok, t))} tokens" for t in texts]
 
 
 def test_empty_input(tok):
@@ -255,7 +261,8 @@ def test_real_vllm_engine_generates_in_order():
             assert p in r.prompt_text
             assert r.prompt_token_ids == encode(b.tokenizer, r.prompt_text)
             assert 0 < len(r.response_token_ids) <= 8
-        texts = b.generate([r.prompt_text for r in results], max_new_tokens=8, temperature=0.0)
+        texts = b.generate([r.prompt_text for r in results], GenerationConfig(max_new_tokens=8, temperature=0.0),
+                           formatted=True)
         assert texts == [r.response_text for r in results]  # greedy: same prompts, same answers
     finally:
         b.shutdown()

@@ -2,7 +2,8 @@
 fixed biases in projections. Calibrate which they are here; `tracelens.model.cleaning.clean_scores` then removes
 their share from projections.
 
-`MassiveDimCollector` calibrates passively: a read adapter (`tracelens.model.hooks`) on every layer's residual
+`MassiveDimStats` keeps the running sums of a calibration from residuals it is given (`observe`), which any
+backend can supply; `MassiveDimCollector` calibrates passively: a read adapter (`tracelens.model.hooks`) on every layer's residual
 reads prefill passes only (decode steps, seq len 1, are ignored) and real tokens only, until
 `target_tokens` tokens are seen, then stops; `finalize()` removes the hooks and writes `calibration.json`,
 with running sums under `_state` so an interrupted calibration resumes. Being a read, it sees the residual
@@ -15,6 +16,7 @@ import functools
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from tracelens.model.cleaning import CLEAN_MODES
@@ -25,22 +27,19 @@ from tracelens.model.positions import TokenPositions
 from tracelens.model.sites import get_hook_path
 
 
-class MassiveDimCollector(HookAdapter):
-    """Passive calibration of massive dims over prefill passes (see the module docstring); `register()` /
-    `finalize()` or a `with` block add and remove its hooks."""
+class MassiveDimStats:
+    """Running sums of a massive-dim calibration over `n_layers` x `d` residuals: `observe` adds one prompt's
+    activations, `finalize` writes `calibration.json` (nothing under 100 tokens); a file at `path` is resumed."""
 
-    phase = READ
-
-    def __init__(self, model, path: Path, target_tokens: int = 5000, top_k: int = 5, info: dict | None = None) -> None:
-        super().__init__(model)
+    def __init__(self, n_layers: int, d: int, path: Path, target_tokens: int = 5000, top_k: int = 5,
+                 info: dict | None = None) -> None:
         self.path, self.target_tokens, self.top_k = Path(path), target_tokens, top_k
         self.info = info or {}
-        n, d = model.cfg.n_layers, model.cfg.d_model
-        self.sums = torch.zeros(n, d, dtype=torch.float64)
-        self.unit_sums = torch.zeros(n, d, dtype=torch.float64)
-        self.norm_sums = torch.zeros(n, dtype=torch.float64)
+        self.n_layers = n_layers
+        self.sums = torch.zeros(n_layers, d, dtype=torch.float64)
+        self.unit_sums = torch.zeros(n_layers, d, dtype=torch.float64)
+        self.norm_sums = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens_seen, self.n_prompts = 0, 0
-        self.positions = TokenPositions(model)
         if self.path.is_file():
             self._resume(read_json(self.path))
 
@@ -55,6 +54,53 @@ class MassiveDimCollector(HookAdapter):
     def should_skip(self) -> bool:
         return self.tokens_seen >= self.target_tokens
 
+    def observe(self, residuals: dict[int, Float[Tensor, "n d"]], n_prompts: int = 1) -> None:
+        """Add the residuals of every layer (`{layer: [n_real_tokens, d]}`, one pass over `n_prompts` prompts);
+        ignored once `target_tokens` are seen. ConfigError unless every layer is there."""
+        if self.should_skip():
+            return
+        if sorted(residuals) != list(range(self.n_layers)):
+            raise ConfigError(f"a calibration pass needs the residual of every layer 0..{self.n_layers - 1}; "
+                              f"got layers {sorted(residuals)}")
+        for layer in range(self.n_layers):
+            self._add(layer, residuals[layer], n_prompts)
+
+    def _add(self, layer: int, act: Tensor, n_prompts: int) -> None:
+        h = act.detach().double().cpu()  # [n_real, d]
+        self.sums[layer] += h.sum(0)
+        norms = h.norm(dim=-1)
+        self.norm_sums[layer] += norms.sum()
+        self.unit_sums[layer] += (h / norms.clamp(min=1e-12)[:, None]).sum(0)
+        if layer == self.n_layers - 1:  # count once per pass, after every layer has seen it
+            self.tokens_seen += h.shape[0]
+            self.n_prompts += n_prompts
+
+    def finalize(self) -> dict | None:
+        """Write the calibration file; None (nothing written) under 100 tokens."""
+        if self.tokens_seen < 100:
+            return None
+        report = {**self.info, "prompt_set": self.info.get("prompt_set", "calibration"),
+                  "is_calibration": True, "source": self.info.get("source", "inference_passive"),
+                  "aggregate": aggregate(self.sums, self.unit_sums, self.norm_sums, self.tokens_seen, self.n_prompts,
+                                         self.top_k),
+                  "_state": {"sums": self.sums.tolist(), "unit_sums": self.unit_sums.tolist(),
+                             "norm_sums": self.norm_sums.tolist(), "tokens_seen": self.tokens_seen,
+                             "n_prompts": self.n_prompts}}
+        write_json(self.path, report)
+        return report
+
+
+class MassiveDimCollector(HookAdapter, MassiveDimStats):
+    """Passive calibration of massive dims over prefill passes (see the module docstring); `register()` /
+    `finalize()` or a `with` block add and remove its hooks."""
+
+    phase = READ
+
+    def __init__(self, model, path: Path, target_tokens: int = 5000, top_k: int = 5, info: dict | None = None) -> None:
+        HookAdapter.__init__(self, model)
+        MassiveDimStats.__init__(self, model.cfg.n_layers, model.cfg.d_model, path, target_tokens, top_k, info)
+        self.positions = TokenPositions(model)
+
     def register(self) -> None:
         """Add the hooks (idempotent; nothing is added once the budget is reached)."""
         if not self.active and not self.should_skip():
@@ -67,30 +113,13 @@ class MassiveDimCollector(HookAdapter):
         if act.shape[1] <= 1 or self.tokens_seen >= self.target_tokens:
             return  # decode steps carry no new prompt tokens; stop once calibrated
         _, real = self.positions.current(act.shape[0], act.shape[1], act.device)
-        h = act.detach()[real].double().cpu()  # [n_real, d]
-        self.sums[layer] += h.sum(0)
-        norms = h.norm(dim=-1)
-        self.norm_sums[layer] += norms.sum()
-        self.unit_sums[layer] += (h / norms.clamp(min=1e-12)[:, None]).sum(0)
-        if layer == self.model.cfg.n_layers - 1:  # count once per pass, after every layer has seen it
-            self.tokens_seen += h.shape[0]
-            self.n_prompts += act.shape[0]
+        self._add(layer, act[real], act.shape[0])
 
     def finalize(self) -> dict | None:
         """Remove the hooks and write the calibration file; None (nothing written) under 100 tokens."""
         if self.active:
             self.__exit__(None, None, None)
-        if self.tokens_seen < 100:
-            return None
-        report = {**self.info, "prompt_set": self.info.get("prompt_set", "calibration"),
-                  "is_calibration": True, "source": self.info.get("source", "inference_passive"),
-                  "aggregate": aggregate(self.sums, self.unit_sums, self.norm_sums, self.tokens_seen, self.n_prompts,
-                                         self.top_k),
-                  "_state": {"sums": self.sums.tolist(), "unit_sums": self.unit_sums.tolist(),
-                             "norm_sums": self.norm_sums.tolist(), "tokens_seen": self.tokens_seen,
-                             "n_prompts": self.n_prompts}}
-        write_json(self.path, report)
-        return report
+        return MassiveDimStats.finalize(self)
 
 
 def aggregate(sums: Tensor, unit_sums: Tensor, norm_sums: Tensor, tokens: int, n_prompts: int, top_k: int) -> dict:

@@ -1,14 +1,16 @@
 """Monitoring: per-token projections of a prompt set's responses onto selected trait vectors.
 
-Stage 1 generates one `ResponseRecord` per prompt; stage 2 prefills prompt + response with
-`MultiLayerProjection` (scores and norms computed inside the hook; no activations leave the device)
-and writes one `ProjectionRecord` per prompt and trait. Finished prompts are skipped on re-runs. The
-first run also calibrates massive dims passively (`MassiveDimCollector`, prefill passes only) and,
+Everything goes through a `tracelens.serving.protocol.Backend`, so the model here (`LocalBackend`) and a
+running `tracelens server` (`RemoteBackend`) monitor alike. Stage 1 generates one `ResponseRecord` per
+prompt; stage 2 reads the activations of prompt + response at the monitored layers in one forward
+(`forward_with_capture`), projects them onto each trait's unit vectors and writes one `ProjectionRecord`
+per prompt and trait. Finished prompts are skipped on re-runs. The first run also calibrates massive dims
+from the residuals of every layer at the prompts' tokens (`MassiveDimStats`, until `target_tokens`) and,
 once a calibration exists, each record carries the activations at the candidate dims so a viewer can
-clean projections. `one_pass=True` instead records projections while generating (steering allowed),
-so a steered or capped generation is monitored in the same call: projections and the massive-dim
-activations kept for cleaning are both read after the steering (reads run after edits at a hook point,
-see `tracelens.model.hooks`), from the pass that produced the response.
+clean projections. `one_pass=True` instead takes the activations in the generating call (steering
+allowed; `generate_with_capture` reads them under the generation's steering), so a steered generation is
+monitored in the same call: projections and the massive-dim activations kept for cleaning are both read
+after the steering.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
-from tracelens.model.edits import unit
+from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
+from tracelens.serving.protocol import Backend
+from tracelens.model.edits import project, unit
 from tracelens.errors import ConfigError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.pipeline.extraction import load_vector, parse_layers
-from tracelens.model.generation import HookedGenerator
-from tracelens.model.hooks import CaptureHook, MultiLayerProjection
+from tracelens.model.hooks import CaptureHook
 from tracelens.io import read_json, write_json
-from tracelens.model.massive import MassiveDimCollector, candidate_dims
+from tracelens.model.massive import MassiveDimCollector, MassiveDimStats, candidate_dims
 from tracelens.pipeline.prompt_sets import load_prompt_set
 from tracelens.model.prompts import token_strings, tokenize_batch
 from tracelens.pipeline.selection import select_vector
@@ -50,13 +52,14 @@ def _now() -> str:
 
 
 def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequence[str], config: MonitorConfig | None = None,
-                   variant: str | None = None, backend: LocalBackend | None = None,
-                   steering: Sequence[SteeringSpec] | None = None, response_backend=None) -> dict[str, int]:
+                   variant: str | None = None, backend: Backend | None = None,
+                   steering: Sequence[SteeringSpec] | None = None,
+                   response_backend: Backend | None = None) -> dict[str, int]:
     """Responses and projections for every prompt of `prompt_set`; returns counts of what was written.
 
-    `response_backend` (e.g. a `VLLMBackend`) writes the missing response records first and is then shut
-    down; projections run on the local model. Passive calibration needs local prefill passes, so it does
-    not happen on that path (run `tracelens massive` instead).
+    `response_backend` (e.g. a `VLLMBackend`, text generation only) writes the missing response records first
+    and is then shut down; projections run on `backend`. Calibration reads the prompts of the responses stage 1
+    generates, so it does not happen for records written that way (run `tracelens massive` instead).
     """
     config = config or MonitorConfig()
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
@@ -84,13 +87,11 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     written = {"responses": 0, "projections": 0}
     targets = {t: _vector_targets(exp, t, backend.n_layers, config.layers) for t in traits}
     calib_path = exp.massive_activations_path(mv.name)
-    collector = MassiveDimCollector(backend.model, calib_path, config.target_tokens,
-                                    info={"experiment": exp.name, "model": mv.label, "model_variant": mv.name})
-    calibrating = config.calibrate and not collector.should_skip()
-    if calibrating:
-        collector.register()
-    records, one_pass_scores, one_pass_acts = {}, {}, {}
-    try:  # stage 1: responses (their prefill passes calibrate the massive dims)
+    stats = MassiveDimStats(backend.n_layers, backend.hidden_dim, calib_path, config.target_tokens,
+                            info={"experiment": exp.name, "model": mv.label, "model_variant": mv.name})
+    calibrating = config.calibrate and not stats.should_skip()
+    records, one_pass_acts = {}, {}
+    try:  # stage 1: responses (their prompts' residuals calibrate the massive dims)
         for prompt in ps.prompts:
             rpath = exp.inference_response_path(mv.name, ps.name, prompt.id)
             pending = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt.id).is_file()]
@@ -100,31 +101,38 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
                 if pending:
                     records[prompt.id] = ResponseRecord.from_dict(read_json(rpath))
                 continue
+            calibrate_now = calibrating and not stats.should_skip()
+            capture = _capture_spec(targets.values(), all_layers=calibrate_now) if (
+                config.one_pass or calibrate_now) else None
+            record, acts = _generate(backend, prompt.text, ps.system_prompt, config, mv.label,
+                                     steering if config.one_pass else None, capture)
+            if calibrate_now:
+                stats.observe({l: acts[(l, "residual")][:record.prompt_end] for l in range(backend.n_layers)})
             if config.one_pass:
-                record, one_pass_scores[prompt.id], one_pass_acts[prompt.id] = _generate_and_project(
-                    backend, prompt.text, ps.system_prompt, targets, config, steering, mv.label)
-            else:
-                record = _generate(backend, prompt.text, ps.system_prompt, config, mv.label)
+                one_pass_acts[prompt.id] = acts
             write_json(rpath, record.to_dict())
             written["responses"] += 1
             records[prompt.id] = record
     finally:
         if calibrating:
-            collector.finalize()
+            stats.finalize()
     calibration = read_json(calib_path) if calib_path.is_file() else None
     for prompt_id, record in records.items():  # stage 2: projections
-        for trait in traits:
-            path = exp.projection_path(mv.name, trait, ps.name, prompt_id)
-            if path.is_file():
-                continue
-            scores = one_pass_scores.get(prompt_id, {}).get(trait)
-            rec = _project(backend, record, targets[trait], scores)
+        todo = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt_id).is_file()]
+        if not todo:
+            continue
+        acts = one_pass_acts.get(prompt_id)
+        if acts is None:  # a prefill of the record
+            capture = _capture_spec([targets[t] for t in todo])
+            by_layer = backend.forward_with_capture(torch.tensor([record.token_ids]), None, capture)
+            acts = {(l, c): a[0] for l, comps in by_layer.items() for c, a in comps.items()}
+        for trait in todo:
+            rec = _project(record, targets[trait], acts)
             rec.prompt_id, rec.prompt_set = prompt_id, ps.name
             out = rec.to_dict()
             if calibration is not None:
-                out["massive_dim_data"] = _massive_dim_data(backend, record, targets[trait], calibration,
-                                                            one_pass_acts.get(prompt_id))
-            write_json(path, out)
+                out["massive_dim_data"] = _massive_dim_data(record, targets[trait], calibration, acts)
+            write_json(exp.projection_path(mv.name, trait, ps.name, prompt_id), out)
             written["projections"] += 1
     return written
 
@@ -149,81 +157,66 @@ def _vector_targets(exp: Experiment, trait: str, n_layers: int, spec: str) -> _T
                    {l: meta["layers"][str(l)]["baseline"] for l in layers})
 
 
-def _generate(backend: LocalBackend, text: str, system_prompt, config: MonitorConfig, model_id: str) -> ResponseRecord:
-    [r] = backend.generate_results([text], GenerationConfig(max_new_tokens=config.max_new_tokens),
-                                    system_prompts=[system_prompt])
-    return _record(backend, text, system_prompt, r.prompt_token_ids, r.response_token_ids, r.response_text, model_id)
+def _capture_spec(targets, all_layers: bool = False) -> CaptureSpec:
+    """What to read for `targets`: their layers (every layer with `all_layers`, residual included, for a
+    calibration) at their components."""
+    targets = list(targets)
+    components = sorted({t.component for t in targets} | ({"residual"} if all_layers else set()))
+    layers = None if all_layers else sorted({l for t in targets for l in t.vectors})
+    return CaptureSpec(layers, tuple(components))
 
 
-def _record(backend, text, system_prompt, prompt_ids, response_ids, response_text, model_id) -> ResponseRecord:
+def _generate(backend: Backend, text: str, system_prompt, config: MonitorConfig, model_id: str,
+              steering: Sequence[SteeringSpec] | None, capture: CaptureSpec | None
+              ) -> tuple[ResponseRecord, dict[tuple[int, str], torch.Tensor] | None]:
+    """The response record of one prompt and, with `capture`, its activations `{(layer, component): [n_tokens, d]}`
+    over prompt + response, read after `steering` (a teacher-forced pass under the generation's steering)."""
+    gen = GenerationConfig(max_new_tokens=config.max_new_tokens)
+    if capture is None:
+        [r] = backend.generate_results([text], gen, steering, [system_prompt])
+        acts = None
+    else:
+        [r] = backend.generate_with_capture([text], gen, capture, steering, [system_prompt])
+        acts = {(l, c): torch.cat([a, r.response_activations[l][c]]) for l, comps in r.prompt_activations.items()
+                for c, a in comps.items()}
+    return _record(backend, text, system_prompt, r.prompt_token_ids, r.response_token_ids, r.response_text,
+                   model_id), acts
+
+
+def _record(backend: Backend, text, system_prompt, prompt_ids, response_ids, response_text, model_id) -> ResponseRecord:
     ids = list(prompt_ids) + list(response_ids)
-    tokens = [backend.tokenizer.decode([i]) for i in ids]  # readable text of each token (no BPE markers)
-    return ResponseRecord(prompt=text, response=response_text, tokens=tokens,
+    return ResponseRecord(prompt=text, response=response_text, tokens=backend.token_texts(ids),
                           token_ids=ids, prompt_end=len(prompt_ids), inference_model=model_id,
                           capture_date=_now(), system_prompt=system_prompt)
 
 
-def _project(backend, record: ResponseRecord, target: _Target, scores=None) -> ProjectionRecord:
-    """Per-token projections of one record (prefill), or from `scores` recorded during generation."""
-    if scores is None:
-        ids = torch.tensor([record.token_ids], device=backend.device)
-        with MultiLayerProjection(backend.model, target.vectors, target.component) as proj, torch.inference_mode():
-            backend.model(ids)
-        scores = {l: (proj.get(l)[0], proj.get_norms(l)[0]) for l in target.vectors}
+def _project(record: ResponseRecord, target: _Target, acts: dict[tuple[int, str], torch.Tensor]) -> ProjectionRecord:
+    """Per-token projections of one record onto the target's unit vectors, from `acts`
+    (`{(layer, component): [n_tokens, d]}`, the record's tokens in order)."""
     n = record.prompt_end
-    entries = [ProjectionEntry.build(target.method, l, target.source, target.baselines[l], s[:n].tolist(),
-                                     s[n:].tolist(), norms[:n].tolist(), norms[n:].tolist())
-               for l, (s, norms) in scores.items()]
+    entries = []
+    for l, v in target.vectors.items():
+        h = acts[(l, target.component)]
+        s = project(h, unit(v, f"the vector of layer {l}").to(h.device)).cpu()
+        norms = h.float().norm(dim=-1).cpu()
+        entries.append(ProjectionEntry.build(target.method, l, target.source, target.baselines[l], s[:n].tolist(),
+                                             s[n:].tolist(), norms[:n].tolist(), norms[n:].tolist()))
     return ProjectionRecord(prompt_id=0, prompt_set="", n_prompt_tokens=n, n_response_tokens=len(entries[0].response),
                             projections=entries, component=target.component, position=target.position,
                             projection_date=_now())
 
 
-def _generate_and_project(backend, text, system_prompt, targets, config, steering, model_id):
-    """One pass: generate while every trait's projections and the monitored layers' activations are recorded,
-    after any steering at their sites. The final token is never fed back, so response scores cover all
-    response tokens but the last; the record is trimmed to match. Returns the record,
-    `{trait: {layer: (scores, norms)}}` and `{(layer, component): [n_tokens, d]}` (on CPU, kept for cleaning)."""
-    ids, mask = tokenize_batch(backend.tokenizer, [backend.format(text, system_prompt)])
-    with ExitStack() as stack:
-        projs = {t: stack.enter_context(MultiLayerProjection(backend.model, tg.vectors, tg.component))
-                 for t, tg in targets.items()}
-        caps = {(l, tg.component): CaptureHook(backend.model, get_hook_path(l, tg.component))
-                for tg in targets.values() for l in tg.vectors}
-        for cap in caps.values():
-            stack.enter_context(cap)
-        [out] = HookedGenerator(backend.model).generate(
-            ids, mask, config.max_new_tokens, steering=[s.to_config() for s in steering or ()] or None)
-    fed = out.token_ids[:-1]
-    scores = {t: {l: (torch.cat(p.get(l, concat=False), dim=1)[0], torch.cat(p.get_norms(l, concat=False), dim=1)[0])
-                  for l in tg.vectors} for (t, tg), p in zip(targets.items(), projs.values())}
-    acts = {key: torch.cat(cap.get(concat=False), dim=1)[0] for key, cap in caps.items()}
-    prompt_ids = ids[0].tolist()
-    text_out = backend.tokenizer.decode(fed, skip_special_tokens=True).strip()
-    record = _record(backend, text, system_prompt, prompt_ids, fed, text_out, model_id)
-    return record, scores, acts
-
-
-def _massive_dim_data(backend, record: ResponseRecord, target: _Target, calibration: dict,
-                      acts: dict[tuple[int, str], torch.Tensor] | None = None) -> dict:
-    """Activations at the candidate massive dims per projected layer, for cleaning in a viewer: from `acts`
-    (`{(layer, component): [n_tokens, d]}`, those a one-pass run projected, steered or not), else from a
-    prefill of the record."""
+def _massive_dim_data(record: ResponseRecord, target: _Target, calibration: dict,
+                      acts: dict[tuple[int, str], torch.Tensor]) -> dict:
+    """Activations at the candidate massive dims per projected layer, for cleaning in a viewer, from the
+    activations the projections came from (`{(layer, component): [n_tokens, d]}`, steered in a one-pass run)."""
     dims = candidate_dims(calibration, "all")
     n = record.prompt_end
-    if acts is None:
-        ids = torch.tensor([record.token_ids], device=backend.device)
-        caps = {l: CaptureHook(backend.model, get_hook_path(l, target.component)) for l in target.vectors}
-        with ExitStack() as stack, torch.inference_mode():
-            for c in caps.values():
-                stack.enter_context(c)
-            backend.model(ids)
-        acts = {(l, target.component): c.get()[0] for l, c in caps.items()}
     top = calibration["aggregate"]["top_dims_by_layer"]
     data = {"dims": {str(l): top[str(l)] for l in target.vectors}, "all_candidates": dims,
             "top5_3layers": candidate_dims(calibration, "top5-3layers"), "prompt": {}, "response": {}, "vector": {}}
     for l in target.vectors:
-        at_dims = acts[(l, target.component)][:, dims].float()
+        at_dims = acts[(l, target.component)][:, dims].float().cpu()
         data["prompt"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[:n, i]] for i, d in enumerate(dims)}
         data["response"][str(l)] = {str(d): [round(float(x), 4) for x in at_dims[n:, i]] for i, d in enumerate(dims)}
         v = unit(target.vectors[l], f"the vector of layer {l}")

@@ -4,8 +4,9 @@ run, and the selected configuration reported on disjoint report questions beside
 Questions come from the trait's `steering.json` in file order: the first `n_search` drive the search,
 the rest (up to `n_report`) are only used to report the configuration the search selected.
 
-Each search step generates, in ONE batch, every candidate layer's answers to the search questions,
-one batch slice per layer under `PerSampleSteering` (the batch is never split, so slices stay put).
+Each search step asks the backend (any `tracelens.serving.protocol.Backend`: the model here or a running
+`tracelens server`) for every candidate layer's answers to the search questions in one call, one block of
+rows per layer (`SteeringSpec.rows`).
 The starting coefficient of a layer is `mean ||h_L|| / ||v|| * 0.7` (times -1 to steer against the
 trait); after each step it is multiplied by 1.3 when that layer's mean coherence is at least
 `search_coherence` (80), else by 0.85.
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from tracelens.serving.backends import GenerationConfig, LocalBackend
+from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
 from tracelens.model.edits import unit
 from tracelens.errors import ConfigError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
@@ -41,16 +42,12 @@ from tracelens.pipeline.extraction import (
     load_vector,
     parse_layers,
 )
-from tracelens.model.generation import HookedGenerator
-from tracelens.model.hooks import PerSampleSteering, SteeringHook
 from tracelens.io import append_jsonl, read_json, read_jsonl, unique_sibling, write_json
 from tracelens.judges.base import summarize_judge_scores
-from tracelens.model.likelihood import response_logprobs
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.pipeline.prompt_sets import load_prompt_set
-from tracelens.model.prompts import encode, tokenize_batch
-from tracelens.model.sites import get_hook_path
 from tracelens.pipeline.traits import load_trait
+from tracelens.serving.protocol import Backend
 from tracelens.types import (MIN_COHERENCE, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
                              SteeringRunRecord, VectorSpec)
 
@@ -100,16 +97,15 @@ def _score(judge, trait: str, definition: str, questions: Sequence[str], answers
                         for q, a in zip(questions, answers)])
 
 
-def _generate(backend: LocalBackend, questions: Sequence[str], rows: list[tuple[int, torch.Tensor, float]],
+def _generate(backend: Backend, questions: Sequence[str], rows: list[tuple[int, torch.Tensor, float]],
               config: SteeringEvalConfig) -> list[list[str]]:
-    """Answers to `questions` under each (layer, vector, coef) of `rows`, all in one batch."""
+    """Answers to `questions` under each (layer, vector, coef) of `rows`, all in one call (one block of rows
+    per entry; no entry: unsteered)."""
     q = len(questions)
-    texts = [backend.format(question) for _ in (rows or [None]) for question in questions]
-    ids, mask = tokenize_batch(backend.tokenizer, texts)
-    steer = [(layer, v, coef, (i * q, (i + 1) * q)) for i, (layer, v, coef) in enumerate(rows)]
-    with PerSampleSteering(backend.model, steer, config.component):
-        outs = HookedGenerator(backend.model).generate(ids, mask, config.max_new_tokens)
-    answers = [backend.tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in outs]
+    steering = [SteeringSpec(layer, v, coef, config.component, rows=(i * q, (i + 1) * q))
+                for i, (layer, v, coef) in enumerate(rows)]
+    answers = backend.generate(list(questions) * max(1, len(rows)), GenerationConfig(config.max_new_tokens),
+                               steering or None)
     return [answers[i * q : (i + 1) * q] for i in range(max(1, len(rows)))]
 
 
@@ -135,7 +131,7 @@ class ReferenceTexts:
 
 
 def reference_texts(exp: Experiment, trait: str, extraction_variant: str, variant: str, model_id: str,
-                    backend: LocalBackend, config: SteeringEvalConfig) -> ReferenceTexts:
+                    backend: Backend, config: SteeringEvalConfig) -> ReferenceTexts:
     """Load the test pairs and the (cached) unsteered neutral answers; generates the latter once."""
     pos, neg = load_responses(exp, trait, extraction_variant)
     test = load_splits(exp, trait, extraction_variant, config.position, config.component)["test"]
@@ -149,7 +145,7 @@ def reference_texts(exp: Experiment, trait: str, extraction_variant: str, varian
         write_json(path, cached)
     keep = [i for i, r in enumerate(cached["response_token_ids"]) if r]
     return ReferenceTexts(
-        pair_prompts=[encode(backend.tokenizer, backend.format(pos[i]["prompt"])) for i in test],
+        pair_prompts=backend.prompt_token_ids([pos[i]["prompt"] for i in test]),
         pos=[pos[i]["response_token_ids"] for i in test], neg=[neg[i]["response_token_ids"] for i in test],
         neutral_prompts=[cached["prompt_token_ids"][i] for i in keep],
         neutral=[cached["response_token_ids"][i] for i in keep],
@@ -160,24 +156,24 @@ def reference_texts(exp: Experiment, trait: str, extraction_variant: str, varian
 class _Scored:
     llr: torch.Tensor  # [n_pairs] per-token log-likelihood ratio pos - neg
     nll: torch.Tensor  # [n_neutral] per-token NLL
-    dists: list[torch.Tensor]  # per neutral answer [n_tokens, vocab] log-distributions
+    kl: list[torch.Tensor] | None  # per neutral answer [n_tokens]: KL(unsteered || steered), None unsteered
 
 
-def _score_texts(model, refs: ReferenceTexts) -> _Scored:
-    both = response_logprobs(model, refs.pair_prompts * 2, refs.pos + refs.neg)
+def _score_texts(backend: Backend, refs: ReferenceTexts, steering: SteeringSpec | None = None) -> _Scored:
+    spec = None if steering is None else [steering]
+    both = backend.response_logprobs(refs.pair_prompts * 2, refs.pos + refs.neg, spec).logprobs
     n = len(refs.pos)
     llr = torch.stack([both[i].mean() - both[n + i].mean() for i in range(n)])
-    lp, dists = response_logprobs(model, refs.neutral_prompts, refs.neutral, distributions=True)
-    return _Scored(llr, torch.stack([-x.mean() for x in lp]), dists)
+    neutral = backend.response_logprobs(refs.neutral_prompts, refs.neutral, spec, kl=spec is not None)
+    return _Scored(llr, torch.stack([-x.mean() for x in neutral.logprobs]), neutral.kl)
 
 
-def judge_free_metrics(model, refs: ReferenceTexts, unsteered: _Scored, path: str, vector: torch.Tensor,
-                       coefficient: float) -> dict[str, dict]:
-    """`trait_effect`, `nll_cost` (nats/token) and `kl` (nats/token) of adding `coefficient * vector` at
-    `path`, each `{"value", "lo", "hi"}` over items (test pairs, neutral answers) against `unsteered`."""
-    with SteeringHook(model, vector, path, coefficient):
-        steered = _score_texts(model, refs)
-    kl = torch.stack([(u.exp() * (u - s)).sum(-1).mean() for u, s in zip(unsteered.dists, steered.dists)])
+def judge_free_metrics(backend: Backend, refs: ReferenceTexts, unsteered: _Scored,
+                       steering: SteeringSpec) -> dict[str, dict]:
+    """`trait_effect`, `nll_cost` (nats/token) and `kl` (nats/token) of `steering` (every position), each
+    `{"value", "lo", "hi"}` over items (test pairs, neutral answers) against `unsteered`."""
+    steered = _score_texts(backend, refs, steering)
+    kl = torch.stack([k.mean() for k in steered.kl])
     return {"trait_effect": bootstrap_mean(steered.llr - unsteered.llr).to_dict(),
             "nll_cost": bootstrap_mean(steered.nll - unsteered.nll).to_dict(),
             "kl": bootstrap_mean(kl).to_dict()}
@@ -206,7 +202,7 @@ def judge_validity(judge, exp: Experiment, trait: str, variant: str, position: s
 
 
 def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: SteeringEvalConfig | None = None,
-                      variant: str | None = None, backend: LocalBackend | None = None,
+                      variant: str | None = None, backend: Backend | None = None,
                       judge_info: dict | None = None) -> SteeringResults:
     """Baseline + coefficient search on search questions, then the best valid run reported on report
     questions with a random control; returns everything in its `results.jsonl`.
@@ -259,7 +255,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     def reference() -> tuple[ReferenceTexts, _Scored]:
         """The judge-free reference, computed only when a baseline or run is missing."""
         refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.label, backend, config)
-        return refs, _score_texts(backend.model, refs)
+        return refs, _score_texts(backend, refs)
 
     if not any(line.get("type") == "baseline" for line in lines):
         [answers] = _generate(backend, search, [], config)
@@ -284,12 +280,12 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
         missing = [(l, vectors[l], round(c, 4)) for l, c in todo if _spec_key(specs[l]) not in done]
         if missing:
             for (l, v, c), answers in zip(missing, _generate(backend, search, missing, config)):
-                hook = get_hook_path(l, config.component, backend.model)
                 run = SteeringRunRecord(
                     summarize_judge_scores(_score(judge, trait, data.definition, search, answers)), specs[l],
                     eval_judge=judge_name, timestamp=_now(),
-                    judge_free=judge_free_metrics(backend.model, *reference(), hook, v, c),
-                    control=judge_free_metrics(backend.model, *reference(), hook, random_control(v, l), c),
+                    judge_free=judge_free_metrics(backend, *reference(), SteeringSpec(l, v, c, config.component)),
+                    control=judge_free_metrics(backend, *reference(),
+                                               SteeringSpec(l, random_control(v, l), c, config.component)),
                 )
                 append_jsonl(path, run.to_dict())
                 done[_key(run)] = run
@@ -307,7 +303,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     return results
 
 
-def _report(backend: LocalBackend, judge, trait: str, definition: str, questions: Sequence[str],
+def _report(backend: Backend, judge, trait: str, definition: str, questions: Sequence[str],
             best: SteeringRunRecord, vector: torch.Tensor, config: SteeringEvalConfig) -> dict:
     """The selected run on the report questions: unsteered, steered and random control in one batch,
     judged; deltas are per-question paired differences with 95% bootstrap intervals."""

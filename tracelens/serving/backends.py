@@ -1,6 +1,6 @@
 """Generation backends: one interface for generation with steering and activation capture.
 
-`LocalBackend` runs a loaded tracelens model in this process. Prompts are formatted with the chat
+The interface is stated by `tracelens.serving.protocol.Backend`. `LocalBackend` runs a loaded tracelens model in this process. Prompts are formatted with the chat
 template (explicit `use_chat_template` > experiment config > the tokenizer has a template), batched
 automatically (a batch size from free memory, halved on out-of-memory) with a progress bar.
 """
@@ -32,6 +32,7 @@ from tracelens.model.generation import (
 from tracelens.model.conditional import Condition
 from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.model.hooks import MultiLayerCapture, _layers, finite_float
+from tracelens.model.likelihood import response_logprobs
 from tracelens.model.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
 
 
@@ -99,6 +100,16 @@ class CaptureResult:
     response_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     response_logprobs: list[float] | None = None
     response_top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class ResponseLogprobs:
+    """Teacher-forced scores of given responses, one entry per row: `logprobs[i]` `[n_response_tokens]` is
+    `log p(token | everything before it)` (natural log, float32); `kl[i]` (same shape, nats) the KL divergence
+    of the steered next-token distribution from the unsteered one at those positions, None when not asked."""
+
+    logprobs: list[Tensor]
+    kl: list[Tensor] | None = None
 
 
 @dataclass
@@ -176,8 +187,40 @@ class LocalBackend:
     def device(self) -> torch.device:
         return torch.device(self._model.cfg.device)
 
+    @property
+    def model_name(self) -> str | None:
+        return getattr(self._model.cfg, "model_name", None)
+
     def format(self, prompt: str, system_prompt: str | None = None) -> str:
         return format_prompt(self._tokenizer, prompt, system_prompt, self.use_chat_template)
+
+    def prompt_token_ids(self, prompts: Sequence[str],
+                         system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
+        """The token ids generation feeds the model for each prompt (formatted as `generate` formats it)."""
+        return [encode(self._tokenizer, t) for t in self._format_all(prompts, system_prompts, False)]
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id decoded alone (readable text, special tokens kept)."""
+        return [self._tokenizer.decode([int(i)]) for i in token_ids]
+
+    def response_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                          steering: Sequence[SteeringSpec] | None = None, *, kl: bool = False) -> ResponseLogprobs:
+        """Teacher-forced log-probabilities of each response token (`tracelens.model.likelihood.response_logprobs`,
+        batches of 8) under `steering` at every position; `kl` adds the per-token KL divergence from the unsteered
+        distributions (a second, unsteered pass). ConfigError for steering limited to rows, the response or a
+        condition."""
+        for spec in steering or ():
+            if spec.positions != "all" or spec.rows is not None or spec.condition is not None:
+                raise ConfigError("response_logprobs steers every position of every row: steering must have "
+                                  f"positions 'all', no rows and no condition; got {spec.positions!r}, "
+                                  f"rows={spec.rows}, condition={spec.condition}")
+        with _steering_adapters(self._model, steering, 0):
+            scored = response_logprobs(self._model, prompt_ids, response_ids, distributions=kl)
+        if not kl:
+            return ResponseLogprobs(scored)
+        logprobs, steered = scored
+        _, unsteered = response_logprobs(self._model, prompt_ids, response_ids, distributions=True)
+        return ResponseLogprobs(logprobs, [(u.exp() * (u - s)).sum(-1) for u, s in zip(unsteered, steered)])
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -256,20 +299,25 @@ class LocalBackend:
 
     def _prepare(self, prompts, config: GenerationConfig, system_prompts, formatted: bool) -> tuple[list[str], int]:
         """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
+        texts = self._format_all(prompts, system_prompts, formatted)
+        longest = max(len(encode(self._tokenizer, t)) for t in texts)
+        check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
+        return texts, longest
+
+    def _format_all(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None,
+                    formatted: bool) -> list[str]:
         if isinstance(prompts, str):
             raise InputTypeError("prompts must be a list of strings, not one string")
-        if len(prompts) == 0:
-            raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
         if system_prompts is not None and len(system_prompts) != len(prompts):
             raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
         if formatted and system_prompts is not None:
             raise ConfigError("formatted prompts are used as given: put the system prompt in the text; "
-                             "got system_prompts with formatted=True")
-        texts = list(prompts) if formatted else [self.format(p, s) for p, s in
-                                                 zip(prompts, system_prompts or [None] * len(prompts))]
-        longest = max(len(encode(self._tokenizer, t)) for t in texts)
-        check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
-        return texts, longest
+                              "got system_prompts with formatted=True")
+        if formatted:
+            return list(prompts)
+        return [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
 
     def _generate(self, prompts, config, steering, capture, system_prompts, cancel, formatted=False,
                   top_logprobs=None) -> list[CaptureResult]:
@@ -315,8 +363,7 @@ class LocalBackend:
         rows = [r.prompt_token_ids + r.response_token_ids for r in results]
         ids, mask = left_pad(rows)
         width = ids.shape[1]
-        steer = _full_sequence_steering(self._model, steering, results)
-        with steer:
+        with _steering_adapters(self._model, steering, torch.tensor([len(r.prompt_token_ids) for r in results])):
             acts = self.forward_with_capture(ids, mask, capture)
         for i, r in enumerate(results):
             start, split = width - len(rows[i]), width - len(r.response_token_ids)
@@ -384,10 +431,11 @@ def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int],
     return chosen, [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
 
 
-def _full_sequence_steering(model, steering, results) -> ExitStack:
-    """The generation's steering, applied to one forward over the whole left-padded sequence."""
+def _steering_adapters(model, steering: Sequence[SteeringSpec] | None,
+                       prompt_lengths: int | Int[Tensor, "batch"]) -> ExitStack:
+    """`steering` entered as adapters on `model` for a forward over whole sequences (`prompt_lengths`: real
+    prompt tokens per row, where "response" steering starts)."""
     stack = ExitStack()
-    prompt_lengths = torch.tensor([len(r.prompt_token_ids) for r in results])
     for spec in steering or ():
         stack.enter_context(steering_hook(model, spec.to_config(), prompt_lengths))
     return stack

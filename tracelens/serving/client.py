@@ -1,8 +1,9 @@
 """`RemoteBackend`: the `LocalBackend` interface over a running `tracelens.serving.server.ModelServer`, and
 `get_backend`, which prefers such a server for the experiment and falls back to loading the model here.
 
-Results are the same types as `LocalBackend`'s (`CaptureResult`, `TokenResult`, `{layer: {component: tensor}}`);
-tensors come back on the CPU. `model` and `tokenizer` are not available remotely.
+It honours `tracelens.serving.protocol.Backend` in full, so monitoring and the steering evaluation run on a
+served model. Results are the same types as `LocalBackend`'s (`CaptureResult`, `TokenResult`, `ResponseLogprobs`,
+`{layer: {component: tensor}}`); tensors come back on the CPU. `model` and `tokenizer` are not available remotely.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tracelens.serving.backends import (
     CaptureSpec,
     GenerationConfig,
     LocalBackend,
+    ResponseLogprobs,
     SteeringSpec,
     TokenResult,
 )
@@ -91,6 +93,10 @@ class RemoteBackend:
         return self._info()["model"]["hidden_dim"]
 
     @property
+    def model_name(self) -> str | None:
+        return self._info()["model"]["name"]
+
+    @property
     def device(self) -> torch.device:
         """Where returned tensors live (always the CPU; the server's own device is in ``health()``)."""
         return torch.device("cpu")
@@ -150,6 +156,25 @@ class RemoteBackend:
                 if "error" in item:
                     raise ServerError(item.get("status", 500), item["error"])
                 yield TokenResult(item["token"], item["token_id"], decode_activations(item["activations"]))
+
+    def prompt_token_ids(self, prompts: Sequence[str],
+                         system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
+        body = {"prompts": self._prompts(prompts)}
+        if system_prompts is not None:
+            body["system_prompts"] = list(system_prompts)
+        return self._call("/prompt_token_ids", body)["token_ids"]
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        return self._call("/token_texts", {"token_ids": [int(i) for i in token_ids]})["tokens"]
+
+    def response_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                          steering: Sequence[SteeringSpec] | None = None, *, kl: bool = False) -> ResponseLogprobs:
+        body = {"prompt_ids": [[int(i) for i in row] for row in prompt_ids],
+                "response_ids": [[int(i) for i in row] for row in response_ids],
+                "steering": steering_to_json(steering), "kl": kl}
+        out = self._call("/response_logprobs", body)
+        return ResponseLogprobs([torch.tensor(row, dtype=torch.float32) for row in out["logprobs"]],
+                                None if out["kl"] is None else [torch.tensor(r, dtype=torch.float32) for r in out["kl"]])
 
     def forward_with_capture(self, input_ids: Tensor, attention_mask: Tensor | None,
                              capture: CaptureSpec) -> dict[int, dict[str, Tensor]]:

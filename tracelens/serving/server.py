@@ -14,6 +14,11 @@
   as it is generated: ``{token, token_id, activations}``; a failure after the first line is sent as a final line
   ``{error, status}`` (status: the HTTP code it would have had). The connection closes at the end (HTTP/1.0).
 - ``POST /forward_with_capture`` ``{input_ids, attention_mask?, capture}`` -> ``{activations}``
+- ``POST /response_logprobs`` ``{prompt_ids, response_ids, steering?, kl?}`` (lists of token-id lists) ->
+  ``{logprobs: [[float]], kl: [[float]] | null}``: teacher-forced log-probabilities of each response token under
+  the steering (positions ``all``), and with ``kl: true`` the per-token KL divergence from the unsteered model
+- ``POST /prompt_token_ids`` ``{prompts, system_prompts?}`` -> ``{token_ids}`` (the ids generation feeds the model);
+  ``POST /token_texts`` ``{token_ids}`` -> ``{tokens}`` (each id decoded alone)
 - ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` as OpenAI's, ``stream`` (server-sent
   events) included, for the model id ``experiment``. Supported: ``max_tokens`` (completions default 16; chat
   default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
@@ -30,7 +35,8 @@ Encodings (no pickle anywhere): a tensor is ``{"safetensors": base64}`` (one ten
 ``input_ids``/``attention_mask`` and steering vectors, a plain nested JSON list of numbers. An activation blob
 ``{layer: {component: tensor}}`` is ``{"safetensors": base64}`` of one safetensors file with keys
 ``"{layer}/{component}"``. ``config`` has the `GenerationConfig` fields, ``capture`` is ``{layers?, components?}``,
-a steering entry is ``{layer, vector, coefficient?, component?, positions?}``, or names an extracted vector:
+a steering entry is ``{layer, vector, coefficient?, component?, positions?, rows?}`` (``rows`` ``[start, end]``: only
+those prompts of a ``/generate`` or ``/generate_with_capture`` request), or names an extracted vector:
 ``{trait, layer?, method?, position?, coefficient?, component?, positions?}`` steers with the best vector of
 the experiment's selection (`tracelens.pipeline.selection`) that matches the given fields (position default
 ``response[:]``).
@@ -201,7 +207,8 @@ def steering_to_json(steering) -> list[dict] | None:
     if not steering:
         return None
     return [{"layer": s.layer, "vector": encode_tensor(torch.as_tensor(s.vector)), "coefficient": float(s.coefficient),
-             "component": s.component, "positions": s.positions} for s in steering]
+             "component": s.component, "positions": s.positions, **({} if s.rows is None else {"rows": list(s.rows)})}
+            for s in steering]
 
 
 # --- request parsing --------------------------------------------------------------------------------
@@ -283,9 +290,12 @@ NamedVector = Callable[[dict, str], tuple[int, torch.Tensor]]
 """Resolves a steering entry that names its vector (``trait``...) to ``(layer, vector)``; RequestError if none."""
 
 
-def parse_steering(v, n_layers: int, hidden_dim: int, named: NamedVector | None = None) -> list[SteeringSpec] | None:
-    """Steering entries ``{layer, vector, coefficient?, component?, positions?}``; with ``named``, an entry may
-    give ``trait`` (and ``layer?``, ``method?``, ``position?``) instead of ``vector``, resolved by ``named``."""
+def parse_steering(v, n_layers: int, hidden_dim: int, named: NamedVector | None = None,
+                   n_rows: int | None = None) -> list[SteeringSpec] | None:
+    """Steering entries ``{layer, vector, coefficient?, component?, positions?, rows?}``; with ``named``, an entry
+    may give ``trait`` (and ``layer?``, ``method?``, ``position?``) instead of ``vector``, resolved by ``named``.
+    ``rows`` ``[start, end]`` (0 <= start < end <= ``n_rows``) limits an entry to those prompts of the request;
+    refused where ``n_rows`` is None (requests without a list of prompts)."""
     if v is None:
         return None
     if not isinstance(v, list):
@@ -298,9 +308,9 @@ def parse_steering(v, n_layers: int, hidden_dim: int, named: NamedVector | None 
         by_name = named is not None and "trait" in s
         try:
             if by_name:
-                _fields(s, ("trait",), ("layer", "method", "position", "coefficient", "component", "positions"))
+                _fields(s, ("trait",), ("layer", "method", "position", "coefficient", "component", "positions", "rows"))
             else:
-                _fields(s, ("layer", "vector"), ("coefficient", "component", "positions"))
+                _fields(s, ("layer", "vector"), ("coefficient", "component", "positions", "rows"))
         except RequestError as err:
             raise RequestError(f"{what}: {err}") from None
         if (not by_name or "layer" in s) and (not _is_int(s["layer"]) or not -n_layers <= s["layer"] < n_layers):
@@ -323,7 +333,16 @@ def parse_steering(v, n_layers: int, hidden_dim: int, named: NamedVector | None 
         pos = s.get("positions", "all")
         if pos not in ("all", "response"):
             raise RequestError(f"{what}.positions must be 'all' or 'response'")
-        out.append(SteeringSpec(layer, vec.float(), float(coef), comp, pos))
+        rows = s.get("rows")
+        if rows is not None:
+            if n_rows is None:
+                raise RequestError(f"{what}.rows: this request has no list of prompts to limit steering to")
+            if not (isinstance(rows, list) and len(rows) == 2 and all(_is_int(r) for r in rows)
+                    and 0 <= rows[0] < rows[1] <= n_rows):
+                raise RequestError(f"{what}.rows must be [start, end] integers with 0 <= start < end <= {n_rows} "
+                                   f"(the number of prompts); got {rows!r}")
+            rows = (rows[0], rows[1])
+        out.append(SteeringSpec(layer, vec.float(), float(coef), comp, pos, rows=rows))
     return out
 
 
@@ -335,6 +354,29 @@ def _ids_tensor(v, what: str, d_vocab: int | None) -> torch.Tensor:
     if d_vocab is not None and (t.min() < 0 or t.max() >= d_vocab):
         raise RequestError(f"{what} has token ids outside [0, {d_vocab})")
     return t
+
+
+def _prompts_and_system(body: dict) -> tuple[list[str], list[str | None] | None]:
+    """A request's ``prompts`` and its optional ``system_prompts`` (one per prompt, nulls allowed); 400 otherwise."""
+    prompts = _str_list(body["prompts"], "prompts")
+    system = body.get("system_prompts")
+    if system is not None:
+        _str_list(system, "system_prompts", allow_none_items=True)
+        if len(system) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts but {len(system)} system_prompts")
+    return prompts, system
+
+
+def _id_rows(v, what: str, d_vocab: int | None) -> list[list[int]]:
+    """A list of non-empty token-id lists (ids in [0, d_vocab)); 400 otherwise."""
+    if not isinstance(v, list) or not all(isinstance(row, list) and all(_is_int(i) for i in row) for row in v):
+        raise RequestError(f"{what} must be a list of lists of integer token ids")
+    for i, row in enumerate(v):
+        if not row:
+            raise RequestError(f"{what}[{i}] must hold at least one token id; got []")
+        if d_vocab is not None and any(not 0 <= t < d_vocab for t in row):
+            raise RequestError(f"{what}[{i}] has token ids outside [0, {d_vocab})")
+    return v
 
 
 # --- the server -------------------------------------------------------------------------------------
@@ -540,7 +582,9 @@ class _Batcher:
             texts, steering = [], []
             for job in jobs:
                 rows = (len(texts), len(texts) + len(job.texts))
-                steering += [replace(spec, rows=rows) for spec in job.steering or ()]
+                steering += [replace(spec, rows=rows if spec.rows is None else (rows[0] + spec.rows[0],
+                                                                                rows[0] + spec.rows[1]))
+                             for spec in job.steering or ()]
                 texts += job.texts
             asked = [j.top_logprobs for j in jobs if j.top_logprobs is not None]
             kwargs = {"steering": steering or None, "formatted": True, "top_logprobs": max(asked) if asked else None,
@@ -760,6 +804,8 @@ class ModelServer:
         self.lock = threading.Lock()
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
                        "/stream": self.stream, "/forward_with_capture": self.forward_with_capture,
+                       "/prompt_token_ids": self.prompt_token_ids, "/token_texts": self.token_texts,
+                       "/response_logprobs": self.response_logprobs,
                        "/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions}
         self.get_routes = {"/health": self.health, "/v1/models": self.models}
         handler = type("_BoundHandler", (_Handler,), {"app": self, "timeout": self.io_timeout})
@@ -852,8 +898,8 @@ class ModelServer:
             raise RequestError(f"{what}: no steering vector for trait {args['trait']!r} in experiment "
                                f"{self.exp.name!r} ({err})") from None
 
-    def _steering(self, v) -> list[SteeringSpec] | None:
-        return parse_steering(v, self.backend.n_layers, self.backend.hidden_dim, self._named_vector)
+    def _steering(self, v, n_rows: int | None = None) -> list[SteeringSpec] | None:
+        return parse_steering(v, self.backend.n_layers, self.backend.hidden_dim, self._named_vector, n_rows)
 
     # --- endpoints (each takes the parsed JSON body and the request) ---
 
@@ -872,14 +918,9 @@ class ModelServer:
     def _generation_args(self, body: dict, with_capture: bool):
         b = self.backend
         _fields(body, ("prompts",), ("config", "steering", "system_prompts") + (("capture",) if with_capture else ()))
-        prompts = _str_list(body["prompts"], "prompts")
-        system = body.get("system_prompts")
-        if system is not None:
-            _str_list(system, "system_prompts", allow_none_items=True)
-            if len(system) != len(prompts):
-                raise RequestError(f"got {len(prompts)} prompts but {len(system)} system_prompts")
+        prompts, system = _prompts_and_system(body)
         config = parse_config(body.get("config"), self.max_new_tokens_limit)
-        steering = self._steering(body.get("steering"))
+        steering = self._steering(body.get("steering"), len(prompts))
         capture = parse_capture(body.get("capture"), b.n_layers) if with_capture else None
         texts = [b.format(p, s) for p, s in zip(prompts, system or [None] * len(prompts))]
         return texts, config, steering, capture
@@ -927,6 +968,43 @@ class ModelServer:
             acts = b.forward_with_capture(ids, mask, capture)
             encoded = encode_activations(acts)
         return {"activations": encoded}
+
+    def prompt_token_ids(self, body: dict, req: _Request) -> dict:
+        _fields(body, ("prompts",), ("system_prompts",))
+        prompts, system = _prompts_and_system(body)
+        return {"token_ids": self.backend.prompt_token_ids(prompts, system)}
+
+    def token_texts(self, body: dict, req: _Request) -> dict:
+        _fields(body, ("token_ids",), ())
+        ids, d_vocab = body["token_ids"], self._d_vocab()
+        if not isinstance(ids, list) or not all(_is_int(i) and (d_vocab is None or 0 <= i < d_vocab) for i in ids):
+            raise RequestError(f"token_ids must be a list of integer token ids in [0, {d_vocab})")
+        return {"tokens": self.backend.token_texts(ids)}
+
+    def response_logprobs(self, body: dict, req: _Request) -> dict:
+        _fields(body, ("prompt_ids", "response_ids"), ("steering", "kl"))
+        prompts = _id_rows(body["prompt_ids"], "prompt_ids", self._d_vocab())
+        responses = _id_rows(body["response_ids"], "response_ids", self._d_vocab())
+        if len(prompts) != len(responses) or not prompts:
+            raise RequestError(f"prompt_ids and response_ids must be equally long non-empty lists; got "
+                               f"{len(prompts)} and {len(responses)}")
+        n_ctx = getattr(self.backend.model.cfg, "n_ctx", None)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            if n_ctx is not None and len(p) + len(r) > n_ctx:
+                raise RequestError(f"row {i} has {len(p) + len(r)} tokens, over the model's context of {n_ctx}")
+        steering = self._steering(body.get("steering"))
+        if any(s.positions != "all" for s in steering or ()):
+            raise RequestError("steering of response_logprobs covers every position: positions must be 'all'")
+        kl = body.get("kl", False)
+        if not isinstance(kl, bool):
+            raise RequestError(f"kl must be true or false; got {kl!r}")
+        with self.model_lock(req):
+            out = self.backend.response_logprobs(prompts, responses, steering, kl=kl)
+        return {"logprobs": [t.tolist() for t in out.logprobs],
+                "kl": None if out.kl is None else [t.tolist() for t in out.kl]}
+
+    def _d_vocab(self) -> int | None:
+        return getattr(self.backend.model.cfg, "d_vocab", None)
 
     # --- OpenAI-compatible endpoints (see the module docstring) ---
 

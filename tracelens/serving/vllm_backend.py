@@ -3,10 +3,13 @@
 For bulk text (stories, dialogues, rollouts, the response stage of extraction) where nothing reads
 model internals. vLLM's continuous batching is typically several times faster than `LocalBackend`.
 
-Constraints (vLLM exposes no model internals):
-- no steering hooks: `generate_results(..., steering=...)` raises ValueError (`TLVLLMBackend` in
+It honours the text part of `tracelens.serving.protocol.Backend` (`model_name`, `prompt_token_ids`,
+`token_texts`, `generate`, `generate_results`). Constraints (vLLM exposes no model internals), each refused with
+`tracelens.errors.BackendError` naming it:
+- no steering: `generate`/`generate_results` with `steering` (`TLVLLMBackend` in
   `tracelens.serving.tl_vllm_backend` steers and captures on TransformerLens' instrumented vLLM engine);
-- no activation capture: results carry text and token ids only;
+- no activation capture, no teacher-forced scoring, no layer facts: `generate_with_capture`,
+  `forward_with_capture`, `response_logprobs`, `n_layers`, `hidden_dim`; results carry text and token ids only;
 - seeds are not identical across backends (the same seed gives different samples than HF/LocalBackend);
 - needs the optional extra: ``pip install 'tracelens[vllm]'``.
 
@@ -111,33 +114,70 @@ class VLLMBackend:
     def model(self):
         raise AttributeError("VLLMBackend has no in-process model to hook; use LocalBackend for model access")
 
+    @property
+    def model_name(self) -> str:
+        return self.model_id
+
+    @property
+    def n_layers(self) -> int:
+        raise _cannot("report the model's layers")
+
+    @property
+    def hidden_dim(self) -> int:
+        raise _cannot("report the model's hidden size")
+
     def format(self, prompt: str, system_prompt: str | None = None) -> str:
         return format_prompt(self.tokenizer, prompt, system_prompt, self.use_chat_template)
 
+    def prompt_token_ids(self, prompts: Sequence[str],
+                         system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
+        """The token ids vLLM is sent for each prompt (formatted as `generate_results` formats it)."""
+        return [encode(self.tokenizer, t) for t in self._texts(prompts, system_prompts, False)]
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in token_ids]
+
     # --- generation ---------------------------------------------------------------------------------
 
-    def generate(self, formatted_prompts: Sequence[str], max_new_tokens: int = 256,
-                 temperature: float = 0.7) -> list[str]:
-        """Response texts for already formatted prompts, in input order (whitespace stripped)."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-        return [r.response_text for r in self._run(list(_check_prompts(formatted_prompts)), config)]
+    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None, steering=None,
+                 system_prompts: Sequence[str | None] | None = None, *, formatted: bool = False) -> list[str]:
+        """Response texts in input order (whitespace stripped); `formatted=True`: the prompts are the model's
+        text already (no chat template, no system prompts)."""
+        return [r.response_text for r in self.generate_results(prompts, config, steering, system_prompts,
+                                                               formatted=formatted)]
 
     def generate_results(self, prompts: Sequence[str], config: GenerationConfig | None = None,
-                         steering=None, system_prompts: Sequence[str | None] | None = None) -> list[CaptureResult]:
+                         steering=None, system_prompts: Sequence[str | None] | None = None, *,
+                         formatted: bool = False) -> list[CaptureResult]:
         """Like `LocalBackend.generate_results`: raw prompts formatted with the chat template (and
         `system_prompts`, one per prompt), results with prompt/response text and token ids, no activations."""
         self._check_steering(steering)
+        return self._run(self._texts(prompts, system_prompts, formatted), config or GenerationConfig(), steering)
+
+    def _check_steering(self, steering) -> None:
+        """Refuse steering before any engine work (plain vLLM has no hooks; a subclass may allow it)."""
+        if steering:
+            raise _cannot("steer")
+
+    def generate_with_capture(self, prompts, config=None, capture=None, steering=None, system_prompts=None):
+        raise _cannot("capture activations")
+
+    def forward_with_capture(self, input_ids, attention_mask, capture):
+        raise _cannot("capture activations")
+
+    def response_logprobs(self, prompt_ids, response_ids, steering=None, *, kl=False):
+        raise _cannot("score given responses by teacher forcing")
+
+    def _texts(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None, formatted: bool) -> list[str]:
         prompts = _check_prompts(prompts)
         if system_prompts is not None and len(system_prompts) != len(prompts):
             raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
-        texts = [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
-        return self._run(texts, config or GenerationConfig(), steering)
-
-    def _check_steering(self, steering) -> None:
-        """Refuse steering before any engine work (plain vLLM has no hooks)."""
-        if steering:
-            raise ConfigError("VLLMBackend cannot steer (plain vLLM exposes no model internals); use TLVLLMBackend "
-                              "(tracelens.serving.tl_vllm_backend, TransformerLens' instrumented vLLM) or LocalBackend")
+        if formatted:
+            if system_prompts is not None:
+                raise ConfigError("formatted prompts are used as given: put the system prompt in the text; "
+                                  "got system_prompts with formatted=True")
+            return list(prompts)
+        return [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
 
     def sampling_params(self, config: GenerationConfig):
         """The `SamplingParams` for `config` (its seed, else the backend's)."""
@@ -224,6 +264,12 @@ class VLLMBackend:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _cannot(what: str) -> BackendError:
+    return BackendError(f"VLLMBackend cannot {what}: plain vLLM exposes no model internals; use TLVLLMBackend "
+                        "(tracelens.serving.tl_vllm_backend, TransformerLens' instrumented vLLM), LocalBackend or a "
+                        "RemoteBackend on `tracelens server`")
 
 
 def _check_prompts(prompts: Sequence[str]) -> Sequence[str]:
