@@ -29,6 +29,7 @@ from tracelens.model.hooks import (
     _layers,
     finite_float,
 )
+from tracelens.model.fastpath import fast_path
 from tracelens.model.sites import get_hook_path
 
 if TYPE_CHECKING:
@@ -188,10 +189,15 @@ def _response_starts(prompt_lengths: int | Int[Tensor, "batch"], rows: tuple[int
     return starts.masked_fill(outside, torch.iinfo(starts.dtype).max)
 
 class HookedGenerator:
-    """Generation with capture and steering on a tracelens model (see the module docstring)."""
+    """Generation with capture and steering on a tracelens model (see the module docstring).
 
-    def __init__(self, model) -> None:
+    `fast_path=True` runs every forward call under `tracelens.model.fastpath.fast_path`: the blocks and other
+    components with no hook registered run as the plain HF modules, which gives the same tokens, logits,
+    captures and hook calls to the bit (`tests/test_fastpath.py`); False runs the whole TransformerLens bridge."""
+
+    def __init__(self, model, *, fast_path: bool = True) -> None:
         self.model = model
+        self.fast_path = fast_path
 
     def generate(
         self,
@@ -306,12 +312,12 @@ class HookedGenerator:
             grabbed = {} if capture is None else stack.enter_context(StepCapture(self.model, capture)).last
 
             cache, inputs = None, ids
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row's first real token is position 0
             stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
             for k in range(max_new_tokens):
                 if cancel is not None and cancel():
                     raise GenerationCancelled(f"generation cancelled after {k} of {max_new_tokens} tokens")
-                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
-                with torch.inference_mode():
+                with torch.inference_mode(), (fast_path(self.model) if self.fast_path else contextlib.nullcontext()):
                     out = self.model.original_model(
                         input_ids=inputs, attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=use_cache,
@@ -325,8 +331,13 @@ class HookedGenerator:
                 if stopped.all():
                     return
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                ids = torch.cat([ids, token[:, None]], dim=1)
-                cache, inputs = (out.past_key_values, token[:, None]) if use_cache else (None, ids)
+                # The last position is a real token in every row, so the new one is one further.
+                step_positions = positions[:, -1:] + 1
+                if use_cache:
+                    cache, inputs, positions = out.past_key_values, token[:, None], step_positions
+                else:
+                    ids = torch.cat([ids, token[:, None]], dim=1)
+                    inputs, positions = ids, torch.cat([positions, step_positions], dim=1)
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
