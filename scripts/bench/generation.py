@@ -9,8 +9,9 @@ Variants, run alternately each round (median over rounds reported), greedy, 64 n
   hooked plain        HookedGenerator
   hooked steered      HookedGenerator with one SteeringConfig
   hooked steer+cap3   HookedGenerator, steered, capturing the residual of 3 layers per token
+  bridge steered      HookedGenerator(fast_path=False), steered: every call through the whole bridge
 Peak memory: this process's peak resident set after each table (all variants so far together).
-Targets: hooked steered >= 0.9x hf steered at batch 8; steer + capture >= 0.8x. The last column
+Targets (issue 14): hooked steered >= 1.0x hf steered at batch 1 and 8; steer + capture >= 0.95x. The last column
 compares against HF steered with its default attention, what a user running plain HF would get.
 
     python scripts/bench/generation.py [--rounds 3] [--models default,mid] [--batches 1,8]
@@ -48,6 +49,7 @@ def bench(name: str, batch: int, rounds: int, device: str, attn: str | None, new
     v = torch.randn(model.cfg.d_model, generator=g).to(device)
     v = v / v.norm()
     gen = HookedGenerator(model)
+    bridge = HookedGenerator(model, fast_path=False)
     steer = [SteeringConfig(v, layer, coefficient=4.0)]
     cap3 = CaptureConfig(layers=[layer - 2, layer, layer + 2])
 
@@ -85,6 +87,7 @@ def bench(name: str, batch: int, rounds: int, device: str, attn: str | None, new
         "hooked steered": timed(lambda: gen.generate(ids, mask, new_tokens, steering=steer, stop_at_eos=False)),
         "hooked steer+cap3": timed(lambda: gen.generate(ids, mask, new_tokens, steering=steer, capture=cap3,
                                                         stop_at_eos=False)),
+        "bridge steered": timed(lambda: bridge.generate(ids, mask, new_tokens, steering=steer, stop_at_eos=False)),
     }
     med = alternate(variants, rounds)
     tps = {k: batch * new_tokens / t for k, t in med.items()}
