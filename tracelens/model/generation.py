@@ -225,11 +225,13 @@ class HookedGenerator:
         batch = input_ids.shape[0]
         rows: list[list[_Step]] = [[] for _ in range(batch)]
         stops = self.stop_ids(stop_token_ids, stop_at_eos)
+        ended = [False] * batch  # rows that produced a stop token before this step (one read per step)
         for step in self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture, steering,
                                 stops, seed, use_cache, cancel):
             for r in range(batch):
-                if not rows[r] or not rows[r][-1].stopped[r]:
+                if not ended[r]:
                     rows[r].append(step)
+            ended = step.stopped.tolist()
         return [self._package(r, steps, output_logits) for r, steps in enumerate(rows)]
 
     def stream(
