@@ -20,7 +20,7 @@ def _unit(d, seed):
 def test_batched_generation_equals_one_prompt_at_a_time(tiny):
     backend = LocalBackend.from_model(tiny.model)
     cfg = GenerationConfig(max_new_tokens=5)
-    steering = [SteeringSpec(1, _unit(tiny.model.cfg.d_model, 0), 4.0)]
+    steering = [SteeringSpec(layer=1, vector=_unit(tiny.model.cfg.d_model, 0), coefficient=4.0)]
     together = backend.generate(PROMPTS, cfg, steering)
     backend.batch_size = 1
     assert backend.generate(PROMPTS, cfg, steering) == together
@@ -31,7 +31,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny):
 def test_capture_results_equal_a_forward_over_prompt_and_response(tiny, positions):
     backend = LocalBackend.from_model(tiny.model)
     v = _unit(tiny.model.cfg.d_model, 1)
-    steering = [SteeringSpec(0, v, 3.0, positions=positions)]
+    steering = [SteeringSpec(layer=0, vector=v, coefficient=3.0, positions=positions)]
     results = backend.generate_with_capture(PROMPTS, GenerationConfig(max_new_tokens=4), CaptureSpec([1], ["residual", "mlp_out"]), steering)
     for r in results:
         ids = torch.tensor([r.prompt_token_ids + r.response_token_ids])
@@ -161,9 +161,9 @@ def test_per_prompt_steering_rows_equal_each_prompt_alone(tiny):
     backend = LocalBackend.from_model(tiny.model)
     cfg = GenerationConfig(max_new_tokens=5)
     d = tiny.model.cfg.d_model
-    per_prompt = [[SteeringSpec(1, _unit(d, 5), 6.0)], [], [SteeringSpec(0, _unit(d, 6), 4.0, "mlp_out", "response")]]
+    per_prompt = [[SteeringSpec(layer=1, vector=_unit(d, 5), coefficient=6.0)], [], [SteeringSpec(layer=0, vector=_unit(d, 6), coefficient=4.0, component="mlp_out", positions="response")]]
     alone = [backend.generate_with_capture([p], cfg, CaptureSpec([1]), s or None)[0] for p, s in zip(PROMPTS, per_prompt)]
-    rows = [SteeringSpec(s.layer, s.vector, s.coefficient, s.component, s.positions, rows=(i, i + 1))
+    rows = [SteeringSpec(layer=s.layer, vector=s.vector, coefficient=s.coefficient, component=s.component, positions=s.positions, rows=(i, i + 1))
             for i, specs in enumerate(per_prompt) for s in specs]
     for batch_size in (None, 2):
         backend.batch_size = batch_size
@@ -177,7 +177,7 @@ def test_per_prompt_steering_rows_equal_each_prompt_alone(tiny):
 @pytest.mark.parametrize("rows", [(1, 1), (-1, 2), (3, 2)])
 def test_steering_rows_must_be_a_slice(rows):
     with pytest.raises(ValueError, match=r"rows must be \(start, end\) integers with 0 <= start < end; got"):
-        SteeringSpec(0, torch.ones(4), rows=rows)
+        SteeringSpec(layer=0, vector=torch.ones(4), rows=rows)
 
 
 def test_top_logprobs_are_the_generation_steps_log_softmax(tiny):

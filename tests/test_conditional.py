@@ -118,9 +118,9 @@ def test_bad_settings_are_errors(t, vectors):
     vector, condition = vectors
     with pytest.raises(ValueError, match=r"steering layer 0 runs before condition layer 1"):
         ConditionalSteering(t.model, vector, 0, condition, 1, 0.0)
-    with pytest.raises(ValueError, match=r"use a 'prompt\[...\]' position, got 'response\[0\]'"):
+    with pytest.raises(ValueError, match=r"position must be a 'prompt\[...\]' position; got 'response\[0\]'"):
         ConditionalSteering(t.model, vector, 1, condition, 1, 0.0, position="response[0]")
-    with pytest.raises(ValueError, match=r"comparator must be one of \('greater', 'less'\)"):
+    with pytest.raises(ValueError, match=r"comparator must be one of greater, less; got '>'"):
         ConditionalSteering(t.model, vector, 1, condition, 1, 0.0, comparator=">")
     ids, mask = encode(t.tokenizer, PROMPTS)
     right = t.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
@@ -152,7 +152,7 @@ def test_the_backend_option_equals_the_adapter_around_the_generator(t, vectors):
     with ConditionalSteering(t.model, vector, 1, condition, 1, 0.0) as probe, torch.no_grad():
         t.model(ids, attention_mask=mask)
     threshold = float(probe.scores.median())
-    spec = SteeringSpec(1, vector, 6.0, condition=Condition(condition, 1, threshold))
+    spec = SteeringSpec(layer=1, vector=vector, coefficient=6.0, condition=Condition(condition, 1, threshold))
     got = backend.generate_results(PROMPTS, GenerationConfig(max_new_tokens=5), [spec])
     texts = [backend.format(p) for p in PROMPTS]
     from tracelens.model.prompts import tokenize_batch
@@ -165,4 +165,30 @@ def test_the_backend_option_equals_the_adapter_around_the_generator(t, vectors):
     plain = backend.generate_results(PROMPTS, GenerationConfig(max_new_tokens=5))
     assert [r.response_token_ids for r in got] != [r.response_token_ids for r in plain]
     with pytest.raises(ValueError, match="conditional steering covers every position"):
-        SteeringSpec(1, vector, 6.0, positions="response", condition=Condition(condition, 1, threshold)).to_config()
+        SteeringSpec(layer=1, vector=vector, coefficient=6.0, positions="response", condition=Condition(condition, 1, threshold))
+
+
+def test_capture_decides_the_condition_at_the_prompt_as_generation_does(t, vectors):
+    """`generate_with_capture` reads activations in one forward over prompt + response under the same steering;
+    a conditional spec must decide there at the prompt's last token, as generation did, not at the response's
+    last token. The threshold lies between the two scores, the comparator passing the prompt: the captured
+    activations equal those of the same steering without a condition."""
+    from tracelens.model.requests import CaptureSpec, Condition, GenerationConfig, SteeringSpec
+    from tracelens.serving.backends import LocalBackend
+
+    vector, condition = vectors
+    backend = LocalBackend.from_model(t.model, use_chat_template=False)
+    cfg, capture = GenerationConfig(max_new_tokens=6), CaptureSpec([0, 2])
+    always = SteeringSpec(layer=2, vector=vector, coefficient=6.0)
+    [want] = backend.generate_with_capture([PROMPTS[2]], cfg, capture, [always])
+    unit = condition / condition.norm()
+    at_prompt = float(want.prompt_activations[0]["residual"][-1] @ unit)  # layer 0: before the steering at 2
+    at_end = float(want.response_activations[0]["residual"][-1] @ unit)
+    assert abs(at_prompt - at_end) > 1e-3
+    comparator = "greater" if at_prompt > at_end else "less"
+    conditional = SteeringSpec(layer=2, vector=vector, coefficient=6.0,
+                               condition=Condition(condition, 0, (at_prompt + at_end) / 2, comparator))
+    [got] = backend.generate_with_capture([PROMPTS[2]], cfg, capture, [conditional])
+    assert got.response_token_ids == want.response_token_ids
+    for part in ("prompt_activations", "response_activations"):
+        torch.testing.assert_close(getattr(got, part)[2]["residual"], getattr(want, part)[2]["residual"])

@@ -43,7 +43,7 @@ def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_count
     cfg = GenerationConfig(max_new_tokens=12)
     prompts = ["How are you today?"]
     plain = backend.generate(prompts, cfg)
-    steered = backend.generate(prompts, cfg, [SteeringSpec(15, v / v.norm(), 20.0)])
+    steered = backend.generate(prompts, cfg, [SteeringSpec(layer=15, vector=v / v.norm(), coefficient=20.0)])
     assert plain[0] and steered[0] and plain != steered
     [r] = backend.generate_with_capture(prompts, cfg, CaptureSpec([3, 15]))
     assert r.response_text == plain[0]

@@ -65,7 +65,7 @@ def test_steered_greedy_generation_equals_hf_generate_with_a_torch_hook(models):
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad(), hf_hooks(reference, {path: lambda t: t + vector}):
         expected = reference.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    [row] = HookedGenerator(bridge).generate(ids, max_new_tokens=8, steering=[SteeringConfig(vector, layer)],
+    [row] = HookedGenerator(bridge).generate(ids, max_new_tokens=8, steering=[SteeringConfig(vector=vector, layer=layer)],
                                              stop_at_eos=False)
     assert row.token_ids == expected[0, ids.shape[1]:].tolist()
     with torch.no_grad():

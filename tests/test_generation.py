@@ -65,7 +65,7 @@ def test_steered_generation_equals_hf_generate_with_the_same_torch_hook_cached_a
     hf_tokens, hf_logits = _hf_generate(t, ids, mask, {hf_module_for(t.reference, 0, "residual"): edit})
     plain_tokens, plain_logits = _hf_generate(t, ids, mask)
     assert not torch.allclose(hf_logits, plain_logits), "the steering must change the logits"
-    steering = [SteeringConfig(v, 0, coefficient=c, positions=positions)]
+    steering = [SteeringConfig(vector=v, layer=0, coefficient=c, positions=positions)]
     for cached in (True, False):
         [ours] = HookedGenerator(t.model).generate(ids, mask, STEPS, steering=steering, output_logits=True,
                                                    use_cache=cached)
@@ -76,7 +76,7 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_each_attn):
     t = tiny_each_attn
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS)
     assert (mask == 0).any()
-    steering = [SteeringConfig(_unit(t.model.cfg.d_model, 2), 1, "attn_contribution", 2.0)]
+    steering = [SteeringConfig(vector=_unit(t.model.cfg.d_model, 2), layer=1, component="attn_contribution", coefficient=2.0)]
     capture = CaptureConfig(layers=[0, 1])
     batch = HookedGenerator(t.model).generate(ids, mask, STEPS, steering=steering, capture=capture, output_logits=True)
     for row, prompt in enumerate(PROMPTS):
@@ -119,7 +119,7 @@ def test_stream_yields_the_same_tokens_and_activations_as_generate(tiny_sharp):
     t = tiny_sharp
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS[:1])
     capture = CaptureConfig(layers=[1])
-    steering = [SteeringConfig(_unit(t.model.cfg.d_model, 3), 0, coefficient=2.0)]
+    steering = [SteeringConfig(vector=_unit(t.model.cfg.d_model, 3), layer=0, coefficient=2.0)]
     gen = HookedGenerator(t.model)
     [out] = gen.generate(ids, mask, STEPS, capture=capture, steering=steering)
     streamed = list(gen.stream(ids, mask, STEPS, capture=capture, steering=steering))
@@ -162,6 +162,5 @@ def test_generation_rejects_right_padding_and_bad_steering(tiny):
     right = torch.flip(mask, dims=[1])
     with pytest.raises(ValueError, match="must be left-padded"):
         HookedGenerator(tiny.model).generate(ids, right, 2)
-    bad = [SteeringConfig(torch.ones(tiny.model.cfg.d_model), 0, positions="prompt")]
-    with pytest.raises(ValueError, match="positions must be 'all' or 'response'"):
-        HookedGenerator(tiny.model).generate(ids, mask, 2, steering=bad)
+    with pytest.raises(ValueError, match="positions must be one of all, response; got 'prompt'"):  # at construction
+        SteeringConfig(vector=torch.ones(tiny.model.cfg.d_model), layer=0, positions="prompt")

@@ -414,7 +414,7 @@ def test_bad_inputs_fail_fast_with_the_numbers(tiny):
     for bad in [(5, 2), (-1, None), (torch.tensor([1, 4]), 3), (torch.tensor([-1, 2]), None)]:
         with pytest.raises(ValueError, match=r"token_range must be \(start, end\)"):
             PerPositionSteeringHook(m, torch.ones(d), get_hook_path(0), token_range=bad)
-    with pytest.raises(ValueError, match=r"configs\[0\] has batch slice \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"configs\[0\]: rows must be \(start, end\) integers with 0 <= start < end; got \(2, 2\)"):
         PerSampleSteering(m, [(0, torch.ones(d), 1.0, (2, 2))])
     with pytest.raises(ValueError, match=r"vector contains NaN or inf"):
         SteeringHook(m, torch.full((d,), float("nan")), get_hook_path(0))

@@ -72,12 +72,12 @@ def test_one_pass_monitors_a_steered_generation(setup):
     exp, backend, prompt_set = setup
     v = torch.ones(backend.hidden_dim) / backend.hidden_dim**0.5
     config = MonitorConfig(layers="best", max_new_tokens=5, calibrate=False, one_pass=True)
-    run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[SteeringSpec(0, v, 2.0)])
+    run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[SteeringSpec(layer=0, vector=v, coefficient=2.0)])
     rec = ResponseRecord.from_dict(json.loads(exp.inference_response_path("base", "mini", 0).read_text()))
     proj = ProjectionRecord.from_dict(json.loads(exp.projection_path("base", TRAIT, "mini", 0).read_text()))
     assert proj.n_response_tokens == len(rec.token_ids) - rec.prompt_end
     with pytest.raises(ValueError, match="needs one_pass=True"):
-        run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(), backend=backend, steering=[SteeringSpec(0, v, 2.0)])
+        run_monitoring(exp, prompt_set, [TRAIT], MonitorConfig(), backend=backend, steering=[SteeringSpec(layer=0, vector=v, coefficient=2.0)])
 
 
 def test_a_response_backend_writes_the_records_then_projections_run_locally(setup):
@@ -118,7 +118,7 @@ def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setu
             m(ids, attention_mask=mask)
     assert collector.finalize() is not None
     layer = select_vector(exp, TRAIT).layer
-    steer = SteeringSpec(layer, torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(3)), 4.0)
+    steer = SteeringSpec(layer=layer, vector=torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(3)), coefficient=4.0)
     config = MonitorConfig(layers="best", max_new_tokens=5, calibrate=False, one_pass=True)
     run_monitoring(exp, prompt_set, [TRAIT], config, backend=backend, steering=[steer])
 

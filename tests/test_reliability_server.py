@@ -18,7 +18,8 @@ from tracelens.serving.client import RemoteBackend, ServerError
 from tracelens.model.generation import HookedGenerator, SteeringConfig
 from tracelens.model.hooks import ActivationCappingHook, PerSampleSteering, SteeringHook
 from tracelens.model.prompts import encode
-from tracelens.serving.server import ModelServer, decode_activations
+from tracelens.serving.codec import decode_activations
+from tracelens.serving.server import ModelServer
 from tracelens.model.sites import COMPONENTS
 from tracelens.testing import tiny_model
 
@@ -228,26 +229,27 @@ _NAN_BODY = b'{"prompts": ["hi"], "config": {"temperature": NaN}}'  # Python's j
 
 BAD = [
     ("/generate", {"prompts": ["hi"], "config": {"max_new_tokens": LIMIT + 1}},
-     f"config.max_new_tokens must be an integer in [1, {LIMIT}]; got {LIMIT + 1}"),
-    ("/generate", {"prompts": ["hi"], "config": {"max_new_tokens": 0}}, "max_new_tokens must be an integer in [1, 250]; got 0"),
+     f"config.max_new_tokens must be an integer in [1, {LIMIT}] (the server's max_new_tokens_limit); got {LIMIT + 1}"),
+    ("/generate", {"prompts": ["hi"], "config": {"max_new_tokens": 0}}, "config: max_new_tokens must be an integer >= 1; got 0"),
     ("/generate", {"prompts": ["hi"], "config": {"max_new_tokens": -3}}, "got -3"),
     ("/generate", {"prompts": ["hi"], "config": {"max_new_tokens": 2.5}}, "got 2.5"),
     ("/stream", {"prompt": "hi", "config": {"max_new_tokens": 10**9}}, f"got {10**9}"),
-    ("/generate", {"prompts": []}, "prompts must be a non-empty list of strings; got an empty list"),
-    ("/generate_with_capture", {"prompts": []}, "non-empty list"),
-    ("/generate", _NAN_BODY, "config.temperature must be a finite number >= 0; got nan"),
-    ("/generate", {"prompts": ["hi"], "config": {"temperature": -1.0}}, "temperature must be a finite number >= 0; got -1.0"),
+    ("/generate", {"prompts": []}, "prompts must be a list of 1 to 256 strings; got a list of 0"),
+    ("/generate_with_capture", {"prompts": []}, "got a list of 0"),
+    ("/generate", _NAN_BODY, "config: temperature must be a finite number; got nan"),
+    ("/generate", {"prompts": ["hi"], "config": {"temperature": -1.0}}, "config: temperature must be >= 0; got -1.0"),
     ("/generate", b'{"prompts": ["hi"], "steering": [{"layer": 0, "vector": %s, "coefficient": Infinity}]}'
-     % json.dumps([0.0] * 256).encode(), "steering[0].coefficient must be a finite number; got inf"),
+     % json.dumps([0.0] * 256).encode(), "steering[0]: coefficient must be a finite number; got inf"),
     ("/generate", {"prompts": [_TOO_LONG], "config": {"max_new_tokens": 4}}, "over the model's context of 256"),
     ("/generate_with_capture", {"prompts": ["hi", _TOO_LONG], "config": {"max_new_tokens": 4}}, "context of 256"),
     ("/stream", {"prompt": _TOO_LONG, "config": {"max_new_tokens": 4}}, "context of 256"),
     ("/stream", {"prompt": "word " * 20, "config": {"max_new_tokens": LIMIT}}, f"max_new_tokens={LIMIT}"),
     ("/forward_with_capture", {"input_ids": [[5] * (N_CTX + 1)], "capture": {}},
-     f"input_ids has {N_CTX + 1} positions, over the model's context of {N_CTX}"),
+     f"input_ids must have at most the model's context of {N_CTX} positions; got {N_CTX + 1}"),
 ]
 
 
+@pytest.mark.unchecked_types  # wrong JSON types reach the request types' own checks
 @pytest.mark.parametrize(("path", "body", "reason"), BAD, ids=[f"{p}:{r[:40]}" for p, _, r in BAD])
 def test_malformed_requests_get_400_with_a_clear_reason_and_no_model_work(server, forwards, path, body, reason):
     _model_idle(server)
@@ -303,8 +305,8 @@ def test_negative_or_non_finite_temperature_and_coefficients_are_errors(tiny, fo
     v = torch.ones(256)
     path = "blocks.0.hook_resid_post"
     for make in (lambda c: SteeringHook(tiny.model, v, path, coefficient=c),
-                 lambda c: SteeringSpec(0, v, c),
-                 lambda c: SteeringConfig(v, 0, coefficient=c),
+                 lambda c: SteeringSpec(layer=0, vector=v, coefficient=c),
+                 lambda c: SteeringConfig(vector=v, layer=0, coefficient=c),
                  lambda c: PerSampleSteering(tiny.model, [(0, v, c, (0, 1))]),
                  lambda c: ActivationCappingHook(tiny.model, v, path, threshold=c)):
         for bad in (math.nan, math.inf, -math.inf):

@@ -23,7 +23,8 @@ from tracelens.pipeline.experiments import Experiment
 from tracelens.io import save_tensors
 from tracelens.judges.openai import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
 from tracelens.model.prompts import tokenize_batch
-from tracelens.serving.server import ModelServer, encode_tensor
+from tracelens.serving.codec import encode_tensor
+from tracelens.serving.server import ModelServer
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]
@@ -110,7 +111,7 @@ def test_health_and_properties(server, remote, local):
 
 
 def test_remote_results_equal_local(remote, local, tiny):
-    steering = [SteeringSpec(1, _unit(64, 0), 4.0), SteeringSpec(0, _unit(64, 1), 2.0, "attn_out", "response")]
+    steering = [SteeringSpec(layer=1, vector=_unit(64, 0), coefficient=4.0), SteeringSpec(layer=0, vector=_unit(64, 1), coefficient=2.0, component="attn_out", positions="response")]
     systems = ["Be brief.", None, "Be kind."]
     assert remote.generate(PROMPTS, CFG) == local.generate(PROMPTS, CFG)
     steered = remote.generate(PROMPTS, CFG, steering, systems)
@@ -129,7 +130,7 @@ def test_remote_results_equal_local(remote, local, tiny):
 
 
 def test_stream_equals_local(remote, local):
-    steering = [SteeringSpec(1, _unit(64, 2), 3.0)]
+    steering = [SteeringSpec(layer=1, vector=_unit(64, 2), coefficient=3.0)]
     got = list(remote.stream(PROMPTS[0], CFG, CaptureSpec([1]), steering))
     want = list(local.stream(PROMPTS[0], CFG, CaptureSpec([1]), steering))
     assert [(t.token, t.token_id) for t in got] == [(t.token, t.token_id) for t in want] and len(got) == 5
@@ -165,32 +166,33 @@ BAD_REQUESTS = [
     ("/generate", b"{not json", "not valid JSON"),
     ("/generate", b"[1, 2]", "JSON object"),
     ("/generate", b"{}", "missing field(s): prompts"),
-    ("/generate", json.dumps({"prompts": "hi"}).encode(), "prompts must be a list of strings"),
+    ("/generate", json.dumps({"prompts": "hi"}).encode(), "prompts must be a list of 1 to 256 strings"),
     ("/generate", json.dumps({"prompts": ["hi"], "temperature": 1}).encode(), "unknown field(s): temperature"),
     ("/generate", json.dumps({"prompts": ["hi"], "config": {"max_new_tokens": "5"}}).encode(), "max_new_tokens"),
     ("/generate", json.dumps({"prompts": ["hi"], "system_prompts": ["a", "b"]}).encode(), "system_prompts"),
     ("/generate", json.dumps({"prompts": ["hi"], "steering": [{"layer": 0, "vector": [1.0] * 63}]}).encode(),
-     "the model needs [64]"),
+     "steering[0]: vector has 63 elements but blocks.0.hook_resid_post has width 64"),
     ("/generate", json.dumps({"prompts": ["hi"], "steering": [{"layer": 9, "vector": [0.0] * 64}]}).encode(),
-     "steering[0].layer"),
+     "steering[0]: layer 9 is out of range for a model with 2 layers"),
     ("/generate", json.dumps({"prompts": ["hi"], "steering": [{"vector": [0.0] * 64}]}).encode(), "missing field"),
     ("/generate", json.dumps({"prompts": ["hi"], "steering": [{"layer": 0, "vector": {"safetensors": "!!"}}]}).encode(),
      "base64 safetensors"),
     ("/generate", json.dumps({"prompts": ["hi"], "steering": [{"layer": 0, "vector": [[0.0]] * 64}]}).encode(),
-     "the model needs [64]"),
+     "steering[0]: vector must be 1-D [d_model]; got shape (64, 1)"),
     ("/generate_with_capture", json.dumps({"prompts": ["hi"], "capture": {"components": ["bogus"]}}).encode(),
-     "unknown component"),
+     "capture: each component must be one of residual,"),
     ("/generate_with_capture", json.dumps({"prompts": ["hi"], "capture": {"layers": [5]}}).encode(), "out of range"),
     ("/stream", json.dumps({"prompt": ["hi"]}).encode(), "prompt must be a string"),
     ("/forward_with_capture", json.dumps({"input_ids": [[1, 2]]}).encode(), "missing field(s): capture"),
     ("/forward_with_capture", json.dumps({"input_ids": [[1.5, 2.0]], "capture": {}}).encode(), "integer tensor"),
-    ("/forward_with_capture", json.dumps({"input_ids": [[1, 99999]], "capture": {}}).encode(), "outside [0, 512)"),
+    ("/forward_with_capture", json.dumps({"input_ids": [[1, 99999]], "capture": {}}).encode(), "must hold token ids inside [0, 512); got ids from 1 to 99999"),
     ("/forward_with_capture", json.dumps({"input_ids": [[1, 2], [3]], "capture": {}}).encode(), "rectangular"),
     ("/forward_with_capture", json.dumps({"input_ids": [[1, 2]], "attention_mask": [[1]], "capture": {}}).encode(),
      "attention_mask shape"),
 ]
 
 
+@pytest.mark.unchecked_types  # wrong JSON types reach the request types' own checks
 @pytest.mark.parametrize(("path", "raw", "reason"), BAD_REQUESTS)
 def test_malformed_requests_get_400_with_the_reason(server, path, raw, reason):
     status, body = _post(server.url + path, raw)
@@ -303,12 +305,12 @@ def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
 
 # six requests: one or two prompts each, steering of every kind (or none), some with system prompts
 BATCH_REQUESTS = [
-    (["Tell me about cats"], [SteeringSpec(1, _unit(64, 10), 4.0)], None),
-    (["Rain today?", "Sun tomorrow?"], [SteeringSpec(0, _unit(64, 11), 3.0, "attn_out", "response")], ["Be brief.", None]),
+    (["Tell me about cats"], [SteeringSpec(layer=1, vector=_unit(64, 10), coefficient=4.0)], None),
+    (["Rain today?", "Sun tomorrow?"], [SteeringSpec(layer=0, vector=_unit(64, 11), coefficient=3.0, component="attn_out", positions="response")], ["Be brief.", None]),
     (["What is the capital of France?"], None, None),
-    (["Hi"], [SteeringSpec(1, _unit(64, 12), -5.0), SteeringSpec(0, _unit(64, 13), 2.0, "mlp_out")], None),
-    (["A longer prompt about the moon and the trees and the rain"], [SteeringSpec(1, _unit(64, 12), 5.0)], ["Be kind."]),
-    (["Hi"], [SteeringSpec(1, _unit(64, 14), 6.0, positions="response")], None),
+    (["Hi"], [SteeringSpec(layer=1, vector=_unit(64, 12), coefficient=-5.0), SteeringSpec(layer=0, vector=_unit(64, 13), coefficient=2.0, component="mlp_out")], None),
+    (["A longer prompt about the moon and the trees and the rain"], [SteeringSpec(layer=1, vector=_unit(64, 12), coefficient=5.0)], ["Be kind."]),
+    (["Hi"], [SteeringSpec(layer=1, vector=_unit(64, 14), coefficient=6.0, positions="response")], None),
 ]
 
 
@@ -391,7 +393,7 @@ def test_steering_by_trait_name_uses_the_experiments_vector(tiny, local, tmp_pat
             {"prompts": PROMPTS, "config": {"max_new_tokens": 5},
              "steering": [{"trait": "mood/happy", "layer": -1, "coefficient": 6.0}]}).encode())
         assert status == 200
-        assert body["responses"] == local.generate(PROMPTS, cfg, [SteeringSpec(1, v, 6.0)])
+        assert body["responses"] == local.generate(PROMPTS, cfg, [SteeringSpec(layer=1, vector=v, coefficient=6.0)])
         assert body["responses"] != local.generate(PROMPTS, cfg)
         status, body = _post(srv.url + "/generate", json.dumps(
             {"prompts": ["hi"], "steering": [{"trait": "mood/sad", "coefficient": 6.0}]}).encode())
@@ -423,7 +425,7 @@ def test_chat_answer_equals_local_generation_with_and_without_steering(client, l
     steering = [{"layer": 1, "vector": _unit(64, 3).tolist(), "coefficient": 5.0},
                 {"layer": 0, "vector": _unit(64, 4).tolist(), "coefficient": 2.0, "component": "mlp_out",
                  "positions": "response"}]
-    specs = [SteeringSpec(1, _unit(64, 3), 5.0), SteeringSpec(0, _unit(64, 4), 2.0, "mlp_out", "response")]
+    specs = [SteeringSpec(layer=1, vector=_unit(64, 3), coefficient=5.0), SteeringSpec(layer=0, vector=_unit(64, 4), coefficient=2.0, component="mlp_out", positions="response")]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": OPENAI_QUESTIONS[0]}]
     plain = client.chat.completions.create(model="exp", messages=messages, max_tokens=6, temperature=0)
     steered = client.chat.completions.create(model="exp", messages=messages, max_tokens=6, temperature=0,
@@ -541,6 +543,82 @@ def test_parallel_openai_requests_share_a_batch_and_equal_the_sequential_answers
     assert got == alone and len(set(alone)) > 1
 
 
+# Every validation error of the request types is a 400 naming the field, on the own API and under /v1: the server's
+# parsers build `tracelens.model.requests` objects and add only their upper bounds.
+_V = [0.0] * 64
+REQUEST_TYPE_ERRORS = [
+    ({"config": {"max_new_tokens": 0}}, "config: max_new_tokens must be an integer >= 1; got 0"),
+    ({"config": {"max_new_tokens": -3}}, "config: max_new_tokens must be an integer >= 1; got -3"),
+    ({"config": {"max_new_tokens": 10**9}},
+     "config.max_new_tokens must be an integer in [1, 1024] (the server's max_new_tokens_limit); got 1000000000"),
+    ({"config": {"max_new_tokens": True}}, "config: max_new_tokens must be an integer >= 1; got True"),
+    ({"config": {"max_new_tokens": "5"}}, "config: max_new_tokens must be an integer >= 1; got '5'"),
+    ({"config": {"temperature": "hot"}}, "config: temperature must be a number; got str"),
+    ({"config": {"seed": -1}}, "config: seed must be None or an integer in [0, 2**64); got -1"),
+    ({"config": {"stop_token_ids": "x"}}, "config: stop_token_ids must be None or a list of integers >= 0; got 'x'"),
+    ({"config": {"stop_token_ids": [600]}}, "config: stop_token_ids must be token ids below the vocabulary size 512"),
+    ({"config": {"top_k": 5}}, "config: unknown field(s): top_k; allowed: max_new_tokens, temperature"),
+    ({"config": [5]}, "config must be a JSON object; got list"),
+    ({"prompts": ["hi"] * 257}, "prompts must be a list of 1 to 256 strings; got a list of 257"),
+    ({"steering": [{"layer": "0", "vector": _V}]}, "steering[0]: layer must be an integer; got str '0'"),
+    ({"steering": [{"layer": -3, "vector": _V}]}, "steering[0]: layer -3 is out of range for a model with 2 layers"),
+    ({"steering": [{"layer": 0, "vector": _V, "rows": [0, 1]}]}, "steering[0]: unknown field(s): rows"),
+    ({"steering": [{"layer": 0, "vector": _V, "coefficient": "big"}]}, "steering[0]: coefficient must be a number"),
+    ({"steering": [{"layer": 0, "vector": _V, "positions": "prompt"}]},
+     "steering[0]: positions must be one of all, response; got 'prompt'"),
+    ({"steering": [{"layer": 0, "vector": _V, "component": "bogus"}]}, "steering[0]: component must be one of residual"),
+    ({"steering": [{"layer": 0, "vector": [float("nan")] * 64}]}, "steering[0]: vector contains NaN or inf"),
+    ({"steering": [{"layer": 0, "vector": _V}] * 65}, "steering must be a list of at most 64 entries"),
+    ({"steering": {"layer": 0}}, "steering must be a list of at most 64 entries"),
+    ({"capture": {"layers": "0"}}, "capture: layers must be None (every layer) or a list of integers; got '0'"),
+    ({"capture": {"layers": [2]}}, "capture: layer 2 is out of range for a model with 2 layers"),
+    ({"capture": {"components": []}}, "capture: components must be a non-empty list of component names; got []"),
+]
+
+
+@pytest.mark.unchecked_types
+@pytest.mark.parametrize(("fields", "reason"), REQUEST_TYPE_ERRORS, ids=[r[:50] for _, r in REQUEST_TYPE_ERRORS])
+def test_every_request_type_error_is_a_400_naming_the_field(server, fields, reason):
+    body = {"prompts": ["hi"], **fields}
+    status, answer = _post(server.url + "/generate_with_capture", json.dumps(body).encode())
+    assert (status, answer["error"][:len(reason)]) == (400, reason), answer
+    if "capture" not in fields:  # the same parsers serve /generate and /stream
+        assert _post(server.url + "/generate", json.dumps(body).encode()) == (400, answer)
+        stream = {"prompt": "hi", **{k: v for k, v in fields.items() if k != "prompts"}}
+        if "prompts" not in fields:
+            assert _post(server.url + "/stream", json.dumps(stream).encode()) == (400, answer)
+
+
+OPENAI_TYPE_ERRORS = [
+    ({"max_tokens": 0}, "max_tokens: max_new_tokens must be an integer >= 1; got 0"),
+    ({"max_tokens": -1}, "max_tokens: max_new_tokens must be an integer >= 1; got -1"),
+    ({"max_tokens": 10**9}, "max_tokens must be an integer in [1, 1024] (the server's max_new_tokens_limit); got 1000000000"),
+    ({"max_tokens": "5"}, "max_tokens: max_new_tokens must be an integer >= 1; got '5'"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens: max_new_tokens must be an integer >= 1; got 0"),
+    ({"temperature": "hot"}, "temperature must be a number; got str"),
+    ({"temperature": -0.5}, "temperature must be >= 0; got -0.5"),
+    ({"seed": "x"}, "seed must be None or an integer in [0, 2**64); got 'x'"),
+    ({"bogus": 1}, "unknown field(s): bogus"),
+    ({"steering": [{"layer": 9, "vector": _V}]}, "steering[0]: layer 9 is out of range for a model with 2 layers"),
+    ({"steering": [{"layer": 0, "vector": _V, "bogus": 1}]}, "steering[0]: unknown field(s): bogus"),
+]
+
+
+@pytest.mark.unchecked_types
+@pytest.mark.parametrize(("fields", "reason"), OPENAI_TYPE_ERRORS, ids=[r[:50] for _, r in OPENAI_TYPE_ERRORS])
+def test_every_request_type_error_is_a_400_naming_the_field_under_v1(server, fields, reason):
+    chat = {"model": "exp", "messages": [{"role": "user", "content": "hi"}], **fields}
+    completion = {"model": "exp", "prompt": "hi", **{k: v for k, v in fields.items() if k != "max_completion_tokens"}}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        if path == "/v1/completions" and "max_completion_tokens" in fields:
+            continue
+        status, answer = _post(server.url + path, json.dumps(body).encode())
+        assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+        assert answer["error"]["message"][:len(reason)] == reason, answer
+    status, answer = _post(server.url + "/v1/completions", json.dumps({"model": "exp", "prompt": ["hi"] * 257}).encode())
+    assert status == 400 and answer["error"]["message"].startswith("prompt must be a string or a list of 1 to 256 strings")
+
+
 OPENAI_CHAT = {"model": "exp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 OPENAI_BAD = [
     ({**OPENAI_CHAT, "n": 2}, "n must be null or 1 (one choice per request); got 2"),
@@ -549,16 +627,17 @@ OPENAI_BAD = [
     ({**OPENAI_CHAT, "stream": True, "logprobs": True}, "logprobs with stream=true is not supported"),
     ({**OPENAI_CHAT, "top_logprobs": 3}, "top_logprobs needs logprobs=true"),
     ({**OPENAI_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be an integer in [0, 20]; got 21"),
-    ({**OPENAI_CHAT, "max_tokens": 0}, "max_tokens must be an integer in [1, 1024]; got 0"),
+    ({**OPENAI_CHAT, "max_tokens": 0}, "max_tokens: max_new_tokens must be an integer >= 1; got 0"),
     ({**OPENAI_CHAT, "temperature": 3}, "temperature must be a number in [0, 2]; got 3"),
     ({**OPENAI_CHAT, "tools": []}, "unknown field(s): tools"),
     ({**OPENAI_CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be system, developer"),
     ({**OPENAI_CHAT, "messages": []}, "messages must be a non-empty list"),
-    ({**OPENAI_CHAT, "steering": [{"layer": 0, "vector": [1.0] * 3}]}, "steering[0].vector has shape [3]; the model needs [64]"),
+    ({**OPENAI_CHAT, "steering": [{"layer": 0, "vector": [1.0] * 3}]}, "steering[0]: vector has 3 elements but blocks.0.hook_resid_post has width 64"),
     ({"model": "exp"}, "missing field(s): messages"),
 ]
 
 
+@pytest.mark.unchecked_types
 @pytest.mark.parametrize(("body", "reason"), OPENAI_BAD, ids=[r[:40] for _, r in OPENAI_BAD])
 def test_bad_requests_get_400_in_openais_error_shape(server, body, reason):
     status, answer = _post(server.url + "/v1/chat/completions", json.dumps(body).encode())

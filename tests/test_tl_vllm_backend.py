@@ -192,15 +192,15 @@ def test_the_stand_in_keeps_transformer_lens_contract(tiny):
 
 def test_mapping_names_layer_component_sign_and_scale():
     v, w = torch.arange(4.0), torch.ones(4)
-    edits = steering_edits([SteeringSpec(1, v, -2.5), SteeringSpec(-1, w, 3.0, component="attn_out"),
-                            SteeringSpec(1, w, 0.5), SteeringSpec(0, v, 1.0, component="mlp_out")], n_layers=3, d_model=4)
+    edits = steering_edits([SteeringSpec(layer=1, vector=v, coefficient=-2.5), SteeringSpec(layer=-1, vector=w, coefficient=3.0, component="attn_out"),
+                            SteeringSpec(layer=1, vector=w, coefficient=0.5), SteeringSpec(layer=0, vector=v, coefficient=1.0, component="mlp_out")], n_layers=3, d_model=4)
     assert edits == {"blocks.1.hook_out": {"op": "add", "value": [0.5, -2.0, -4.5, -7.0]},
                      "blocks.2.attn.hook_out": {"op": "add", "value": [3.0] * 4},
                      "blocks.0.mlp.hook_out": {"op": "add", "value": [0.0, 1.0, 2.0, 3.0]}}
     assert capture_sites(CaptureSpec([0, -1], ["residual", "mlp_out"]), 3) == [
         (0, "residual", "blocks.0.hook_out"), (0, "mlp_out", "blocks.0.mlp.hook_out"),
         (2, "residual", "blocks.2.hook_out"), (2, "mlp_out", "blocks.2.mlp.hook_out")]
-    groups = steering_groups([SteeringSpec(0, v, 1.0, rows=(1, 3)), SteeringSpec(2, w, 2.0)], 4, 3, 4)
+    groups = steering_groups([SteeringSpec(layer=0, vector=v, coefficient=1.0, rows=(1, 3)), SteeringSpec(layer=2, vector=w, coefficient=2.0)], 4, 3, 4)
     assert [rows for rows, _ in groups] == [[0, 3], [1, 2]]
     assert set(groups[0][1]) == {"blocks.2.hook_out"} and set(groups[1][1]) == {"blocks.0.hook_out", "blocks.2.hook_out"}
 
@@ -208,7 +208,7 @@ def test_mapping_names_layer_component_sign_and_scale():
 @pytest.mark.parametrize("layer, component", [(1, "residual"), (-1, "residual"), (0, "attn_out"), (2, "mlp_out")])
 def test_steered_generation_equals_local_backend(tiny, layer, component):
     local = LocalBackend.from_model(tiny.model)
-    steering = [SteeringSpec(layer, _unit(64, 3), 6.0, component=component)]
+    steering = [SteeringSpec(layer=layer, vector=_unit(64, 3), coefficient=6.0, component=component)]
     b = make(tiny)
     got = b.generate_results(PROMPTS, GEN, steering)
     want = local.generate_results(PROMPTS, GEN, steering)
@@ -221,7 +221,7 @@ def test_steered_generation_equals_local_backend(tiny, layer, component):
 
 def test_per_prompt_rows_run_as_groups(tiny):
     local = LocalBackend.from_model(tiny.model)
-    steering = [SteeringSpec(1, _unit(64, 4), 6.0, rows=(0, 1)), SteeringSpec(0, _unit(64, 5), -5.0, rows=(1, 3))]
+    steering = [SteeringSpec(layer=1, vector=_unit(64, 4), coefficient=6.0, rows=(0, 1)), SteeringSpec(layer=0, vector=_unit(64, 5), coefficient=-5.0, rows=(1, 3))]
     b = make(tiny)
     got = b.generate_results(PROMPTS, GEN, steering)
     assert [r.response_token_ids for r in got] == [r.response_token_ids for r in local.generate_results(PROMPTS, GEN, steering)]
@@ -232,7 +232,7 @@ def test_per_prompt_rows_run_as_groups(tiny):
 
 def test_capture_equals_local_backend_at_prompt_and_response_positions(tiny):
     local = LocalBackend.from_model(tiny.model)
-    steering = [SteeringSpec(1, _unit(64, 6), 4.0), SteeringSpec(0, _unit(64, 7), 2.0, component="mlp_out", rows=(1, 2))]
+    steering = [SteeringSpec(layer=1, vector=_unit(64, 6), coefficient=4.0), SteeringSpec(layer=0, vector=_unit(64, 7), coefficient=2.0, component="mlp_out", rows=(1, 2))]
     capture = CaptureSpec([0, -1], ["residual", "attn_out", "mlp_out"])
     b = make(tiny)
     got = b.generate_with_capture(PROMPTS, GEN, capture, steering)
@@ -261,7 +261,7 @@ def test_capture_equals_local_backend_at_prompt_and_response_positions(tiny):
 def test_what_the_driver_cannot_do_is_refused_before_any_engine_call(tiny, spec, match):
     b = make(tiny)
     with pytest.raises(BackendError, match=match):
-        b.generate_results(PROMPTS, GEN, [SteeringSpec(1, _unit(64, 0), 1.0, **spec)])
+        b.generate_results(PROMPTS, GEN, [SteeringSpec(layer=1, vector=_unit(64, 0), coefficient=1.0, **spec)])
     assert b.llm.generate_calls == [] and b.llm.worker.history == []
 
 
@@ -269,7 +269,7 @@ def test_conditional_steering_and_unsupported_capture_are_refused(tiny):
     b = make(tiny)
     cond = Condition(vector=_unit(64, 1), layer=0, threshold=0.0)
     with pytest.raises(BackendError, match="conditionally"):
-        b.generate_results(PROMPTS, GEN, [SteeringSpec(1, _unit(64, 0), 1.0, condition=cond)])
+        b.generate_results(PROMPTS, GEN, [SteeringSpec(layer=1, vector=_unit(64, 0), coefficient=1.0, condition=cond)])
     with pytest.raises(BackendError, match="capture at component 'v_proj'"):
         b.generate_with_capture(PROMPTS, GEN, CaptureSpec([0], ["v_proj"]))
     assert b.llm.generate_calls == []
@@ -278,11 +278,11 @@ def test_conditional_steering_and_unsupported_capture_are_refused(tiny):
 def test_bad_vectors_rows_and_layers_are_refused(tiny):
     b = make(tiny)
     with pytest.raises(ValueError, match="64"):
-        b.generate_results(PROMPTS, GEN, [SteeringSpec(1, torch.ones(65), 1.0)])
+        b.generate_results(PROMPTS, GEN, [SteeringSpec(layer=1, vector=torch.ones(65), coefficient=1.0)])
     with pytest.raises(ValueError, match="within the 3 prompts"):
-        b.generate_results(PROMPTS, GEN, [SteeringSpec(1, torch.ones(64), 1.0, rows=(2, 4))])
+        b.generate_results(PROMPTS, GEN, [SteeringSpec(layer=1, vector=torch.ones(64), coefficient=1.0, rows=(2, 4))])
     with pytest.raises(ValueError, match="out of range"):
-        b.generate_results(PROMPTS, GEN, [SteeringSpec(3, torch.ones(64), 1.0)])
+        b.generate_results(PROMPTS, GEN, [SteeringSpec(layer=3, vector=torch.ones(64), coefficient=1.0)])
     assert b.llm.generate_calls == []
 
 
@@ -327,7 +327,7 @@ def test_real_engine_steers_during_decode_and_captures():
     b = TLVLLMBackend(model_id, seed=0, dtype=torch.float32, gpu_memory_utilization=0.3, max_model_len=512)
     try:
         v = _unit(b.d_model, 0)
-        steer = [SteeringSpec(10, v, 8.0)]
+        steer = [SteeringSpec(layer=10, vector=v, coefficient=8.0)]
         capture = CaptureSpec([10], ["residual"])
         cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)
         plain = b.generate_with_capture(["Tell me about the sea."], cfg, capture)[0]
@@ -335,7 +335,7 @@ def test_real_engine_steers_during_decode_and_captures():
         n = len(plain.prompt_token_ids)
         diff = steered.prompt_activations[10]["residual"] - plain.prompt_activations[10]["residual"]
         torch.testing.assert_close(diff, (8.0 * v).expand(n, -1), atol=2e-3, rtol=0)
-        far = b.generate_results(["Tell me about the sea."], cfg, [SteeringSpec(10, v, 80.0)])[0]
+        far = b.generate_results(["Tell me about the sea."], cfg, [SteeringSpec(layer=10, vector=v, coefficient=80.0)])[0]
         assert far.response_token_ids != plain.response_token_ids
         local = LocalBackend(load_model(model_id, device="cuda", dtype=torch.float32))
         want = local.generate_results(["Tell me about the sea."], cfg, steer)[0]

@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--token", default=None, help="required to bind a non-loopback host ($TRACELENS_SERVER_TOKEN)")
     p.add_argument("--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens a request may ask")
+    p.add_argument("--max-prompts", type=int, default=None, help="most prompts in one request (default 256)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may wait and generate")
     p.add_argument("--io-timeout", type=float, default=None, help="seconds one socket read or write may block")
     p.add_argument("--stream-buffer", type=int, default=None, help="tokens a stream reader may fall behind")

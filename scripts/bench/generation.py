@@ -50,7 +50,7 @@ def bench(name: str, batch: int, rounds: int, device: str, attn: str | None, new
     v = v / v.norm()
     gen = HookedGenerator(model)
     bridge = HookedGenerator(model, fast_path=False)
-    steer = [SteeringConfig(v, layer, coefficient=4.0)]
+    steer = [SteeringConfig(vector=v, layer=layer, coefficient=4.0)]
     cap3 = CaptureConfig(layers=[layer - 2, layer, layer + 2])
 
     def hf_plain():

@@ -83,13 +83,13 @@ def main() -> None:
                      max_batch_size=args.max_batch_size, max_new_tokens_limit=max(args.new_tokens, 1)).start() as srv:
         remote = RemoteBackend(srv.url, timeout=600)
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        own = [lambda p=p, v=v: remote.generate([p], cfg, [SteeringSpec(layer, v, 1.0)])[0]
+        own = [lambda p=p, v=v: remote.generate([p], cfg, [SteeringSpec(layer=layer, vector=v, coefficient=1.0)])[0]
                for p, v in zip(PROMPTS, vectors)]
         oai = [lambda p=p, v=v: client.chat.completions.create(
             model="bench", messages=[{"role": "user", "content": p}], max_tokens=args.new_tokens, temperature=0,
             extra_body={"steering": [{"layer": layer, "vector": v.tolist()}]}).choices[0].message.content
             for p, v in zip(PROMPTS, vectors)]
-        local = [backend.generate([p], cfg, [SteeringSpec(layer, v, 1.0)])[0] for p, v in zip(PROMPTS, vectors)]
+        local = [backend.generate([p], cfg, [SteeringSpec(layer=layer, vector=v, coefficient=1.0)])[0] for p, v in zip(PROMPTS, vectors)]
         print(f"model: {args.model}, {len(PROMPTS)} requests x {args.new_tokens} new tokens (greedy, one steering "
               f"vector each), window {args.window_ms:g} ms, max batch {args.max_batch_size}, "
               f"torch threads {torch.get_num_threads()}, {args.rounds} rounds")

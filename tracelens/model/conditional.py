@@ -8,30 +8,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from tracelens.model import edits
 from tracelens.model.capture import capture_at_position
-from tracelens.errors import ConfigError, StateError
+from tracelens.errors import ConfigError, ShapeError, StateError
 from tracelens.model.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
 from tracelens.metrics import accuracy
-from tracelens.model.positions import TokenPositions, parse_position, resolve_position
+from tracelens.model.positions import TokenPositions, resolve_position
+from tracelens.model.requests import Condition
 from tracelens.model.sites import get_hook_path, resolve_layer
-
-COMPARATORS = ("greater", "less")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """The condition of a conditional `SteeringSpec` / `SteeringConfig`: steer a row only when its prompt's
-    projection on unit(`vector`) at `layer`, read at `position`, is above ("greater") or below ("less")
-    `threshold`; decided once per sequence at the prompt (see `ConditionalSteering`)."""
-
-    vector: Tensor
-    layer: int
-    threshold: float
-    comparator: str = "greater"
-    position: str = "prompt[-1]"
 
 
 class ConditionalSteering(HookAdapter):
@@ -46,16 +33,17 @@ class ConditionalSteering(HookAdapter):
     (ValueError otherwise). It reads token positions, so it needs the `with` form, not `fwd_hooks()`.
     Left-padded batches need their attention mask. After a forward, `.scores` `[batch]` and `.gate`
     `[batch]` (bool) hold the last decision.
+
+    `prompt_lengths` (real prompt tokens: an int, or one per row) is for a forward that runs past the prompt, as
+    the teacher-forced capture over prompt + response does: `position` is then counted within each row's prompt,
+    so the decision is the one generation made at the prompt. None: the first forward is all prompt.
     """
 
     def __init__(self, model, vector: Tensor, layer: int, condition: Tensor, condition_layer: int, threshold: float,
                  comparator: str = "greater", coefficient: float = 1.0, position: str = "prompt[-1]",
-                 component: str = "residual") -> None:
+                 component: str = "residual", prompt_lengths: int | Int[Tensor, "batch"] | None = None) -> None:
         super().__init__(model)
-        if comparator not in COMPARATORS:
-            raise ConfigError(f"comparator must be one of {COMPARATORS}, got {comparator!r}")
-        if parse_position(position).frame != "prompt":
-            raise ConfigError(f"the condition is read from the prompt: use a 'prompt[...]' position, got {position!r}")
+        checked = Condition(condition, condition_layer, threshold, comparator, position)  # the one rule set
         n = model.cfg.n_layers
         if resolve_layer(layer, n) < resolve_layer(condition_layer, n):
             raise ConfigError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
@@ -64,8 +52,8 @@ class ConditionalSteering(HookAdapter):
         self.condition_hook = get_hook_path(condition_layer, component, model)
         self.vector = _checked_vector(model, self.steer_hook, vector)
         self.condition = edits.unit(_checked_vector(model, self.condition_hook, condition, "condition"), "condition")
-        self.threshold, self.comparator, self.coefficient = float(threshold), comparator, float(coefficient)
-        self.position = position
+        self.threshold, self.comparator, self.coefficient = checked.threshold, comparator, float(coefficient)
+        self.position, self.prompt_lengths = position, prompt_lengths
         self.scores: Tensor | None = None
         self.gate: Tensor | None = None
         self.positions = TokenPositions(model)
@@ -87,9 +75,15 @@ class ConditionalSteering(HookAdapter):
         lengths = real.sum(1)
         if not torch.equal(real, torch.arange(seq, device=act.device)[None, :] >= (seq - lengths)[:, None]):
             raise ConfigError("conditional steering needs left-padded rows (real tokens last, attention mask passed)")
+        lengths = lengths.cpu()
+        prompts = lengths if self.prompt_lengths is None else torch.as_tensor(self.prompt_lengths).cpu().reshape(-1)
+        prompts = prompts.expand(batch) if prompts.numel() == 1 else prompts
+        if prompts.shape != (batch,) or (prompts > lengths).any() or (prompts < 1).any():
+            raise ShapeError(f"prompt_lengths must be one count in [1, real tokens] per row; got {prompts.tolist()} "
+                             f"for rows of {lengths.tolist()} tokens")
         scores = []
-        for i, n in enumerate(lengths.tolist()):
-            s, e = resolve_position(self.position, n, n)
+        for i, (n, p) in enumerate(zip(lengths.tolist(), prompts.tolist())):
+            s, e = resolve_position(self.position, p, n)
             if e <= s:
                 raise ConfigError(f"position {self.position!r} selects no tokens of row {i} ({n} tokens)")
             scores.append(edits.project(flat[i, seq - n + s : seq - n + e], self.condition.to(act.device)).mean())

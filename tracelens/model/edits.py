@@ -6,6 +6,9 @@ are computed in float32; edited activations come back in `h`'s dtype.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -27,6 +30,19 @@ def as_vector(vector: Tensor, what: str = "vector") -> Float[Tensor, "d"]:
     if not torch.isfinite(vector).all():
         raise DirectionError(f"{what} contains NaN or inf")
     return vector.detach().float()
+
+
+def finite_float(value, what: str) -> float:
+    """`value` (a real number or one-element tensor) as a float; TypeError for anything else (bools,
+    strings), ValueError for NaN or +-inf."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)) or (
+        isinstance(value, Tensor) and value.numel() != 1
+    ):
+        raise InputTypeError(f"{what} must be a number; got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{what} must be a finite number; got {v}")
+    return v
 
 
 def unit(vector: Tensor, what: str = "direction", hint: str = "") -> Float[Tensor, "d"]:

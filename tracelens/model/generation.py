@@ -12,28 +12,27 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelens.errors import ConfigError, GenerationCancelled, ShapeError
-from tracelens.model.hooks import (
-    READ,
-    HookAdapter,
-    PerPositionSteeringHook,
-    PerSampleSteering,
-    SteeringHook,
-    _layers,
-    finite_float,
+from tracelens.model.hooks import READ, HookAdapter, PerPositionSteeringHook, PerSampleSteering, SteeringHook, _layers
+# SteeringConfig, CaptureConfig and TokenOutput stay importable from here (the seed's import path)
+from tracelens.model.requests import (  # noqa: F401
+    CaptureConfig,
+    CaptureSpec,
+    SequenceOutput,
+    SteeringConfig,
+    SteeringSpec,
+    TokenOutput,
+    check_max_new_tokens,
+    check_temperature,
 )
 from tracelens.model.fastpath import fast_path
 from tracelens.model.sites import get_hook_path
-
-if TYPE_CHECKING:
-    from tracelens.model.conditional import Condition
 
 
 def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
@@ -49,84 +48,6 @@ def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperatu
         )
 
 
-def check_max_new_tokens(max_new_tokens: int) -> int:
-    """`max_new_tokens` unchanged; ValueError unless it is an int (not a bool) >= 1."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    return max_new_tokens
-
-
-def check_temperature(temperature: float) -> float:
-    """`temperature` as a float; ValueError when it is NaN, infinite or negative (0 means greedy)."""
-    t = finite_float(temperature, "temperature")
-    if t < 0:
-        raise ConfigError(f"temperature must be >= 0; got {t}")
-    return t
-
-
-@dataclass
-class CaptureConfig:
-    """What to record per generated token: `layers` (None = all) x `components`."""
-
-    layers: Sequence[int] | None = None
-    components: Sequence[str] = ("residual",)
-
-
-@dataclass
-class SteeringConfig:
-    """Add `coefficient * vector` at `component` of `layer`; `positions` is "all" or "response"
-    (the last prompt position and every generated token). `rows=(start, end)` steers only those rows of the
-    batch (through `PerSampleSteering` for positions "all"); None steers every row."""
-
-    vector: Tensor
-    layer: int
-    component: str = "residual"
-    coefficient: float = 1.0
-    positions: str = "all"
-    condition: Condition | None = None  # steer only the rows whose prompt passes it (positions "all")
-    rows: tuple[int, int] | None = None
-
-    def __post_init__(self) -> None:
-        self.coefficient = finite_float(self.coefficient, "coefficient")
-        if self.condition is not None and self.positions != "all":
-            raise ConfigError(f"conditional steering covers every position: positions must be 'all'; "
-                             f"got {self.positions!r}")
-        if self.rows is not None:
-            self.rows = check_rows(self.rows)
-            if self.condition is not None:
-                raise ConfigError("conditional steering picks its own rows: rows must be None; "
-                                 f"got {self.rows} with a condition")
-
-
-def check_rows(rows) -> tuple[int, int]:
-    """`rows` as a `(start, end)` pair of ints with 0 <= start < end; ValueError otherwise."""
-    ok = (isinstance(rows, (tuple, list)) and len(rows) == 2
-          and all(isinstance(r, int) and not isinstance(r, bool) for r in rows) and 0 <= rows[0] < rows[1])
-    if not ok:
-        raise ConfigError(f"rows must be (start, end) integers with 0 <= start < end; got {rows!r}")
-    return int(rows[0]), int(rows[1])
-
-
-@dataclass
-class TokenOutput:
-    """One generated token: `activations[layer][component]` is `[d]`."""
-
-    token_id: int
-    step: int
-    activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    logits: Tensor | None = None
-
-
-@dataclass
-class SequenceOutput:
-    """One row's generation: `token_ids` (ending at the stop token when one was produced) and
-    `activations[layer][component]` `[n_tokens, d]`, row k pairs with token k."""
-
-    token_ids: list[int]
-    activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    logits: Tensor | None = None
-
-
 @dataclass
 class _Step:
     tokens: Int[Tensor, "batch"]
@@ -135,26 +56,37 @@ class _Step:
     stopped: torch.BoolTensor  # rows whose token this step is a stop token
 
 
-def steering_hook(model, config: SteeringConfig, prompt_lengths: int | Int[Tensor, "batch"]) -> HookAdapter:
-    """The adapter for one `SteeringConfig`: a `SteeringHook` for positions "all", a `PerPositionSteeringHook`
+def steering_hook(model, spec: SteeringSpec, prompt_lengths: int | Int[Tensor, "batch"]) -> HookAdapter:
+    """The adapter for one `SteeringSpec`: a `SteeringHook` for positions "all", a `PerPositionSteeringHook`
     from each row's last prompt token on for "response" (`prompt_lengths`: real prompt tokens, an int or one
-    per row), a `ConditionalSteering` when it has a condition. `config.rows` limits either to a slice of the batch
-    (then `prompt_lengths` must have one entry per row for "response")."""
-    if config.condition is not None:
+    per row), a `ConditionalSteering` when it has a condition (deciding within those prompt tokens, also in a
+    forward over prompt + response). `spec.rows` limits either to a slice of the batch (then `prompt_lengths`
+    must have one entry per row for "response")."""
+    if spec.condition is not None:
         from tracelens.model.conditional import ConditionalSteering
 
-        c = config.condition
-        return ConditionalSteering(model, config.vector, config.layer, c.vector, c.layer, c.threshold, c.comparator,
-                                   config.coefficient, c.position, config.component)
-    path = get_hook_path(config.layer, config.component, model)
-    if config.positions == "all" and config.rows is not None:
-        return PerSampleSteering(model, [(config.layer, config.vector, config.coefficient, config.rows)], config.component)
-    if config.positions == "all":
-        return SteeringHook(model, config.vector, path, config.coefficient)
-    if config.positions == "response":
-        return PerPositionSteeringHook(model, config.vector, path, config.coefficient,
-                                       (_response_starts(prompt_lengths, config.rows), None))
-    raise ConfigError(f"SteeringConfig.positions must be 'all' or 'response', got {config.positions!r}")
+        c = spec.condition
+        return ConditionalSteering(model, spec.vector, spec.layer, c.vector, c.layer, c.threshold, c.comparator,
+                                   spec.coefficient, c.position, spec.component, prompt_lengths=prompt_lengths)
+    if spec.positions == "all" and spec.rows is not None:
+        return PerSampleSteering(model, [spec])
+    path = get_hook_path(spec.layer, spec.component, model)
+    if spec.positions == "all":
+        return SteeringHook(model, spec.vector, path, spec.coefficient)
+    return PerPositionSteeringHook(model, spec.vector, path, spec.coefficient,
+                                   (_response_starts(prompt_lengths, spec.rows), None))
+
+
+def check_steering(model, spec: SteeringSpec) -> None:
+    """Refuse, before any model work, a spec `model` cannot take: a layer outside it, a vector whose width is
+    not its site's, a condition layer after the steering layer (the adapter's own checks; rows are checked
+    against each batch when it runs)."""
+    steering_hook(model, replace(spec, rows=None), 1)
+
+
+def check_capture(model, capture: CaptureSpec) -> None:
+    """Refuse, before any model work, capture layers outside `model` (ConfigError naming the valid range)."""
+    _layers(model, capture.layers)
 
 
 class StepCapture(HookAdapter):
@@ -263,7 +195,7 @@ class HookedGenerator:
         try:
             for k, step in enumerate(steps):
                 acts = {l: {c: a[0] for c, a in comps.items()} for l, comps in step.activations.items()}
-                yield TokenOutput(int(step.tokens[0]), k, acts, step.logits[0])
+                yield TokenOutput(token_id=int(step.tokens[0]), step=k, activations=acts, logits=step.logits[0])
                 if step.stopped[0]:
                     return
         finally:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, Literal
@@ -35,8 +33,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tracelens.model import edits
+from tracelens.model.edits import finite_float
 from tracelens.errors import ConfigError, InputTypeError, ShapeError, StateError, UnknownKeyError
 from tracelens.model.positions import TokenPositions
+from tracelens.model.requests import SteeringSpec
 from tracelens.model.sites import get_hook_path, resolve_hook_name, resolve_layer, site_width
 
 HookFn = Callable[..., Tensor | None]
@@ -220,19 +220,6 @@ def _checked_vector(model, hook_name: str, vector: Tensor, what: str = "vector")
     return v
 
 
-def finite_float(value, what: str) -> float:
-    """`value` (a real number or one-element tensor) as a float; TypeError for anything else (bools,
-    strings), ValueError for NaN or +-inf."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)) or (
-        isinstance(value, Tensor) and value.numel() != 1
-    ):
-        raise InputTypeError(f"{what} must be a number; got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ConfigError(f"{what} must be a finite number; got {v}")
-    return v
-
-
 def _flat(act: Tensor) -> Tensor:
     """`[batch, pos, d]` as is; per-head `[batch, pos, head, d_head]` merged to `[batch, pos, head * d_head]`."""
     return rearrange(act, "b p h d -> b p (h d)") if act.dim() == 4 else act
@@ -363,17 +350,27 @@ class SteeringHook(SiteEdit):
 
 
 class MultiLayerSteering(_Composite):
-    """Several `SteeringHook`s: `configs=[(layer, vector, coef), ...]`; a 4th item overrides `component`."""
+    """Several `SteeringHook`s, one per `SteeringSpec` or seed tuple `(layer, vector, coef[, component])`
+    (`component` applies to tuples that name none). Every row, every position: specs with `rows`,
+    `positions="response"` or a condition are refused (use `PerSampleSteering` or the generator)."""
 
-    def __init__(self, model, configs: Sequence[tuple], component: str = "residual") -> None:
+    def __init__(self, model, configs: Sequence[SteeringSpec | tuple], component: str = "residual") -> None:
         super().__init__(model)
-        self.parts = []
-        for i, cfg in enumerate(configs):
-            if len(cfg) not in (3, 4):
-                raise ConfigError(f"configs[{i}] must be (layer, vector, coef[, component]), got {len(cfg)} items")
-            layer, vector, coef, *comp = cfg
-            path = get_hook_path(layer, comp[0] if comp else component, model)
-            self.parts.append(SteeringHook(model, vector, path, coef))
+        self.parts = [SteeringHook(model, s.vector, get_hook_path(s.layer, s.component, model), s.coefficient)
+                      for s in _plain_specs(configs, component, "MultiLayerSteering", rows=False)]
+
+
+def _plain_specs(configs: Sequence[SteeringSpec | tuple], component: str, adapter: str,
+                 rows: bool) -> list[SteeringSpec]:
+    """`configs` as specs (tuples through `SteeringSpec.from_tuple`, the one conversion); ConfigError for a
+    spec this adapter would not honour (a condition, positions "response", or rows when `rows` is False)."""
+    specs = [SteeringSpec.from_tuple(c, component, f"configs[{i}]") for i, c in enumerate(configs)]
+    for i, s in enumerate(specs):
+        if s.condition is not None or s.positions != "all" or (s.rows is not None and not rows):
+            raise ConfigError(f"{adapter} steers {'its rows' if rows else 'every row'} at every position: configs[{i}] "
+                              "must have positions 'all', no condition" + ("" if rows else " and no rows")
+                              + f"; got positions={s.positions!r}, condition={s.condition is not None}, rows={s.rows}")
+    return specs
 
 
 class PerPositionSteeringHook(SteeringHook):
@@ -420,32 +417,29 @@ def _check_token_range(token_range):
 
 
 class PerSampleSteering(HookAdapter):
-    """A different vector and coefficient per batch slice: `configs=[(layer, vector, coef, (b_start, b_end))]`.
+    """A different vector and coefficient per batch slice: `SteeringSpec`s with `rows=(b_start, b_end)` (None:
+    every row), or the seed's tuples `(layer, vector, coef, (b_start, b_end))` at `component`.
 
-    One hook per layer; overlapping slices add. A slice past the batch size is an error at run time
+    One hook per site; overlapping slices add. A slice past the batch size is an error at run time
     (it would otherwise silently steer the wrong rows of a split batch).
     """
 
-    def __init__(self, model, configs: Sequence[tuple], component: str = "residual") -> None:
+    def __init__(self, model, configs: Sequence[SteeringSpec | tuple], component: str = "residual") -> None:
         super().__init__(model)
-        self._by_hook: dict[str, list[tuple[Tensor, float, int, int]]] = {}
-        for i, cfg in enumerate(configs):
-            if len(cfg) != 4:
-                raise ConfigError(f"configs[{i}] must be (layer, vector, coef, (b_start, b_end)), got {len(cfg)} items")
-            layer, vector, coef, rows = cfg
-            start, end = rows
-            if not 0 <= start < end:
-                raise ConfigError(f"configs[{i}] has batch slice {tuple(rows)}; need 0 <= b_start < b_end")
-            hook_name = get_hook_path(layer, component, model)
-            v = _checked_vector(model, hook_name, vector, f"configs[{i}] vector")
-            self._by_hook.setdefault(hook_name, []).append((v, finite_float(coef, f"configs[{i}] coefficient"), start, end))
+        self._by_hook: dict[str, list[tuple[Tensor, float, int, int | None]]] = {}
+        for i, s in enumerate(_plain_specs(configs, component, "PerSampleSteering", rows=True)):
+            hook_name = get_hook_path(s.layer, s.component, model)
+            v = _checked_vector(model, hook_name, s.vector, f"configs[{i}] vector")
+            start, end = s.rows if s.rows is not None else (0, None)
+            self._by_hook.setdefault(hook_name, []).append((v, s.coefficient, start, end))
 
     def _hooks(self):
         return [(name, functools.partial(self._steer, entries)) for name, entries in self._by_hook.items()]
 
     @staticmethod
-    def _steer(entries: list[tuple[Tensor, float, int, int]], act: Tensor, hook) -> Tensor:
+    def _steer(entries: list[tuple[Tensor, float, int, int | None]], act: Tensor, hook) -> Tensor:
         for v, coef, start, end in entries:
+            end = act.shape[0] if end is None else end
             if end > act.shape[0]:
                 raise ShapeError(f"batch slice ({start}, {end}) exceeds the batch of {act.shape[0]} at {hook.name}")
             rows = torch.zeros(act.shape[0], dtype=torch.bool, device=act.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,103 +20,26 @@ from tqdm.auto import tqdm
 
 from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
 from tracelens.model.generation import (
-    CaptureConfig,
     HookedGenerator,
-    SteeringConfig,
+    check_capture,
     check_generation_args,
-    check_max_new_tokens,
-    check_rows,
-    check_temperature,
+    check_steering,
     steering_hook,
 )
-from tracelens.model.conditional import Condition
+from tracelens.model.requests import (  # noqa: F401  (TokenResult: the seed's import path)
+    CaptureResult,
+    CaptureSpec,
+    GenerationConfig,
+    ResponseLogprobs,
+    SteeringSpec,
+    TokenOutput,
+    TokenResult,
+    field_errors,
+)
 from tracelens.pipeline.experiments import Experiment, get_model_variant
-from tracelens.model.hooks import MultiLayerCapture, _layers, finite_float
+from tracelens.model.hooks import MultiLayerCapture, _layers
 from tracelens.model.likelihood import response_logprobs
 from tracelens.model.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
-
-
-@dataclass
-class GenerationConfig:
-    """`max_new_tokens` (an int >= 1) and `temperature` (finite, >= 0; 0 is greedy) are checked here (ValueError)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        check_max_new_tokens(self.max_new_tokens)
-        self.temperature = check_temperature(self.temperature)
-
-
-@dataclass
-class SteeringSpec:
-    """Add `coefficient * vector` at `component` of `layer` (`positions`: "all" or "response").
-
-    `rows=(start, end)` steers only prompts `start..end-1` of the call (per-prompt steering in one batch);
-    None steers every prompt."""
-
-    layer: int
-    vector: Tensor
-    coefficient: float = 1.0
-    component: str = "residual"
-    positions: str = "all"
-    condition: Condition | None = None  # conditional steering (CAST): only rows whose prompt passes it
-    rows: tuple[int, int] | None = None
-
-    def __post_init__(self) -> None:
-        self.coefficient = finite_float(self.coefficient, "coefficient")
-        if self.rows is not None:
-            self.rows = check_rows(self.rows)
-
-    def to_config(self) -> SteeringConfig:
-        return SteeringConfig(self.vector, self.layer, self.component, self.coefficient, self.positions,
-                              self.condition, self.rows)
-
-
-@dataclass
-class CaptureSpec:
-    layers: Sequence[int] | None = None
-    components: Sequence[str] = ("residual",)
-
-
-@dataclass
-class CaptureResult:
-    """One prompt's generation with activations at every prompt and response token position:
-    `prompt_activations[layer][component]` `[n_prompt_tokens, d]`, likewise for the response.
-
-    With `top_logprobs=k` asked: `response_logprobs[i]` is the natural-log probability of response token i under
-    the model's next-token distribution (temperature 1, before sampling), and `response_top_logprobs[i]` the `k`
-    most likely `(token_id, logprob)` there, most likely first; None when not asked."""
-
-    prompt_text: str
-    response_text: str
-    prompt_tokens: list[str]
-    response_tokens: list[str]
-    prompt_token_ids: list[int]
-    response_token_ids: list[int]
-    prompt_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    response_activations: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    response_logprobs: list[float] | None = None
-    response_top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass
-class ResponseLogprobs:
-    """Teacher-forced scores of given responses, one entry per row: `logprobs[i]` `[n_response_tokens]` is
-    `log p(token | everything before it)` (natural log, float32); `kl[i]` (same shape, nats) the KL divergence
-    of the steered next-token distribution from the unsteered one at those positions, None when not asked."""
-
-    logprobs: list[Tensor]
-    kl: list[Tensor] | None = None
-
-
-@dataclass
-class TokenResult:
-    token: str
-    token_id: int
-    activations: dict[int, dict[str, Tensor]]
 
 
 class LocalBackend:
@@ -225,11 +148,16 @@ class LocalBackend:
     # --- generation ---------------------------------------------------------------------------------
 
     def check_generation(self, prompts: Sequence[str], config: GenerationConfig | None = None,
-                         system_prompts: Sequence[str | None] | None = None, *, formatted: bool = False) -> None:
-        """Refuse, before any model work, a request generation would fail on: TypeError for one string;
-        ValueError for an empty `prompts`, `system_prompts` of another length, or a formatted prompt whose
-        tokens plus `config.max_new_tokens` exceed the model's context (`model.cfg.n_ctx`)."""
-        self._prepare(prompts, config or GenerationConfig(), system_prompts, formatted)
+                         system_prompts: Sequence[str | None] | None = None, *,
+                         steering: Sequence[SteeringSpec] | None = None, capture: CaptureSpec | None = None,
+                         formatted: bool = False) -> None:
+        """Refuse, before any model work, a request generation would fail on: TypeError for one string or an
+        argument not of the request types; ValueError for an empty `prompts`, `system_prompts` of another length,
+        a formatted prompt whose tokens plus `config.max_new_tokens` exceed the model's context
+        (`model.cfg.n_ctx`), or steering / capture the model cannot take (a layer outside it, a vector of another
+        width, rows past the prompts), the message naming the entry (`steering[1]: ...`). Every generating
+        method runs these checks first."""
+        self._prepare(prompts, config, system_prompts, formatted, steering, capture)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
@@ -263,23 +191,23 @@ class LocalBackend:
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
                steering: Sequence[SteeringSpec] | None = None, *,
-               cancel: Callable[[], bool] | None = None, formatted: bool = False) -> Iterator[TokenResult]:
+               cancel: Callable[[], bool] | None = None, formatted: bool = False) -> Iterator[TokenOutput]:
         """An iterator over the tokens of one prompt as they are generated (activations: those that produced
         each token). The request is checked now, not at the first token; closing the iterator removes its hooks."""
         config = config or GenerationConfig()
-        [text], _ = self._prepare([prompt], config, None, formatted)
+        [text], _ = self._prepare([prompt], config, None, formatted, steering, capture)
         ids, mask = tokenize_batch(self._tokenizer, [text])
-        cap = CaptureConfig(capture.layers, tuple(capture.components)) if capture else None
         tokens = HookedGenerator(self._model).stream(
-            ids, mask, config.max_new_tokens, config.temperature, cap, _configs(steering),
+            ids, mask, config.max_new_tokens, config.temperature, capture, steering or None,
             config.stop_token_ids, config.seed, cancel=cancel,
         )
         return self._decoded(tokens)
 
-    def _decoded(self, tokens: Iterator) -> Iterator[TokenResult]:
+    def _decoded(self, tokens: Iterator[TokenOutput]) -> Iterator[TokenOutput]:
+        """The generator's tokens with their text, without logits (as `RemoteBackend` gives them)."""
         try:
             for tok in tokens:
-                yield TokenResult(self._tokenizer.decode([tok.token_id]), tok.token_id, tok.activations)
+                yield replace(tok, token=self._tokenizer.decode([tok.token_id]), logits=None)
         finally:
             tokens.close()
 
@@ -297,11 +225,26 @@ class LocalBackend:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _prepare(self, prompts, config: GenerationConfig, system_prompts, formatted: bool) -> tuple[list[str], int]:
+    def _prepare(self, prompts, config: GenerationConfig | None, system_prompts, formatted: bool, steering=None,
+                 capture: CaptureSpec | None = None) -> tuple[list[str], int]:
         """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
         texts = self._format_all(prompts, system_prompts, formatted)
+        config = GenerationConfig() if config is None else config
+        for what, value, kind in (("config", config, GenerationConfig), ("capture", capture, CaptureSpec)):
+            if value is not None and not isinstance(value, kind):
+                raise InputTypeError(f"{what} must be a {kind.__name__}; got {type(value).__name__}")
+        for i, spec in enumerate(steering or ()):
+            if not isinstance(spec, SteeringSpec):
+                raise InputTypeError(f"steering[{i}] must be a SteeringSpec; got {type(spec).__name__}")
+            with field_errors(f"steering[{i}]"):
+                check_steering(self._model, spec)
+                if spec.rows is not None and spec.rows[1] > len(prompts):
+                    raise ConfigError(f"rows must lie within the {len(prompts)} prompts; got {spec.rows}")
+        if capture is not None:
+            with field_errors("capture"):
+                check_capture(self._model, capture)
         longest = max(len(encode(self._tokenizer, t)) for t in texts)
         check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
         return texts, longest
@@ -325,14 +268,14 @@ class LocalBackend:
         if top_logprobs is not None and (not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool)
                                          or top_logprobs < 0):
             raise ConfigError(f"top_logprobs must be None or an integer >= 0; got {top_logprobs!r}")
-        texts, longest = self._prepare(prompts, config, system_prompts, formatted)
+        texts, longest = self._prepare(prompts, config, system_prompts, formatted, steering, capture)
 
         def run(batch: list[tuple[int, str]]) -> list[CaptureResult]:
             start, batch_texts = batch[0][0], [text for _, text in batch]
             steer = _rows_within(steering, start, start + len(batch))
             ids, mask = tokenize_batch(self._tokenizer, batch_texts)
             outs = HookedGenerator(self._model).generate(
-                ids, mask, config.max_new_tokens, config.temperature, None, _configs(steer),
+                ids, mask, config.max_new_tokens, config.temperature, None, steer,
                 config.stop_token_ids, config.seed, output_logits=top_logprobs is not None, cancel=cancel,
             )
             results = [self._result(text, o.token_ids) for text, o in zip(batch_texts, outs)]
@@ -406,10 +349,6 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return responses
 
 
-def _configs(steering: Sequence[SteeringSpec] | None) -> list[SteeringConfig] | None:
-    return None if not steering else [s.to_config() for s in steering]
-
-
 def _rows_within(steering: Sequence[SteeringSpec] | None, start: int, end: int) -> list[SteeringSpec] | None:
     """The steering of prompts `start..end-1` as a batch of its own: `rows` shifted by `start`, entries whose
     rows miss the batch dropped."""
@@ -437,7 +376,7 @@ def _steering_adapters(model, steering: Sequence[SteeringSpec] | None,
     prompt tokens per row, where "response" steering starts)."""
     stack = ExitStack()
     for spec in steering or ():
-        stack.enter_context(steering_hook(model, spec.to_config(), prompt_lengths))
+        stack.enter_context(steering_hook(model, spec, prompt_lengths))
     return stack
 
 

@@ -2,8 +2,10 @@
 `get_backend`, which prefers such a server for the experiment and falls back to loading the model here.
 
 It honours `tracelens.serving.protocol.Backend` in full, so monitoring and the steering evaluation run on a
-served model. Results are the same types as `LocalBackend`'s (`CaptureResult`, `TokenResult`, `ResponseLogprobs`,
-`{layer: {component: tensor}}`); tensors come back on the CPU. `model` and `tokenizer` are not available remotely.
+served model. Requests and results are the types of `tracelens.model.requests` (`GenerationConfig`,
+`SteeringSpec`, `CaptureSpec`; `CaptureResult`, `TokenOutput`, `ResponseLogprobs`, `{layer: {component: tensor}}`),
+sent in the wire format of `tracelens.serving.codec`; tensors come back on the CPU. `model` and `tokenizer` are
+not available remotely.
 """
 
 from __future__ import annotations
@@ -17,26 +19,26 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from tracelens.serving.backends import (
+from tracelens.errors import InputTypeError, ServerError
+from tracelens.model.requests import (
     CaptureResult,
     CaptureSpec,
     GenerationConfig,
-    LocalBackend,
     ResponseLogprobs,
     SteeringSpec,
-    TokenResult,
+    TokenOutput,
 )
-from tracelens.errors import InputTypeError, ServerError
-from tracelens.serving.server import (
-    DEFAULT_PORT,
-    TOKEN_ENV,
+from tracelens.serving.backends import LocalBackend
+from tracelens.serving.codec import (
     capture_to_json,
     config_to_json,
     decode_activations,
     encode_tensor,
     result_from_json,
     steering_to_json,
+    token_from_json,
 )
+from tracelens.serving.server import DEFAULT_PORT, TOKEN_ENV
 
 
 class RemoteBackend:
@@ -143,7 +145,7 @@ class RemoteBackend:
         return [result_from_json(r) for r in self._call("/generate_with_capture", body)["results"]]
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, capture: CaptureSpec | None = None,
-               steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenResult]:
+               steering: Sequence[SteeringSpec] | None = None) -> Iterator[TokenOutput]:
         """Tokens as the server generates them (JSON lines); a mid-stream server failure raises ServerError with
         the status the server gives it (503 for a passed deadline)."""
         body = {"prompt": prompt, "config": config_to_json(config), "capture": capture_to_json(capture),
@@ -155,7 +157,7 @@ class RemoteBackend:
                 item = json.loads(line)
                 if "error" in item:
                     raise ServerError(item.get("status", 500), item["error"])
-                yield TokenResult(item["token"], item["token_id"], decode_activations(item["activations"]))
+                yield token_from_json(item)
 
     def prompt_token_ids(self, prompts: Sequence[str],
                          system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:

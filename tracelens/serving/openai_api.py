@@ -1,0 +1,304 @@
+"""The model server's OpenAI-compatible API: ``/v1/completions`` and ``/v1/chat/completions`` bodies as the request
+types (`OpenAIRequest`, through the same parsers and dataclass checks as the server's own API), and results or
+streamed tokens as OpenAI's answers and server-sent events (`OpenAIAPI`). What is supported is listed in
+`tracelens.serving.server`'s docstring; errors have OpenAI's shape (`openai_error`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+from tracelens.errors import RequestError
+from tracelens.model.prompts import encode
+from tracelens.model.requests import CaptureResult, GenerationConfig, SteeringSpec, TokenOutput, check_max_new_tokens
+from tracelens.serving.parsing import bad_request, check_fields, check_max_new_tokens_limit
+
+
+class OpenAIAPI:
+    """The translation for one served model: ``backend`` (a `LocalBackend`: formats chats, decodes tokens), the
+    model id ``experiment``, the ``eos_ids`` that end an answer, the server's ``max_new_tokens_limit`` and
+    ``max_prompts`` and ``steering``, the server's parser of the extra ``steering`` field."""
+
+    def __init__(self, backend, experiment: str, eos_ids: frozenset[int], max_new_tokens_limit: int, max_prompts: int,
+                 steering: Callable[[object], list[SteeringSpec] | None]) -> None:
+        self.backend, self.experiment, self.eos_ids = backend, experiment, eos_ids
+        self.max_new_tokens_limit, self.max_prompts, self.steering = max_new_tokens_limit, max_prompts, steering
+
+    def parse(self, body: dict, chat: bool) -> OpenAIRequest:
+        return OpenAIRequest.parse(body, chat, self)
+
+    def answer(self, r: OpenAIRequest, results: list[CaptureResult]) -> dict:
+        """OpenAI's answer to ``r``: one choice per result, with usage (logprobs when asked)."""
+        choices, used = [], 0
+        for i, res in enumerate(results):
+            text, n, finish = self.finish(res.response_token_ids, r)
+            logprobs = None if r.logprobs is None else self.logprobs_json(res, n, r.chat)
+            if r.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            used += n
+        prompt_tokens = sum(len(res.prompt_token_ids) for res in results)
+        return {**r.head(self.experiment), "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
+
+    def finish(self, ids: list[int], r: OpenAIRequest) -> tuple[str, int, str]:
+        """The answer's text (cut before the first stop string), how many tokens it used, and why it ended."""
+        tok = self.backend.tokenizer
+        text = tok.decode(ids, skip_special_tokens=True)
+        cut = stop_index(text, r.stop)
+        if cut is not None:  # the tokens that start before the cut
+            n = sum(len(tok.decode(ids[:i], skip_special_tokens=True)) < cut for i in range(len(ids)))
+            return text[:cut], n, "stop"
+        stopped = len(ids) < r.config.max_new_tokens or (ids and ids[-1] in self.eos_ids)
+        return text, len(ids), "stop" if stopped else "length"
+
+    def logprobs_json(self, res: CaptureResult, n: int, chat: bool) -> dict:
+        """OpenAI's logprobs object of the first ``n`` response tokens (chat: ``content``; completions: the
+        legacy ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``)."""
+        tok = self.backend.tokenizer
+        ids, chosen, tops = res.response_token_ids[:n], res.response_logprobs[:n], res.response_top_logprobs[:n]
+        strings = [tok.decode([i]) for i in ids]
+        if chat:
+            def entry(i: int, lp: float) -> dict:
+                s = tok.decode([i])
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, l) for j, l in top]}
+                                for i, lp, top in zip(ids, chosen, tops)]}
+        offsets = [sum(len(s) for s in strings[:k]) for k in range(len(strings))]
+        return {"tokens": strings, "token_logprobs": chosen, "text_offset": offsets,
+                "top_logprobs": [{tok.decode([j]): l for j, l in top} for top in tops]}
+
+    def sse(self, r: OpenAIRequest, tokens: Iterator[TokenOutput]) -> Iterator[bytes]:
+        """Server-sent events of one streamed answer: a chunk per piece of text, the finish reason in the last,
+        usage when asked (``stream_options.include_usage``), then ``[DONE]``. Text within the longest stop string
+        of the end is held back until it cannot start a stop string, so the pieces join to the unstreamed text."""
+        tok, head = self.backend.tokenizer, r.head(self.experiment)
+        ids: list[int] = []
+        sent, hold = 0, max((len(s) - 1 for s in r.stop), default=0)
+
+        def chunk(text: str | None, finish: str | None) -> bytes:
+            if r.chat:
+                delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return sse_data({**head, "choices": [choice]})
+
+        finish = None
+        for t in tokens:
+            if not ids and r.chat:
+                yield chunk(None, None)  # the role, once the first token exists
+            ids.append(t.token_id)
+            text = tok.decode(ids, skip_special_tokens=True)
+            cut = stop_index(text, r.stop)
+            if cut is not None:
+                yield chunk(text[sent:cut], "stop")
+                finish = "stop"
+                break
+            safe = len(text) - hold - text.endswith("\ufffd")  # an unfinished UTF-8 character waits too
+            if safe > sent:
+                yield chunk(text[sent:safe], None)
+                sent = safe
+        if finish is None:
+            if not ids and r.chat:
+                yield chunk(None, None)
+            text, _, finish = self.finish(ids, r)
+            yield chunk(text[sent:], finish)
+        if r.include_usage:
+            prompt_tokens = len(encode(tok, r.texts[0]))
+            n = self.finish(ids, r)[1]
+            yield sse_data({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                              "total_tokens": prompt_tokens + n}})
+        yield b"data: [DONE]\n\n"
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The model's text for chat ``messages`` (``role``, ``content``): one user turn, with an optional system
+        turn first, is formatted as ``/generate`` formats a prompt; longer conversations need a chat template."""
+        roles = [m["role"] for m in messages]
+        contents = [m["content"] for m in messages]
+        if roles == ["user"]:
+            return self.backend.format(contents[0])
+        if roles == ["system", "user"]:
+            return self.backend.format(contents[1], contents[0])
+        tok = self.backend.tokenizer
+        use = self.backend.use_chat_template
+        if use is False or getattr(tok, "chat_template", None) is None:
+            raise RequestError(f"messages with roles {roles} need the model's chat template, and this server "
+                               "formats prompts without one; send one user message (and an optional system one first)")
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        except Exception as err:  # jinja raises TemplateError; templates also raise ValueError/KeyError
+            raise RequestError(f"the model's chat template refused these messages: {err}") from None
+
+
+
+_OPENAI_COMMON = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                  "presence_penalty", "frequency_penalty", "logit_bias", "user", "steering")
+MAX_TOP_LOGPROBS = 20
+
+
+def openai_error(message: str, status: int, code: str | None = None) -> dict:
+    """OpenAI's error body: ``type`` is ``invalid_request_error`` for 4xx, else ``server_error``."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        int(status), "invalid_request_error" if 400 <= status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def sse_data(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def sse_error(message: str, status: int) -> bytes:
+    return sse_data(openai_error(message, status)) + b"data: [DONE]\n\n"
+
+
+def stop_index(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _only(body: dict, name: str, allowed: tuple, why: str) -> None:
+    if body.get(name) not in allowed:
+        raise RequestError(f"{name} must be {' or '.join(map(json.dumps, allowed))} ({why}); got {body[name]!r}")
+
+
+@dataclass
+class OpenAIRequest:
+    """A parsed ``/v1/completions`` or ``/v1/chat/completions`` body (``texts``: the model's text per choice)."""
+
+    chat: bool
+    texts: list[str]
+    config: GenerationConfig
+    steering: list[SteeringSpec] | None
+    stop: list[str]
+    logprobs: int | None  # top alternatives per token; None: no logprobs
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def head(self, model: str) -> dict:
+        kind = ("chatcmpl", "chat.completion") if self.chat else ("cmpl", "text_completion")
+        obj = kind[1] + (".chunk" if self.stream and self.chat else "")
+        return {"id": f"{kind[0]}-{self.id}", "object": obj, "created": self.created, "model": model}
+
+    @classmethod
+    def parse(cls, body: dict, chat: bool, app: OpenAIAPI) -> OpenAIRequest:
+        if chat:
+            check_fields(body, ("model", "messages"), _OPENAI_COMMON + ("max_completion_tokens", "logprobs", "top_logprobs"))
+        else:
+            check_fields(body, ("model", "prompt"), _OPENAI_COMMON + ("logprobs", "echo", "suffix", "best_of"))
+        if body["model"] != app.experiment:
+            raise RequestError(f"model {body['model']!r} is not served here; this server serves {app.experiment!r} "
+                               "(GET /v1/models)", HTTPStatus.NOT_FOUND, "model_not_found")
+        for name, allowed, why in (("n", (None, 1), "one choice per request"),
+                                   ("top_p", (None, 1, 1.0), "nucleus sampling is not supported"),
+                                   ("presence_penalty", (None, 0, 0.0), "penalties are not supported"),
+                                   ("frequency_penalty", (None, 0, 0.0), "penalties are not supported"),
+                                   ("best_of", (None, 1), "one candidate per prompt"),
+                                   ("echo", (None, False), "prompt logprobs are not supported"),
+                                   ("suffix", (None,), "insertion is not supported")):
+            if name in body:
+                _only(body, name, allowed, why)
+        if body.get("logit_bias") not in (None, {}):
+            raise RequestError(f"logit_bias must be null or {{}} (biasing is not supported); got {body['logit_bias']!r}")
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise RequestError(f"user must be a string; got {body['user']!r}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(f"stream must be true or false; got {stream!r}")
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                    or not isinstance(options.get("include_usage", False), bool)):
+            raise RequestError(f"stream_options must be {{include_usage: bool}} with stream=true; got {options!r}")
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not 0 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(f"stop must be a non-empty string or a list of up to 4 of them; got {body['stop']!r}")
+        logprobs = cls._logprobs(body, chat)
+        if stream and logprobs is not None:
+            raise RequestError("logprobs with stream=true is not supported; ask without streaming")
+        texts = cls._chat_texts(body["messages"], app) if chat else cls._prompts(body["prompt"], app.max_prompts)
+        if stream and len(texts) != 1:
+            raise RequestError(f"stream=true takes one prompt; got {len(texts)}")
+        config = cls._config(body, chat, app.max_new_tokens_limit)
+        return cls(chat, texts, config, app.steering(body.get("steering")), stop, logprobs, stream,
+                   bool((options or {}).get("include_usage", False)))
+
+    @staticmethod
+    def _config(body: dict, chat: bool, limit: int) -> GenerationConfig:
+        """``max_tokens`` (chat: or ``max_completion_tokens``) in [1, ``limit``], ``temperature`` in [0, 2]
+        (OpenAI's range; default 1), ``seed``: `GenerationConfig`'s checks plus these bounds."""
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        n = body.get(name)
+        if n is None:  # OpenAI's default for completions; for chat, the server's own default
+            n = min(16 if not chat else GenerationConfig.max_new_tokens, limit)
+        with bad_request(name):
+            check_max_new_tokens(n)
+        check_max_new_tokens_limit(n, limit, name)
+        temperature = body.get("temperature")
+        with bad_request():
+            config = GenerationConfig(n, 1.0 if temperature is None else temperature, None, body.get("seed"))
+        if config.temperature > 2:
+            raise RequestError(f"temperature must be a number in [0, 2]; got {temperature!r}")
+        return config
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        if chat:
+            wanted, top = body.get("logprobs"), body.get("top_logprobs")
+            if wanted not in (None, True, False):
+                raise RequestError(f"logprobs must be true or false; got {wanted!r}")
+            if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+                raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]; got {top!r}")
+            if top is not None and not wanted:
+                raise RequestError("top_logprobs needs logprobs=true")
+            return (top or 0) if wanted else None
+        n = body.get("logprobs")
+        if n is not None and (not _is_int(n) or not 0 <= n <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or null; got {n!r}")
+        return n
+
+    @staticmethod
+    def _prompts(prompt, limit: int) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (not isinstance(prompts, list) or not 1 <= len(prompts) <= limit
+                or not all(isinstance(p, str) for p in prompts)):
+            raise RequestError(f"prompt must be a string or a list of 1 to {limit} strings (token-id prompts are not "
+                               f"supported); got {json.dumps(prompt)[:80]}")
+        return prompts
+
+    @staticmethod
+    def _chat_texts(messages, app: OpenAIAPI) -> list[str]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {role, content}")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise RequestError(f"messages[{i}] must be an object with role and content")
+            unknown = sorted(set(m) - {"role", "content", "name"})
+            if unknown:
+                raise RequestError(f"messages[{i}]: unknown field(s): {', '.join(unknown)}; allowed: role, content, name")
+            role = {"developer": "system"}.get(m["role"], m["role"])
+            if role not in ("system", "user", "assistant"):
+                raise RequestError(f"messages[{i}].role must be system, developer, user or assistant; got {m['role']!r}")
+            content = m["content"]
+            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in content):
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+            turns.append({"role": role, "content": content})
+        return [app.chat_text(turns)]
