@@ -20,7 +20,8 @@ from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_ev
 from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
 from tracelens.serving.client import RemoteBackend
 from tracelens.serving.protocol import Backend
-from tracelens.serving.server import ModelServer, encode_tensor
+from tracelens.serving.codec import encode_tensor
+from tracelens.serving.server import ModelServer
 from tracelens.serving.vllm_backend import VLLMBackend
 
 TRAIT = "starter/optimism"
@@ -107,7 +108,7 @@ def test_monitoring_through_a_server_equals_it_on_the_local_model(experiments, t
                                                                          target_tokens=100), backend=b)["projections"] == 6
         run_monitoring(exp, str(prompts), [TRAIT], MonitorConfig(layers="best", max_new_tokens=4, calibrate=False,
                                                                  one_pass=True), variant=None, backend=b,
-                       steering=[SteeringSpec(0, v, 3.0)])
+                       steering=[SteeringSpec(layer=0, vector=v, coefficient=3.0)])
     written = [_files(exp.root / "proto", "*.json") for exp, _ in experiments]
     assert any("massive_dim_data" in d for d in written[0].values() if isinstance(d, dict))
     assert written[0] == written[1]
@@ -115,7 +116,7 @@ def test_monitoring_through_a_server_equals_it_on_the_local_model(experiments, t
 
 def test_response_logprobs_and_token_facts_agree_across_the_wire(experiments):
     (_, local), (_, remote) = experiments
-    spec = [SteeringSpec(1, torch.ones(local.hidden_dim), 2.0)]
+    spec = [SteeringSpec(layer=1, vector=torch.ones(local.hidden_dim), coefficient=2.0)]
     prompts, responses = [[5, 6, 7], [9]], [[3, 4], [10, 11, 12]]
     for steering, kl in ((None, False), (spec, True)):
         a, b = local.response_logprobs(prompts, responses, steering, kl=kl), remote.response_logprobs(
@@ -127,14 +128,14 @@ def test_response_logprobs_and_token_facts_agree_across_the_wire(experiments):
     assert remote.token_texts([5, 6, 7]) == local.token_texts([5, 6, 7])
     assert (remote.n_layers, remote.hidden_dim) == (local.n_layers, local.hidden_dim)
     with pytest.raises(ValueError, match="positions 'all', no rows"):
-        local.response_logprobs(prompts, responses, [SteeringSpec(1, torch.ones(local.hidden_dim), rows=(0, 1))])
+        local.response_logprobs(prompts, responses, [SteeringSpec(layer=1, vector=torch.ones(local.hidden_dim), rows=(0, 1))])
 
 
 def test_rows_on_the_wire_steer_only_those_prompts(experiments):
     (_, local), (_, remote) = experiments
     v = torch.randn(local.hidden_dim, generator=torch.Generator().manual_seed(1)) * 8
     questions, cfg = ["Hi there", "Tell me a story.", "What is two plus two?"], GenerationConfig(max_new_tokens=4)
-    steering = [SteeringSpec(0, v, 2.0, rows=(1, 3))]
+    steering = [SteeringSpec(layer=0, vector=v, coefficient=2.0, rows=(1, 3))]
     assert remote.generate(questions, cfg, steering) == local.generate(questions, cfg, steering)
     alone = local.generate(questions[:1], cfg)
     assert remote.generate(questions, cfg, steering)[0] == alone[0]  # row 0 unsteered
@@ -151,19 +152,19 @@ def _post(url, body):
 
 @pytest.mark.parametrize("path, body, reason", [
     ("/generate", {"prompts": ["a", "b"], "steering": [{"layer": 0, "vector": [0.0] * 64, "rows": [1, 3]}]},
-     "rows must be"),
+     "rows must lie within"),
     ("/generate", {"prompts": ["a"], "steering": [{"layer": 0, "vector": [0.0] * 64, "rows": [0]}]}, "rows must be"),
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[2]],
-                            "steering": [{"layer": 0, "vector": [0.0] * 64, "rows": [0, 1]}]}, "no list of prompts"),
+                            "steering": [{"layer": 0, "vector": [0.0] * 64, "rows": [0, 1]}]}, "unknown field(s): rows"),
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[2]],
                             "steering": [{"layer": 0, "vector": [0.0] * 64, "positions": "response"}]},
      "positions must be 'all'"),
-    ("/response_logprobs", {"prompt_ids": [[1], [2]], "response_ids": [[2]]}, "equally long"),
-    ("/response_logprobs", {"prompt_ids": [[]], "response_ids": [[2]]}, "at least one token id"),
-    ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[10**6]]}, "outside"),
+    ("/response_logprobs", {"prompt_ids": [[1], [2]], "response_ids": [[2]]}, "one row per prompt_ids row"),
+    ("/response_logprobs", {"prompt_ids": [[]], "response_ids": [[2]]}, "non-empty list of integer token ids"),
+    ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[10**6]]}, "inside [0, "),
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[2]], "kl": "yes"}, "kl must be"),
-    ("/response_logprobs", {"prompt_ids": [1], "response_ids": [[2]]}, "list of lists"),
-    ("/token_texts", {"token_ids": ["a"]}, "list of integer token ids"),
+    ("/response_logprobs", {"prompt_ids": [1], "response_ids": [[2]]}, "non-empty list of integer token ids"),
+    ("/token_texts", {"token_ids": ["a"]}, "non-empty list of integer token ids"),
     ("/prompt_token_ids", {"prompts": ["a"], "system_prompts": []}, "system_prompts"),
 ])
 def test_malformed_protocol_requests_get_400_with_the_reason(experiments, path, body, reason):

@@ -41,13 +41,13 @@ def _requests(model):
     d, last = model.cfg.d_model, model.cfg.n_layers - 1
     return {
         "plain": {},
-        "steer residual": {"steering": [SteeringConfig(_unit(d, 1), 0, coefficient=3.0)]},
+        "steer residual": {"steering": [SteeringConfig(vector=_unit(d, 1), layer=0, coefficient=3.0)]},
         "steer response + capture": {
-            "steering": [SteeringConfig(_unit(d, 2), last, coefficient=3.0, positions="response")],
+            "steering": [SteeringConfig(vector=_unit(d, 2), layer=last, coefficient=3.0, positions="response")],
             "capture": CaptureConfig([0, last], ["residual", "attn_contribution", "mlp_out"]),
         },
         "steer attention, some rows": {
-            "steering": [SteeringConfig(_unit(d, 3), 0, "attn_contribution", 2.0, rows=(1, 2))],
+            "steering": [SteeringConfig(vector=_unit(d, 3), layer=0, component="attn_contribution", coefficient=2.0, rows=(1, 2))],
             "capture": CaptureConfig([last]),
         },
     }
@@ -65,7 +65,7 @@ def test_fast_path_generation_equals_the_bridge_to_the_bit(tiny_sharp_each_attn,
 def test_fast_path_uncached_and_capped_equals_the_bridge_to_the_bit(tiny_sharp_each_attn):
     t = tiny_sharp_each_attn
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS[:1])
-    steer = [SteeringConfig(_unit(t.model.cfg.d_model, 4), 1, coefficient=2.0)]
+    steer = [SteeringConfig(vector=_unit(t.model.cfg.d_model, 4), layer=1, coefficient=2.0)]
     _assert_identical(*_both(t.model, ids, mask, use_cache=False, steering=steer))
     cap = ActivationCappingHook(t.model, _unit(t.model.cfg.d_model, 5), get_hook_path(0, "mlp_contribution"), 0.5)
     with cap:  # a hook registered outside the generator
@@ -80,7 +80,7 @@ def test_every_registered_hook_fires_with_the_same_tensors(tiny_sharp_each_attn)
     ids, mask = tokenize_batch(t.tokenizer, PROMPTS)
     wanted = [n for n in t.model.hook_dict if n.startswith(("blocks.0.", "embed.", "ln_final.", "unembed."))]
     names = [n for n in wanted + [get_hook_path(t.model.cfg.n_layers - 1)] if _accepted(t.model, n)]
-    steer = [SteeringConfig(_unit(t.model.cfg.d_model, 6), 1, coefficient=3.0)]
+    steer = [SteeringConfig(vector=_unit(t.model.cfg.d_model, 6), layer=1, coefficient=3.0)]
     calls = {}
     for fast in (False, True):
         seen = calls[fast] = []

@@ -77,7 +77,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     v = torch.randn(model.cfg.d_model)
     v = 4.0 * v / v.norm()
-    steer = [SteeringConfig(v, layer)]
+    steer = [SteeringConfig(vector=v, layer=layer)]
     cap3 = CaptureConfig(layers=sorted({max(layer - 2, 0), layer, min(layer + 2, model.cfg.n_layers - 1)}))
 
     def hf_run(steered: bool):

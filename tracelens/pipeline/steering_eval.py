@@ -102,8 +102,8 @@ def _generate(backend: Backend, questions: Sequence[str], rows: list[tuple[int, 
     """Answers to `questions` under each (layer, vector, coef) of `rows`, all in one call (one block of rows
     per entry; no entry: unsteered)."""
     q = len(questions)
-    steering = [SteeringSpec(layer, v, coef, config.component, rows=(i * q, (i + 1) * q))
-                for i, (layer, v, coef) in enumerate(rows)]
+    steering = [SteeringSpec(layer=layer, vector=v, coefficient=coef, component=config.component,
+                             rows=(i * q, (i + 1) * q)) for i, (layer, v, coef) in enumerate(rows)]
     answers = backend.generate(list(questions) * max(1, len(rows)), GenerationConfig(config.max_new_tokens),
                                steering or None)
     return [answers[i * q : (i + 1) * q] for i in range(max(1, len(rows)))]
@@ -283,9 +283,10 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
                 run = SteeringRunRecord(
                     summarize_judge_scores(_score(judge, trait, data.definition, search, answers)), specs[l],
                     eval_judge=judge_name, timestamp=_now(),
-                    judge_free=judge_free_metrics(backend, *reference(), SteeringSpec(l, v, c, config.component)),
-                    control=judge_free_metrics(backend, *reference(),
-                                               SteeringSpec(l, random_control(v, l), c, config.component)),
+                    judge_free=judge_free_metrics(backend, *reference(), SteeringSpec(
+                        layer=l, vector=v, coefficient=c, component=config.component)),
+                    control=judge_free_metrics(backend, *reference(), SteeringSpec(
+                        layer=l, vector=random_control(v, l), coefficient=c, component=config.component)),
                 )
                 append_jsonl(path, run.to_dict())
                 done[_key(run)] = run

@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 import torch
 
 from tracelens.errors import ConfigError, DirectionError, InputTypeError, RequestError, ShapeError
-from tracelens.model.requests import CaptureSpec, GenerationConfig, SteeringSpec
+from tracelens.model.requests import CaptureSpec, GenerationConfig, SteeringSpec, check_rows
 from tracelens.model.sites import resolve_layer
 from tracelens.serving.codec import decode_tensor
 
@@ -131,6 +131,9 @@ def parse_steering(v, n_layers: int, named: NamedVector | None = None,
         elif "vector" in entry:
             with bad_request(what):
                 entry["vector"] = decode_tensor(entry["vector"], "vector", torch.float32)
+        if entry.get("rows") is not None and n_rows is not None:
+            with bad_request(what):
+                entry["rows"] = check_rows(entry["rows"])  # a JSON [start, end] list as the (start, end) pair
         spec = parse_object(SteeringSpec, entry, what, exclude=("condition",) if n_rows is not None else ("condition", "rows"))
         if spec.rows is not None and spec.rows[1] > n_rows:
             raise RequestError(f"{what}: rows must lie within the request's {n_rows} prompts; got {list(spec.rows)}")
