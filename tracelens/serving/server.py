@@ -728,7 +728,7 @@ class ModelServer:
             raise RequestError(f"prompt must be a string; got {type(prompt).__name__}")
         config = self._config(body)
         capture = parse_capture(body.get("capture"))
-        steering = self._steering(body.get("steering"))
+        steering = self._steering(body.get("steering"), 1)
         self._check_fits([prompt], config, steering, capture)
         tokens = _TokenStream(self, req, lambda cancel: b.stream(prompt, config, capture, steering, cancel=cancel))
         return _Stream(tokens, _ndjson_tokens, _ndjson_error, "application/x-ndjson")
