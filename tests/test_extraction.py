@@ -9,7 +9,9 @@ import tracelens.pipeline.extraction as ex
 from tracelens.serving.backends import LocalBackend
 from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, parse_layers, run_extraction
-from tracelens.io import load_tensors
+import tracelens.pipeline.experiments as store
+from tracelens.io import load_tensors, save_tensors
+from tracelens.types import VectorLayer, VectorMetadata
 from tracelens.pipeline.selection import select_vector, select_vectors
 
 TRAIT = "starter/optimism"
@@ -49,32 +51,32 @@ def test_pipeline_writes_the_layout_and_evaluates_every_method_with_the_random_b
     meta = load_activation_metadata(exp, TRAIT, "base", "response[:]")
     assert meta.n_layers == 2 and meta.hidden_dim == 64 and meta.captured_layers == [0, 1]
     # 54 distinct questions: round(0.2 * 54) = 11 each for select and test, 32 for train
-    assert (meta.n_examples_pos, meta.n_val_pos, meta.n_test_pos) == (32, 11, 11) == tuple(report["splits"].values())
+    assert (meta.n_examples_pos, meta.n_val_pos, meta.n_test_pos) == (32, 11, 11) == tuple(report.splits.values())
     train = load_tensors(exp.activations_path(TRAIT, "base", "response[:]", "residual", "train"))["activations"]
     assert train.dtype == torch.float16 and train.shape == (64, 2, 64)
     assert meta.activation_norms[1] == pytest.approx(float(train[:, 1].float().norm(dim=-1).mean()), rel=1e-3)
     for method in ("probe", "mean_diff", "random_baseline"):
         for layer in (0, 1):
-            v = ex.load_vector(exp, TRAIT, "base", "response[:]", "residual", method, layer)
+            v = exp.vector(TRAIT, "base", "response[:]", "residual", method, layer)
             assert v.dtype == torch.float32 and v.norm().item() == pytest.approx(1.0, abs=1e-5)
-    assert {(r["method"], r["layer"]) for r in report["results"]} == {
+    assert {(r.method, r.layer) for r in report.results} == {
         (m, l) for m in ("probe", "mean_diff", "random_baseline") for l in (0, 1)
     }
-    for r in report["results"]:
+    for r in report.results:
         for metric in ("auroc", "accuracy", "effect_size"):
-            e = r["test"][metric]
-            assert e["lo"] <= e["value"] <= e["hi"], (r["method"], metric)
-        assert r["above_chance"] == (r["test"]["auroc"]["lo"] > report["chance"]["layers"][str(r["layer"])]["auroc"]["hi"])
-    assert report["chance"]["n_directions"] == 20
+            e = r.test[metric]
+            assert e["lo"] <= e["value"] <= e["hi"], (r.method, metric)
+        assert r.above_chance == (r.test["auroc"]["lo"] > report.chance["layers"][str(r.layer)]["auroc"]["hi"])
+    assert report.chance["n_directions"] == 20
+    assert exp.evaluation(TRAIT, "base", "response[:]", "residual") == report  # what the store wrote reads back
     best = select_vector(exp, TRAIT)
     assert best.source == "evaluation" and best.method != "random_baseline"
-    assert (best.method, best.layer) == (report["selected"]["method"], report["selected"]["layer"])
-    assert best.val_auroc == max(r["select"]["auroc"] for r in report["results"] if r["method"] != "random_baseline")
-    assert best.test["auroc"] == next(r["test"]["auroc"] for r in report["results"]
-                                      if (r["method"], r["layer"]) == (best.method, best.layer))
+    assert (best.method, best.layer) == (report.selected["method"], report.selected["layer"])
+    assert best.val_auroc == max(r.select["auroc"] for r in report.results if r.method != "random_baseline")
+    assert best.test["auroc"] == report.row(best.method, best.layer).test["auroc"]
     pos = json.loads((exp.responses_dir(TRAIT, "base") / "pos.json").read_text())
     assert len(pos) == 54 and set(pos[0]) >= {"prompt", "system_prompt", "response", "response_token_ids"}
-    splits = ex.load_splits(exp, TRAIT, "base", "response[:]", "residual")
+    splits = meta.splits
     questions = {s: {pos[i]["prompt"] for i in idx} for s, idx in splits.items()}
     assert not (questions["train"] & questions["select"] or questions["train"] & questions["test"]
                 or questions["select"] & questions["test"])
@@ -90,14 +92,11 @@ def _write_fixture(exp, shift: float):
         noise = torch.randn(2 * n, 2, 64, generator=g)
         x = torch.cat([3 * torch.ones(n), -3 * torch.ones(n)]) + off
         noise[:, :, 0] += x[:, None]
-        ex.save_tensors(exp.activations_path(*args, split), {"activations": noise})
+        save_tensors(exp.activations_path(*args, split), {"activations": noise})
     for method in ("mean_diff", "random_baseline"):
-        layers = {}
-        for layer in (0, 1):
-            v = torch.eye(64)[0] if method == "mean_diff" else torch.eye(64)[1 + layer]
-            ex.save_tensors(exp.vector_path(*args, method, layer), {"vector": v})
-            layers[str(layer)] = {"norm": 1.0, "baseline": 0.0}
-        ex.write_json(exp.vectors_dir(*args, method) / "metadata.json", {"layers": layers})
+        vectors = {layer: torch.eye(64)[0] if method == "mean_diff" else torch.eye(64)[1 + layer] for layer in (0, 1)}
+        exp.write_vectors(TRAIT, "base", VectorMetadata(method=method, position="response[:]", layers={
+            layer: VectorLayer(norm=1.0, baseline=0.0) for layer in vectors}), vectors)
 
 
 @pytest.mark.parametrize("shift, expected", [(0.0, 1.0), (6.0, 0.5)])
@@ -108,19 +107,19 @@ def test_accuracy_uses_the_threshold_fitted_on_train_not_the_test_labels(tmp_pat
     _write_fixture(exp, shift)
     config = ExtractionConfig(methods=("mean_diff",), position="response[:]")
     report = ex.evaluate_vectors(exp, TRAIT, "base", config, [0, 1], {"mean_diff": "h", "random_baseline": "h"})
-    row = next(r for r in report["results"] if (r["method"], r["layer"]) == ("mean_diff", 0))
-    assert row["threshold"] == 0.0
-    assert row["test"]["accuracy"]["value"] == expected and row["test"]["auroc"]["value"] == 1.0
-    test_pos, test_neg = ex.load_activations(exp, *(TRAIT, "base", "response[:]", "residual"), "test")
+    row = report.row("mean_diff", 0)
+    assert row.threshold == 0.0
+    assert row.test["accuracy"]["value"] == expected and row.test["auroc"]["value"] == 1.0
+    test_pos, test_neg = exp.activations(TRAIT, "base", "response[:]", "residual", "test")
     assert ex.accuracy(test_pos[:, 0, 0], test_neg[:, 0, 0]) == 1.0  # what the old, test-label midpoint gave
-    assert row["above_chance"] is True and report["selected"]["method"] == "mean_diff"
+    assert row.above_chance is True and report.selected["method"] == "mean_diff"
 
 
 def test_the_chance_band_spreads_random_directions_and_is_seeded(tmp_path):
     exp = _experiment(tmp_path)
     _write_fixture(exp, 0.0)
-    train = ex.load_activations(exp, TRAIT, "base", "response[:]", "residual", "train")
-    test = ex.load_activations(exp, TRAIT, "base", "response[:]", "residual", "test")
+    train = exp.activations(TRAIT, "base", "response[:]", "residual", "train")
+    test = exp.activations(TRAIT, "base", "response[:]", "residual", "test")
     band = ex.chance_band(train, test, [0, 1], 20)
     assert band == ex.chance_band(train, test, [0, 1], 20)
     for layer in ("0", "1"):
@@ -232,7 +231,7 @@ def test_a_crash_mid_stage_after_a_config_change_never_leaves_mixed_files(tmp_pa
     run_extraction(clean, [TRAIT], CONFIG, backend=backend)
     exp = _experiment(tmp_path / "crashed")
     run_extraction(exp, [TRAIT], CONFIG, backend=backend)
-    real_save, calls = ex.save_tensors, []
+    real_save, calls = store.save_tensors, []
 
     def dies_on_second_file(*args, **kwargs):
         calls.append(1)
@@ -240,10 +239,10 @@ def test_a_crash_mid_stage_after_a_config_change_never_leaves_mixed_files(tmp_pa
             raise KeyboardInterrupt  # kill -9 after the new train split was written, before select/test
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "save_tensors", dies_on_second_file)
+    monkeypatch.setattr(store, "save_tensors", dies_on_second_file)
     with pytest.raises(KeyboardInterrupt):  # another split seed: new activations for every split
         run_extraction(exp, [TRAIT], ExtractionConfig(**{**CONFIG.__dict__, "split_seed": 1}), backend=backend)
-    monkeypatch.setattr(ex, "save_tensors", real_save)
+    monkeypatch.setattr(store, "save_tensors", real_save)
     run_extraction(exp, [TRAIT], CONFIG, backend=backend)  # the old configuration again
     for name, data in _files(clean).items():
         if name.endswith(".safetensors") or "evaluation" in name:

@@ -8,7 +8,7 @@ import torch
 from tracelens import get_hook_path
 from tracelens.serving.backends import LocalBackend, SteeringSpec
 from tracelens.pipeline.experiments import Experiment
-from tracelens.pipeline.extraction import ExtractionConfig, load_vector, run_extraction
+from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.model.hooks import CaptureHook
 from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring
 from tracelens.types import ProjectionRecord, ResponseRecord
@@ -38,7 +38,7 @@ def test_projection_records_equal_capture_then_project_and_reruns_skip(setup):
     rec = ResponseRecord.from_dict(json.loads(exp.inference_response_path("base", "mini", 1).read_text()))
     proj = ProjectionRecord.from_dict(json.loads(exp.projection_path("base", TRAIT, "mini", 1).read_text()))
     entry = proj.projections[0]
-    v = load_vector(exp, TRAIT, "base", "response[:]", "residual", entry.method, entry.layer)
+    v = exp.vector(TRAIT, "base", "response[:]", "residual", entry.method, entry.layer)
     with CaptureHook(backend.model, get_hook_path(entry.layer)) as cap, torch.no_grad():
         backend.model(torch.tensor([rec.token_ids]))
     h = cap.get()[0]
@@ -133,7 +133,7 @@ def test_one_pass_projections_and_cleaning_data_are_read_after_the_steering(setu
     with CaptureHook(m, site) as cap, torch.no_grad():
         m(ids)
     unsteered = cap.get()[0]
-    v = load_vector(exp, TRAIT, "base", "response[:]", "residual", entry.method, layer)
+    v = exp.vector(TRAIT, "base", "response[:]", "residual", entry.method, layer)
     n, unit = rec.prompt_end, v / v.norm()
     assert entry.response == pytest.approx((steered[n:] @ unit).tolist(), abs=1e-4)
     assert entry.response != pytest.approx((unsteered[n:] @ unit).tolist(), abs=1e-2)

@@ -3,6 +3,7 @@
 import pytest
 
 from tracelens.serving.backends import LocalBackend
+import tracelens.pipeline.experiments as store
 from tracelens.pipeline.experiments import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.io import read_jsonl
@@ -64,6 +65,17 @@ def test_negative_direction_flips_the_sign(extracted):
     cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "direction": "negative", "search_steps": 1})
     results = run_steering_eval(exp, TRAIT, FixedJudge(), cfg, backend=backend)
     assert all(r.coefficient < 0 for r in results.runs)
+
+
+def test_a_steering_run_reads_the_experiment_config_once(extracted, monkeypatch):
+    exp, backend = extracted
+    reads = []
+    real = store._load_config
+    monkeypatch.setattr(store, "_load_config", lambda path: reads.append(path) or real(path))
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(exp.root))
+    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1})
+    run_steering_eval(exp.name, TRAIT, FixedJudge(), cfg, backend=backend)  # by name: a fresh Experiment
+    assert reads == [exp.config_path]
 
 
 def test_interrupted_search_resumes_without_duplicates_and_reruns_add_nothing(extracted, tmp_path):

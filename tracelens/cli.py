@@ -45,18 +45,17 @@ def extract(args: argparse.Namespace) -> None:
 
         vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
     response_backend = _vllm_backend(args, "extraction") if args.backend == "vllm" else None
-    reports = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant, vet_judge=vet_judge,
-                             response_backend=response_backend)
+    evaluations = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant,
+                                 vet_judge=vet_judge, response_backend=response_backend)
     from tracelens.metrics import Estimate
 
-    for trait, report in reports.items():
-        chosen = report["selected"]
-        row = next(r for r in report["results"] if (r["method"], r["layer"]) == (chosen["method"], chosen["layer"]))
-        band = report["chance"]["layers"][str(row["layer"])]["auroc"]
-        print(f"{trait}: selected {row['method']} layer {row['layer']} (select AUROC {row['select']['auroc']:.3f}); "
-              f"test AUROC {Estimate.from_dict(row['test']['auroc']):.3f}, accuracy "
-              f"{Estimate.from_dict(row['test']['accuracy']):.3f}; random directions {band['lo']:.3f}-{band['hi']:.3f}"
-              f"{'' if row['above_chance'] else ' (NOT above chance)'}")
+    for trait, evaluation in evaluations.items():
+        row = evaluation.selected_row
+        band = evaluation.chance["layers"][str(row.layer)]["auroc"]
+        print(f"{trait}: selected {row.method} layer {row.layer} (select AUROC {row.select['auroc']:.3f}); "
+              f"test AUROC {Estimate.from_dict(row.test['auroc']):.3f}, accuracy "
+              f"{Estimate.from_dict(row.test['accuracy']):.3f}; random directions {band['lo']:.3f}-{band['hi']:.3f}"
+              f"{'' if row.above_chance else ' (NOT above chance)'}")
 
 
 def steer(args: argparse.Namespace) -> None:

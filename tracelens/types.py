@@ -9,7 +9,9 @@ or ints. Nested records round-trip too. The on-disk formats follow the upstream 
   (``{"type": "header", ...}``, ``{"type": "baseline", ...}``, ``{"type": "run", ...}``).
 - ``responses/{prompt_set}/{id}.json``: ``ResponseRecord``; ``projections/{trait}/{prompt_set}/{id}.json``:
   ``ProjectionRecord`` holding one ``ProjectionEntry`` per projected vector.
-- ``activations/.../metadata.json``: ``ActivationMetadata``.
+- ``activations/.../metadata.json``: ``ActivationMetadata``; ``vectors/.../metadata.json``: ``VectorMetadata``;
+  ``evaluation/{position}/{component}.json``: ``Evaluation``; the extraction's answers: ``ScenarioResponse``.
+  The artifact store (``tracelens.pipeline.experiments``) maps every file to its record.
 
 Example::
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
+from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError, UnknownKeyError
 
 SOURCES = ("steering", "evaluation", "unscored")
 DIRECTIONS = ("positive", "negative")
@@ -293,7 +295,8 @@ class ActivationMetadata:
     are positive; ``n_val_*`` count the select split (upstream's "val": used to choose layer and method)
     and ``n_test_*`` the test split (only ever scored). ``activation_norms[layer]`` is the mean ``||h||`` of the
     captured (position-pooled) training activations at that layer (it sets the starting steering
-    coefficient). Layer keys are ints here and strings in the JSON file.
+    coefficient). Layer keys are ints here and strings in the JSON file. ``splits`` maps each split to its
+    pair indices (into the responses stage's pairs); ``input_hash`` ties the file to the run that wrote it.
     """
 
     n_layers: int
@@ -309,6 +312,11 @@ class ActivationMetadata:
     model: str | None = None
     position: str | None = None
     component: str = "residual"
+    dtype: str | None = None  # of the stored tensors: "float16", or "bfloat16" where float16 would overflow
+    splits: dict[str, list[int]] = field(default_factory=dict)  # train / select / test -> pair indices
+    split_fractions: list[float] | None = None
+    split_seed: int | None = None
+    input_hash: str | None = None
 
     def __post_init__(self) -> None:
         self.captured_layers = [int(layer) for layer in self.captured_layers]
@@ -331,6 +339,181 @@ class ActivationMetadata:
     def from_dict(cls, d: Mapping[str, Any]) -> ActivationMetadata:
         kw = _known(cls, d)
         kw["activation_norms"] = _int_keys(kw.get("activation_norms"))
+        return cls(**kw)
+
+
+@dataclass
+class ScenarioResponse:
+    """One answer of the extraction's responses stage (a row of ``responses/pos.json`` or ``neg.json``):
+    the scenario's question and system prompt, the answer's text and the token ids of both parts."""
+
+    prompt: str
+    system_prompt: str | None
+    response: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ScenarioResponse:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class ResponsesMetadata:
+    """``responses/metadata.json``: how the answers were generated (``chat_template`` None: the tokenizer's
+    choice) and ``input_hash``, the hash of everything they depend on."""
+
+    model: str | None = None
+    trait: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    chat_template: bool | None = None
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    input_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ResponsesMetadata:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class Vetting:
+    """``vetting/response_scores.json``: a judge's trait score (0-100, None when unscored) per answer
+    (``results``: ``{"idx", "polarity", "score"}``), the pair thresholds and the pairs kept."""
+
+    results: list[dict[str, Any]]
+    thresholds: dict[str, float]
+    kept_indices: list[int]
+    failed_indices: list[int]
+    summary: dict[str, int]
+    input_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Vetting:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class VectorLayer:
+    """What a vector set's metadata records per layer: the stored vector's norm, its ``baseline`` (the
+    decision threshold: the projection of the midpoint of the training class means) and, where the method
+    reports them, its training accuracy and bias (absent from the file when None)."""
+
+    norm: float
+    baseline: float
+    train_acc: float | None = None
+    bias: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VectorLayer:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class VectorMetadata:
+    """``vectors/{position}/{component}/{method}/metadata.json``: one method's vectors, per layer (int keys
+    here, strings in the file), and the ``input_hash`` that changes whenever they are re-fitted."""
+
+    model: str | None = None
+    trait: str | None = None
+    method: str | None = None
+    component: str = "residual"
+    position: str | None = None
+    layers: dict[int, VectorLayer] = field(default_factory=dict)
+    input_hash: str | None = None
+
+    def threshold(self, layer: int) -> float:
+        """The decision threshold of the layer's vector (fitted on the train split); KeyError naming the
+        stored layers when the layer has none."""
+        if layer not in self.layers:
+            raise UnknownKeyError(f"no vector metadata for layer {layer}; stored layers: {sorted(self.layers)}")
+        return self.layers[layer].baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = {str(k): v.to_dict() for k, v in self.layers.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VectorMetadata:
+        kw = _known(cls, d)
+        kw["layers"] = {int(k): VectorLayer.from_dict(v) for k, v in (kw.get("layers") or {}).items()}
+        return cls(**kw)
+
+
+@dataclass
+class EvaluationRow:
+    """One method x layer of a held-out evaluation: the train-fitted ``threshold``, select-split
+    ``{"auroc", "accuracy", "effect_size"}`` (floats), test-split estimates (each ``{"value", "lo", "hi"}``)
+    and whether the test AUROC interval clears the random-direction band."""
+
+    method: str
+    layer: int
+    threshold: float
+    select: dict[str, float]
+    test: dict[str, dict[str, float]]
+    above_chance: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvaluationRow:
+        kw = _known(cls, d)
+        kw["layer"] = int(kw["layer"])
+        return cls(**kw)
+
+
+@dataclass
+class Evaluation:
+    """``evaluation/{position}/{component}.json``: every method x layer scored on the select and test splits
+    (``results``), the random-direction chance band per layer (``chance``: ``{"n_directions", "percentiles",
+    "layers": {str(layer): {metric: {"lo", "median", "hi"}}}}``), the pairs per split and the row
+    ``selected`` on the select split (``{"method", "layer", "by"}``)."""
+
+    trait: str
+    position: str
+    component: str
+    splits: dict[str, int]
+    bootstrap: dict[str, Any]
+    chance: dict[str, Any]
+    results: list[EvaluationRow]
+    selected: dict[str, Any]
+    input_hash: str | None = None
+
+    def row(self, method: str, layer: int) -> EvaluationRow:
+        """The row of ``method`` at ``layer``; KeyError when the evaluation has none."""
+        for r in self.results:
+            if r.method == method and r.layer == int(layer):
+                return r
+        raise UnknownKeyError(f"the evaluation has no row for method {method!r} at layer {layer}")
+
+    @property
+    def selected_row(self) -> EvaluationRow:
+        return self.row(self.selected["method"], self.selected["layer"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
+        kw = _known(cls, d)
+        kw["results"] = [EvaluationRow.from_dict(r) for r in kw.get("results", [])]
+        kw.setdefault("bootstrap", {})  # files from before bootstrap intervals
         return cls(**kw)
 
 
@@ -483,6 +666,7 @@ class ProjectionRecord:
     position: str | None = None
     centered: bool = False
     projection_date: str | None = None
+    massive_dim_data: dict[str, Any] | None = None  # activations at massive dims, for cleaning in a viewer
 
     _METADATA = ("prompt_id", "prompt_set", "n_prompt_tokens", "n_response_tokens", "component", "position",
                  "centered", "projection_date")
@@ -494,12 +678,14 @@ class ProjectionRecord:
     def to_dict(self) -> dict[str, Any]:
         metadata = {name: getattr(self, name) for name in self._METADATA}
         metadata.update(multi_vector=True, n_vectors=self.n_vectors, score_mode="raw+normalized")
-        return {"metadata": metadata, "projections": [p.to_dict() for p in self.projections]}
+        out = {"metadata": metadata, "projections": [p.to_dict() for p in self.projections]}
+        return out if self.massive_dim_data is None else {**out, "massive_dim_data": self.massive_dim_data}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProjectionRecord:
         meta = {k: v for k, v in d.get("metadata", {}).items() if k in cls._METADATA}
-        return cls(projections=[ProjectionEntry.from_dict(p) for p in d.get("projections", [])], **meta)
+        return cls(projections=[ProjectionEntry.from_dict(p) for p in d.get("projections", [])],
+                   massive_dim_data=d.get("massive_dim_data"), **meta)
 
 
 # --------------------------------------------------------------------------------------------------- steering
@@ -590,6 +776,24 @@ class SteeringRunRecord:
             judge_free=d.get("judge_free"),
             control=d.get("control"),
         )
+
+
+@dataclass
+class NeutralReference:
+    """``steering/_reference/{variant}/neutral-{max_new_tokens}.json``: the unsteered model's answers to
+    neutral prompts (token ids per prompt), on which steering's coherence cost is measured."""
+
+    model: str | None
+    prompts: list[str]
+    prompt_token_ids: list[list[int]]
+    response_token_ids: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NeutralReference:
+        return cls(**_known(cls, d))
 
 
 @dataclass

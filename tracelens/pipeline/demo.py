@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tracelens.serving.backends import LocalBackend
 from tracelens.pipeline.experiments import Experiment
@@ -19,6 +18,7 @@ from tracelens.metrics import Estimate
 from tracelens.pipeline.report import write_report
 from tracelens.pipeline.selection import select_vector
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+from tracelens.types import Evaluation
 
 DEMO_EXPERIMENT = "smollm2-demo"
 VARIANT = "instruct"
@@ -44,12 +44,12 @@ def ensure_demo_experiment(root=None) -> Experiment:
     return exp
 
 
-def steering_layers(report: dict, n_layers: int, k: int, method: str = "probe") -> list[int]:
+def steering_layers(evaluation: Evaluation, n_layers: int, k: int, method: str = "probe") -> list[int]:
     """The `k` layers of `method` with the best select-split AUROC within 30%-60% of depth (never test)."""
     window = parse_layers("30%-60%", n_layers)
-    rows = [r for r in report["results"] if r["method"] == method and r["layer"] in window]
-    ranked = sorted(rows, key=lambda r: (*(-x for x in select_rank(r)), r["layer"]))
-    return sorted(r["layer"] for r in ranked[:k])
+    rows = [r for r in evaluation.results if r.method == method and r.layer in window]
+    ranked = sorted(rows, key=lambda r: (*(-x for x in select_rank(r)), r.layer))
+    return sorted(r.layer for r in ranked[:k])
 
 
 def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) -> dict:
@@ -62,7 +62,8 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
 
     log(f"[1/4] extract {s.trait}: responses, activations at every layer, probe / mean_diff / gradient vectors, "
         "train / select / test split by question")
-    report = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens), backend=backend)[s.trait]
+    evaluation = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens),
+                                backend=backend)[s.trait]
     chosen = select_vector(exp, s.trait, method=None)
     auroc = Estimate.from_dict(chosen.test["auroc"])
     log(f"      selected on the select split: {chosen.method} layer {chosen.layer}; test AUROC {auroc} "
@@ -73,7 +74,7 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
     validity = judge_validity(judge, exp, s.trait, VARIANT)
     log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 
-    layers = steering_layers(report, model.cfg.n_layers, s.steer_layers)
+    layers = steering_layers(evaluation, model.cfg.n_layers, s.steer_layers)
     log(f"[3/4] steer: coefficient search on probe vectors at layers {layers}, {s.search_steps} steps, "
         f"{s.n_search} search questions; judge-free metrics and a random control for every run")
     results = run_steering_eval(exp, s.trait, judge, SteeringEvalConfig(
@@ -88,7 +89,7 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
         delta = r["trait_delta"]
         log(f"      selected run on {r['n_questions']} report questions: trait delta "
             f"{Estimate.from_dict(delta['steered'])} vs random control {Estimate.from_dict(delta['control'])}")
-    path = write_report(exp, [s.trait], Path(exp.dir) / "report.md")
+    path = write_report(exp, [s.trait], exp.report_path)
     log(f"      wrote {path}")
-    return {"trait": s.trait, "evaluation": report, "judge_validity": validity, "steering": results.to_dict(),
+    return {"trait": s.trait, "evaluation": evaluation.to_dict(), "judge_validity": validity, "steering": results.to_dict(),
             "report": str(path), "seconds": time.perf_counter() - start}

@@ -4,18 +4,16 @@ Each stage is a function that reads the previous stage's files and writes its ow
 an `input_hash` of everything it depends on; a stage whose outputs carry the current hash is skipped
 (unless `force`), so an interrupted run resumes at the first unfinished stage.
 
-Layout (under `experiments/{exp}/extraction/{trait}/{variant}/`, see `tracelens.pipeline.experiments`):
-  responses/pos.json, neg.json, metadata.json
-  vetting/response_scores.json (only with a vetting judge: pairs kept where pos >= 60 and neg <= 40)
-  activations/{position}/{component}/{train,select,test}_all_layers.safetensors, metadata.json
-      each = cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.pipeline.splits`: by question);
-      float16 (bfloat16 if float16 would overflow); metadata lists each split's pair indices
-  vectors/{position}/{component}/{method}/layer{N}.safetensors (unit float32 "vector"), metadata.json
-      (per layer: norm and `baseline`, the decision threshold: the projection of the midpoint of the
-      training class means)
-  evaluation/{position}/{component}.json: per method x layer, select-split AUROC / accuracy and
-      test-split AUROC / accuracy / Cohen's d with bootstrap intervals over test questions; the chance
-      band of `n_random` random directions per layer; the layer and method chosen on the select split
+What each stage stores (through the artifact store, `tracelens.pipeline.experiments`, which knows the files):
+  responses: the answers to the positive and negative scenarios (`ScenarioResponse` rows)
+  vetting (only with a vetting judge): pairs kept where pos >= 60 and neg <= 40
+  activations: per split, cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.pipeline.splits`:
+      by question); float16 (bfloat16 if float16 would overflow); metadata lists each split's pair indices
+  vectors: a unit float32 vector per method and layer; metadata per layer: norm and `baseline`, the decision
+      threshold (the projection of the midpoint of the training class means)
+  evaluation: per method x layer, select-split AUROC / accuracy and test-split AUROC / accuracy / Cohen's d
+      with bootstrap intervals over test questions; the chance band of `n_random` random directions per layer;
+      the layer and method chosen on the select split
 """
 
 from __future__ import annotations
@@ -34,16 +32,16 @@ from tqdm.auto import tqdm
 
 from tracelens.serving.backends import GenerationConfig, LocalBackend
 from tracelens.model.capture import capture_sequences
-from tracelens.errors import ConfigError, MissingArtifactError
+from tracelens.errors import ConfigError
 from tracelens.pipeline.experiments import Experiment
-from tracelens.io import load_tensors, read_json, save_tensors, write_json
 from tracelens.methods import get_method
 from tracelens.metrics import N_RESAMPLES, accuracy, auroc, effect_size, paired_separation
 from tracelens.model.positions import parse_position, tokens_needed
 from tracelens.model.sites import COMPONENTS
 from tracelens.pipeline.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
 from tracelens.pipeline.traits import load_trait
-from tracelens.types import ActivationMetadata, ModelVariant
+from tracelens.types import (ActivationMetadata, Evaluation, EvaluationRow, ModelVariant, ResponsesMetadata,
+                             ScenarioResponse, VectorLayer, VectorMetadata, Vetting)
 
 ALWAYS_EVALUATED = "random_baseline"
 CHANCE_PERCENTILES = (5.0, 95.0)
@@ -114,15 +112,6 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _up_to_date(path, input_hash: str, force: bool) -> bool:
-    """True when the stage's metadata at `path` carries `input_hash`. Otherwise the metadata is deleted
-    before the stage writes anything, so a crash mid-stage never leaves files that metadata vouches for."""
-    if not force and path.is_file() and read_json(path).get("input_hash") == input_hash:
-        return True
-    path.unlink(missing_ok=True)
-    return False
-
-
 def check_config(config: ExtractionConfig, n_layers: int | None = None) -> None:
     """ValueError naming the first setting of `config` that cannot work (checked before any model work;
     the layer range only when `n_layers` is known)."""
@@ -169,34 +158,24 @@ def generate_responses(exp: Experiment, trait: str, variant: str, backend: Local
                        config: ExtractionConfig, model_id: str) -> str:
     """Generate answers under the positive and negative scenarios; returns the stage's input hash."""
     data = load_trait(trait)
-    out = exp.responses_dir(trait, variant)
     input_hash = _hash("responses", data.input_hash, model_id, config.max_new_tokens, config.temperature,
                        backend.use_chat_template, config.limit)
-    if _up_to_date(out / "metadata.json", input_hash, config.force):
+    if exp.stage_current("responses", input_hash, config.force, trait, variant):
         return input_hash
     gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=0)
     if config.batch_size:
         backend.batch_size = config.batch_size
+    answers = {}
     for polarity, scenarios in (("pos", data.positive[: config.limit]), ("neg", data.negative[: config.limit])):
         results = backend.generate_results([s.prompt for s in scenarios], gen,
                                            system_prompts=[s.system_prompt for s in scenarios])
-        rows = [
-            {"prompt": s.prompt, "system_prompt": s.system_prompt, "response": r.response_text,
-             "prompt_token_ids": r.prompt_token_ids, "response_token_ids": r.response_token_ids}
-            for s, r in zip(scenarios, results)
-        ]
-        write_json(out / f"{polarity}.json", rows)
-    write_json(out / "metadata.json", {
-        "model": model_id, "trait": trait, "max_new_tokens": config.max_new_tokens,
-        "temperature": config.temperature, "chat_template": backend.use_chat_template,
-        "input_hashes": {"scenarios": data.input_hash}, "input_hash": input_hash,
-    })
+        answers[polarity] = [ScenarioResponse(s.prompt, s.system_prompt, r.response_text, r.prompt_token_ids,
+                                              r.response_token_ids) for s, r in zip(scenarios, results)]
+    exp.write_responses(trait, variant, answers["pos"], answers["neg"], ResponsesMetadata(
+        model=model_id, trait=trait, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        chat_template=backend.use_chat_template, input_hashes={"scenarios": data.input_hash}, input_hash=input_hash,
+    ))
     return input_hash
-
-
-def load_responses(exp: Experiment, trait: str, variant: str) -> tuple[list[dict], list[dict]]:
-    d = exp.responses_dir(trait, variant)
-    return read_json(d / "pos.json"), read_json(d / "neg.json")
 
 
 # --- optional stage: vetting ---------------------------------------------------------------------
@@ -207,33 +186,32 @@ POS_THRESHOLD, NEG_THRESHOLD, MIN_KEPT = 60.0, 40.0, 10
 def vet_responses(exp: Experiment, trait: str, variant: str, judge, responses_hash: str, force: bool = False) -> str:
     """Judge every response's trait score and keep the pairs whose positive side scores >= 60 and negative
     side <= 40 (pairs stay matched). Use a judge independent of these responses (e.g. `OpenAIJudge`)."""
-    path = exp.vetting_path(trait, variant)
     input_hash = _hash("vetting", responses_hash, getattr(judge, "name", type(judge).__name__))
-    if _up_to_date(path, input_hash, force):
+    if exp.stage_current("vetting", input_hash, force, trait, variant):
         return input_hash
     data = load_trait(trait)
-    pos, neg = load_responses(exp, trait, variant)
+    pos, neg = exp.responses(trait, variant)
     scores = {}
     for polarity, rows in (("pos", pos), ("neg", neg)):
-        items = [{"question": r["prompt"], "response": r["response"]} for r in rows]
+        items = [{"question": r.prompt, "response": r.response} for r in rows]
         scores[polarity] = [s["trait_score"] for s in judge.score(items, trait, data.definition)]
     kept = [i for i, (p, n) in enumerate(zip(scores["pos"], scores["neg"]))
             if p is not None and n is not None and p >= POS_THRESHOLD and n <= NEG_THRESHOLD]
-    write_json(path, {
-        "results": [{"idx": i, "polarity": pol, "score": s} for pol in ("pos", "neg") for i, s in enumerate(scores[pol])],
-        "thresholds": {"pos": POS_THRESHOLD, "neg": NEG_THRESHOLD}, "kept_indices": kept,
-        "failed_indices": [i for i in range(len(pos)) if i not in set(kept)],
-        "summary": {"n_pairs": len(pos), "n_kept": len(kept)}, "input_hash": input_hash,
-    })
+    exp.write_vetting(trait, variant, Vetting(
+        results=[{"idx": i, "polarity": pol, "score": s} for pol in ("pos", "neg") for i, s in enumerate(scores[pol])],
+        thresholds={"pos": POS_THRESHOLD, "neg": NEG_THRESHOLD}, kept_indices=kept,
+        failed_indices=[i for i in range(len(pos)) if i not in set(kept)],
+        summary={"n_pairs": len(pos), "n_kept": len(kept)}, input_hash=input_hash,
+    ))
     return input_hash
 
 
 def kept_indices(exp: Experiment, trait: str, variant: str, vetted: bool) -> list[int]:
     """The pair indices the activations stage uses: every pair, or the pairs that passed vetting."""
-    n = len(load_responses(exp, trait, variant)[0])
+    n = len(exp.responses(trait, variant)[0])
     if not vetted:
         return list(range(n))
-    kept = read_json(exp.vetting_path(trait, variant))["kept_indices"]
+    kept = exp.vetting(trait, variant).kept_indices
     if len(kept) < MIN_KEPT:
         raise ConfigError(f"only {len(kept)} of {n} pairs of {trait} passed vetting (need {MIN_KEPT}); "
                          "check the scenarios or the judge, or extract without vetting")
@@ -246,24 +224,23 @@ def kept_indices(exp: Experiment, trait: str, variant: str, vetted: bool) -> lis
 def capture_activations(exp: Experiment, trait: str, variant: str, model, config: ExtractionConfig,
                         responses_hash: str, model_id: str, vetted: bool = False) -> str:
     """Capture every layer at the position for each (kept) response, split by question; float16 on disk."""
-    out = exp.activations_dir(trait, variant, config.position, config.component)
     input_hash = _hash("activations", responses_hash, config.position, config.component, list(config.splits),
                        config.split_seed)
-    if _up_to_date(out / "metadata.json", input_hash, config.force):
+    if exp.stage_current("activations", input_hash, config.force, trait, variant, config.position, config.component):
         return input_hash
-    pos, neg = load_responses(exp, trait, variant)
+    pos, neg = exp.responses(trait, variant)
     kept = set(kept_indices(exp, trait, variant, vetted))
     # Split every pair by its question first, then drop unkept pairs: vetting never moves a question.
     splits = {name: [i for i in idx if i in kept]
-              for name, idx in split_by_question([r["prompt"] for r in pos], config.splits, config.split_seed).items()}
+              for name, idx in split_by_question([r.prompt for r in pos], config.splits, config.split_seed).items()}
     too_small = {name: len(idx) for name, idx in splits.items() if len(idx) < 2}
     if too_small:
         raise ConfigError(f"{trait}: every split needs at least 2 pairs after vetting; got {too_small}")
     layers = list(range(model.cfg.n_layers))
 
     def acts(rows):
-        return capture_sequences(model, [r["prompt_token_ids"] + r["response_token_ids"] for r in rows],
-                                 [len(r["prompt_token_ids"]) for r in rows], layers, config.position,
+        return capture_sequences(model, [r.prompt_token_ids + r.response_token_ids for r in rows],
+                                 [len(r.prompt_token_ids) for r in rows], layers, config.position,
                                  "mean", config.component, config.batch_size)
 
     order = sorted(kept)
@@ -272,9 +249,6 @@ def capture_activations(exp: Experiment, trait: str, variant: str, model, config
     tensors = {name: torch.cat([a_pos[[row[i] for i in idx]], a_neg[[row[i] for i in idx]]])
                for name, idx in splits.items()}
     dtype = torch.float16 if max(float(t.abs().max()) for t in tensors.values()) < 6.5e4 else torch.bfloat16
-    for name, t in tensors.items():
-        save_tensors(exp.activations_path(trait, variant, config.position, config.component, name),
-                     {"activations": t.to(dtype)})
     train = tensors["train"]
     n = {name: len(idx) for name, idx in splits.items()}
     meta = ActivationMetadata(
@@ -282,11 +256,10 @@ def capture_activations(exp: Experiment, trait: str, variant: str, model, config
         activation_norms={l: float(train[:, l].norm(dim=-1).mean()) for l in layers},
         n_examples_pos=n["train"], n_examples_neg=n["train"], n_val_pos=n["select"], n_val_neg=n["select"],
         n_test_pos=n["test"], n_test_neg=n["test"], model=model_id, position=config.position,
-        component=config.component,
+        component=config.component, dtype=str(dtype).removeprefix("torch."), splits=splits,
+        split_fractions=list(config.splits), split_seed=config.split_seed, input_hash=input_hash,
     )
-    write_json(out / "metadata.json", {**meta.to_dict(), "dtype": str(dtype).removeprefix("torch."),
-                                       "splits": splits, "split_fractions": list(config.splits),
-                                       "split_seed": config.split_seed, "input_hash": input_hash})
+    exp.write_activations(trait, variant, meta, {name: t.to(dtype) for name, t in tensors.items()})
     return input_hash
 
 
@@ -294,26 +267,8 @@ def load_activation_metadata(experiment: str | Experiment, trait: str, variant: 
                              position: str = "response[:]", component: str = "residual") -> ActivationMetadata:
     """The `ActivationMetadata` written by the activations stage (`variant` by name or as a `ModelVariant`)."""
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
-    variant = variant.name if isinstance(variant, ModelVariant) else variant
-    path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
-    if not path.is_file():
-        raise MissingArtifactError(f"no activation metadata at {path}; run `tracelens extract` first")
-    return ActivationMetadata.from_dict(read_json(path))
-
-
-def load_splits(exp: Experiment, trait: str, variant: str, position: str, component: str) -> dict[str, list[int]]:
-    """`{"train", "select", "test"}` -> the indices (into the responses stage's pairs) of each split."""
-    path = exp.activations_dir(trait, variant, position, component) / "metadata.json"
-    if not path.is_file():
-        raise MissingArtifactError(f"no activation metadata at {path}; run `tracelens extract` first")
-    return read_json(path)["splits"]
-
-
-def load_activations(exp: Experiment, trait: str, variant: str, position: str, component: str,
-                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(pos, neg)` activations of one split, each `[n_pairs, n_layers, d]` float32; row i of both is pair i."""
-    t = load_tensors(exp.activations_path(trait, variant, position, component, split))["activations"].float()
-    return t[: len(t) // 2], t[len(t) // 2 :]
+    return exp.activation_metadata(trait, variant.name if isinstance(variant, ModelVariant) else variant,
+                                   position, component)
 
 
 # --- stage 3: vectors -----------------------------------------------------------------------------
@@ -322,48 +277,40 @@ def load_activations(exp: Experiment, trait: str, variant: str, position: str, c
 def fit_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionConfig, layers: list[int],
                 activations_hash: str, model_id: str) -> dict[str, str]:
     """Fit every method at every layer; unit float32 vectors with per-layer metadata."""
-    pos, neg = load_activations(exp, trait, variant, config.position, config.component, "train")
+    pos, neg = exp.activations(trait, variant, config.position, config.component, "train")
     methods = list(dict.fromkeys([*config.methods, ALWAYS_EVALUATED]))
     hashes = {}
     for name in methods:
         kwargs = config.method_kwargs.get(name, {})
-        out = exp.vectors_dir(trait, variant, config.position, config.component, name)
         method = get_method(name)
         # The method's source is part of the key: a changed algorithm never reuses old vectors.
         hashes[name] = input_hash = _hash("vectors", activations_hash, name, kwargs, layers,
                                           inspect.getsource(sys.modules[type(method).__module__]))
-        if _up_to_date(out / "metadata.json", input_hash, config.force):
+        if exp.stage_current("vectors", input_hash, config.force, trait, variant, config.position, config.component,
+                             name):
             continue
-        per_layer = {}
+        per_layer, vectors = {}, {}
         for layer in tqdm(layers, desc=f"{trait} {name}", leave=False):
             # Only the train split is shown to a method (methods that tune hyper-parameters split their
             # training rows); `baseline` (the train midpoint's projection) is the decision threshold.
             extra = {"seed": layer} if name == ALWAYS_EVALUATED else {}
             result = method.extract(pos[:, layer], neg[:, layer], **extra, **kwargs)
-            v = result["vector"].float()
-            save_tensors(exp.vector_path(trait, variant, config.position, config.component, name, layer), {"vector": v})
+            vectors[layer] = v = result["vector"].float()
             midpoint = (pos[:, layer].mean(0) + neg[:, layer].mean(0)) / 2
-            per_layer[str(layer)] = {
-                "norm": float(v.norm()), "baseline": float(midpoint @ v),
-                **{k: float(result[k]) for k in ("train_acc", "bias") if k in result},
-            }
-        write_json(out / "metadata.json", {
-            "model": model_id, "trait": trait, "method": name, "component": config.component,
-            "position": config.position, "layers": per_layer, "input_hash": input_hash,
-        })
+            per_layer[layer] = VectorLayer(norm=float(v.norm()), baseline=float(midpoint @ v),
+                                           **{k: float(result[k]) for k in ("train_acc", "bias") if k in result})
+        exp.write_vectors(trait, variant, VectorMetadata(
+            model=model_id, trait=trait, method=name, component=config.component, position=config.position,
+            layers=per_layer, input_hash=input_hash,
+        ), vectors)
     return hashes
-
-
-def load_vector(exp: Experiment, trait: str, variant: str, position: str, component: str, method: str,
-                layer: int) -> torch.Tensor:
-    return load_tensors(exp.vector_path(trait, variant, position, component, method, layer))["vector"]
 
 
 # --- stage 4: held-out evaluation -----------------------------------------------------------------
 
 
 def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionConfig, layers: list[int],
-                     vector_hashes: dict[str, str]) -> dict:
+                     vector_hashes: dict[str, str]) -> Evaluation:
     """Score every method x layer on the select and test splits, with the random-direction chance band.
 
     Accuracy uses the threshold fitted on train (the vector's `baseline`), never the scored split's
@@ -371,45 +318,44 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
     effect size); its test numbers are what gets reported. A row is `above_chance` when the lower end
     of its test AUROC interval is above the 95th percentile of the random directions at its layer.
     """
-    path = exp.evaluation_path(trait, variant, config.position, config.component)
+    where = (trait, variant, config.position, config.component)
     input_hash = _hash("evaluation", vector_hashes, config.n_random, config.n_resamples)
-    if _up_to_date(path, input_hash, config.force):
-        return read_json(path)
-    args = (exp, trait, variant, config.position, config.component)
-    train, select, test = (load_activations(*args, split) for split in SPLITS)
+    if exp.stage_current("evaluation", input_hash, config.force, *where):
+        return exp.evaluation(*where)
+    train, select, test = (exp.activations(*where, split) for split in SPLITS)
     chance = chance_band(train, test, layers, config.n_random)
     rows = []
     for name in vector_hashes:
-        thresholds = read_json(exp.vectors_dir(*args[1:], name) / "metadata.json")["layers"]
+        meta = exp.vector_metadata(*where, name)
         for layer in layers:
-            v = load_vector(*args, name, layer)
-            threshold = thresholds[str(layer)]["baseline"]
+            v = exp.vector(*where, name, layer)
+            threshold = meta.threshold(layer)
             sp, sn = select[0][:, layer] @ v, select[1][:, layer] @ v
             scored = paired_separation(test[0][:, layer] @ v, test[1][:, layer] @ v, threshold, config.n_resamples)
-            rows.append({
-                "method": name, "layer": layer, "threshold": threshold,
-                "select": {"auroc": auroc(sp, sn), "accuracy": accuracy(sp, sn, threshold),
-                           "effect_size": effect_size(sp, sn, signed=True)},
-                "test": {k: e.to_dict() for k, e in scored.items()},
-                "above_chance": scored["auroc"].lo > chance[str(layer)]["auroc"]["hi"],
-            })
-    real = [r for r in rows if r["method"] != ALWAYS_EVALUATED] or rows
+            rows.append(EvaluationRow(
+                method=name, layer=layer, threshold=threshold,
+                select={"auroc": auroc(sp, sn), "accuracy": accuracy(sp, sn, threshold),
+                        "effect_size": effect_size(sp, sn, signed=True)},
+                test={k: e.to_dict() for k, e in scored.items()},
+                above_chance=scored["auroc"].lo > chance[str(layer)]["auroc"]["hi"],
+            ))
+    real = [r for r in rows if r.method != ALWAYS_EVALUATED] or rows
     best = max(real, key=select_rank)
-    report = {
-        "trait": trait, "position": config.position, "component": config.component,
-        "splits": {s: len(t[0]) for s, t in zip(SPLITS, (train, select, test))},
-        "bootstrap": {"n_resamples": config.n_resamples, "level": 0.95, "unit": "test question", "seed": 0},
-        "chance": {"n_directions": config.n_random, "percentiles": list(CHANCE_PERCENTILES), "layers": chance},
-        "results": rows, "selected": {"method": best["method"], "layer": best["layer"], "by": "select auroc"},
-        "input_hash": input_hash,
-    }
-    write_json(path, report)
-    return report
+    evaluation = Evaluation(
+        trait=trait, position=config.position, component=config.component,
+        splits={s: len(t[0]) for s, t in zip(SPLITS, (train, select, test))},
+        bootstrap={"n_resamples": config.n_resamples, "level": 0.95, "unit": "test question", "seed": 0},
+        chance={"n_directions": config.n_random, "percentiles": list(CHANCE_PERCENTILES), "layers": chance},
+        results=rows, selected={"method": best.method, "layer": best.layer, "by": "select auroc"},
+        input_hash=input_hash,
+    )
+    exp.write_evaluation(trait, variant, evaluation)
+    return evaluation
 
 
-def select_rank(row: dict) -> tuple[float, float]:
+def select_rank(row: EvaluationRow) -> tuple[float, float]:
     """How an evaluation row ranks on the select split (higher is better): AUROC, ties broken by Cohen's d."""
-    return row["select"]["auroc"], row["select"]["effect_size"]
+    return row.select["auroc"], row.select["effect_size"]
 
 
 def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
@@ -436,8 +382,8 @@ def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tens
 
 def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: ExtractionConfig | None = None,
                    variant: str | None = None, backend: LocalBackend | None = None, vet_judge=None,
-                   response_backend=None) -> dict[str, dict]:
-    """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation report per trait.
+                   response_backend=None) -> dict[str, Evaluation]:
+    """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation per trait.
 
     `response_backend` (e.g. a `VLLMBackend`) generates the responses of every trait first and is then
     shut down; capture and fitting always run on the local model (`backend`, loaded when not given).

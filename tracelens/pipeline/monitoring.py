@@ -27,9 +27,8 @@ from tracelens.serving.protocol import Backend
 from tracelens.model.edits import project, unit
 from tracelens.errors import ConfigError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
-from tracelens.pipeline.extraction import load_vector, parse_layers
+from tracelens.pipeline.extraction import parse_layers
 from tracelens.model.hooks import CaptureHook
-from tracelens.io import read_json, write_json
 from tracelens.model.massive import MassiveDimCollector, MassiveDimStats, candidate_dims
 from tracelens.pipeline.prompt_sets import load_prompt_set
 from tracelens.model.prompts import token_strings, tokenize_batch
@@ -68,7 +67,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
         if config.one_pass:
             raise ConfigError("one_pass monitoring records projections while generating; it needs the local model")
         ps = load_prompt_set(prompt_set)
-        todo = [p for p in ps.prompts if not exp.inference_response_path(mv.name, ps.name, p.id).is_file()]
+        todo = [p for p in ps.prompts if not exp.has_response_record(mv.name, ps.name, p.id)]
         if todo:
             results = response_backend.generate_results(
                 [p.text for p in todo], GenerationConfig(max_new_tokens=config.max_new_tokens),
@@ -76,7 +75,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
             for p, r in zip(todo, results):
                 record = _record(response_backend, p.text, ps.system_prompt, r.prompt_token_ids, r.response_token_ids,
                                  r.response_text, mv.label)
-                write_json(exp.inference_response_path(mv.name, ps.name, p.id), record.to_dict())
+                exp.write_response_record(mv.name, ps.name, p.id, record)
         if hasattr(response_backend, "shutdown"):
             response_backend.shutdown()
     if backend is None:
@@ -86,20 +85,19 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     ps = load_prompt_set(prompt_set)
     written = {"responses": 0, "projections": 0}
     targets = {t: _vector_targets(exp, t, backend.n_layers, config.layers) for t in traits}
-    calib_path = exp.massive_activations_path(mv.name)
-    stats = MassiveDimStats(backend.n_layers, backend.hidden_dim, calib_path, config.target_tokens,
+    stats = MassiveDimStats(backend.n_layers, backend.hidden_dim, exp.massive_activations_path(mv.name),
+                            config.target_tokens,
                             info={"experiment": exp.name, "model": mv.label, "model_variant": mv.name})
     calibrating = config.calibrate and not stats.should_skip()
     records, one_pass_acts = {}, {}
     try:  # stage 1: responses (their prompts' residuals calibrate the massive dims)
         for prompt in ps.prompts:
-            rpath = exp.inference_response_path(mv.name, ps.name, prompt.id)
-            pending = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt.id).is_file()]
+            pending = [t for t in traits if not exp.has_projection(mv.name, t, ps.name, prompt.id)]
             # One pass: a projection comes from the pass that generated its response, so a prompt with a
             # missing projection is generated again (its response record rewritten).
-            if rpath.is_file() and not (config.one_pass and pending):
+            if exp.has_response_record(mv.name, ps.name, prompt.id) and not (config.one_pass and pending):
                 if pending:
-                    records[prompt.id] = ResponseRecord.from_dict(read_json(rpath))
+                    records[prompt.id] = exp.response_record(mv.name, ps.name, prompt.id)
                 continue
             calibrate_now = calibrating and not stats.should_skip()
             capture = _capture_spec(targets.values(), all_layers=calibrate_now) if (
@@ -110,15 +108,15 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
                 stats.observe({l: acts[(l, "residual")][:record.prompt_end] for l in range(backend.n_layers)})
             if config.one_pass:
                 one_pass_acts[prompt.id] = acts
-            write_json(rpath, record.to_dict())
+            exp.write_response_record(mv.name, ps.name, prompt.id, record)
             written["responses"] += 1
             records[prompt.id] = record
     finally:
         if calibrating:
             stats.finalize()
-    calibration = read_json(calib_path) if calib_path.is_file() else None
+    calibration = exp.massive_activations(mv.name)
     for prompt_id, record in records.items():  # stage 2: projections
-        todo = [t for t in traits if not exp.projection_path(mv.name, t, ps.name, prompt_id).is_file()]
+        todo = [t for t in traits if not exp.has_projection(mv.name, t, ps.name, prompt_id)]
         if not todo:
             continue
         acts = one_pass_acts.get(prompt_id)
@@ -129,10 +127,9 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
         for trait in todo:
             rec = _project(record, targets[trait], acts)
             rec.prompt_id, rec.prompt_set = prompt_id, ps.name
-            out = rec.to_dict()
             if calibration is not None:
-                out["massive_dim_data"] = _massive_dim_data(record, targets[trait], calibration, acts)
-            write_json(exp.projection_path(mv.name, trait, ps.name, prompt_id), out)
+                rec.massive_dim_data = _massive_dim_data(record, targets[trait], calibration, acts)
+            exp.write_projection(mv.name, trait, rec)
             written["projections"] += 1
     return written
 
@@ -151,10 +148,10 @@ def _vector_targets(exp: Experiment, trait: str, n_layers: int, spec: str) -> _T
     best = select_vector(exp, trait)
     variant = get_model_variant(exp, mode="extraction").name
     layers = parse_layers(spec, n_layers, best=best.layer)
-    meta = read_json(exp.vectors_dir(trait, variant, best.position, best.component, best.method) / "metadata.json")
+    where = (trait, variant, best.position, best.component, best.method)
+    meta = exp.vector_metadata(*where)
     return _Target(best.method, best.source, best.position, best.component,
-                   {l: load_vector(exp, trait, variant, best.position, best.component, best.method, l) for l in layers},
-                   {l: meta["layers"][str(l)]["baseline"] for l in layers})
+                   {l: exp.vector(*where, l) for l in layers}, {l: meta.threshold(l) for l in layers})
 
 
 def _capture_spec(targets, all_layers: bool = False) -> CaptureSpec:
@@ -234,8 +231,8 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)
     ps = load_prompt_set(prompt_set)
-    path = exp.massive_activations_path(mv.name, ps.name)
-    path.unlink(missing_ok=True)  # a deliberate run starts over
+    exp.remove_massive_activations(mv.name, ps.name)  # a deliberate run starts over
+    path = exp.massive_activations_path(mv.name, ps.name)  # where the collector writes
     collector = MassiveDimCollector(backend.model, path, target_tokens=10**12, info={
         "experiment": exp.name, "model": mv.label, "model_variant": mv.name, "prompt_set": ps.name,
         "source": "deliberate"})
@@ -265,5 +262,5 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
                          "values": {str(l): {str(d): [round(float(x), 2) for x in c.get()[0][:, d]] for d in dims}
                                     for l, c in zip(layers, caps)}})
         report["per_token"] = rows
-        write_json(path, report)
+        exp.write_massive_activations(mv.name, ps.name, report)
     return report

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tracelens.errors import MissingArtifactError
-from tracelens.pipeline.experiments import Experiment, find_traits, get_model_variant
+from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED
-from tracelens.io import read_json, read_jsonl, write_bytes
+from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
-from tracelens.types import SteeringResults
+from tracelens.types import Evaluation, EvaluationRow, SteeringResults
 
 MAX_ANSWER_CHARS = 200  # example answers are cut here (before escaping)
 SMALL_N = 10  # fewer questions than this: percentile-bootstrap intervals run narrow; said in the caveats
@@ -67,16 +67,16 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
                 f"({st_variant}) under {exp.dir}; run `tracelens extract` (and steering) first")
     out = [f"# Experiment report: {exp.name}", "", HOW_TO_READ]
     for trait in traits:
-        evaluations = exp.evaluation_paths(trait, ex_variant)
-        steering = exp.steering_results_paths(trait, st_variant)
+        evaluations = exp.evaluations(trait, ex_variant)
+        steering = exp.all_steering_results(trait, st_variant)
         if not evaluations and not steering:
             raise MissingArtifactError(f"no extraction evaluation or steering results for {trait!r} in experiment "
                                     f"{exp.name!r} ({exp.extraction_dir(trait, ex_variant)}); run extraction first")
         out += [f"## {trait}", ""]
-        for path in evaluations:
-            out += _extraction_section(exp, trait, ex_variant, read_json(path))
-        for position_dir, path in steering.items():
-            out += _steering_section(position_dir, SteeringResults.from_jsonl_lines(read_jsonl(path)))
+        for ev in evaluations:
+            out += _extraction_section(exp, trait, ex_variant, ev)
+        for position_dir, results in steering.items():
+            out += _steering_section(position_dir, results)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -90,9 +90,7 @@ def write_report(experiment: str | Experiment, traits: Sequence[str] | None, pat
 
 def _traits_with_results(exp: Experiment, ex_variant: str, st_variant: str) -> list[str]:
     """Names of every trait with an evaluation file or a steering results file, sorted."""
-    found = set(find_traits(exp.stage_root("extraction"), lambda t: bool(exp.evaluation_paths(t, ex_variant))))
-    found |= set(find_traits(exp.stage_root("steering"), lambda t: bool(exp.steering_results_paths(t, st_variant))))
-    return sorted(found)
+    return sorted({*exp.traits("evaluation", ex_variant), *exp.traits("steering_results", st_variant)})
 
 
 # --- formatting -------------------------------------------------------------------------------------------
@@ -145,28 +143,30 @@ def _caveats(items: list[str]) -> list[str]:
 
 def _split_questions(exp: Experiment, trait: str, variant: str, position: str, component: str) -> dict | None:
     """Distinct questions per split from the activations metadata and responses; None if either is gone."""
-    meta = exp.activations_dir(trait, variant, position, component) / "metadata.json"
-    pos = exp.responses_dir(trait, variant) / "pos.json"
-    if not meta.is_file() or not pos.is_file():
+    try:
+        splits = exp.activation_metadata(trait, variant, position, component).splits
+        prompts = [r.prompt for r in exp.responses(trait, variant)[0]]
+    except MissingArtifactError:
         return None
-    prompts = [r["prompt"] for r in read_json(pos)]
-    return {s: len({prompts[i] for i in idx}) for s, idx in read_json(meta)["splits"].items()}
+    return {s: len({prompts[i] for i in idx}) for s, idx in splits.items()}
 
 
-def _extraction_section(exp: Experiment, trait: str, variant: str, ev: dict) -> list[str]:
-    position, component, rows = ev["position"], ev["component"], ev["results"]
-    chance, selected = ev["chance"], ev["selected"]
+def _extraction_section(exp: Experiment, trait: str, variant: str, ev: Evaluation) -> list[str]:
+    position, component, rows = ev.position, ev.component, ev.results
+    chance, selected = ev.chance, ev.selected
     band = chance["layers"]
     pct = "-".join(f"{p:g}" for p in chance["percentiles"])
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m == ALWAYS_EVALUATED, m))
-    layers = sorted({int(r["layer"]) for r in rows})
+    methods = sorted({r.method for r in rows}, key=lambda m: (m == ALWAYS_EVALUATED, m))
+    layers = sorted({r.layer for r in rows})
     candidates = [m for m in methods if m != ALWAYS_EVALUATED] or methods
-    meta_path = exp.responses_dir(trait, variant) / "metadata.json"
-    model = read_json(meta_path).get("model") if meta_path.is_file() else None
+    try:
+        model = exp.responses_metadata(trait, variant).model
+    except MissingArtifactError:
+        model = None
     questions = _split_questions(exp, trait, variant, position, component)
     splits = ", ".join(f"{s} {n} pairs" + (f" / {questions[s]} questions" if questions else "")
-                       for s, n in ev["splits"].items())
-    boot = ev.get("bootstrap", {})
+                       for s, n in ev.splits.items())
+    boot = ev.bootstrap or {}
     out = [f"### Extraction: position `{position}`, component `{component}`", "",
            f"- Model: `{model or 'not recorded'}` (variant `{variant}`)",
            f"- Splits (by question): {splits}",
@@ -175,46 +175,46 @@ def _extraction_section(exp: Experiment, trait: str, variant: str, ev: dict) -> 
            f"{chance['n_directions']} random directions per layer, {pct}th percentile", ""]
     for method in methods:
         table = []
-        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: int(r["layer"])):
-            layer, test, b = int(r["layer"]), r["test"], band[str(r["layer"])]
+        for r in sorted((r for r in rows if r.method == method), key=lambda r: r.layer):
+            layer, test, b = r.layer, r.test, band[str(r.layer)]
             is_sel = method == selected["method"] and layer == int(selected["layer"])
             table.append([str(layer), _ci(test["auroc"]), _ci(test["accuracy"]),
                           f"[{b['auroc']['lo']:.4f}, {b['auroc']['hi']:.4f}]",
                           f"[{b['accuracy']['lo']:.4f}, {b['accuracy']['hi']:.4f}]",
-                          _num(r["select"]["auroc"]), "yes" if r["above_chance"] else "no",
+                          _num(r.select["auroc"]), "yes" if r.above_chance else "no",
                           "selected" if is_sel else ""])
         out += [f"**`{method}`** (test split)", ""]
         out += _table(["layer", "test AUROC [95% CI]", "test accuracy [95% CI]", f"chance AUROC ({pct} pct)",
                        f"chance accuracy ({pct} pct)", "select AUROC", "above chance", ""], table)
-    sel = next(r for r in rows if r["method"] == selected["method"] and int(r["layer"]) == int(selected["layer"]))
-    sb = band[str(sel["layer"])]
-    out += [f"**Selected:** `{sel['method']}` at layer {sel['layer']}, chosen by {selected['by']} on the select "
-            f"split ({ev['splits']['select']} pairs) among {len(layers)} layers x {len(candidates)} "
+    sel = ev.selected_row
+    sb = band[str(sel.layer)]
+    out += [f"**Selected:** `{sel.method}` at layer {sel.layer}, chosen by {selected['by']} on the select "
+            f"split ({ev.splits['select']} pairs) among {len(layers)} layers x {len(candidates)} "
             f"method{'s' if len(candidates) > 1 else ''} ({len(layers) * len(candidates)} candidates). "
-            f"Its test AUROC is {_ci(sel['test']['auroc'])} against a chance band of "
-            f"[{sb['auroc']['lo']:.4f}, {sb['auroc']['hi']:.4f}]; test accuracy {_ci(sel['test']['accuracy'])}; "
-            f"Cohen's d {_ci(sel['test']['effect_size'], '.2f')}.", ""]
+            f"Its test AUROC is {_ci(sel.test['auroc'])} against a chance band of "
+            f"[{sb['auroc']['lo']:.4f}, {sb['auroc']['hi']:.4f}]; test accuracy {_ci(sel.test['accuracy'])}; "
+            f"Cohen's d {_ci(sel.test['effect_size'], '.2f')}.", ""]
     return out + _caveats(_extraction_caveats(ev, sel, sb))
 
 
-def _extraction_caveats(ev: dict, sel: dict, sb: dict) -> list[str]:
-    rows, items = ev["results"], []
-    if not sel["above_chance"]:
-        items.append(f"The selected vector's test AUROC interval ({_ci(sel['test']['auroc'])}) does not clear the "
+def _extraction_caveats(ev: Evaluation, sel: EvaluationRow, sb: dict) -> list[str]:
+    rows, items = ev.results, []
+    if not sel.above_chance:
+        items.append(f"The selected vector's test AUROC interval ({_ci(sel.test['auroc'])}) does not clear the "
                      f"chance band's top ({sb['auroc']['hi']:.4f}): it is not distinguishable from a random direction.")
-    if sel["above_chance"] and sel["test"]["accuracy"]["value"] <= sb["accuracy"]["hi"]:
+    if sel.above_chance and sel.test["accuracy"]["value"] <= sb["accuracy"]["hi"]:
         items.append(f"The selected vector ranks answers above chance but its test accuracy "
-                     f"({sel['test']['accuracy']['value']:.4f}) is within the chance band: the threshold fitted on "
+                     f"({sel.test['accuracy']['value']:.4f}) is within the chance band: the threshold fitted on "
                      "train does not transfer to the test split.")
-    controls = [r for r in rows if r["method"] == ALWAYS_EVALUATED and r["above_chance"]]
+    controls = [r for r in rows if r.method == ALWAYS_EVALUATED and r.above_chance]
     if controls:
         items.append(f"`{ALWAYS_EVALUATED}` is above chance at {len(controls)} layer(s) "
-                     f"({', '.join(str(r['layer']) for r in controls)}): the band or the split may be too small "
+                     f"({', '.join(str(r.layer) for r in controls)}): the band or the split may be too small "
                      "to tell real directions from random ones.")
-    real = [r for r in rows if r["method"] != ALWAYS_EVALUATED]
-    items.append(f"{sum(r['above_chance'] for r in real)} of {len(real)} fitted method x layer rows are above chance.")
-    if ev["splits"]["test"] < SMALL_N:
-        items.append(f"The test split has {ev['splits']['test']} pairs: intervals from so few questions run "
+    real = [r for r in rows if r.method != ALWAYS_EVALUATED]
+    items.append(f"{sum(r.above_chance for r in real)} of {len(real)} fitted method x layer rows are above chance.")
+    if ev.splits["test"] < SMALL_N:
+        items.append(f"The test split has {ev.splits['test']} pairs: intervals from so few questions run "
                      "narrow and the estimates are noisy.")
     return items
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 from tracelens.errors import MissingArtifactError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED, select_rank
-from tracelens.io import read_json, read_jsonl
-from tracelens.types import MIN_COHERENCE, SteeringResults, VectorResult
+from tracelens.types import MIN_COHERENCE, VectorResult
 
 
 def select_vectors(experiment: str | Experiment, trait: str, n: int = 3, *, variant: str | None = None,
@@ -46,14 +45,15 @@ def select_vector(experiment: str | Experiment, trait: str, **kwargs) -> VectorR
 
 
 def _from_steering(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
-    path = exp.steering_results_path(trait, variant, position)
-    lines = read_jsonl(path)
-    if not lines:
+    results = exp.steering_results(trait, variant, position)
+    if results is None:
         return []
-    results = SteeringResults.from_jsonl_lines(lines)
     source = results.header.vector_source
-    current = exp.vectors_dir(trait, variant, position, component, source.get("method", "probe")) / "metadata.json"
-    if not current.is_file() or read_json(current).get("input_hash") != source.get("input_hash"):
+    try:
+        current = exp.vector_metadata(trait, variant, position, component, source.get("method", "probe"))
+    except MissingArtifactError:
+        return []  # the vectors are gone (or being re-extracted)
+    if current.input_hash != source.get("input_hash"):
         return []  # the vectors were re-extracted after this search: its runs no longer describe them
     sign = 1.0 if results.header.direction == "positive" else -1.0
     best: dict[tuple, VectorResult] = {}
@@ -72,25 +72,19 @@ def _from_steering(exp, trait, variant, position, component, min_coherence) -> l
 
 
 def _from_evaluation(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
-    path = exp.evaluation_path(trait, variant, position, component)
-    if not path.is_file():
+    try:
+        rows = exp.evaluation(trait, variant, position, component).results
+    except MissingArtifactError:
         return []
-    rows = read_json(path)["results"]
-    ranked = sorted(rows, key=select_rank, reverse=True)
     return [
-        VectorResult(layer=r["layer"], method=r["method"], position=position, component=component,
-                     score=r["select"]["auroc"], source="evaluation", val_accuracy=r["select"]["accuracy"],
-                     val_auroc=r["select"]["auroc"], val_effect_size=r["select"]["effect_size"],
-                     test={**r["test"], "above_chance": r["above_chance"]})
-        for r in ranked
+        VectorResult(layer=r.layer, method=r.method, position=position, component=component,
+                     score=r.select["auroc"], source="evaluation", val_accuracy=r.select["accuracy"],
+                     val_auroc=r.select["auroc"], val_effect_size=r.select["effect_size"],
+                     test={**r.test, "above_chance": r.above_chance})
+        for r in sorted(rows, key=select_rank, reverse=True)
     ]
 
 
 def _unscored(exp, trait, variant, position, component, min_coherence) -> list[VectorResult]:
-    root = exp.vectors_root(trait, variant, position, component)
-    found = []
-    for method_dir in sorted(p for p in root.glob("*") if p.is_dir()):
-        for f in sorted(method_dir.glob("layer*.safetensors"), key=lambda p: int(p.stem[5:])):
-            found.append(VectorResult(layer=int(f.stem[5:]), method=method_dir.name, position=position,
-                                      component=component, source="unscored"))
-    return found
+    return [VectorResult(layer=layer, method=method, position=position, component=component, source="unscored")
+            for method, layers in exp.stored_vectors(trait, variant, position, component).items() for layer in layers]

@@ -35,20 +35,13 @@ from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringS
 from tracelens.model.edits import unit
 from tracelens.errors import ConfigError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
-from tracelens.pipeline.extraction import (
-    load_activation_metadata,
-    load_responses,
-    load_splits,
-    load_vector,
-    parse_layers,
-)
-from tracelens.io import append_jsonl, read_json, read_jsonl, unique_sibling, write_json
+from tracelens.pipeline.extraction import parse_layers
 from tracelens.judges.base import summarize_judge_scores
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.pipeline.prompt_sets import load_prompt_set
 from tracelens.pipeline.traits import load_trait
 from tracelens.serving.protocol import Backend
-from tracelens.types import (MIN_COHERENCE, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
+from tracelens.types import (MIN_COHERENCE, NeutralReference, ProjectionConfig, SteeringHeader, SteeringResults,
                              SteeringRunRecord, VectorSpec)
 
 START_MULT, UP_MULT, DOWN_MULT = 0.7, 1.3, 0.85
@@ -133,22 +126,21 @@ class ReferenceTexts:
 def reference_texts(exp: Experiment, trait: str, extraction_variant: str, variant: str, model_id: str,
                     backend: Backend, config: SteeringEvalConfig) -> ReferenceTexts:
     """Load the test pairs and the (cached) unsteered neutral answers; generates the latter once."""
-    pos, neg = load_responses(exp, trait, extraction_variant)
-    test = load_splits(exp, trait, extraction_variant, config.position, config.component)["test"]
-    path = exp.neutral_reference_path(variant, config.max_new_tokens)
+    pos, neg = exp.responses(trait, extraction_variant)
+    test = exp.activation_metadata(trait, extraction_variant, config.position, config.component).splits["test"]
     prompts = [p.text for p in load_prompt_set("neutral").prompts][: config.n_neutral]
-    cached = read_json(path) if path.is_file() else None
-    if cached is None or cached["prompts"] != prompts or cached.get("model") != model_id:
+    cached = exp.neutral_reference(variant, config.max_new_tokens)
+    if cached is None or cached.prompts != prompts or cached.model != model_id:
         results = backend.generate_results(prompts, GenerationConfig(max_new_tokens=config.max_new_tokens))
-        cached = {"model": model_id, "prompts": prompts, "prompt_token_ids": [r.prompt_token_ids for r in results],
-                  "response_token_ids": [r.response_token_ids for r in results]}
-        write_json(path, cached)
-    keep = [i for i, r in enumerate(cached["response_token_ids"]) if r]
+        cached = NeutralReference(model_id, prompts, [r.prompt_token_ids for r in results],
+                                  [r.response_token_ids for r in results])
+        exp.write_neutral_reference(variant, config.max_new_tokens, cached)
+    keep = [i for i, r in enumerate(cached.response_token_ids) if r]
     return ReferenceTexts(
-        pair_prompts=backend.prompt_token_ids([pos[i]["prompt"] for i in test]),
-        pos=[pos[i]["response_token_ids"] for i in test], neg=[neg[i]["response_token_ids"] for i in test],
-        neutral_prompts=[cached["prompt_token_ids"][i] for i in keep],
-        neutral=[cached["response_token_ids"][i] for i in keep],
+        pair_prompts=backend.prompt_token_ids([pos[i].prompt for i in test]),
+        pos=[pos[i].response_token_ids for i in test], neg=[neg[i].response_token_ids for i in test],
+        neutral_prompts=[cached.prompt_token_ids[i] for i in keep],
+        neutral=[cached.response_token_ids[i] for i in keep],
     )
 
 
@@ -185,10 +177,10 @@ def judge_validity(judge, exp: Experiment, trait: str, variant: str, position: s
     test split, which neither the vectors nor (for `offline_judge`) the judge were fitted on: AUROC with a
     95% bootstrap interval over test questions."""
     data = load_trait(trait)
-    pos, neg = load_responses(exp, trait, variant)
-    test = load_splits(exp, trait, variant, position, component)["test"]
-    scores = {side: [s["trait_score"] for s in _score(judge, trait, data.definition, [r["prompt"] for r in rows],
-                                                      [r["response"] for r in rows])]
+    pos, neg = exp.responses(trait, variant)
+    test = exp.activation_metadata(trait, variant, position, component).splits["test"]
+    scores = {side: [s["trait_score"] for s in _score(judge, trait, data.definition, [r.prompt for r in rows],
+                                                      [r.response for r in rows])]
               for side, rows in (("pos", [pos[i] for i in test]), ("neg", [neg[i] for i in test]))}
     pairs = [(p, n) for p, n in zip(scores["pos"], scores["neg"]) if p is not None and n is not None]
     if len(pairs) < 2:
@@ -224,32 +216,31 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)
     layers = parse_layers(config.layers, backend.n_layers)
-    meta = load_activation_metadata(exp, trait, extraction_variant, config.position, config.component)
-    vectors = {l: load_vector(exp, trait, extraction_variant, config.position, config.component, config.method, l)
-               for l in layers}
+    source_at = (trait, extraction_variant, config.position, config.component)
+    meta = exp.activation_metadata(*source_at)
+    vectors = {l: exp.vector(*source_at, config.method, l) for l in layers}
     direction = config.direction or data.steering.direction
     sign = 1.0 if direction == "positive" else -1.0
-    path = exp.steering_results_path(trait, mv.name, config.position)
+    results_at = (trait, mv.name, config.position)
     judge_name = getattr(judge, "name", type(judge).__name__)
     header = SteeringHeader(
         trait=trait, direction=direction, steering_model=mv.label, steering_experiment=exp.name,
         vector_source={"model": source.label, "experiment": exp.name, "trait": trait, "method": config.method,
                        "component": config.component,
-                       "input_hash": vectors_hash(exp, trait, extraction_variant, config.position, config.component,
-                                                  config.method)},
+                       "input_hash": exp.vector_metadata(*source_at, config.method).input_hash},
         eval={"model": judge_name, "method": "judge", **(judge_info or {})}, prompts_hash=data.input_hash,
         n_questions=len(search), n_report=len(report_qs), max_new_tokens=config.max_new_tokens,
         n_neutral=config.n_neutral,
     )
-    lines = read_jsonl(path)
-    if lines and not _same_setup(lines[0], header):
+    stored = exp.steering_results(*results_at)
+    if stored is not None and not _same_setup(stored.header, header):
         # Other vectors, judge or questions: those runs are not comparable with new ones. Keep them aside
         # under a new name (everything above has been checked, so the new run can start).
-        path.rename(unique_sibling(path, "stale"))
-        lines = []
-    if not lines:
-        append_jsonl(path, header.to_dict())
-        lines.append(header.to_dict())
+        exp.set_aside_steering_results(*results_at)
+        stored = None
+    if stored is None:
+        exp.append_steering(*results_at, header)
+        stored = SteeringResults(header)
 
     @functools.cache
     def reference() -> tuple[ReferenceTexts, _Scored]:
@@ -257,17 +248,16 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
         refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.label, backend, config)
         return refs, _score_texts(backend, refs)
 
-    if not any(line.get("type") == "baseline" for line in lines):
+    if stored.baseline is None:
         [answers] = _generate(backend, search, [], config)
-        line = {"type": "baseline",
-                "result": summarize_judge_scores(_score(judge, trait, data.definition, search, answers)).to_dict(),
-                "judge_free": {"llr": bootstrap_mean(reference()[1].llr).to_dict(),
-                               "nll": bootstrap_mean(reference()[1].nll).to_dict()},
-                "timestamp": _now()}
-        append_jsonl(path, line)
-        lines.append(line)
+        exp.append_steering(*results_at, {
+            "type": "baseline",
+            "result": summarize_judge_scores(_score(judge, trait, data.definition, search, answers)).to_dict(),
+            "judge_free": {"llr": bootstrap_mean(reference()[1].llr).to_dict(),
+                           "nll": bootstrap_mean(reference()[1].nll).to_dict()},
+            "timestamp": _now()})
 
-    done = {_key(r): r for r in (SteeringRunRecord.from_dict(x) for x in lines if x.get("type") == "run")}
+    done = {_key(r): r for r in stored.runs}
     if config.coefficients is not None:
         schedule = [[(l, sign * c) for l in layers] for c in config.coefficients]
     else:
@@ -288,19 +278,19 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
                     control=judge_free_metrics(backend, *reference(), SteeringSpec(
                         layer=l, vector=random_control(v, l), coefficient=c, component=config.component)),
                 )
-                append_jsonl(path, run.to_dict())
+                exp.append_steering(*results_at, run)
                 done[_key(run)] = run
         for l, _ in todo:
             coherence = done[_spec_key(specs[l])].result.coherence_mean
             coefs[l] *= UP_MULT if coherence is not None and coherence >= config.search_coherence else DOWN_MULT
 
-    results = SteeringResults.from_jsonl_lines(read_jsonl(path))
+    results = exp.steering_results(*results_at)
     best = results.best_run(config.min_coherence)
     if best is not None and (results.report is None or results.report["config"] != best.config.to_dict()):
         # The best run may come from an earlier call with other layers: load its vector by layer.
-        vector = load_vector(exp, trait, extraction_variant, config.position, config.component, best.method, best.layer)
-        append_jsonl(path, _report(backend, judge, trait, data.definition, report_qs, best, vector, config))
-        results = SteeringResults.from_jsonl_lines(read_jsonl(path))
+        vector = exp.vector(*source_at, best.method, best.layer)
+        exp.append_steering(*results_at, _report(backend, judge, trait, data.definition, report_qs, best, vector, config))
+        results = exp.steering_results(*results_at)
     return results
 
 
@@ -333,22 +323,18 @@ def _report(backend: Backend, judge, trait: str, definition: str, questions: Seq
     }
 
 
-def vectors_hash(exp: Experiment, trait: str, variant: str, position: str, component: str, method: str) -> str:
-    """The input hash of the vectors on disk for one method (changes whenever they are re-fitted)."""
-    return read_json(exp.vectors_dir(trait, variant, position, component, method) / "metadata.json")["input_hash"]
-
-
 _SETUP_KEYS = ("trait", "direction", "vector_source", "eval", "prompts_hash", "n_questions", "n_report",
                "max_new_tokens", "n_neutral")
 
 
-def _same_setup(first_line: dict, header: SteeringHeader) -> bool:
+def _same_setup(stored: SteeringHeader, header: SteeringHeader) -> bool:
     """Whether a results file's header describes the same setup (an experiment's name is not part of it:
     renaming the folder keeps its results)."""
-    def setup(d: dict) -> dict:
-        return {k: ({**d[k], "experiment": None} if k == "vector_source" else d[k]) for k in _SETUP_KEYS if k in d}
+    def setup(h: SteeringHeader) -> dict:
+        d = h.to_dict()
+        return {k: ({**d[k], "experiment": None} if k == "vector_source" else d[k]) for k in _SETUP_KEYS}
 
-    return first_line.get("type") == "header" and setup(first_line) == setup(header.to_dict())
+    return setup(stored) == setup(header)
 
 
 def _spec_key(config: ProjectionConfig) -> tuple:

@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tracelens.model.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
 from tracelens.errors import ConfigError, MissingArtifactError, RequestError
-from tracelens.pipeline.experiments import Experiment, check_name, find_traits
+from tracelens.pipeline.experiments import Experiment
 from tracelens.io import read_json, read_jsonl
 from tracelens.serving.local_http import (
     LOCAL_HOSTS,
@@ -97,10 +97,6 @@ class DashboardData:
         except (ValueError, OSError) as err:
             raise RequestError(f"cannot read {what}: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
 
-    @staticmethod
-    def _subdirs(path: Path) -> list[str]:
-        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-
     # --- listings -------------------------------------------------------------------------------
 
     def info(self) -> dict:
@@ -111,44 +107,40 @@ class DashboardData:
             default = config.get("defaults", {}).get("application")
         except (FileNotFoundError, ValueError):
             pass
-        on_disk = self._subdirs(self.exp.stage_root("inference"))
+        on_disk = self.exp.inference_variants()
         variants += [v for v in on_disk if v not in variants]
         return {"experiment": self.exp.name, "variants": variants,
                 "default_variant": default if default in variants else (variants[0] if variants else None)}
 
     def prompt_sets(self, variant: str) -> dict:
-        root = self._path(self.exp.inference_responses_dir, variant)
-        sets = []
-        if root.is_dir():
-            for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
-                if any(folder.glob("*.json")):
-                    sets.append(folder.relative_to(root).as_posix())
-        return {"prompt_sets": sets}
+        self._path(self.exp.inference_responses_dir, variant)
+        return {"prompt_sets": self.exp.prompt_sets(variant)}
 
     def prompts(self, variant: str, prompt_set: str) -> dict:
-        folder = self._path(self.exp.inference_responses_dir, variant, prompt_set)
-        if not folder.is_dir():
-            raise RequestError(f"no responses for prompt set {prompt_set!r} of variant {variant!r}",
-                               HTTPStatus.NOT_FOUND)
+        self._path(self.exp.inference_responses_dir, variant, prompt_set)
+        try:
+            ids = self.exp.prompt_ids(variant, prompt_set)
+        except MissingArtifactError as err:
+            raise RequestError(str(err), HTTPStatus.NOT_FOUND) from None
         out = []
-        for path in sorted(folder.glob("*.json"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit()
-                                                                 else 0, p.stem)):
+        for prompt_id in ids:
             try:
-                text = str(read_json(path).get("prompt", ""))
+                text = str(read_json(self._path(self.exp.inference_response_path, variant, prompt_set, prompt_id))
+                           .get("prompt", ""))
             except (ValueError, OSError, AttributeError):
                 text = "(unreadable)"
-            out.append({"id": path.stem, "prompt": text[:120]})
+            out.append({"id": prompt_id, "prompt": text[:120]})
         return {"prompts": out}
 
     def traits(self, variant: str, kind: str) -> dict:
-        if kind == "projections":
-            root = self._path(self.exp.projections_dir, variant)  # projections/{trait}/{prompt set}/{id}.json
-            return {"traits": find_traits(root, lambda t: any((root / t).glob("*/*.json")))}
-        if kind not in ("extraction", "steering"):
+        if kind not in ("projections", "extraction", "steering"):
             raise _bad(f"kind must be projections, extraction or steering, got {kind!r}")
-        check_name(variant, "variant")
-        root = self.exp.stage_root(kind)
-        return {"traits": find_traits(root, lambda t: (root / t / variant).is_dir())}
+        if kind == "projections":
+            self._path(self.exp.projections_dir, variant)
+        try:
+            return {"traits": self.exp.traits(kind, variant)}
+        except ValueError as err:  # a bad variant name
+            raise _bad(str(err)) from None
 
     # --- trait dynamics -------------------------------------------------------------------------
 

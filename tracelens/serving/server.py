@@ -101,7 +101,6 @@ from tracelens.errors import ConfigError, GenerationCancelled, RequestError
 from tracelens.model.generation import HookedGenerator, check_capture
 from tracelens.model.requests import CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec, TokenOutput
 from tracelens.pipeline.experiments import Experiment, get_model_variant
-from tracelens.pipeline.extraction import load_vector
 from tracelens.pipeline.selection import select_vector
 from tracelens.serving.backends import LocalBackend
 from tracelens.serving.codec import encode_activations, result_to_json, token_to_json
@@ -657,8 +656,8 @@ class ModelServer:
             best = select_vector(self.exp, args["trait"], variant=variant, position=args["position"],
                                  component=entry.get("component", "residual"), layer=entry.get("layer"),
                                  method=args["method"], allow_unscored=True)
-            return best.layer, load_vector(self.exp, args["trait"], variant, best.position, best.component,
-                                           best.method, best.layer)
+            return best.layer, self.exp.vector(args["trait"], variant, best.position, best.component, best.method,
+                                               best.layer)
         except (FileNotFoundError, KeyError, ValueError) as err:
             raise RequestError(f"{what}: no steering vector for trait {args['trait']!r} in experiment "
                                f"{self.exp.name!r} ({err})") from None
