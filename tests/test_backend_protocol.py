@@ -22,6 +22,7 @@ from tracelens.serving.client import RemoteBackend
 from tracelens.serving.protocol import Backend
 from tracelens.serving.codec import encode_tensor
 from tracelens.serving.server import ModelServer
+from tracelens.serving.tl_vllm_backend import TLVLLMBackend
 from tracelens.serving.vllm_backend import VLLMBackend
 
 TRAIT = "starter/optimism"
@@ -43,7 +44,7 @@ def missing_members(cls) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("cls", [LocalBackend, RemoteBackend, VLLMBackend])
+@pytest.mark.parametrize("cls", [LocalBackend, RemoteBackend, VLLMBackend, TLVLLMBackend])
 def test_every_backend_states_the_whole_protocol(cls):
     assert MEMBERS and missing_members(cls) == []
 

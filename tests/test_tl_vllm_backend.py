@@ -326,7 +326,7 @@ def test_real_engine_steers_during_decode_and_captures():
     model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     b = TLVLLMBackend(model_id, seed=0, dtype=torch.float32, gpu_memory_utilization=0.3, max_model_len=512)
     try:
-        v = _unit(b.d_model, 0)
+        v = _unit(b.hidden_dim, 0)
         steer = [SteeringSpec(layer=10, vector=v, coefficient=8.0)]
         capture = CaptureSpec([10], ["residual"])
         cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)

@@ -206,7 +206,7 @@ class TLVLLMBackend(VLLMBackend):
         return int(self.driver.bridge_config.n_layers)
 
     @property
-    def d_model(self) -> int:
+    def hidden_dim(self) -> int:
         return int(self.driver.bridge_config.d_model)
 
     # --- generation ---------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class TLVLLMBackend(VLLMBackend):
         """Like `LocalBackend.generate_with_capture`: responses, then activations at every prompt and response
         position from one forward per prompt over prompt + response under the same steering."""
         sites = capture_sites(capture or CaptureSpec(), self.n_layers)
-        groups = steering_groups(steering, len(_check_prompts(prompts)), self.n_layers, self.d_model)
+        groups = steering_groups(steering, len(_check_prompts(prompts)), self.n_layers, self.hidden_dim)
         results = self.generate_results(prompts, config, steering, system_prompts)
         names = tuple(dict.fromkeys(name for _, _, name in sites))
         try:
@@ -239,7 +239,7 @@ class TLVLLMBackend(VLLMBackend):
     def _run(self, texts: list[str], config: GenerationConfig, steering=None) -> list[CaptureResult]:
         if not texts:
             return []
-        groups = steering_groups(steering, len(texts), self.n_layers, self.d_model)
+        groups = steering_groups(steering, len(texts), self.n_layers, self.hidden_dim)
         ids = [encode(self.tokenizer, t) for t in texts]
         completions: list = [None] * len(texts)
         for rows, edits in groups:

@@ -120,11 +120,11 @@ class VLLMBackend:
 
     @property
     def n_layers(self) -> int:
-        raise _cannot("report the model's layers")
+        raise _cannot(self, "report the model's layers")
 
     @property
     def hidden_dim(self) -> int:
-        raise _cannot("report the model's hidden size")
+        raise _cannot(self, "report the model's hidden size")
 
     def format(self, prompt: str, system_prompt: str | None = None) -> str:
         return format_prompt(self.tokenizer, prompt, system_prompt, self.use_chat_template)
@@ -157,16 +157,16 @@ class VLLMBackend:
     def _check_steering(self, steering) -> None:
         """Refuse steering before any engine work (plain vLLM has no hooks; a subclass may allow it)."""
         if steering:
-            raise _cannot("steer")
+            raise _cannot(self, "steer")
 
     def generate_with_capture(self, prompts, config=None, capture=None, steering=None, system_prompts=None):
-        raise _cannot("capture activations")
+        raise _cannot(self, "capture activations")
 
     def forward_with_capture(self, input_ids, attention_mask, capture):
-        raise _cannot("capture activations")
+        raise _cannot(self, "capture activations")
 
     def response_logprobs(self, prompt_ids, response_ids, steering=None, *, kl=False):
-        raise _cannot("score given responses by teacher forcing")
+        raise _cannot(self, "score given responses by teacher forcing")
 
     def _texts(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None, formatted: bool) -> list[str]:
         prompts = _check_prompts(prompts)
@@ -266,10 +266,11 @@ class VLLMBackend:
         self.shutdown()
 
 
-def _cannot(what: str) -> BackendError:
-    return BackendError(f"VLLMBackend cannot {what}: plain vLLM exposes no model internals; use TLVLLMBackend "
-                        "(tracelens.serving.tl_vllm_backend, TransformerLens' instrumented vLLM), LocalBackend or a "
-                        "RemoteBackend on `tracelens server`")
+def _cannot(backend: VLLMBackend, what: str) -> BackendError:
+    return BackendError(f"{type(backend).__name__} cannot {what}: the vLLM engine exposes no model internals for it; "
+                        "use LocalBackend or a RemoteBackend on `tracelens server`"
+                        + (", or TLVLLMBackend (tracelens.serving.tl_vllm_backend) for steering and capture"
+                           if type(backend) is VLLMBackend else ""))
 
 
 def _check_prompts(prompts: Sequence[str]) -> Sequence[str]:
