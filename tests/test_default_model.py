@@ -66,7 +66,7 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     trait = "starter/enthusiasm"
     config = ExtractionConfig(methods=("probe",), layers="12,15", max_new_tokens=12, limit=10)
     report = run_extraction(exp, [trait], config, backend=backend)[trait]
-    assert {r["layer"] for r in report["results"]} == {12, 15} and report["splits"] == {"train": 6, "select": 2, "test": 2}
+    assert {r.layer for r in report.results} == {12, 15} and report.splits == {"train": 6, "select": 2, "test": 2}
     judge = offline_judge(trait)
     validity = judge_validity(judge, exp, trait, "instruct")
     assert validity["n_pairs"] == 2 and 0.0 <= validity["auroc"]["value"] <= 1.0
