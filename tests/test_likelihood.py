@@ -62,10 +62,10 @@ def test_judge_free_metrics_are_zero_at_coefficient_zero_and_match_a_direct_comp
     refs, backend = _refs(), LocalBackend.from_model(tiny.model)
     unsteered = _score_texts(backend, refs)
     v = torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(2))
-    zero = judge_free_metrics(backend, refs, unsteered, SteeringSpec(0, v, 0.0))
+    zero = judge_free_metrics(backend, refs, unsteered, SteeringSpec(layer=0, vector=v, coefficient=0.0))
     assert all(m == {"value": 0.0, "lo": 0.0, "hi": 0.0} for m in zero.values())
 
-    got = judge_free_metrics(backend, refs, unsteered, SteeringSpec(0, v, 4.0))
+    got = judge_free_metrics(backend, refs, unsteered, SteeringSpec(layer=0, vector=v, coefficient=4.0))
     edit = {"model.layers.0": lambda h: h + 4.0 * v}
 
     def llr(i, e=None):
