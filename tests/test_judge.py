@@ -457,9 +457,9 @@ def test_repetition_score_by_hand():
 
 
 def test_fit_and_validity_need_both_sides():
-    with pytest.raises(ValueError, match=r"fit needs at least one positive and one negative text, got 0 positive and 1"):
+    with pytest.raises(ValueError, match=r"fit needs at least one positive and one negative text; got 0 positive and 1"):
         EmbeddingJudge().fit([], ["meh"])
-    with pytest.raises(ValueError, match=r"validity needs at least one positive and one negative text, got 1 positive and 0"):
+    with pytest.raises(ValueError, match=r"validity needs at least one positive and one negative text; got 1 positive and 0"):
         EmbeddingJudge().validity(["yay"], [])
 
 

@@ -112,7 +112,7 @@ def test_pca_sign_is_fixed_by_the_largest_entry():
 
 
 def test_pca_needs_two_rows():
-    with pytest.raises(ValueError, match="at least 2 rows, got shape \\(1, 2\\)"):
+    with pytest.raises(ValueError, match="at least 2 rows; got shape \\(1, 2\\)"):
         pca(t([1, 2]))
 
 
@@ -160,7 +160,7 @@ def test_trait_clusters():
     assert labels[0] == labels[1] != labels[2] == labels[3]
     assert sorted(centroids.tolist()) == [[0.0, 0.5], [10.0, 0.5]]
     assert inertia == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="between 1 and the number of vectors \\(4\\), got 5"):
+    with pytest.raises(ValueError, match="between 1 and the number of vectors \\(4\\); got 5"):
         trait_clusters(torch.zeros(4, 2), k=5)
 
 
@@ -181,7 +181,7 @@ def test_representational_similarity_hand_computed():
 def test_representational_similarity_rejects_bad_input():
     with pytest.raises(ValueError, match="same n >= 3"):
         representational_similarity({0: torch.ones(3, 2), 1: torch.ones(4, 2)})
-    with pytest.raises(ValueError, match="'spearman' or 'cosine', got 'pearson'"):
+    with pytest.raises(ValueError, match="'spearman' or 'cosine'; got 'pearson'"):
         representational_similarity({0: torch.ones(3, 2)}, method="pearson")
 
 
@@ -228,7 +228,7 @@ def test_remove_massive_dims_in_place_empty_and_dtype():
     assert remove_massive_dims(acts, []) is acts
     out = remove_massive_dims(acts, [0], clone=False)
     assert out is acts and out.dtype == torch.bfloat16 and acts[0].item() == 0
-    with pytest.raises(ValueError, match="non-negative indices, got \\[-1\\]"):
+    with pytest.raises(ValueError, match="non-negative indices; got \\[-1\\]"):
         remove_massive_dims(acts, [-1])
 
 
@@ -241,5 +241,5 @@ def test_normalize_projections():
     # a zero-norm token gives 0, not inf
     assert torch.equal(normalize_projections(raw, [0.0, 2.0], mode="cosine"), t(0, 2))
     assert torch.equal(normalize_projections(raw, [0.0, 0.0]), t(0, 0))
-    with pytest.raises(ValueError, match="'normalized', 'cosine' or 'raw', got 'z'"):
+    with pytest.raises(ValueError, match="'normalized', 'cosine' or 'raw'; got 'z'"):
         normalize_projections(raw, norms, mode="z")

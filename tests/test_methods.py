@@ -150,9 +150,9 @@ def test_one_row_per_class_is_enough(name):
 
 @pytest.mark.unchecked_types
 def test_shape_and_type_checks():
-    with pytest.raises(ValueError, match="pos_acts must be 2-D \\[n, d\\], got shape \\(3,\\)"):
+    with pytest.raises(ValueError, match="pos_acts must be 2-D \\[n, d\\]; got shape \\(3,\\)"):
         get_method("mean_diff").extract(torch.ones(3), torch.ones(2, 3))
-    with pytest.raises(ValueError, match="neg_acts must be a torch.Tensor of shape \\[n, d\\], got list"):
+    with pytest.raises(ValueError, match="neg_acts must be a torch.Tensor of shape \\[n, d\\]; got list"):
         get_method("mean_diff").extract(torch.ones(2, 3), [[1.0, 2.0, 3.0]])
 
 
@@ -285,7 +285,7 @@ def test_fisher_chooses_shrinkage_on_the_validation_split(planted):
     _, pos, neg = planted
     result = get_method("fisher").extract(pos, neg, shrinkage_grid=(1.0, 0.5))
     assert set(result["val_auc"]) == {1.0, 0.5} and result["shrinkage"] in (1.0, 0.5)
-    with pytest.raises(ValueError, match="shrinkage must be in \\(0, 1\\], got 0"):
+    with pytest.raises(ValueError, match="shrinkage must be in \\(0, 1\\]; got 0"):
         get_method("fisher").extract(pos, neg, shrinkage=0)
 
 
@@ -404,7 +404,7 @@ def test_holdout_split():
     assert (len(held.pos), len(held.val_pos), len(held.neg), len(held.val_neg)) == (8, 2, 1, 1)
     assert sorted(torch.cat([held.pos, held.val_pos]).flatten().tolist()) == list(range(10))
     assert holdout_split(held, 0.5, seed=1) is held  # an existing validation split is kept
-    with pytest.raises(ValueError, match="val_fraction must be in \\(0, 1\\), got 1.5"):
+    with pytest.raises(ValueError, match="val_fraction must be in \\(0, 1\\); got 1.5"):
         holdout_split(split, 1.5, seed=0)
 
 

@@ -27,7 +27,7 @@ def test_effect_size_hand_computed():
 
 def test_effect_size_zero_spread_and_one_sample():
     assert effect_size([1.0, 1.0], [0.0, 0.0]) == 0.0
-    with pytest.raises(ValueError, match="pos_proj must be a 1-D sequence of at least 2 scores, got shape \\(1,\\)"):
+    with pytest.raises(ValueError, match="pos_proj must be a 1-D sequence of at least 2 scores; got shape \\(1,\\)"):
         effect_size([1.0], [0.0, 2.0])
 
 
@@ -41,7 +41,7 @@ def test_pearson_correlation_hand_computed():
     # r = (7/3 + 8/3) / (sqrt2 * sqrt(114)/3) = 5 / (sqrt2 * sqrt(114)/3) = 0.993399...
     assert pearson_correlation([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / (2**0.5 * 114**0.5 / 3))
     assert pearson_correlation([1, 2, 3], [5, 5, 5]) == 0.0  # constant: denominator clamped, r = 0
-    with pytest.raises(ValueError, match="same length, got 3 and 2"):
+    with pytest.raises(ValueError, match="same length; got 3 and 2"):
         pearson_correlation([1, 2, 3], [1, 2])
 
 
@@ -61,7 +61,7 @@ def test_metrics_accept_half_precision():
 
 @pytest.mark.unchecked_types
 def test_scores_must_be_one_dimensional():
-    with pytest.raises(ValueError, match="pos_scores must be a 1-D sequence of at least 1 scores, got shape \\(2, 1\\)"):
+    with pytest.raises(ValueError, match="pos_scores must be a 1-D sequence of at least 1 scores; got shape \\(2, 1\\)"):
         auroc(torch.ones(2, 1), torch.ones(2))
 
 

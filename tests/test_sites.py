@@ -38,7 +38,7 @@ def test_layers_are_range_checked_and_negative_layers_count_from_the_end(tiny):
         get_hook_path(-n - 1, model=tiny.model)
     with pytest.raises(ValueError, match="negative layer -1 needs model="):
         get_hook_path(-1)
-    with pytest.raises(TypeError, match="layer must be an int, got str"):
+    with pytest.raises(TypeError, match="layer must be an int; got str"):
         get_hook_path("3")
 
 

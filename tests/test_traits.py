@@ -201,7 +201,7 @@ def test_missing_trait_folder_lists_available_traits(tmp_path):
 
 
 def test_missing_root_is_rejected(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"trait root must be an existing directory, got '.*missing'"):
+    with pytest.raises(FileNotFoundError, match=r"trait root must be an existing directory; got '.*missing'"):
         load_trait("cat/trait", tmp_path / "missing")
 
 
@@ -259,7 +259,7 @@ def test_row_without_prompt(tmp_path):
 @pytest.mark.parametrize("value", [3, None, "", "   ", ["a"]])
 def test_row_with_non_string_or_empty_prompt(tmp_path, value):
     make_trait(tmp_path, pos=json.dumps({"prompt": value}) + "\n" + '{"prompt": "b?"}\n')
-    with pytest.raises(TraitDataError, match=r"positive\.jsonl, line 1: 'prompt' must be a non-empty string, got "):
+    with pytest.raises(TraitDataError, match=r"positive\.jsonl, line 1: 'prompt' must be a non-empty string; got "):
         load_trait("cat/trait", tmp_path)
 
 
@@ -306,16 +306,16 @@ def test_invalid_utf8(tmp_path, name):
     [
         ("{not json", r"steering\.json, line 1: malformed JSON"),
         ('["q?"]', r"steering\.json: expected a JSON object .* got list"),
-        ({"direction": "positive"}, r"'questions' must be a non-empty list of strings, got None"),
-        ({"questions": []}, r"'questions' must be a non-empty list of strings, got \[\]"),
-        ({"questions": "q?"}, r"'questions' must be a non-empty list of strings, got 'q\?'"),
-        ({"questions": ["ok?", 5]}, r"questions\[1\] must be a non-empty string or \{\"question\": \"...\"\}, got 5"),
+        ({"direction": "positive"}, r"'questions' must be a non-empty list of strings; got None"),
+        ({"questions": []}, r"'questions' must be a non-empty list of strings; got \[\]"),
+        ({"questions": "q?"}, r"'questions' must be a non-empty list of strings; got 'q\?'"),
+        ({"questions": ["ok?", 5]}, r"questions\[1\] must be a non-empty string or \{\"question\": \"...\"\}; got 5"),
         ({"questions": [{"q": "x"}]}, r"questions\[0\] must be a non-empty string .* got \{'q': 'x'\}"),
         ({"questions": ["ok?", "  "]}, r"questions\[1\] must be a non-empty string"),
-        ({"questions": ["q?"], "direction": "up"}, r"'direction' must be 'positive' or 'negative', got 'up'"),
-        ({"questions": ["q?"], "direction": None}, r"'direction' must be 'positive' or 'negative', got None"),
-        ({"questions": ["q?"], "eval_prompt": 3}, r"'eval_prompt' must be a non-empty string or left out, got 3"),
-        ({"questions": ["q?"], "vet_prompt": ""}, r"'vet_prompt' must be a non-empty string or left out, got ''"),
+        ({"questions": ["q?"], "direction": "up"}, r"'direction' must be 'positive' or 'negative'; got 'up'"),
+        ({"questions": ["q?"], "direction": None}, r"'direction' must be 'positive' or 'negative'; got None"),
+        ({"questions": ["q?"], "eval_prompt": 3}, r"'eval_prompt' must be a non-empty string or left out; got 3"),
+        ({"questions": ["q?"], "vet_prompt": ""}, r"'vet_prompt' must be a non-empty string or left out; got ''"),
         ({"questions": ["q?"], "qestions": ["x"]}, r"unknown keys \['qestions'\]; allowed keys are \['questions'"),
     ],
 )
@@ -430,19 +430,19 @@ def test_judge_corpus_hash_tracks_the_file_bytes_and_not_the_scenarios(tmp_path)
     ("bad_line", "match"),
     [
         ('{"text": "x", "label": 1', r"line 21: malformed JSON \(.* at column \d+\)"),
-        ('["x", 1]', r"line 21: expected a JSON object like \{\"text\": \"...\", \"label\": 1\}, got list"),
+        ('["x", 1]', r"line 21: expected a JSON object like \{\"text\": \"...\", \"label\": 1\}; got list"),
         ('{"text": "x"}', r"line 21: missing 'label' \(got keys \['text'\]\)"),
         ('{"label": 1}', r"line 21: missing 'text' \(got keys \['label'\]\)"),
         ('{"text": "x", "label": 1, "source": "me"}',
          r"line 21: unknown keys \['source'\]; allowed keys are \['text', 'label'\]"),
-        ('{"text": "x", "label": 2}', r"line 21: 'label' must be 1 \(shows the trait\) or 0 \(the opposite\), got 2"),
+        ('{"text": "x", "label": 2}', r"line 21: 'label' must be 1 \(shows the trait\) or 0 \(the opposite\); got 2"),
         ('{"text": "x", "label": "1"}', r"line 21: 'label' must be 1 .* got '1'"),
         ('{"text": "x", "label": true}', r"line 21: 'label' must be 1 .* got True"),
         ('{"text": "x", "label": 1.0}', r"line 21: 'label' must be 1 .* got 1.0"),
         ('{"text": "x", "label": null}', r"line 21: 'label' must be 1 .* got None"),
-        ('{"text": "", "label": 1}', r"line 21: 'text' must be a non-empty string, got ''"),
-        ('{"text": "  ", "label": 0}', r"line 21: 'text' must be a non-empty string, got '  '"),
-        ('{"text": 3, "label": 0}', r"line 21: 'text' must be a non-empty string, got 3"),
+        ('{"text": "", "label": 1}', r"line 21: 'text' must be a non-empty string; got ''"),
+        ('{"text": "  ", "label": 0}', r"line 21: 'text' must be a non-empty string; got '  '"),
+        ('{"text": 3, "label": 0}', r"line 21: 'text' must be a non-empty string; got 3"),
         ('{"text": "  YES   3 ", "label": 1}',
          r"line 21: duplicate text \(the same as line 4, ignoring case and whitespace\)"),
     ],

@@ -228,7 +228,7 @@ def test_response_record_split_and_checks():
     assert rec.response_tokens == ["Hello", " there"]
     with pytest.raises(ValueError, match="3 tokens but 2 token_ids"):
         ResponseRecord("p", "r", ["a", "b", "c"], [1, 2], 1)
-    with pytest.raises(ValueError, match=r"prompt_end must be in \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"prompt_end must be in \[0, 2\]; got 3"):
         ResponseRecord("p", "r", ["a", "b"], [1, 2], 3)
 
 
@@ -316,7 +316,7 @@ def test_steering_header_checks_direction():
 
 @pytest.mark.unchecked_types
 def test_from_dict_rejects_non_mappings():
-    with pytest.raises(TypeError, match="VectorSpec.from_dict expects a mapping, got list"):
+    with pytest.raises(TypeError, match="VectorSpec.from_dict expects a mapping; got list"):
         VectorSpec.from_dict([9, "residual"])
 
 

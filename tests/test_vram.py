@@ -92,7 +92,7 @@ def test_bandwidth_report_rejects_non_positive_elapsed(elapsed):
 
 
 def test_bandwidth_report_rejects_negative_data():
-    with pytest.raises(ValueError, match=r"data_gb must be a non-negative number of GB, got -1"):
+    with pytest.raises(ValueError, match=r"data_gb must be a non-negative number of GB; got -1"):
         bandwidth_report(-1, 1.0)
 
 

@@ -105,7 +105,7 @@ def pca(
     positive so the signs are reproducible. All-identical rows give a ratio of 0. Raises ValueError if n < 2.
     """
     if vectors.ndim != 2 or vectors.shape[0] < 2:
-        raise ShapeError(f"pca needs a 2-D tensor with at least 2 rows, got shape {tuple(vectors.shape)}.")
+        raise ShapeError(f"pca needs a 2-D tensor with at least 2 rows; got shape {tuple(vectors.shape)}.")
     centered = vectors.float() - vectors.float().mean(dim=0)
     _, s, vt = torch.linalg.svd(centered, full_matrices=False)
     k = min(n_components, s.shape[0])
@@ -140,7 +140,7 @@ def grand_mean_center(
     Removes what every trait direction shares (Sofroniew et al. 2026, §1.1.4). Raises ValueError if empty.
     """
     if not vectors:
-        raise ConfigError("grand_mean_center needs at least one vector, got an empty mapping.")
+        raise ConfigError("grand_mean_center needs at least one vector; got an empty mapping.")
     names = sorted(vectors)
     grand_mean = torch.stack([vectors[name].float() for name in names]).mean(dim=0)
     return {name: vectors[name].float() - grand_mean for name in names}, grand_mean
@@ -155,7 +155,7 @@ def compute_top_pcs_by_variance(
     Returns ``(basis [k, d], variance ratios [k], k)``. Used on neutral activations to find shared noise.
     """
     if not 0 < variance_threshold <= 1:
-        raise ConfigError(f"variance_threshold must be in (0, 1], got {variance_threshold}.")
+        raise ConfigError(f"variance_threshold must be in (0, 1]; got {variance_threshold}.")
     components, ratio, _ = pca(activations, n_components=min(activations.shape))
     k = int((ratio.cumsum(0) < variance_threshold).sum()) + 1
     k = min(k, max_components, components.shape[0])
@@ -179,7 +179,7 @@ def trait_clusters(
     from sklearn.cluster import KMeans
 
     if not 1 <= k <= vectors.shape[0]:
-        raise ConfigError(f"k must be between 1 and the number of vectors ({vectors.shape[0]}), got {k}.")
+        raise ConfigError(f"k must be between 1 and the number of vectors ({vectors.shape[0]}); got {k}.")
     km = KMeans(n_clusters=k, n_init=n_init, random_state=random_state)
     km.fit(vectors.float().cpu().numpy())
     return torch.from_numpy(km.labels_).long(), torch.from_numpy(km.cluster_centers_).float(), float(km.inertia_)
@@ -196,11 +196,11 @@ def representational_similarity(
     whose cosines are all equal correlates 0 with every layer, itself included.
     """
     if method not in ("spearman", "cosine"):
-        raise ConfigError(f"method must be 'spearman' or 'cosine', got {method!r}.")
+        raise ConfigError(f"method must be 'spearman' or 'cosine'; got {method!r}.")
     layers = sorted(vectors_by_layer)
     sizes = {layer: vectors_by_layer[layer].shape[0] for layer in layers}
     if len(set(sizes.values())) != 1 or next(iter(sizes.values()), 0) < 3:
-        raise ShapeError(f"every layer needs the same n >= 3 vectors, got n per layer {sizes}.")
+        raise ShapeError(f"every layer needs the same n >= 3 vectors; got n per layer {sizes}.")
     n = next(iter(sizes.values()))
     rows, cols = torch.triu_indices(n, n, offset=1)
     triangles = torch.stack([pairwise_cosine_matrix(vectors_by_layer[layer])[rows, cols] for layer in layers])
@@ -228,7 +228,7 @@ def pca_norm_correlation(
 
     if projections.ndim != 2 or projections.shape[1] < 2 or projections.shape[0] != len(names):
         raise ShapeError(
-            f"projections must be [len(names)={len(names)}, >=2], got shape {tuple(projections.shape)}."
+            f"projections must be [len(names)={len(names)}, >=2]; got shape {tuple(projections.shape)}."
         )
     keep = [i for i, name in enumerate(names) if name in norms]
     if len(keep) < min_overlap:
@@ -299,7 +299,7 @@ def remove_massive_dims(
     ValueError (they would silently index from the end).
     """
     if any(dim < 0 for dim in dims):
-        raise ConfigError(f"massive dims must be non-negative indices, got {list(dims)}.")
+        raise ConfigError(f"massive dims must be non-negative indices; got {list(dims)}.")
     if not dims:
         return activations
     out = activations.clone() if clone else activations
@@ -325,4 +325,4 @@ def normalize_projections(
     if mode == "normalized":
         mean_norm = norms.mean() if norms.numel() else torch.tensor(0.0)
         return raw / mean_norm if mean_norm > 0 else torch.zeros_like(raw)
-    raise ConfigError(f"mode must be 'normalized', 'cosine' or 'raw', got {mode!r}.")
+    raise ConfigError(f"mode must be 'normalized', 'cosine' or 'raw'; got {mode!r}.")

@@ -24,7 +24,7 @@ def _scores(x: Scores, name: str, min_len: int = 1) -> Float[Tensor, " n"]:
     """Return ``x`` as a 1-D float64 tensor, raising ValueError if it is not 1-D or too short."""
     t = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64)
     if t.ndim != 1 or t.shape[0] < min_len:
-        raise ShapeError(f"{name} must be a 1-D sequence of at least {min_len} scores, got shape {tuple(t.shape)}.")
+        raise ShapeError(f"{name} must be a 1-D sequence of at least {min_len} scores; got shape {tuple(t.shape)}.")
     return t
 
 
@@ -63,7 +63,7 @@ def pearson_correlation(x: Scores, y: Scores) -> float:
     """Pearson r of two equal-length sequences, in [-1, 1]; a constant input gives 0 (denominator >= 1e-8)."""
     x, y = _scores(x, "x", 2), _scores(y, "y", 2)
     if x.shape != y.shape:
-        raise ShapeError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}.")
+        raise ShapeError(f"x and y must have the same length; got {x.shape[0]} and {y.shape[0]}.")
     xc, yc = x - x.mean(), y - y.mean()
     return float((xc @ yc) / (xc.norm() * yc.norm()).clamp_min(1e-8))
 

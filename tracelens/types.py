@@ -40,7 +40,7 @@ MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches 
 def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``d`` that are init fields of dataclass ``cls`` (unknown keys are dropped)."""
     if not isinstance(d, Mapping):
-        raise InputTypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}.")
+        raise InputTypeError(f"{cls.__name__}.from_dict expects a mapping; got {type(d).__name__}.")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return {k: v for k, v in d.items() if k in names}
 
@@ -92,7 +92,7 @@ class ProjectionConfig:
 
     def __post_init__(self) -> None:
         if not self.vectors:
-            raise ConfigError("ProjectionConfig needs at least one VectorSpec, got an empty list.")
+            raise ConfigError("ProjectionConfig needs at least one VectorSpec; got an empty list.")
 
     @classmethod
     def single(cls, layer: int, component: str, position: str, method: str, weight: float = 1.0) -> ProjectionConfig:
@@ -152,9 +152,9 @@ class VectorResult:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ConfigError(f"VectorResult.source must be one of {SOURCES}, got {self.source!r}.")
+            raise ConfigError(f"VectorResult.source must be one of {SOURCES}; got {self.source!r}.")
         if self.direction is not None and self.direction not in DIRECTIONS:
-            raise ConfigError(f"VectorResult.direction must be one of {DIRECTIONS} or None, got {self.direction!r}.")
+            raise ConfigError(f"VectorResult.direction must be one of {DIRECTIONS} or None; got {self.direction!r}.")
         if self.source != "steering" and (self.delta is not None or self.coherence is not None):
             raise ConfigError(
                 f"VectorResult.delta and .coherence come from steering runs, but source={self.source!r}; "
@@ -550,7 +550,7 @@ class ResponseRecord:
                 "they must describe the same sequence."
             )
         if not 0 <= self.prompt_end <= len(self.tokens):
-            raise ConfigError(f"ResponseRecord.prompt_end must be in [0, {len(self.tokens)}], got {self.prompt_end}.")
+            raise ConfigError(f"ResponseRecord.prompt_end must be in [0, {len(self.tokens)}]; got {self.prompt_end}.")
 
     @property
     def prompt_tokens(self) -> list[str]:
@@ -820,7 +820,7 @@ class SteeringHeader:
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
-            raise ConfigError(f"SteeringHeader.direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+            raise ConfigError(f"SteeringHeader.direction must be one of {DIRECTIONS}; got {self.direction!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "header", **dataclasses.asdict(self)}

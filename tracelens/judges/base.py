@@ -75,7 +75,7 @@ def _rows(
         if not isinstance(item, Mapping) or "question" not in item or "response" not in item:
             raise ConfigError(
                 f"items[{i}] must be a mapping with 'question' and 'response' (and optionally 'trait_name', "
-                f"'definition'), got {item!r:.200}."
+                f"'definition'); got {item!r:.200}."
             )
         rows.append(
             (item["question"], item["response"], item.get("trait_name", trait_name), item.get("definition", definition))

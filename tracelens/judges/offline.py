@@ -106,7 +106,7 @@ def _both_sides(positive_texts: Sequence[str], negative_texts: Sequence[str], wh
     positive_texts, negative_texts = list(positive_texts), list(negative_texts)
     if not positive_texts or not negative_texts:
         raise ConfigError(
-            f"{what} needs at least one positive and one negative text, got {len(positive_texts)} positive and "
+            f"{what} needs at least one positive and one negative text; got {len(positive_texts)} positive and "
             f"{len(negative_texts)} negative."
         )
     return positive_texts, negative_texts
@@ -158,7 +158,7 @@ class EmbeddingJudge(_BatchScoring):
         max_length: int = 256,
     ) -> None:
         if features not in self.FEATURES:
-            raise ConfigError(f"EmbeddingJudge features must be one of {self.FEATURES}, got {features!r}.")
+            raise ConfigError(f"EmbeddingJudge features must be one of {self.FEATURES}; got {features!r}.")
         self.model_path = model_path
         self.features = features
         self.C = C

@@ -116,7 +116,7 @@ class OpenAIJudge(_BatchScoring):
     ) -> None:
         if max_concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0:
             raise ConfigError(
-                f"OpenAIJudge needs max_concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0, got "
+                f"OpenAIJudge needs max_concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0; got "
                 f"max_concurrency={max_concurrency}, retries={retries}, timeout={timeout}, backoff={backoff}."
             )
         self.base_url = base_url

@@ -29,9 +29,9 @@ Acts = Float[Tensor, "_n d"]  # rows may differ between arguments ("_n" is not m
 def _check_acts(x: Any, name: str, min_rows: int, method: str) -> Acts:
     """Return ``x`` as a float32 ``[n, d]`` tensor, raising ValueError if it is malformed or non-finite."""
     if not isinstance(x, Tensor):
-        raise ShapeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}.")
+        raise ShapeError(f"{name} must be a torch.Tensor of shape [n, d]; got {type(x).__name__}.")
     if x.ndim != 2:
-        raise ShapeError(f"{name} must be 2-D [n, d], got shape {tuple(x.shape)}; flatten positions first.")
+        raise ShapeError(f"{name} must be 2-D [n, d]; got shape {tuple(x.shape)}; flatten positions first.")
     if x.shape[0] < min_rows:
         raise ShapeError(
             f"{name} has {x.shape[0]} rows but {method} needs at least {min_rows} per class; collect more examples."
@@ -75,7 +75,7 @@ def holdout_split(split: Split, fraction: float, seed: int) -> Split:
     if split.val_pos is not None:
         return split
     if not 0 < fraction < 1:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}.")
+        raise ConfigError(f"val_fraction must be in (0, 1); got {fraction}.")
     generator = torch.Generator().manual_seed(seed)
     parts = []
     for acts in (split.pos, split.neg):

@@ -142,7 +142,7 @@ class Fisher(ExtractionMethod):
     ) -> dict[str, Any]:
         for g in [shrinkage] if shrinkage is not None else shrinkage_grid:
             if not 0 < g <= 1:
-                raise ConfigError(f"shrinkage must be in (0, 1], got {g}; 0 is unbounded when rows < dims.")
+                raise ConfigError(f"shrinkage must be in (0, 1]; got {g}; 0 is unbounded when rows < dims.")
         # Callers often hold torch.no_grad() or inference_mode(); the optimiser needs autograd, and inference
         # tensors cannot be saved for backward, so re-enable both and clone the inputs into ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():

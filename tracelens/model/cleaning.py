@@ -81,7 +81,7 @@ def dims_for_mode(massive_dim_data: Mapping | None, mode: str) -> list:
     """The dims that Clean mode ``mode`` removes (see ``CLEAN_MODES``); ValueError for an unknown mode or
     when the file has no ``massive_dim_data`` for a mode other than ``"none"``."""
     if mode not in CLEAN_MODES:
-        raise ConfigError(f"clean mode must be one of {list(CLEAN_MODES)}, got {mode!r}")
+        raise ConfigError(f"clean mode must be one of {list(CLEAN_MODES)}; got {mode!r}")
     key = CLEAN_MODES[mode]
     if key is None:
         return []

@@ -182,7 +182,7 @@ class HookedGenerator:
         """An iterator over each generated token of a single prompt (batch 1) as it is produced.
         Arguments are checked now (ValueError), not at the first token; `cancel` as in `generate`."""
         if input_ids.shape[0] != 1:
-            raise ShapeError(f"stream takes one prompt (batch 1), got batch {input_ids.shape[0]}; use generate")
+            raise ShapeError(f"stream takes one prompt (batch 1); got batch {input_ids.shape[0]}; use generate")
         self._check(input_ids, max_new_tokens, temperature)
         stops = self.stop_ids(stop_token_ids, True)
         return self._stream(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
@@ -203,7 +203,7 @@ class HookedGenerator:
 
     def _check(self, input_ids: Tensor, max_new_tokens: int, temperature: float) -> None:
         if input_ids.dim() != 2:
-            raise ShapeError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+            raise ShapeError(f"input_ids must be [batch, pos]; got shape {tuple(input_ids.shape)}")
         check_generation_args(self.model, input_ids.shape[1], max_new_tokens, temperature)
 
     def _package(self, row: int, steps: list[_Step], output_logits: bool) -> SequenceOutput:

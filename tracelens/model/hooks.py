@@ -412,7 +412,7 @@ def _check_token_range(token_range):
         ok = ok and low >= 0 and (end is None or (isinstance(end, int) and not isinstance(end, bool) and end >= high))
     if not ok:
         raise ConfigError(f"token_range must be (start, end) with 0 <= start <= end or end=None (start an int or one "
-                         f"per row), got {token_range!r}")
+                         f"per row); got {token_range!r}")
     return token_range
 
 
@@ -581,7 +581,7 @@ def calibrate_cap_threshold(model, vector: Tensor, layer: int, prompts: Sequence
     if not prompts:
         raise ConfigError("calibrate_cap_threshold needs at least one prompt")
     if not 0 <= percentile <= 100:
-        raise ConfigError(f"percentile must be in [0, 100], got {percentile}")
+        raise ConfigError(f"percentile must be in [0, 100]; got {percentile}")
     tok = model.tokenizer
     scores = []
     with ProjectionHook(model, vector, get_hook_path(layer, component, model)) as proj, torch.inference_mode():

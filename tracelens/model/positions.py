@@ -42,7 +42,7 @@ class Position:
 def parse_position(position: str) -> Position:
     """Parse `frame[slice]`; a malformed string is a ValueError with examples."""
     if not isinstance(position, str):
-        raise ConfigError(f"position must be a string like 'prompt[-1]', got {position!r}; {_EXAMPLES}")
+        raise ConfigError(f"position must be a string like 'prompt[-1]'; got {position!r}; {_EXAMPLES}")
     text, turn = position.strip(), None
     m = _TURN.match(text)
     if m:

@@ -43,7 +43,7 @@ and its inputs, q/k norms as TL names them); a model loaded with attn_implementa
 def resolve_layer(layer: int, n_layers: int) -> int:
     """`layer` as an index in [0, n_layers); negative layers count from the end."""
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise InputTypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+        raise InputTypeError(f"layer must be an int; got {type(layer).__name__} {layer!r}")
     if not -n_layers <= layer < n_layers:
         raise ConfigError(
             f"layer {layer} is out of range for a model with {n_layers} layers "
@@ -63,7 +63,7 @@ def get_hook_path(layer: int, component: str = "residual", model: TransformerBri
     if model is not None:
         layer = resolve_layer(layer, model.cfg.n_layers)
     elif isinstance(layer, bool) or not isinstance(layer, int):
-        raise InputTypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+        raise InputTypeError(f"layer must be an int; got {type(layer).__name__} {layer!r}")
     elif layer < 0:
         raise ConfigError(f"negative layer {layer} needs model= to count from the end")
     return COMPONENTS[component].format(layer=layer)
@@ -164,7 +164,7 @@ def resolve_hook_name(model: TransformerBridge, path: str) -> str:
     them); any other wrapped module maps to its bridge component's `hook_out`.
     """
     if not isinstance(path, str):
-        raise InputTypeError(f"hook path must be a str, got {type(path).__name__}")
+        raise InputTypeError(f"hook path must be a str; got {type(path).__name__}")
     hooks = model.hook_dict
     if path in hooks:
         _check_fires(model, path)

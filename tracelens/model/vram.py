@@ -174,9 +174,9 @@ def bandwidth_report(data_gb: float, elapsed: float) -> str:
     Raises ValueError if `elapsed` is not positive or `data_gb` is negative.
     """
     if not elapsed > 0:
-        raise ConfigError(f"elapsed must be a positive number of seconds, got {elapsed!r}")
+        raise ConfigError(f"elapsed must be a positive number of seconds; got {elapsed!r}")
     if not data_gb >= 0:
-        raise ConfigError(f"data_gb must be a non-negative number of GB, got {data_gb!r}")
+        raise ConfigError(f"data_gb must be a non-negative number of GB; got {data_gb!r}")
     return f"{_short(data_gb)}GB in {_short(elapsed)}s = {data_gb / elapsed:.1f} GB/s"
 
 
@@ -189,9 +189,9 @@ def tensor_size_gb(shape: Sequence[int], dtype: torch.dtype = torch.bfloat16) ->
     dims = tuple(shape)
     bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int) or d < 0]
     if bad:
-        raise ConfigError(f"shape must be a sequence of non-negative ints, got {shape!r} (bad entries: {bad})")
+        raise ConfigError(f"shape must be a sequence of non-negative ints; got {shape!r} (bad entries: {bad})")
     if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+        raise ConfigError(f"dtype must be a torch.dtype such as torch.bfloat16; got {dtype!r}")
     return math.prod(dims) * dtype.itemsize / GB
 
 

@@ -105,7 +105,7 @@ def load_ab(source: str | Path) -> ABDataset:
         except json.JSONDecodeError as err:
             raise ABDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(rows, list):
-            raise ABDataError(f"{path}: a .json A/B file must hold a list of objects, got {type(rows).__name__}")
+            raise ABDataError(f"{path}: a .json A/B file must hold a list of objects; got {type(rows).__name__}")
         lines = [(f"{path}, item {i}", row) for i, row in enumerate(rows)]
     else:
         lines = []
@@ -130,7 +130,7 @@ def load_ab(source: str | Path) -> ABDataset:
 
 def _parse_item(where: str, row) -> ABItem:
     if not isinstance(row, dict):
-        raise ABDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise ABDataError(f"{where}: expected a JSON object; got {type(row).__name__}")
     caa = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
     if all(k in row for k in caa):
         return _parse_caa(where, *(row[k] for k in caa))
@@ -147,7 +147,7 @@ def _parse_caa(where: str, question, matching, not_matching) -> ABItem:
     for key, answer in (("answer_matching_behavior", matching), ("answer_not_matching_behavior", not_matching)):
         m = _ANSWER.match(answer) if isinstance(answer, str) else None
         if not m:
-            raise ABDataError(f"{where}: {key} must be a letter like '(A)' or 'A', got {answer!r}")
+            raise ABDataError(f"{where}: {key} must be a letter like '(A)' or 'A'; got {answer!r}")
         parsed.append(m.groups())
     (open_m, letter_m, close_m), (open_n, letter_n, close_n) = parsed
     if letter_m == letter_n:
@@ -204,7 +204,7 @@ def answer_activations(model, encoded: Sequence[EncodedItem], layers: Sequence[i
     the token after it (`"after"`, e.g. ")"), float32 on CPU. (Tokens before the letter are shared by both
     completions of a causal model, so they cannot contrast them.)"""
     if read not in READ_POSITIONS:
-        raise ConfigError(f"read must be one of {sorted(READ_POSITIONS)}, got {read!r}")
+        raise ConfigError(f"read must be one of {sorted(READ_POSITIONS)}; got {read!r}")
     rows = [e.matching for e in encoded] + [e.not_matching for e in encoded]
     lens = [len(e.prefix) for e in encoded] * 2
     acts = capture_sequences(model, rows, lens, list(layers), READ_POSITIONS[read], "first", component, batch_size)
@@ -298,7 +298,7 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
     config = config or ABConfig()
     multipliers = sorted({float(m) for m in config.multipliers} | {0.0})
     if len(multipliers) < 3 or multipliers[0] >= 0 or multipliers[-1] <= 0:
-        raise ConfigError(f"multipliers need both signs, got {list(config.multipliers)}")
+        raise ConfigError(f"multipliers need both signs; got {list(config.multipliers)}")
     layers = parse_layers(config.layers, model.cfg.n_layers)
     encoded = encode_items(model.tokenizer, dataset)
     splits = split_by_question([item.prompt for item in dataset.items], config.fractions, config.seed)

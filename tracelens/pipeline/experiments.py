@@ -321,7 +321,7 @@ class Experiment:
     def stage_root(self, stage: str) -> Path:
         """`extraction/`, `steering/` or `inference/` of the experiment (their sub-folders are traits or variants)."""
         if stage not in ("extraction", "steering", "inference"):
-            raise ConfigError(f"stage must be extraction, steering or inference, got {stage!r}")
+            raise ConfigError(f"stage must be extraction, steering or inference; got {stage!r}")
         return self.dir / stage
 
     def steering_results(self, trait: str, variant: str, position: str,
@@ -515,7 +515,7 @@ def find_traits(root: Path, is_trait: Callable[[str], bool]) -> list[str]:
 def get_model_variant(experiment: str | Experiment, variant: str | None = None, mode: str = "application") -> ModelVariant:
     """The experiment's model variant: `variant`, else `defaults[mode]`, else the first one listed."""
     if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {MODES}; got {mode!r}")
     exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
     config = exp.config()
     variants = config["model_variants"]

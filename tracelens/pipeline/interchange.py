@@ -95,7 +95,7 @@ def import_vector(source, fmt: str | None = None) -> dict[int, Float[Tensor, " d
     if fmt == "hidden_states":
         t = torch.load(source, weights_only=True) if isinstance(source, (str, Path)) else source
         if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0] < 2:
-            raise ShapeError(f"a hidden-state vector must be a [n_layers + 1, d] tensor, got "
+            raise ShapeError(f"a hidden-state vector must be a [n_layers + 1, d] tensor; got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         return _check_vectors({r - 1: t[r] for r in range(1, t.shape[0]) if t[r].any()})
     raise ConfigError(f"unknown vector format {fmt!r}; use one of {FORMATS}")
@@ -122,7 +122,7 @@ def _check_vectors(vectors: Vectors) -> dict[int, Tensor]:
     out = {}
     for layer, v in sorted(vectors.items()):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ConfigError(f"vector layers must be non-negative ints, got {layer!r}")
+            raise ConfigError(f"vector layers must be non-negative ints; got {layer!r}")
         out[layer] = edits.as_vector(torch.as_tensor(v), f"vector of layer {layer}").cpu().clone()
     widths = {v.shape[0] for v in out.values()}
     if len(widths) > 1:
@@ -165,7 +165,7 @@ def _read_gguf(path: Path) -> dict[int, Tensor]:
         if prefix != "direction" or not index.isdigit():
             raise DataError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold direction.K tensors")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
-            raise DataError(f"{path}: {tensor.name} must be a 1-D F32 tensor, got {tensor.tensor_type.name} "
+            raise DataError(f"{path}: {tensor.name} must be a 1-D F32 tensor; got {tensor.tensor_type.name} "
                              f"of shape {tuple(tensor.shape)}")
         out[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
     if not out:

@@ -127,7 +127,7 @@ def _resolve_root(root: str | Path | None) -> Path:
         return default_prompt_sets_root()
     path = Path(root)
     if not path.is_dir():
-        raise MissingArtifactError(f"prompt set root must be an existing directory, got {str(root)!r}")
+        raise MissingArtifactError(f"prompt set root must be an existing directory; got {str(root)!r}")
     return path
 
 
@@ -161,17 +161,17 @@ def _read_prompt_set(path: Path) -> PromptSet:
 
     name, description, system_prompt = data["name"], data["description"], data.get("system_prompt")
     if not isinstance(name, str) or not name.strip():
-        raise PromptSetError(f"{path}: 'name' must be a non-empty string, got {name!r}")
+        raise PromptSetError(f"{path}: 'name' must be a non-empty string; got {name!r}")
     if not isinstance(description, str):
-        raise PromptSetError(f"{path}: 'description' must be a string, got {description!r}")
+        raise PromptSetError(f"{path}: 'description' must be a string; got {description!r}")
     if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
         raise PromptSetError(
-            f"{path}: 'system_prompt' must be a non-empty string or null (or left out), got {system_prompt!r}"
+            f"{path}: 'system_prompt' must be a non-empty string or null (or left out); got {system_prompt!r}"
         )
 
     raw = data["prompts"]
     if not isinstance(raw, list) or not raw:
-        raise PromptSetError(f'{path}: \'prompts\' must be a non-empty list of {{"id": int, "text": str}}, got {raw!r}')
+        raise PromptSetError(f'{path}: \'prompts\' must be a non-empty list of {{"id": int, "text": str}}; got {raw!r}')
     prompts = [_parse_prompt(path, i, item) for i, item in enumerate(raw)]
     first_index: dict[int, int] = {}
     for i, prompt in enumerate(prompts):
@@ -187,14 +187,14 @@ def _read_prompt_set(path: Path) -> PromptSet:
 def _parse_prompt(path: Path, index: int, item: object) -> Prompt:
     where = f"{path}: prompts[{index}]"
     if not isinstance(item, dict):
-        raise PromptSetError(f'{where} must be an object like {{"id": 0, "text": "..."}}, got {item!r}')
+        raise PromptSetError(f'{where} must be an object like {{"id": 0, "text": "..."}}; got {item!r}')
     missing = [k for k in ("id", "text") if k not in item]
     if missing:
         raise PromptSetError(f"{where} is missing {missing} (got keys {sorted(item)})")
     pid, text = item["id"], item["text"]
     if isinstance(pid, bool) or not isinstance(pid, int):
-        raise PromptSetError(f"{where}: 'id' must be an integer, got {pid!r}")
+        raise PromptSetError(f"{where}: 'id' must be an integer; got {pid!r}")
     if not isinstance(text, str) or not text.strip():
-        raise PromptSetError(f"{where} (id {pid}): 'text' must be a non-empty string, got {text!r}")
+        raise PromptSetError(f"{where} (id {pid}): 'text' must be a non-empty string; got {text!r}")
     meta = {k: v for k, v in item.items() if k not in ("id", "text")}
     return Prompt(id=pid, text=text, meta=meta)

@@ -217,7 +217,7 @@ def _resolve_root(root: str | Path | None) -> Path:
         return default_traits_root()
     path = Path(root)
     if not path.is_dir():
-        raise MissingArtifactError(f"trait root must be an existing directory, got {str(root)!r}")
+        raise MissingArtifactError(f"trait root must be an existing directory; got {str(root)!r}")
     return path
 
 
@@ -260,7 +260,7 @@ def _json_object(where: str, line: str, keys: tuple[str, ...], example: str, req
     except json.JSONDecodeError as err:
         raise TraitDataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
     if not isinstance(row, dict):
-        raise TraitDataError(f"{where}: expected a JSON object like {example}, got {type(row).__name__}")
+        raise TraitDataError(f"{where}: expected a JSON object like {example}; got {type(row).__name__}")
     unknown = sorted(set(row) - set(keys))
     if unknown:
         raise TraitDataError(f"{where}: unknown keys {unknown}; allowed keys are {list(keys)}")
@@ -275,10 +275,10 @@ def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
     row = _json_object(where, line, _ROW_KEYS, '{"prompt": "...", "system_prompt": "..."}', ("prompt",))
     prompt, system_prompt = row["prompt"], row.get("system_prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise TraitDataError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        raise TraitDataError(f"{where}: 'prompt' must be a non-empty string; got {prompt!r}")
     if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
         raise TraitDataError(
-            f"{where}: 'system_prompt' must be a non-empty string or null (or left out), got {system_prompt!r}"
+            f"{where}: 'system_prompt' must be a non-empty string or null (or left out); got {system_prompt!r}"
         )
     return Scenario(prompt, system_prompt)
 
@@ -305,22 +305,22 @@ def _read_steering(path: Path) -> SteeringQuestions:
     except json.JSONDecodeError as err:
         raise TraitDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(data, dict):
-        raise TraitDataError(f'{path}: expected a JSON object like {{"questions": [...]}}, got {type(data).__name__}')
+        raise TraitDataError(f'{path}: expected a JSON object like {{"questions": [...]}}; got {type(data).__name__}')
     unknown = sorted(set(data) - set(_STEERING_KEYS))
     if unknown:
         raise TraitDataError(f"{path}: unknown keys {unknown}; allowed keys are {list(_STEERING_KEYS)}")
     raw = data.get("questions")
     if not isinstance(raw, list) or not raw:
-        raise TraitDataError(f"{path}: 'questions' must be a non-empty list of strings, got {raw!r}")
+        raise TraitDataError(f"{path}: 'questions' must be a non-empty list of strings; got {raw!r}")
     questions = [_parse_question(path, i, q) for i, q in enumerate(raw)]
     direction = data.get("direction", "positive")
     if direction not in DIRECTIONS:
-        raise TraitDataError(f"{path}: 'direction' must be 'positive' or 'negative', got {direction!r}")
+        raise TraitDataError(f"{path}: 'direction' must be 'positive' or 'negative'; got {direction!r}")
     optional = {}
     for key in ("eval_prompt", "coherence_prompt", "vet_prompt"):
         value = data.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise TraitDataError(f"{path}: {key!r} must be a non-empty string or left out, got {value!r}")
+            raise TraitDataError(f"{path}: {key!r} must be a non-empty string or left out; got {value!r}")
         optional[key] = value
     return SteeringQuestions(questions=questions, direction=direction, **optional)
 
@@ -329,7 +329,7 @@ def _parse_question(path: Path, index: int, item: object) -> str:
     question = item.get("question") if isinstance(item, dict) else item
     if not isinstance(question, str) or not question.strip():
         raise TraitDataError(
-            f'{path}: questions[{index}] must be a non-empty string or {{"question": "..."}}, got {item!r}'
+            f'{path}: questions[{index}] must be a non-empty string or {{"question": "..."}}; got {item!r}'
         )
     return question
 
@@ -347,9 +347,9 @@ def _read_judge_corpus(path: Path) -> JudgeCorpus | None:
         row = _json_object(where, line, _CORPUS_KEYS, '{"text": "...", "label": 1}', _CORPUS_KEYS)
         text, label = row["text"], row["label"]
         if not isinstance(text, str) or not text.strip():
-            raise TraitDataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+            raise TraitDataError(f"{where}: 'text' must be a non-empty string; got {text!r}")
         if type(label) is not int or label not in (0, 1):  # type() check: JSON true/1.0 are not labels
-            raise TraitDataError(f"{where}: 'label' must be 1 (shows the trait) or 0 (the opposite), got {label!r}")
+            raise TraitDataError(f"{where}: 'label' must be 1 (shows the trait) or 0 (the opposite); got {label!r}")
         key = " ".join(text.lower().split())
         if key in first_line:
             raise TraitDataError(

@@ -134,7 +134,7 @@ class DashboardData:
 
     def traits(self, variant: str, kind: str) -> dict:
         if kind not in ("projections", "extraction", "steering"):
-            raise _bad(f"kind must be projections, extraction or steering, got {kind!r}")
+            raise _bad(f"kind must be projections, extraction or steering; got {kind!r}")
         if kind == "projections":
             self._path(self.exp.projections_dir, variant)
         try:
@@ -146,7 +146,7 @@ class DashboardData:
 
     def projections(self, variant: str, prompt_set: str, prompt_id: str, traits: list[str], clean: str) -> dict:
         if clean not in CLEAN_MODES:
-            raise _bad(f"clean must be one of {list(CLEAN_MODES)}, got {clean!r}")
+            raise _bad(f"clean must be one of {list(CLEAN_MODES)}; got {clean!r}")
         if not traits:
             raise _bad("give at least one trait=category/name")
         path = self._path(self.exp.inference_response_path, variant, prompt_set, prompt_id)
