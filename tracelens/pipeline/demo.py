@@ -16,7 +16,6 @@ from tracelens.pipeline.extraction import ExtractionConfig, parse_layers, run_ex
 from tracelens.judges.offline import offline_judge
 from tracelens.metrics import Estimate
 from tracelens.pipeline.report import write_report
-from tracelens.pipeline.selection import select_vector
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 from tracelens.types import Evaluation
 
@@ -64,10 +63,11 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
         "train / select / test split by question")
     evaluation = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens),
                                 backend=backend)[s.trait]
-    chosen = select_vector(exp, s.trait, method=None)
+    # the extraction's own choice on the select split (select_vector would prefer an earlier run's steering)
+    chosen = evaluation.selected_row
     auroc = Estimate.from_dict(chosen.test["auroc"])
     log(f"      selected on the select split: {chosen.method} layer {chosen.layer}; test AUROC {auroc} "
-        f"({'above' if chosen.test['above_chance'] else 'not above'} the random-direction band)")
+        f"({'above' if chosen.above_chance else 'not above'} the random-direction band)")
 
     log("[2/4] judge: offline embedding judge fitted on the trait's independent labelled corpus")
     judge = offline_judge(s.trait)
