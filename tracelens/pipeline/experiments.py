@@ -91,6 +91,12 @@ class Experiment:
         check_name(name, "experiment")
         return cls(name, Path(root) if root is not None else experiments_root())
 
+    @classmethod
+    def of(cls, experiment: "str | Experiment", root: Path | None = None) -> "Experiment":
+        """The one way a stage is handed its experiment: an `Experiment` as is, a name under `root`
+        (default `$TRACELENS_EXPERIMENTS`, else `./experiments`)."""
+        return experiment if isinstance(experiment, Experiment) else cls.named(experiment, root)
+
     @property
     def dir(self) -> Path:
         return self.root / self.name
@@ -516,7 +522,7 @@ def get_model_variant(experiment: str | Experiment, variant: str | None = None, 
     """The experiment's model variant: `variant`, else `defaults[mode]`, else the first one listed."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}; got {mode!r}")
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     config = exp.config()
     variants = config["model_variants"]
     name = variant or config.get("defaults", {}).get(mode) or next(iter(variants))

@@ -266,7 +266,7 @@ def capture_activations(exp: Experiment, trait: str, variant: str, model, config
 def load_activation_metadata(experiment: str | Experiment, trait: str, variant: str | ModelVariant,
                              position: str = "response[:]", component: str = "residual") -> ActivationMetadata:
     """The `ActivationMetadata` written by the activations stage (`variant` by name or as a `ModelVariant`)."""
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     return exp.activation_metadata(trait, variant.name if isinstance(variant, ModelVariant) else variant,
                                    position, component)
 
@@ -396,7 +396,7 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
         raise ConfigError(f"traits must be a non-empty list of trait names; got {traits!r}")
     for trait in traits:
         load_trait(trait)
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     mv = get_model_variant(exp, variant, mode="extraction")
 
     def local() -> LocalBackend:

@@ -61,7 +61,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     generates, so it does not happen for records written that way (run `tracelens massive` instead).
     """
     config = config or MonitorConfig()
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     if response_backend is not None:
         if config.one_pass:
@@ -226,7 +226,7 @@ def run_massive(experiment: str | Experiment, prompt_set: str = "neutral", per_t
     """A deliberate massive-dim calibration: prefill every prompt of `prompt_set` (default: the 50 shipped
     neutral prompts) and write `massive_activations/{prompt_set}.json`; `per_token` adds each prompt's
     per-token values at the candidate dims, for every layer."""
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)

@@ -56,7 +56,7 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
     part, its application default for steering). Raises FileNotFoundError when the experiment has no
     config, or when a trait (or the whole experiment) has neither an evaluation nor steering results.
     """
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     ex_variant = get_model_variant(exp, variant, mode="extraction").name
     st_variant = get_model_variant(exp, variant, mode="application").name
     if traits is None:

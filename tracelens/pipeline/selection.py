@@ -21,7 +21,7 @@ def select_vectors(experiment: str | Experiment, trait: str, n: int = 3, *, vari
                    method: str | None = None, min_coherence: float = MIN_COHERENCE,
                    allow_unscored: bool = False) -> list[VectorResult]:
     """Up to `n` `VectorResult`s, best first, from the highest level of evidence available."""
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     name = get_model_variant(exp, variant, mode="extraction").name
 
     def wanted(l: int, m: str) -> bool:

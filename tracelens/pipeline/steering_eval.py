@@ -171,11 +171,12 @@ def judge_free_metrics(backend: Backend, refs: ReferenceTexts, unsteered: _Score
             "kl": bootstrap_mean(kl).to_dict()}
 
 
-def judge_validity(judge, exp: Experiment, trait: str, variant: str, position: str = "response[:]",
+def judge_validity(judge, experiment: str | Experiment, trait: str, variant: str, position: str = "response[:]",
                    component: str = "residual") -> dict:
     """How well `judge`'s trait score separates the positive from the negative answers of the extraction's
     test split, which neither the vectors nor (for `offline_judge`) the judge were fitted on: AUROC with a
     95% bootstrap interval over test questions."""
+    exp = Experiment.of(experiment)
     data = load_trait(trait)
     pos, neg = exp.responses(trait, variant)
     test = exp.activation_metadata(trait, variant, position, component).splits["test"]
@@ -202,7 +203,7 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
     `judge_info` (e.g. `{"validity": judge_validity(...)}`) is stored with the judge's name in the header.
     """
     config = config or SteeringEvalConfig()
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment)
+    exp = Experiment.of(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     source = get_model_variant(exp, variant, mode="extraction")
     extraction_variant = source.name

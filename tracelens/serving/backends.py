@@ -77,8 +77,7 @@ class LocalBackend:
         """
         from tracelens.model.loading import load_model
 
-        exp = experiment if isinstance(experiment, Experiment) else Experiment.named(
-            experiment, None if root is None else Path(root))
+        exp = Experiment.of(experiment, None if root is None else Path(root))
         mv = get_model_variant(exp, variant, mode)
         if use_chat_template is None:
             configured = exp.config().get("use_chat_template")

@@ -357,7 +357,7 @@ def make_server(experiment: str | Experiment, host: str = "127.0.0.1", port: int
     if allow_remote and token is None:
         raise ConfigError("allow_remote=True needs a token, which every request must then send; got token=None "
                          f"(command line: --token or ${TOKEN_ENV})")
-    exp = experiment if isinstance(experiment, Experiment) else Experiment.named(experiment, root)
+    exp = Experiment.of(experiment, root)
     if not exp.dir.is_dir():
         raise MissingArtifactError(f"no experiment folder at {exp.dir}; check the name or set TRACELENS_EXPERIMENTS")
     handler = type("_BoundHandler", (_Handler,), {"data": DashboardData(exp), "allowed_hosts": None, "token": token})
