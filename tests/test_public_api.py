@@ -56,3 +56,31 @@ def test_the_package_and_every_module_import_in_a_plain_interpreter():
             "    importlib.import_module(m.name)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_exported_name_resolves_to_the_object_its_module_defines():
+    import importlib
+
+    for name, module in tracelens._MODULE_OF.items():
+        assert getattr(tracelens, name) is getattr(importlib.import_module(module), name), name
+    assert set(tracelens.__all__) <= set(tracelens._MODULE_OF) <= set(dir(tracelens))
+
+
+def test_import_tracelens_loads_no_model_server_dashboard_or_vllm_code():
+    """Names load on first use: a fresh interpreter's `import tracelens` imports none of torch, TransformerLens,
+    the server, the dashboard or vLLM; asking for a name loads only what it needs."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "transformer_lens", "vllm", "tracelens.serving.server", "tracelens.serving.dashboard"]
+    code = ("import sys, tracelens\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])\n"
+            "tracelens.VectorSpec\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[]", "[]"]
+    import pytest
+
+    with pytest.raises(AttributeError, match="module 'tracelens' has no attribute 'nothing'"):
+        tracelens.nothing
