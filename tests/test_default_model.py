@@ -77,3 +77,20 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     assert set(results.runs[0].judge_free) == set(results.runs[0].control) == {"trait_effect", "nll_cost", "kl"}
     chosen = select_vector(exp, trait)
     assert chosen.layer in (12, 15) and chosen.source in ("steering", "evaluation")
+
+
+def test_the_one_substitution_replaces_the_default_model_everywhere(tmp_path, monkeypatch):
+    """`$TRACELENS_DEFAULT_MODEL` names a saved model folder that "default" then loads (how the docs' commands run
+    on a tiny model); a folder without a config.json is refused by name."""
+    from tracelens.errors import MissingArtifactError
+    from tracelens.testing import tiny_model
+
+    t = tiny_model("llama", n_layers=2)
+    t.reference.save_pretrained(tmp_path / "tiny")
+    t.tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setenv("TRACELENS_DEFAULT_MODEL", str(tmp_path / "tiny"))
+    assert default_model_path() == tmp_path / "tiny"
+    assert load_model("default").cfg.n_layers == 2
+    monkeypatch.setenv("TRACELENS_DEFAULT_MODEL", str(tmp_path))
+    with pytest.raises(MissingArtifactError, match=f"TRACELENS_DEFAULT_MODEL={tmp_path} must name a saved HF model"):
+        default_model_path()
