@@ -36,14 +36,21 @@ def test_pools_over_a_slice_and_batched_equals_one_at_a_time(tiny, pool):
     assert (batched[0, 0] - expected).abs().max() <= 1e-5
 
 
-def test_pool_none_returns_every_token_per_prompt(tiny):
-    out = capture_at_position(tiny.model, tiny.tokenizer, PROMPTS, layers=[1], position="all[:]", pool="none")
-    for p, acts in zip(PROMPTS, out):
-        alone = _alone(tiny, p, 1)
-        assert acts.shape == (1, *alone.shape)
-        assert (acts[0] - alone).abs().max() <= 1e-5
-    squeezed = capture_at_position(tiny.model, tiny.tokenizer, PROMPTS[:1], layers=1, position="all[:2]", pool="none")
-    assert squeezed[0].shape == (2, tiny.model.cfg.d_model)
+def test_pool_none_returns_every_token_padded_with_its_mask(tiny):
+    out, mask = capture_at_position(tiny.model, tiny.tokenizer, PROMPTS, layers=[1], position="all[:]", pool="none",
+                                    return_mask=True)
+    alone = [_alone(tiny, p, 1) for p in PROMPTS]
+    width = max(len(a) for a in alone)
+    assert out.shape == (3, 1, width, tiny.model.cfg.d_model) and mask.shape == (3, width)
+    for i, a in enumerate(alone):
+        assert mask[i].tolist() == [True] * len(a) + [False] * (width - len(a))
+        assert (out[i, 0, : len(a)] - a).abs().max() <= 1e-5
+        assert not out[i, :, len(a):].any()  # padding is zeros
+    squeezed = capture_at_position(tiny.model, tiny.tokenizer, PROMPTS, layers=1, position="all[:2]", pool="none")
+    assert squeezed.shape == (3, 2, tiny.model.cfg.d_model)  # equal slices: no padding, the seed's [n, seq, d]
+    assert torch.equal(squeezed, out[:, 0, :2])
+    with pytest.raises(ValueError, match=r"return_mask must be used with pool='none'.*got pool='mean'"):
+        capture_at_position(tiny.model, tiny.tokenizer, PROMPTS, 1, return_mask=True)
 
 
 def test_pre_formatted_prompts_are_used_as_given(tiny):

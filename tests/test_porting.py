@@ -40,11 +40,12 @@ def extracted(tmp_path_factory):
 
 SEED_SECTIONS = ["Types", "Hooks", "Generation with hooks", "Extraction methods", "Math functions",
                  "Massive activations", "GPU profiling", "Generation backend"]
+EXTRA_SECTIONS = ["Differences from the seed"]
 
 
 def test_the_doc_has_a_section_per_section_of_the_seed_quick_reference():
     headings = re.findall(r"^## (.+)$", DOC.read_text(), re.M)
-    assert headings == ["Setup", *SEED_SECTIONS]
+    assert headings == ["Setup", *SEED_SECTIONS, *EXTRA_SECTIONS]
 
 
 def test_every_ported_block_runs_in_order(extracted, monkeypatch, capsys):
@@ -72,3 +73,20 @@ def test_every_ported_block_runs_in_order(extracted, monkeypatch, capsys):
     assert ns["results"][0].response_activations[14]["residual"].shape[1] == d
     assert len(ns["responses"]) == 2 and ns["vector"].norm().item() == pytest.approx(1.0, abs=1e-5)
     assert (extracted / "experiments" / "my_exp" / "inference" / "base" / "massive_activations").is_dir()
+    # The seed's HF call forms: model(**inputs) under hooks, model.generate(**inputs) -> [batch, prompt + new] ids.
+    ids = ns["inputs"]["input_ids"]
+    assert ns["output"].shape[0] == 2 and torch.equal(ns["output"][:, : ids.shape[1]], ids)
+    assert ns["greedy"].shape == (2, ids.shape[1] + 4) and ns["sampled"].shape == ns["greedy"].shape
+    assert torch.equal(ns["wrapped_acts"], ns["all_acts"][16])  # an HF model wrapped by load_model: the same hooks
+    assert set(ns["stats"]) >= {"allocated", "reserved", "free", "total"}
+    # Differences from the seed, each pair checked.
+    assert len(ns["original"]) == 2 and all(1 <= len(o.token_ids) <= 8 for o in ns["original"])
+    with torch.no_grad():
+        assert torch.equal(ns["seed_per_position_output"], ns["model"].generate(**ns["inputs"]))
+    padded, real = ns["padded"], ns["real"]
+    assert padded.shape == (2, 2, real.shape[1], d) and torch.allclose(padded, ns["every_token"], atol=1e-5)
+    lengths = real.sum(1, keepdim=True)
+    assert lengths.unique().numel() == 2 and torch.equal(real, torch.arange(real.shape[1]) < lengths)
+    assert not padded[int(lengths.argmin()), :, int(lengths.min()):].any()  # the shorter slice is zero-padded
+    assert ns["vector_a"].dtype == torch.float32 and not torch.equal(ns["vector_a"], ns["vector_b"])
+    assert torch.equal(ns["vector_a"], ns["get_method"]("gradient").extract(ns["pos_acts"], ns["neg_acts"])["vector"])

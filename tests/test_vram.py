@@ -157,12 +157,25 @@ def test_profile_summary_formats_match_the_seed():
 
 
 @needs_no_cuda
-def test_memory_stats_without_cuda_reports_process_rss():
+def test_memory_stats_without_cuda_has_the_seeds_keys_from_the_process_and_system():
     stats = memory_stats()
-    assert stats["cuda"] is False
-    assert set(stats) == {"cuda", "rss_gb", "peak_rss_gb"}
-    assert 0 < stats["rss_gb"] < 1e3
-    assert stats["peak_rss_gb"] >= stats["rss_gb"] - 1e-3
+    assert stats["cuda"] is False and stats["device"] == "cpu"
+    assert set(stats) == {"cuda", "device", "allocated", "reserved", "free", "total"}
+    assert stats["allocated"] == pytest.approx(vram._rss_gb(), rel=0.1)  # RSS moves a little between reads
+    assert stats["reserved"] >= stats["allocated"] - 1e-3  # peak RSS
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    assert stats["total"] == pytest.approx(int(meminfo["MemTotal"].split()[0]) * 1024 / 1e9, rel=0.01)
+    assert 0 < stats["free"] <= stats["total"]
+    assert memory_stats("cpu")["device"] == "cpu"
+
+
+def test_memory_stats_cpu_values_are_none_where_the_platform_hides_them(monkeypatch):
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc")
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    stats = memory_stats("cpu")
+    assert stats["allocated"] is None and stats["free"] is None and stats["total"] > 0
 
 
 def test_rss_falls_back_to_none_without_proc(monkeypatch):

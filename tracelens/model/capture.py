@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -26,27 +27,36 @@ def capture_at_position(
     pre_formatted: bool = False,
     component: str = "residual",
     batch_size: int | None = None,
-) -> Tensor | list[Tensor]:
+    *,
+    return_mask: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Activations of `prompts` at `position` (frames `prompt` and `all`; no response exists), as float32 on CPU.
 
-    Shapes: `layers=int` -> `[n_prompts, d]`; a list -> `[n_prompts, n_layers, d]`. With `pool="none"`
-    a list with one tensor per prompt: `[n_tokens, d]` (int layers) or `[n_layers, n_tokens, d]`.
-    Prompts go through `format_prompt` unless `pre_formatted`. Batches are left-padded (default 8
-    prompts); results equal one-prompt-at-a-time capture. An empty slice raises with the prompt index.
+    Shapes: `layers=int` -> `[n_prompts, d]`; a list -> `[n_prompts, n_layers, d]`. With `pool="none"` every
+    token of the slice: `[n_prompts, seq, d]` (int layers) or `[n_prompts, n_layers, seq, d]`, `seq` the longest
+    slice; shorter slices are zero-padded at the end, and `return_mask=True` (only with `pool="none"`) returns
+    `(acts, mask)` with `mask` `[n_prompts, seq]` True at real tokens. Prompts go through `format_prompt` unless
+    `pre_formatted`. Batches are left-padded (default 8 prompts); results equal one-prompt-at-a-time capture.
+    An empty slice raises with the prompt index.
     """
     if parse_position(position).frame == "response":
         raise ConfigError(f"position {position!r} reads the response, but capture_at_position is prefill-only; "
                          "use a 'prompt[...]' or 'all[...]' position")
     if isinstance(prompts, str) or not prompts:
         raise ConfigError("prompts must be a non-empty list of strings")
+    if return_mask and pool != "none":
+        raise ConfigError(f"return_mask must be used with pool='none' (pooled rows have no padding); got pool={pool!r}")
     squeeze = isinstance(layers, int)
     layer_list = [layers] if squeeze else list(layers)
     texts = list(prompts) if pre_formatted else [format_prompt(tokenizer, p) for p in prompts]
     rows = [encode(tokenizer, t) for t in texts]
     out = capture_sequences(model, rows, [len(r) for r in rows], layer_list, position, pool, component, batch_size)
     if pool == "none":
-        return [a[0] for a in out] if squeeze else out
-    return out[:, 0] if squeeze else out
+        lengths = torch.tensor([a.shape[1] for a in out])
+        width = int(lengths.max())
+        out = torch.stack([F.pad(a, (0, 0, 0, width - a.shape[1])) for a in out])  # [n, n_layers, seq, d]
+    out = out[:, 0] if squeeze else out
+    return (out, torch.arange(width)[None, :] < lengths[:, None]) if return_mask else out
 
 
 def capture_sequences(

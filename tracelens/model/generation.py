@@ -4,7 +4,8 @@ The 1:1 token -> activation mapping: the activation recorded for generated token
 state at the position that produced it (the last prompt position for token 0, token k-1's position
 for token k). Each decode step runs one new token through the model (KV cache), so generation is
 O(n). Steering applies to the prompt and to every step, exactly like `SteeringHook` around
-generation; `SteeringConfig(positions="response")` steers from the last prompt position on.
+generation; `SteeringConfig(positions="response")` steers from the last prompt position on, and
+`HookedGenerator(model, steer_prompt=False)` from the first generated token on (the original's behaviour).
 """
 
 from __future__ import annotations
@@ -56,25 +57,31 @@ class _Step:
     stopped: torch.BoolTensor  # rows whose token this step is a stop token
 
 
-def steering_hook(model, spec: SteeringSpec, prompt_lengths: int | Int[Tensor, "batch"]) -> HookAdapter:
+def steering_hook(model, spec: SteeringSpec, prompt_lengths: int | Int[Tensor, "batch"], *,
+                  steer_prompt: bool = True) -> HookAdapter:
     """The adapter for one `SteeringSpec`: a `SteeringHook` for positions "all", a `PerPositionSteeringHook`
     from each row's last prompt token on for "response" (`prompt_lengths`: real prompt tokens, an int or one
     per row), a `ConditionalSteering` when it has a condition (deciding within those prompt tokens, also in a
     forward over prompt + response). `spec.rows` limits either to a slice of the batch (then `prompt_lengths`
-    must have one entry per row for "response")."""
+    must have one entry per row for "response"). `steer_prompt=False` steers no prompt position, whatever
+    `spec.positions` says: a `PerPositionSteeringHook` from each row's first generated token on (ConfigError for
+    a spec with a condition, which steers the prompt it decides on)."""
     if spec.condition is not None:
+        if not steer_prompt:
+            raise ConfigError("steer_prompt=False must be used with steering that has no condition (conditional "
+                              "steering steers the prompt it decides on); got a spec with a condition")
         from tracelens.model.conditional import ConditionalSteering
 
         c = spec.condition
         return ConditionalSteering(model, spec.vector, spec.layer, c.vector, c.layer, c.threshold, c.comparator,
                                    spec.coefficient, c.position, spec.component, prompt_lengths=prompt_lengths)
-    if spec.positions == "all" and spec.rows is not None:
+    if steer_prompt and spec.positions == "all" and spec.rows is not None:
         return PerSampleSteering(model, [spec])
     path = get_hook_path(spec.layer, spec.component, model)
-    if spec.positions == "all":
+    if steer_prompt and spec.positions == "all":
         return SteeringHook(model, spec.vector, path, spec.coefficient)
-    return PerPositionSteeringHook(model, spec.vector, path, spec.coefficient,
-                                   (_response_starts(prompt_lengths, spec.rows), None))
+    first = prompt_lengths - 1 if steer_prompt else prompt_lengths  # the last prompt token, or the first generated
+    return PerPositionSteeringHook(model, spec.vector, path, spec.coefficient, (_starts(first, spec.rows), None))
 
 
 def check_steering(model, spec: SteeringSpec) -> None:
@@ -109,27 +116,33 @@ class StepCapture(HookAdapter):
 
 
 
-def _response_starts(prompt_lengths: int | Int[Tensor, "batch"], rows: tuple[int, int] | None):
-    """Where "response" steering starts in each row: its last prompt token; rows outside `rows` never start."""
+def _starts(first: int | Int[Tensor, "batch"], rows: tuple[int, int] | None):
+    """Where steering starts in each row: `first` (an int or one per row); rows outside `rows` never start."""
     if rows is None:
-        return prompt_lengths - 1
-    starts = torch.as_tensor(prompt_lengths).reshape(-1) - 1
+        return first
+    starts = torch.as_tensor(first).reshape(-1)
     if rows[1] > starts.numel():
         raise ConfigError(f"rows must lie within the batch of {starts.numel()}; got {rows}")
     outside = torch.ones_like(starts, dtype=torch.bool)
     outside[rows[0]:rows[1]] = False
     return starts.masked_fill(outside, torch.iinfo(starts.dtype).max)
 
+
 class HookedGenerator:
     """Generation with capture and steering on a tracelens model (see the module docstring).
 
     `fast_path=True` runs every forward call under `tracelens.model.fastpath.fast_path`: the blocks and other
     components with no hook registered run as the plain HF modules, which gives the same tokens, logits,
-    captures and hook calls to the bit (`tests/test_fastpath.py`); False runs the whole TransformerLens bridge."""
+    captures and hook calls to the bit (`tests/test_fastpath.py`); False runs the whole TransformerLens bridge.
 
-    def __init__(self, model, *, fast_path: bool = True) -> None:
+    `steer_prompt=True` (the default) steers the prompt pass and every decode step, as `SteeringHook` around
+    generation does; False is the original `HookedGenerator`: the prompt pass (so also the first generated token)
+    is unsteered, and steering acts from the first generated token's position on, with or without KV cache."""
+
+    def __init__(self, model, *, fast_path: bool = True, steer_prompt: bool = True) -> None:
         self.model = model
         self.fast_path = fast_path
+        self.steer_prompt = steer_prompt
 
     def generate(
         self,
@@ -242,7 +255,7 @@ class HookedGenerator:
         # Hooks stay registered while a stream is suspended at `yield` and go when it is closed.
         with contextlib.ExitStack() as stack:
             for cfg in steering or ():
-                stack.enter_context(steering_hook(self.model, cfg, prompt_lengths))
+                stack.enter_context(steering_hook(self.model, cfg, prompt_lengths, steer_prompt=self.steer_prompt))
             grabbed = {} if capture is None else stack.enter_context(StepCapture(self.model, capture)).last
 
             cache, inputs = None, ids

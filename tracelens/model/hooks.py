@@ -34,6 +34,7 @@ from torch import Tensor
 
 from tracelens.model import edits
 from tracelens.model.edits import finite_float
+from tracelens.model.loading import require_bridge
 from tracelens.errors import ConfigError, InputTypeError, ShapeError, StateError, UnknownKeyError
 from tracelens.model.positions import TokenPositions
 from tracelens.model.requests import SteeringSpec
@@ -82,6 +83,7 @@ class HookAdapter(ABC):
     phase: ClassVar[Phase] = EDIT
 
     def __init__(self, model) -> None:
+        require_bridge(model)
         self.model = model
         self.positions: TokenPositions | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -474,15 +476,20 @@ class ActivationCappingHook(SiteEdit):
     """Clamp the projection on the unit direction `v` at `threshold` (raw units of `<h, v>`).
 
     floor: `h <- h + max(0, t - <h,v>) v`; ceiling: `h <- h - max(0, <h,v> - t) v`. The part of `h`
-    orthogonal to `v` is untouched; every position is capped.
+    orthogonal to `v` is untouched; every position is capped. `tau` is the original code's name for
+    `threshold` (give one of them).
     """
 
-    def __init__(self, model, vector: Tensor, path: str, threshold: float, mode: str = "floor") -> None:
+    def __init__(self, model, vector: Tensor, path: str, threshold: float | None = None, mode: str = "floor", *,
+                 tau: float | None = None) -> None:
         super().__init__(model, path)
         if mode not in ("floor", "ceiling"):
             raise ConfigError(f"unknown capping mode {mode!r}; use 'floor' or 'ceiling'")
+        if (threshold is None) == (tau is None):
+            raise ConfigError("ActivationCappingHook must be given exactly one of threshold and tau (the same "
+                              f"value); got threshold={threshold!r}, tau={tau!r}")
         self.direction = edits.unit(self._vector(vector, "vector"), "vector")
-        self.threshold = finite_float(threshold, "threshold")
+        self.threshold = finite_float(threshold if tau is None else tau, "threshold")
         self.mode = mode
 
     def edit(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:

@@ -10,11 +10,17 @@ softmax, `hook_pattern`) whatever the HF config says. With `attn_implementation=
 component instead runs its HF module (`hook_in` -> HF SDPA attention -> `hook_out`, TL's own delegating
 `AttentionBridge.forward`), so the hooks inside it that only TL's eager attention computes never fire
 (`tracelens.model.sites.EAGER_ONLY_HOOKS`).
+
+Call forms: the model is a `TracelensBridge`, a `TransformerBridge` that also takes HF's keyword calls, so code
+written for the HF model runs unchanged: `model(**inputs)` and `model.generate(**inputs, max_new_tokens=N)` with
+a tokenizer's output are the HF model's own forward and generate (hooks fire inside both), while TransformerLens'
+positional forms (`model(tokens, ...)`, `model.generate(tokens, ...)`) behave exactly as in TransformerLens.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import os
@@ -30,7 +36,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tracelens.errors import BackendError, ConfigError, MissingArtifactError
+from tracelens.errors import BackendError, ConfigError, InputTypeError, MissingArtifactError
 
 # Architectures whose hook sites are checked against HF to the bit in tracelens' own tests.
 TESTED_ARCHITECTURES = (
@@ -52,6 +58,46 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _names = itertools.count()
 
 
+class TracelensBridge(TransformerBridge):
+    """A `TransformerBridge` that also answers HF's keyword call forms (what `load_model` returns).
+
+    A call with no positional input and `input_ids=` (or `inputs_embeds=`) is the HF call: `model(**inputs)`
+    returns the HF model's output (`.logits` `[batch, pos, vocab]`, equal to the HF model's to the bit, positions
+    as HF counts them), and `model.generate(**inputs, max_new_tokens=N)` is HF `generate`, greedy unless
+    `do_sample=True`, returning token ids `[batch, prompt + new]` (left padding honoured through the attention
+    mask). Tensors are moved to the model's device; `token_type_ids` the HF class does not take are dropped (a
+    decoder-only model ignores them, and HF `generate` would refuse them). Every other call is TransformerLens'.
+    """
+
+    def forward(self, *args, **kwargs):
+        if _is_hf_call(args, kwargs):
+            return self.original_model(**self._hf_inputs(kwargs))
+        return super().forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if _is_hf_call(args, kwargs):
+            return self.original_model.generate(**self._hf_inputs({"do_sample": False, **kwargs}))
+        return super().generate(*args, **kwargs)
+
+    def _hf_inputs(self, kwargs: dict) -> dict:
+        """`kwargs` for the HF model: tensors on its device, `token_type_ids` dropped where its forward has none."""
+        takes = inspect.signature(type(self.original_model).forward).parameters
+        return {k: v.to(self.cfg.device) if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items() if k != "token_type_ids" or k in takes}
+
+
+def _is_hf_call(args: tuple, kwargs: dict) -> bool:
+    """HF's call form: inputs only by HF keyword (`input_ids` or `inputs_embeds`), no TransformerLens `input`."""
+    return not args and "input" not in kwargs and ("input_ids" in kwargs or "inputs_embeds" in kwargs)
+
+
+def require_bridge(model, what: str = "model") -> None:
+    """InputTypeError, in one line, for a plain HF model where a tracelens model (`load_model`) is needed."""
+    if isinstance(model, PreTrainedModel):
+        raise InputTypeError(f"{what} must be a tracelens model, so wrap it with tracelens.load_model(model, tokenizer); "
+                             f"got a plain {type(model).__name__}")
+
+
 def load_model(
     source: str | os.PathLike | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -63,8 +109,8 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     attn_implementation: str | None = None,
-) -> TransformerBridge:
-    """Load a causal LM as a raw-mode `TransformerBridge` in eval mode.
+) -> TracelensBridge:
+    """Load a causal LM as a raw-mode `TransformerBridge` (a `TracelensBridge`: HF call forms too) in eval mode.
 
     Args:
         source: `"default"` (SmolLM2-135M-Instruct, see `tracelens.model.default_model`), a local folder
@@ -75,7 +121,7 @@ def load_model(
         lora: a peft LoRA adapter (a folder written by `save_pretrained`, or an id in the local HF
             cache) merged into the weights before bridging (`merge_lora`); needs `tracelens[lora]`.
         dtype: weights' dtype; default float32 from disk, unchanged for an in-memory model.
-        device: default CUDA when available, else CPU; an in-memory model is moved there.
+        device: default (or "auto") CUDA when available, else CPU; an in-memory model is moved there.
         name: a label for TransformerLens; defaults to a unique one.
         device_map, max_memory: spread a model from disk over several devices (accelerate's
             `device_map="auto"`); instead of `device`. Hook adapters, capture and generation move their
@@ -87,6 +133,7 @@ def load_model(
             Read the result back with `attention_implementation(model)`.
     """
     _check_transformers_version()
+    device = None if device == "auto" else device
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None; got {attn_implementation!r}")
     if isinstance(source, PreTrainedModel):
@@ -130,6 +177,7 @@ def load_model(
     )
     if sdpa:  # TransformerLens forced the HF model to eager while building the bridge
         _use_sdpa(bridge)
+    bridge.__class__ = TracelensBridge  # TL's builder constructs TransformerBridge itself; the subclass adds no state
     return bridge.eval()
 
 

@@ -5,8 +5,8 @@ examples use): a bfloat16 tensor of shape (64, 300, 2304) holds 88,473,600 bytes
 0.0885 GB. (In GiB, 2**30 bytes, it would be 0.082.)
 
 Without CUDA everything still runs and says so: `gpu_profile` times the block and reports the process's resident
-memory (RSS) instead of GPU memory, `memory_stats` returns `{"cuda": False, "rss_gb": ...}` and
-`find_cuda_tensors` returns `[]`.
+memory (RSS) instead of GPU memory, `memory_stats` fills the seed's keys from the process and the system
+(`allocated` = RSS, `reserved` = peak RSS, `free` / `total` = system memory) and `find_cuda_tensors` returns `[]`.
 
 Example:
     >>> with gpu_profile("sleep") as prof:      # doctest: +SKIP
@@ -128,20 +128,21 @@ def gpu_profile(name: str, *, device: torch.device | str | int | None = None, ve
 
 
 def memory_stats(device: torch.device | str | int | None = None) -> dict:
-    """A memory snapshot in GB.
+    """A memory snapshot in GB: `{"cuda", "device", "allocated", "reserved", "free", "total"}` on every device.
 
-    With CUDA: `{"cuda": True, "device": "cuda:0", "allocated", "reserved", "free", "total"}`, where `allocated`
-    is memory held by tensors, `reserved` what PyTorch's caching allocator holds, and `free` / `total` come from the
-    driver (`torch.cuda.mem_get_info`, so `free` also counts other processes' use).
-
-    Without CUDA: `{"cuda": False, "rss_gb", "peak_rss_gb"}`, the process's current and peak resident memory
-    (None where the platform does not expose them).
-
-    Values are not rounded.
+    CUDA (the default when available, or a CUDA `device`): `allocated` is memory held by tensors, `reserved`
+    what PyTorch's caching allocator holds, `free` / `total` come from the driver (`torch.cuda.mem_get_info`, so
+    `free` also counts other processes' use). CPU (without CUDA, or `device="cpu"`): `allocated` is this
+    process's resident memory (RSS, /proc/self/statm), `reserved` its peak RSS (`resource.getrusage`), `free` the
+    system's available memory (MemAvailable in /proc/meminfo) and `total` its physical memory (`os.sysconf`);
+    None where the platform does not expose one. Values are not rounded.
     """
-    if not torch.cuda.is_available():
-        return {"cuda": False, "rss_gb": _rss_gb(), "peak_rss_gb": _peak_rss_gb()}
-    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"cuda": False, "device": str(dev), "allocated": _rss_gb(), "reserved": _peak_rss_gb(),
+                "free": _available_gb(), "total": _physical_gb()}
     free, total = torch.cuda.mem_get_info(dev)
     return {
         "cuda": True,
@@ -222,6 +223,26 @@ def _rss_gb() -> float | None:
             resident_pages = int(f.read().split()[1])
         return resident_pages * os.sysconf("SC_PAGE_SIZE") / GB
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _available_gb() -> float | None:
+    """Memory the system can give new allocations without swapping, in GB (MemAvailable, Linux); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _physical_gb() -> float | None:
+    """The system's physical memory in GB; None where `os.sysconf` does not expose it."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+    except (ValueError, OSError, AttributeError):
         return None
 
 

@@ -38,6 +38,7 @@ from tracelens.model.requests import (  # noqa: F401  (TokenResult: the seed's i
 )
 from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.model.hooks import MultiLayerCapture, _layers
+from tracelens.model.loading import load_model, require_bridge
 from tracelens.model.likelihood import response_logprobs
 from tracelens.model.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
 
@@ -52,6 +53,7 @@ class LocalBackend:
     """
 
     def __init__(self, model, tokenizer=None, use_chat_template: bool | None = None) -> None:
+        require_bridge(model)
         self._model = model
         self._tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.use_chat_template = use_chat_template
@@ -65,18 +67,18 @@ class LocalBackend:
 
     @classmethod
     def from_experiment(cls, experiment: str | Experiment, variant: str | None = None,
-                        use_chat_template: bool | None = None, *, mode: str = "application",
-                        root: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "LocalBackend":
-        """Load the model of ``experiment``'s ``variant`` (default: the config's ``defaults[mode]``, else the first).
+                        device: str | torch.device | None = "auto", use_chat_template: bool | None = None, *,
+                        mode: str = "application", root: str | os.PathLike | None = None,
+                        **load_kwargs) -> "LocalBackend":
+        """Load the model of ``experiment`` (a name or an `Experiment`) for ``variant`` (default: the config's
+        ``defaults[mode]``, else the first); the seed's argument order.
 
         A variant's LoRA adapter is merged into its model (`tracelens.model.loading.merge_lora`; needs
         ``tracelens[lora]``). The chat template is used per ``use_chat_template`` if given, else the config's
         ``use_chat_template``, else when the tokenizer has one. ``root`` overrides the experiments folder of an
-        experiment given by name; ``device``/``dtype`` go to `tracelens.model.loading.load_model`.
+        experiment given by name; ``device`` ("auto": CUDA when available, else CPU) and ``load_kwargs``
+        (``dtype``, ``attn_implementation``, ``device_map``, ...) go to `tracelens.model.loading.load_model`.
         """
-        from tracelens.model.loading import load_model
-
         exp = Experiment.of(experiment, None if root is None else Path(root))
         mv = get_model_variant(exp, variant, mode)
         if use_chat_template is None:
@@ -84,7 +86,7 @@ class LocalBackend:
             if configured is not None and not isinstance(configured, bool):
                 raise DataError(f"{exp.config_path}: use_chat_template must be true, false or absent")
             use_chat_template = configured
-        model = load_model(mv.model, lora=mv.lora, device=device, dtype=dtype)
+        model = load_model(mv.model, lora=mv.lora, device=device, **load_kwargs)
         backend = cls(model, use_chat_template=use_chat_template)
         backend.experiment, backend.variant = exp.name, mv.name
         return backend
