@@ -2,7 +2,9 @@
 
 Every choice is made on data the reported numbers never saw: vectors and thresholds on the train
 split, layer and method on the select split, coefficients on the search questions; the test split,
-the report questions and the judge's validity data are only scored.
+the report questions and the judge's validity data are only scored. The demo steers the method the
+select split chose, at layers around the layer it chose (`steering_plan`), and ends by printing the
+selected steering run's judge-free numbers beside its random control's, read from the stored results.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from dataclasses import dataclass
 
 from tracelens.serving.backends import LocalBackend
 from tracelens.pipeline.experiments import Experiment
-from tracelens.pipeline.extraction import ExtractionConfig, parse_layers, run_extraction, select_rank
+from tracelens.pipeline.extraction import ALWAYS_EVALUATED, ExtractionConfig, run_extraction
 from tracelens.judges.offline import offline_judge
+from tracelens.errors import ConfigError
 from tracelens.metrics import Estimate
-from tracelens.pipeline.report import write_report
+from tracelens.pipeline.report import fmt_ci, judge_free_comparison, reported_run, write_report
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
-from tracelens.types import Evaluation
+from tracelens.types import Evaluation, SteeringResults
 
 DEMO_EXPERIMENT = "smollm2-demo"
 VARIANT = "instruct"
@@ -27,7 +30,7 @@ VARIANT = "instruct"
 class DemoSettings:
     trait: str = "starter/enthusiasm"
     max_new_tokens: int = 48
-    steer_layers: int = 3  # how many probe layers (best select-split AUROC within 30%-60% of depth) to steer
+    steer_layers: int = 3  # how many layers, centred on the selected layer, to steer the selected method at
     search_steps: int = 3
     n_search: int = 8
     steer_tokens: int = 40
@@ -43,18 +46,51 @@ def ensure_demo_experiment(root=None) -> Experiment:
     return exp
 
 
-def steering_layers(evaluation: Evaluation, n_layers: int, k: int, method: str = "probe") -> list[int]:
-    """The `k` layers of `method` with the best select-split AUROC within 30%-60% of depth (never test)."""
-    window = parse_layers("30%-60%", n_layers)
-    rows = [r for r in evaluation.results if r.method == method and r.layer in window]
-    ranked = sorted(rows, key=lambda r: (*(-x for x in select_rank(r)), r.layer))
-    return sorted(r.layer for r in ranked[:k])
+def steering_plan(evaluation: Evaluation, n_layers: int, k: int) -> tuple[str, list[int]]:
+    """The method and layers to steer: the select split's choice (`Evaluation.selected_row`, never the test
+    split), at the `k` consecutive layers centred on its layer (shifted to stay within 0..n_layers-1; the
+    selected layer itself when k is 1). ConfigError when the selection is the random-direction control, which
+    it is only when no fitted method was evaluated: there is no trait vector to steer."""
+    sel = evaluation.selected_row
+    if sel.method == ALWAYS_EVALUATED:
+        raise ConfigError(f"the selected method is the control {ALWAYS_EVALUATED!r} (no fitted method was "
+                          "evaluated); extract probe, mean_diff or gradient vectors to steer")
+    if not 1 <= k <= n_layers:
+        raise ConfigError(f"steer_layers must be in 1..{n_layers}; got {k!r}")
+    first = min(max(sel.layer - (k - 1) // 2, 0), n_layers - k)
+    return sel.method, list(range(first, first + k))
 
 
-def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) -> dict:
-    """Run every stage on `model` (the loaded default model), write the experiment's report.md, and
+def _vs(est: dict | None, ctl: dict | None, overlap: bool | None, spec: str = ".4f") -> str:
+    """`est` vs `ctl` (stored intervals) with a plain verdict on their overlap (none when `overlap` is None)."""
+    verdict = {None: "", True: ": overlaps the control's", False: ": clear of the control's"}[overlap]
+    return f"{fmt_ci(est, spec)} vs control {fmt_ci(ctl, spec)}{verdict}"
+
+
+def steering_summary(results: SteeringResults) -> list[str]:
+    """The demo's closing lines: the selected steering run (the one the report line re-judged), its judge
+    delta on the report questions and its judge-free trait effect, NLL cost and KL (nats/token) with their
+    intervals beside the same-norm random control's, all read from the stored `results`."""
+    report, run = results.report, reported_run(results)
+    if report is None or run is None:
+        return ["no run kept coherence above the threshold: nothing was re-judged on the report questions"]
+    delta = report["trait_delta"]
+    lines = [f"selected run: {run.method} layer {run.layer}, coefficient {run.coefficient:g}",
+             f"judge trait delta on {report['n_questions']} report questions: "
+             + _vs(delta.get("steered"), delta.get("control"), None, ".1f")]
+    width = max(len(name) for name, *_ in judge_free_comparison(run))
+    lines += [f"{name:<{width}} (nats/token) {_vs(est, ctl, overlap)}"
+              for name, est, ctl, overlap in judge_free_comparison(run)]
+    return lines
+
+
+def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, *,
+             command: str | None = None) -> dict:
+    """Run every stage on `model` (the loaded default model), write the experiment's report.md (opening with
+    `command`; default: "python API (run_demo)"; the CLI passes its command line), and
     return the numbers it printed."""
     s = settings or DemoSettings()
+    command = command or "python API (run_demo)"
     start = time.perf_counter()
     exp = ensure_demo_experiment(root)
     backend = LocalBackend.from_model(model, use_chat_template=True)
@@ -74,22 +110,22 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print) 
     validity = judge_validity(judge, exp, s.trait, VARIANT)
     log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 
-    layers = steering_layers(evaluation, model.cfg.n_layers, s.steer_layers)
-    log(f"[3/4] steer: coefficient search on probe vectors at layers {layers}, {s.search_steps} steps, "
-        f"{s.n_search} search questions; judge-free metrics and a random control for every run")
+    method, layers = steering_plan(evaluation, model.cfg.n_layers, s.steer_layers)
+    log(f"[3/4] steer: coefficient search on the selected {method} vectors at layers {layers} (around layer "
+        f"{chosen.layer}), {s.search_steps} steps, {s.n_search} search questions; judge-free metrics and a "
+        "random control for every run")
+    if not chosen.above_chance:
+        log("      the selected vector is not above chance on the test split: expect its steering to look "
+            "like the random control's")
     results = run_steering_eval(exp, s.trait, judge, SteeringEvalConfig(
-        layers=layers, search_steps=s.search_steps, n_search=s.n_search, max_new_tokens=s.steer_tokens,
-        n_neutral=s.n_neutral), backend=backend, judge_info={"validity": validity})
+        layers=layers, method=method, search_steps=s.search_steps, n_search=s.n_search,
+        max_new_tokens=s.steer_tokens, n_neutral=s.n_neutral), backend=backend, judge_info={"validity": validity})
 
     log("[4/4] report")
-    if results.report is None:
-        log("      no run kept coherence above the threshold: nothing to report on the report questions")
-    else:
-        r = results.report
-        delta = r["trait_delta"]
-        log(f"      selected run on {r['n_questions']} report questions: trait delta "
-            f"{Estimate.from_dict(delta['steered'])} vs random control {Estimate.from_dict(delta['control'])}")
-    path = write_report(exp, [s.trait], exp.report_path)
+    for line in steering_summary(results):
+        log(f"      {line}")
+    path = write_report(exp, [s.trait], exp.report_path, command=command)
     log(f"      wrote {path}")
-    return {"trait": s.trait, "evaluation": evaluation.to_dict(), "judge_validity": validity, "steering": results.to_dict(),
+    return {"trait": s.trait, "evaluation": evaluation.to_dict(), "judge_validity": validity,
+            "steered": {"method": method, "layers": layers}, "steering": results.to_dict(),
             "report": str(path), "seconds": time.perf_counter() - start}

@@ -5,8 +5,9 @@
 ``results.jsonl``, and returns Markdown: the setup, test AUROC / accuracy by layer with 95% intervals beside
 the random-direction chance band, the selected vector and how it was chosen, every steering search run
 beside its random control, the selected run on the report questions, examples, and caveats derived from the
-numbers. Nothing is typed in by hand and nothing is recomputed: the same files give the same bytes.
-``write_report`` writes it atomically.
+numbers. Nothing is typed in by hand and nothing is recomputed: the same files (and the same command, version
+and commit in its opening lines, see `tracelens.provenance`) give the same bytes. ``write_report`` writes it
+atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tracelens.pipeline.experiments import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED
 from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
-from tracelens.types import Evaluation, EvaluationRow, SteeringResults
+from tracelens.provenance import provenance_lines
+from tracelens.types import Evaluation, EvaluationRow, SteeringResults, SteeringRunRecord
 
 MAX_ANSWER_CHARS = 200  # example answers are cut here (before escaping)
 SMALL_N = 10  # fewer questions than this: percentile-bootstrap intervals run narrow; said in the caveats
@@ -49,12 +51,14 @@ is not specific to the trait direction.
 
 
 def render_report(experiment: str | Experiment, traits: Sequence[str] | None = None,
-                  variant: str | None = None) -> str:
+                  variant: str | None = None, *, command: str | None = None) -> str:
     """Markdown report of ``traits`` (None: every trait with an extraction evaluation or steering results).
 
     ``variant`` is the model variant (default: the experiment's extraction default for the extraction
-    part, its application default for steering). Raises FileNotFoundError when the experiment has no
-    config, or when a trait (or the whole experiment) has neither an evaluation nor steering results.
+    part, its application default for steering). The report opens with ``command`` (default:
+    "python API (render_report)"), the tracelens version and the git commit.
+    Raises FileNotFoundError when the experiment has no config, or when a trait (or the whole experiment) has
+    neither an evaluation nor steering results.
     """
     exp = Experiment.of(experiment)
     ex_variant = get_model_variant(exp, variant, mode="extraction").name
@@ -65,7 +69,8 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
             raise MissingArtifactError(
                 f"experiment {exp.name!r} has no extraction evaluation ({ex_variant}) and no steering results "
                 f"({st_variant}) under {exp.dir}; run `tracelens extract` (and steering) first")
-    out = [f"# Experiment report: {exp.name}", "", HOW_TO_READ]
+    command = command or "python API (render_report)"
+    out = [*provenance_lines(command), "", f"# Experiment report: {exp.name}", "", HOW_TO_READ]
     for trait in traits:
         evaluations = exp.evaluations(trait, ex_variant)
         steering = exp.all_steering_results(trait, st_variant)
@@ -81,11 +86,35 @@ def render_report(experiment: str | Experiment, traits: Sequence[str] | None = N
 
 
 def write_report(experiment: str | Experiment, traits: Sequence[str] | None, path: str | Path,
-                 variant: str | None = None) -> Path:
-    """Write ``render_report(experiment, traits, variant)`` to ``path`` atomically (UTF-8); returns the path."""
+                 variant: str | None = None, *, command: str | None = None) -> Path:
+    """Write ``render_report(experiment, traits, variant, command=...)`` to ``path`` atomically (UTF-8); returns
+    the path. ``command`` (the CLI passes its command line; default "python API (write_report)") is what the
+    report's first line says produced it."""
     path = Path(path)
-    write_bytes(path, render_report(experiment, traits, variant).encode())
+    command = command or "python API (write_report)"
+    write_bytes(path, render_report(experiment, traits, variant, command=command).encode())
     return path
+
+
+JUDGE_FREE = (("trait_effect", "trait effect"), ("nll_cost", "NLL cost"), ("kl", "KL"))  # key, name; nats/token
+
+
+def reported_run(results: SteeringResults) -> SteeringRunRecord | None:
+    """The search run whose configuration the report line re-judged on the report questions (the selected
+    run); None when there is no report line or no stored run matches it."""
+    if results.report is None:
+        return None
+    return next((r for r in results.runs if r.config.to_dict() == results.report["config"]), None)
+
+
+def judge_free_comparison(run: SteeringRunRecord) -> list[tuple[str, dict | None, dict | None, bool | None]]:
+    """Per judge-free metric of ``run`` (`JUDGE_FREE`): its name, the run's stored ``{"value", "lo", "hi"}``, the
+    random control's, and whether the two intervals overlap (None when either is missing)."""
+    out = []
+    for key, name in JUDGE_FREE:
+        est, ctl = (run.judge_free or {}).get(key), (run.control or {}).get(key)
+        out.append((name, est, ctl, None if est is None or ctl is None else intervals_overlap(est, ctl)))
+    return out
 
 
 def _traits_with_results(exp: Experiment, ex_variant: str, st_variant: str) -> list[str]:
@@ -100,8 +129,8 @@ def _num(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _ci(d: Mapping[str, float] | None, spec: str = ".4f") -> str:
-    """A stored ``{"value", "lo", "hi"}`` as ``value [lo, hi]``."""
+def fmt_ci(d: Mapping[str, float] | None, spec: str = ".4f") -> str:
+    """A stored ``{"value", "lo", "hi"}`` as ``value [lo, hi]`` ("n/a" for None)."""
     return "n/a" if d is None else format(Estimate.from_dict(d), spec)
 
 
@@ -114,7 +143,8 @@ def _has_zero(d: Mapping[str, float]) -> bool:
     return d["lo"] <= 0 <= d["hi"]
 
 
-def _overlap(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+def intervals_overlap(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Whether two stored ``{"value", "lo", "hi"}`` intervals share a point."""
     return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
 
 
@@ -178,7 +208,7 @@ def _extraction_section(exp: Experiment, trait: str, variant: str, ev: Evaluatio
         for r in sorted((r for r in rows if r.method == method), key=lambda r: r.layer):
             layer, test, b = r.layer, r.test, band[str(r.layer)]
             is_sel = method == selected["method"] and layer == int(selected["layer"])
-            table.append([str(layer), _ci(test["auroc"]), _ci(test["accuracy"]),
+            table.append([str(layer), fmt_ci(test["auroc"]), fmt_ci(test["accuracy"]),
                           f"[{b['auroc']['lo']:.4f}, {b['auroc']['hi']:.4f}]",
                           f"[{b['accuracy']['lo']:.4f}, {b['accuracy']['hi']:.4f}]",
                           _num(r.select["auroc"]), "yes" if r.above_chance else "no",
@@ -191,16 +221,16 @@ def _extraction_section(exp: Experiment, trait: str, variant: str, ev: Evaluatio
     out += [f"**Selected:** `{sel.method}` at layer {sel.layer}, chosen by {selected['by']} on the select "
             f"split ({ev.splits['select']} pairs) among {len(layers)} layers x {len(candidates)} "
             f"method{'s' if len(candidates) > 1 else ''} ({len(layers) * len(candidates)} candidates). "
-            f"Its test AUROC is {_ci(sel.test['auroc'])} against a chance band of "
-            f"[{sb['auroc']['lo']:.4f}, {sb['auroc']['hi']:.4f}]; test accuracy {_ci(sel.test['accuracy'])}; "
-            f"Cohen's d {_ci(sel.test['effect_size'], '.2f')}.", ""]
+            f"Its test AUROC is {fmt_ci(sel.test['auroc'])} against a chance band of "
+            f"[{sb['auroc']['lo']:.4f}, {sb['auroc']['hi']:.4f}]; test accuracy {fmt_ci(sel.test['accuracy'])}; "
+            f"Cohen's d {fmt_ci(sel.test['effect_size'], '.2f')}.", ""]
     return out + _caveats(_extraction_caveats(ev, sel, sb))
 
 
 def _extraction_caveats(ev: Evaluation, sel: EvaluationRow, sb: dict) -> list[str]:
     rows, items = ev.results, []
     if not sel.above_chance:
-        items.append(f"The selected vector's test AUROC interval ({_ci(sel.test['auroc'])}) does not clear the "
+        items.append(f"The selected vector's test AUROC interval ({fmt_ci(sel.test['auroc'])}) does not clear the "
                      f"chance band's top ({sb['auroc']['hi']:.4f}): it is not distinguishable from a random direction.")
     if sel.above_chance and sel.test["accuracy"]["value"] <= sb["accuracy"]["hi"]:
         items.append(f"The selected vector ranks answers above chance but its test accuracy "
@@ -227,7 +257,7 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
     judge = h.eval or {}
     validity = judge.get("validity")
     valid_text = ("not measured" if validity is None else
-                  f"AUROC {_ci(validity['auroc'])} on {validity['n_pairs']} pairs ({_md(validity['data'])})")
+                  f"AUROC {fmt_ci(validity['auroc'])} on {validity['n_pairs']} pairs ({_md(validity['data'])})")
     src = h.vector_source or {}
     out = [f"### Steering: `{position_dir}`, direction {h.direction}", "",
            f"- Steered model: `{h.steering_model}`; vectors: `{src.get('method')}` / `{src.get('component')}` "
@@ -239,16 +269,16 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
         jf = res.baseline_judge_free or {}
         out += [f"**Baseline (unsteered):** judge trait {_num(res.baseline.trait_mean, '.1f')}, coherence "
                 f"{_num(res.baseline.coherence_mean, '.1f')} on {res.baseline.n} search answers; log-likelihood "
-                f"ratio {_ci(jf.get('llr'))} nats/token on the test pairs; NLL {_ci(jf.get('nll'))} nats/token on "
-                "the neutral answers.", ""]
+                f"ratio {fmt_ci(jf.get('llr'))} nats/token on the test pairs; NLL {fmt_ci(jf.get('nll'))} "
+                "nats/token on the neutral answers.", ""]
     report = res.report
     selected = report["config"] if report else None
     rows = []
     for run in sorted(res.runs, key=lambda r: (r.method, r.layer, r.coefficient)):
         jf, ctl = run.judge_free or {}, run.control or {}
         rows.append([str(run.layer), _coef(run.coefficient), _num(run.result.trait_mean, ".1f"),
-                     _num(run.result.coherence_mean, ".1f"), _ci(jf.get("trait_effect")), _ci(jf.get("nll_cost")),
-                     _ci(jf.get("kl")), _ci(ctl.get("trait_effect")), _ci(ctl.get("nll_cost")),
+                     _num(run.result.coherence_mean, ".1f"), fmt_ci(jf.get("trait_effect")), fmt_ci(jf.get("nll_cost")),
+                     fmt_ci(jf.get("kl")), fmt_ci(ctl.get("trait_effect")), fmt_ci(ctl.get("nll_cost")),
                      "selected" if run.config.to_dict() == selected else ""])
     out += [f"**Search runs** ({len(res.runs)}; judge scores on the search questions)", ""]
     out += _table(["layer", "coefficient", "judge trait", "judge coherence", "trait effect", "NLL cost", "KL",
@@ -257,7 +287,8 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
         return out + _caveats(["No run was re-judged on report questions (no run reached the coherence "
                                "threshold, or the search stopped early): every judged number above comes from "
                                "the questions the search was tuned on."] + _judge_caveats(validity))
-    return out + _report_part(report, judge, valid_text) + _caveats(_steering_caveats(report, res, validity))
+    return (out + _report_part(report, judge, valid_text) + _judge_free_part(reported_run(res))
+            + _caveats(_steering_caveats(report, res, validity)))
 
 
 _CONDITIONS = ("unsteered", "steered", "control")
@@ -265,12 +296,13 @@ _CONDITIONS = ("unsteered", "steered", "control")
 
 def _report_part(report: dict, judge: dict, valid_text: str) -> list[str]:
     v = report["config"]["vectors"][0]
-    rows = [[c, _ci(report["trait"].get(c), ".1f"), _ci(report["coherence"].get(c), ".1f"),
-             _ci(report["trait_delta"].get(c), ".1f") if c != "unsteered" else "",
-             _ci(report["coherence_delta"].get(c), ".1f") if c != "unsteered" else ""] for c in _CONDITIONS]
-    out = [f"**Report** (the selected run, layer {v['layer']}, coefficient {_coef(v['weight'])}, re-judged by "
-           f"`{judge.get('model')}` (validity: {valid_text}) on {report['n_questions']} report questions unseen by "
-           "the search; deltas are per-question differences from unsteered, 95% bootstrap intervals)", ""]
+    rows = [[c, fmt_ci(report["trait"].get(c), ".1f"), fmt_ci(report["coherence"].get(c), ".1f"),
+             fmt_ci(report["trait_delta"].get(c), ".1f") if c != "unsteered" else "",
+             fmt_ci(report["coherence_delta"].get(c), ".1f") if c != "unsteered" else ""] for c in _CONDITIONS]
+    out = [f"**Report** (the selected run, `{v['method']}` at layer {v['layer']}, coefficient {_coef(v['weight'])}, "
+           f"re-judged by `{judge.get('model')}` (validity: {valid_text}) on {report['n_questions']} report "
+           "questions unseen by the search; deltas are per-question differences from unsteered, 95% bootstrap "
+           "intervals)", ""]
     out += _table(["condition", "judge trait", "judge coherence", "trait delta", "coherence delta"], rows)
     examples = report.get("examples") or []
     if examples:
@@ -282,11 +314,23 @@ def _report_part(report: dict, judge: dict, valid_text: str) -> list[str]:
     return out
 
 
+def _judge_free_part(run: SteeringRunRecord | None) -> list[str]:
+    """The selected run's judge-free metrics beside its random control's, from its search-run line."""
+    if run is None:
+        return []
+    rows = [[name, fmt_ci(est), fmt_ci(ctl), {None: "n/a", True: "overlap", False: "apart"}[overlap]]
+            for name, est, ctl, overlap in judge_free_comparison(run)]
+    out = ["**Judge-free, the selected run** (nats/token, 95% bootstrap intervals; trait effect on the "
+           "extraction's test pairs, NLL cost and KL on the neutral answers; the control is a random direction "
+           "of the same norm and coefficient)", ""]
+    return out + _table(["metric", "steered", "random control", "intervals"], rows)
+
+
 def _judge_caveats(validity: dict | None) -> list[str]:
     if validity is None:
         return ["The judge's validity was not measured: its trait scores are not validated for this trait."]
     if validity["auroc"]["lo"] <= 0.5:
-        return [f"The judge's validity AUROC interval ({_ci(validity['auroc'])}) reaches 0.5: it does not "
+        return [f"The judge's validity AUROC interval ({fmt_ci(validity['auroc'])}) reaches 0.5: it does not "
                 "reliably tell positive from negative answers, so its trait scores say little."]
     return []
 
@@ -297,22 +341,22 @@ def _steering_caveats(report: dict, res: SteeringResults, validity: dict | None)
     sign = 1 if res.header.direction == "positive" else -1
     if steered is not None:
         if _has_zero(steered):
-            items.append(f"The steered trait delta on report questions ({_ci(steered, '.1f')}) includes 0: the "
+            items.append(f"The steered trait delta on report questions ({fmt_ci(steered, '.1f')}) includes 0: the "
                          "judge cannot tell the steered answers from unsteered ones.")
         elif sign * steered["value"] < 0:
-            items.append(f"The steered trait delta ({_ci(steered, '.1f')}) goes against the intended "
+            items.append(f"The steered trait delta ({fmt_ci(steered, '.1f')}) goes against the intended "
                          f"{res.header.direction} direction.")
-        if control is not None and _overlap(steered, control):
-            items.append(f"The steered trait delta ({_ci(steered, '.1f')}) overlaps the random control's "
-                         f"({_ci(control, '.1f')}): not distinguishable from steering with a random direction.")
-    run = next((r for r in res.runs if r.config.to_dict() == report["config"]), None)
+        if control is not None and intervals_overlap(steered, control):
+            items.append(f"The steered trait delta ({fmt_ci(steered, '.1f')}) overlaps the random control's "
+                         f"({fmt_ci(control, '.1f')}): not distinguishable from steering with a random direction.")
+    run = reported_run(res)
     effect = (run.judge_free or {}).get("trait_effect") if run else None
     ctl = (run.control or {}).get("trait_effect") if run else None
     if effect is not None and _has_zero(effect):
-        items.append(f"The selected run's judge-free trait effect ({_ci(effect)} nats/token) includes 0.")
-    if effect is not None and ctl is not None and _overlap(effect, ctl):
-        items.append(f"The selected run's judge-free trait effect ({_ci(effect)}) overlaps its random control's "
-                     f"({_ci(ctl)}).")
+        items.append(f"The selected run's judge-free trait effect ({fmt_ci(effect)} nats/token) includes 0.")
+    if effect is not None and ctl is not None and intervals_overlap(effect, ctl):
+        items.append(f"The selected run's judge-free trait effect ({fmt_ci(effect)}) overlaps its random control's "
+                     f"({fmt_ci(ctl)}).")
     if report["n_questions"] < SMALL_N:
         items.append(f"The report rests on {report['n_questions']} questions: intervals from so few questions run "
                      "narrow and the estimates are noisy.")
