@@ -81,7 +81,7 @@ def test_an_unknown_variant_is_an_unknown_key_error_and_still_a_key_error(tmp_pa
 
 @pytest.mark.parametrize("cls", [getattr(errors, n) for n in BUILTIN if n not in ("ServerError", "RequestError")])
 def test_the_cli_prints_every_tracelens_error_in_one_line_and_exits_2(cls, capsys, monkeypatch):
-    def fail(args):
+    def fail(**kwargs):
         raise cls("report must be written; got a failure")
 
     monkeypatch.setattr(cli, "report", fail)
@@ -94,7 +94,7 @@ def test_the_cli_prints_every_tracelens_error_in_one_line_and_exits_2(cls, capsy
 
 def test_the_cli_maps_the_errors_with_a_status_and_other_failures_exit_1(capsys, monkeypatch):
     for exc, code in ((ServerError(503, "busy"), 2), (errors.RequestError("bad", 400), 2), (OSError("disk"), 1)):
-        monkeypatch.setattr(cli, "report", lambda args, exc=exc: (_ for _ in ()).throw(exc))
+        monkeypatch.setattr(cli, "report", lambda exc=exc, **kwargs: (_ for _ in ()).throw(exc))
         assert cli.main(["report", "--experiment", "x", "--output", "o.md"]) == code
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 

@@ -3,6 +3,9 @@
 import json
 import re
 import shutil
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from conftest import cached_tiny
@@ -13,11 +16,14 @@ from tracelens.pipeline.experiments import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.io import read_json, read_jsonl, write_json
 from tracelens.pipeline.report import render_report, write_report
+from tracelens.provenance import git_commit
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 
 CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
 NUM = r"(-?\d+\.\d+)"
 CI = re.compile(rf"{NUM} \[{NUM}, {NUM}\]")
+COMMAND = "tracelens report --experiment report-exp --output 'my results.md'"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +134,7 @@ def test_report_is_byte_identical_and_written_atomically(built, tmp_path, monkey
     first = render_report(built)
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(built.root))
     assert render_report(built.name) == first
-    path = write_report(built, [TRAIT], tmp_path / "out" / "report.md")
+    path = write_report(built, [TRAIT], tmp_path / "out" / "report.md", command="python API (render_report)")
     assert path.read_bytes() == first.encode() and list(path.parent.iterdir()) == [path]
     assert render_report(built, [TRAIT], variant="base") == first
 
@@ -193,3 +199,67 @@ def test_experiment_with_nothing_is_a_clear_error(tmp_path):
         render_report(exp)
     with pytest.raises(FileNotFoundError, match="no extraction evaluation or steering results for 'starter/optimism'"):
         render_report(exp, [TRAIT])
+
+
+def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def test_report_opens_with_the_command_version_and_commit(built, tmp_path):
+    md = render_report(built, command=COMMAND)
+    head = _git("rev-parse", "HEAD", cwd=REPO)
+    if head.returncode == 0:  # a git checkout (as in development and CI): its HEAD, marked when dirty
+        dirty = _git("status", "--porcelain", cwd=REPO).stdout.strip() != ""
+        commit = head.stdout.strip() + (" (dirty)" if dirty else "")
+        assert re.fullmatch(r"[0-9a-f]{40}( \(dirty\))?", commit)
+    else:
+        commit = "unknown"
+    assert md.splitlines()[:5] == [f"- Command: `{COMMAND}`", f"- tracelens version: {version('tracelens')}",
+                                   f"- Git commit: {commit}", "", "# Experiment report: report-exp"]
+    path = write_report(built, None, tmp_path / "r.md", command=COMMAND)
+    assert path.read_text() == md
+    # without a command: what called it, never a Python process's unrelated argv
+    assert render_report(built).splitlines()[0] == "- Command: `python API (render_report)`"
+    assert write_report(built, None, path).read_text().splitlines()[0] == "- Command: `python API (write_report)`"
+
+
+def test_tracelens_report_names_its_own_command_line(built, tmp_path, monkeypatch):
+    from tracelens.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(built.dir.parent))
+    assert main(["report", "--experiment", "report-exp", "--output", "my results.md"]) == 0
+    assert (tmp_path / "my results.md").read_text().splitlines()[0] == f"- Command: `{COMMAND}`"
+    assert render_report(built, command="`odd` name").splitlines()[0] == "- Command: `` `odd` name ``"
+
+
+def test_commit_is_unknown_outside_a_checkout_and_dirty_when_the_tree_is(tmp_path, monkeypatch):
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    repo, source = tmp_path / "repo", tmp_path / "repo" / "pkg"
+    source.mkdir(parents=True)
+    (source / "a.py").write_text("x = 1\n")
+    assert _git("init", "-q", cwd=repo).returncode == 0
+    assert git_commit(source) == "unknown"  # a checkout that does not track the source folder
+    _git("add", "pkg/a.py", cwd=repo)
+    assert _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a", cwd=repo).returncode == 0
+    sha = _git("rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert git_commit(source) == sha
+    (repo / "notes.txt").write_text("uncommitted\n")
+    assert git_commit(source) == f"{sha} (dirty)"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert git_commit(source) == "unknown"  # git missing
+
+
+def test_selected_run_judge_free_table_carries_the_stored_numbers(built):
+    md = render_report(built)
+    lines = read_jsonl(_results_path(built))
+    [report] = [l for l in lines if l["type"] == "report"]
+    [run] = [l for l in lines if l["type"] == "run" and l["config"] == report["config"]]
+    rows = _rows(md, "**Judge-free, the selected run**")
+    assert [r[0] for r in rows] == ["trait effect", "NLL cost", "KL"]
+    for cells, key in zip(rows, ("trait_effect", "nll_cost", "kl")):
+        est, ctl = run["judge_free"][key], run["control"][key]
+        assert _ci(cells[1]) == est and _ci(cells[2]) == ctl
+        assert cells[3] == ("overlap" if est["lo"] <= ctl["hi"] and ctl["lo"] <= est["hi"] else "apart")
+    v = report["config"]["vectors"][0]
+    assert f"**Report** (the selected run, `{v['method']}` at layer {v['layer']}, coefficient" in md

@@ -1,8 +1,12 @@
-"""The `tracelens` command line: a thin shell over the library's pipeline functions."""
+"""The `tracelens` command line: every parser, and one plain keyword function per subcommand that calls the
+library's stage functions and prints what they return. `tracelens SUBCOMMAND --help` lists every option with
+its default and unit; `tests/test_cli_console.py` runs every subcommand through the installed script."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 
@@ -10,13 +14,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _vllm_backend(args: argparse.Namespace, mode: str):
-    """A `VLLMBackend` for the variant of ``args`` (experiment, variant); ValueError for a LoRA variant, whose
-    adapter the vLLM backend does not load (its responses would be the base model's)."""
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in _csv(text)]
+
+
+def _vllm_backend(experiment: str, variant: str | None, mode: str):
+    """A `VLLMBackend` for the experiment's variant; ConfigError for a LoRA variant, whose adapter the vLLM
+    backend does not load (its responses would be the base model's)."""
     from tracelens.errors import ConfigError
     from tracelens.pipeline.experiments import get_model_variant
 
-    mv = get_model_variant(args.experiment, args.variant, mode=mode)
+    mv = get_model_variant(experiment, variant, mode=mode)
     if mv.lora is not None:
         raise ConfigError(f"--backend vllm needs a variant without a LoRA adapter; got {mv.name!r} with lora "
                          f"{mv.lora!r} (use --backend local, which merges the adapter)")
@@ -25,30 +33,35 @@ def _vllm_backend(args: argparse.Namespace, mode: str):
     return VLLMBackend(mv.model)
 
 
-def demo(args: argparse.Namespace) -> None:
-    from tracelens.pipeline.demo import DemoSettings, run_demo
+def _judge(kind: str, trait: str, url: str, model: str):
+    from tracelens.judges.offline import offline_judge
+    from tracelens.judges.openai import OpenAIJudge
+
+    return offline_judge(trait) if kind == "offline" else OpenAIJudge(url, model=model)
+
+
+# --- subcommands: plain keyword functions, one per parser -----------------------------------------
+
+
+def demo(*, trait: str, invocation: str) -> None:
     from tracelens.model.loading import load_model
+    from tracelens.pipeline.demo import DemoSettings, run_demo
 
-    run_demo(load_model("default"), DemoSettings(trait=args.trait))
+    run_demo(load_model("default"), DemoSettings(trait=trait), command=invocation)
 
 
-def extract(args: argparse.Namespace) -> None:
+def extract(*, experiment: str, traits: str, variant: str | None, methods: str, position: str | None, layers: str,
+            component: str, splits: str, max_new_tokens: int | None, limit: int | None, force: bool, backend: str,
+            vet: bool, judge_url: str, judge_model: str) -> None:
+    from tracelens.metrics import Estimate
     from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 
-    config = ExtractionConfig(
-        methods=_csv(args.methods), position=args.position, layers=args.layers, component=args.component,
-        splits=[float(x) for x in _csv(args.splits)], max_new_tokens=args.max_new_tokens, force=args.force,
-    )
-    vet_judge = None
-    if args.vet:
-        from tracelens.judges.openai import OpenAIJudge
-
-        vet_judge = OpenAIJudge(args.judge_url, model=args.judge_model)
-    response_backend = _vllm_backend(args, "extraction") if args.backend == "vllm" else None
-    evaluations = run_extraction(args.experiment, _csv(args.traits), config, variant=args.variant,
-                                 vet_judge=vet_judge, response_backend=response_backend)
-    from tracelens.metrics import Estimate
-
+    config = ExtractionConfig(methods=_csv(methods), position=position, layers=layers, component=component,
+                              splits=_floats(splits), max_new_tokens=max_new_tokens, limit=limit, force=force)
+    vet_judge = _judge("openai", "", judge_url, judge_model) if vet else None
+    response_backend = _vllm_backend(experiment, variant, "extraction") if backend == "vllm" else None
+    evaluations = run_extraction(experiment, _csv(traits), config, variant=variant, vet_judge=vet_judge,
+                                 response_backend=response_backend)
     for trait, evaluation in evaluations.items():
         row = evaluation.selected_row
         band = evaluation.chance["layers"][str(row.layer)]["auroc"]
@@ -58,26 +71,27 @@ def extract(args: argparse.Namespace) -> None:
               f"{'' if row.above_chance else ' (NOT above chance)'}")
 
 
-def steer(args: argparse.Namespace) -> None:
-    from tracelens.pipeline.experiments import get_model_variant
-    from tracelens.judges.offline import offline_judge
-    from tracelens.judges.openai import OpenAIJudge
+def steer(*, experiment: str, traits: str, variant: str | None, layers: str, method: str, position: str,
+          component: str, coefficients: str | None, search_steps: int, n_search: int, n_report: int | None,
+          n_neutral: int, max_new_tokens: int, direction: str | None, search_coherence: float, min_coherence: float,
+          judge: str,
+          judge_url: str, judge_model: str) -> None:
     from tracelens.metrics import Estimate
+    from tracelens.pipeline.experiments import get_model_variant
     from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
     config = SteeringEvalConfig(
-        layers=args.layers, method=args.method, position=args.position, component=args.component,
-        coefficients=[float(c) for c in _csv(args.coefficients)] if args.coefficients else None,
-        search_steps=args.search_steps, n_search=args.n_search, n_report=args.n_report,
-        max_new_tokens=args.max_new_tokens, direction=args.direction, n_neutral=args.n_neutral,
-    )
-    variant = get_model_variant(args.experiment, args.variant, mode="extraction").name
-    for trait in _csv(args.traits):
-        judge = offline_judge(trait) if args.judge == "offline" else OpenAIJudge(args.judge_url, model=args.judge_model)
-        validity = judge_validity(judge, args.experiment, trait, variant, args.position, args.component)
-        print(f"{trait}: judge {judge.name}: validity on the unseen test-split answers AUROC "
+        layers=layers, method=method, position=position, component=component,
+        coefficients=_floats(coefficients) if coefficients else None, search_steps=search_steps,
+        n_search=n_search, n_report=n_report, max_new_tokens=max_new_tokens, direction=direction, n_neutral=n_neutral,
+        search_coherence=search_coherence, min_coherence=min_coherence)
+    variant_name = get_model_variant(experiment, variant, mode="extraction").name
+    for trait in _csv(traits):
+        trait_judge = _judge(judge, trait, judge_url, judge_model)
+        validity = judge_validity(trait_judge, experiment, trait, variant_name, position, component)
+        print(f"{trait}: judge {trait_judge.name}: validity on the unseen test-split answers AUROC "
               f"{Estimate.from_dict(validity['auroc']):.3f}")
-        results = run_steering_eval(args.experiment, trait, judge, config, variant=args.variant,
+        results = run_steering_eval(experiment, trait, trait_judge, config, variant=variant,
                                     judge_info={"validity": validity})
         base = results.baseline
         print(f"{trait}: baseline (search questions) trait {base.trait_mean} coherence {base.coherence_mean}")
@@ -86,166 +100,331 @@ def steer(args: argparse.Namespace) -> None:
             print(f"  layer {run.layer} coef {run.coefficient:.1f}: trait {run.result.trait_mean} coherence "
                   f"{run.result.coherence_mean}; trait effect {Estimate.from_dict(jf['trait_effect']):.3f} "
                   f"(control {Estimate.from_dict(ctl['trait_effect']):.3f}), NLL cost "
-                  f"{Estimate.from_dict(jf['nll_cost']):.3f} (control {Estimate.from_dict(ctl['nll_cost']):.3f}) nats/token")
+                  f"{Estimate.from_dict(jf['nll_cost']):.3f} (control {Estimate.from_dict(ctl['nll_cost']):.3f}) "
+                  "nats/token")
         r = results.report
-        if r is None:
+        if results.best_run(config.min_coherence) is None:  # a stored report may come from a looser --min-coherence
             print(f"{trait}: no run kept coherence >= {config.min_coherence}: nothing reported")
-        else:
-            v = r["config"]["vectors"][0]
-            print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.1f}, on {r['n_questions']} report "
-                  f"questions: trait delta {Estimate.from_dict(r['trait_delta']['steered']):.1f} vs random control "
-                  f"{Estimate.from_dict(r['trait_delta']['control']):.1f}")
+            continue
+        v = r["config"]["vectors"][0]
+        print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.1f}, on {r['n_questions']} report "
+              f"questions: trait delta {Estimate.from_dict(r['trait_delta']['steered']):.1f} vs random control "
+              f"{Estimate.from_dict(r['trait_delta']['control']):.1f}")
 
 
-def report(args: argparse.Namespace) -> None:
+def ab(*, data: str, model: str, layers: str, method: str, read: str, component: str, multipliers: str, splits: str,
+       seed: int, n_random: int, batch_size: int, out: str) -> None:
+    from tracelens.metrics import Estimate
+    from tracelens.model.loading import load_model
+    from tracelens.pipeline.ab import ABConfig, load_ab, run_ab, save_ab
+
+    config = ABConfig(layers=layers, method=method, read=read, component=component, seed=seed, multipliers=_floats(multipliers),
+                      fractions=_floats(splits), n_random=n_random, batch_size=batch_size)
+    dataset = load_ab(data)
+    result = run_ab(load_model(model), dataset, config)
+    paths = save_ab(result, out)
+    r = result.report
+    print(f"{r['dataset']}: {r['n_questions']} questions, matching letters {r['letter_balance']}, splits {r['splits']}; "
+          f"unsteered p(match) {Estimate.from_dict(r['unsteered']['p_match']):.3f}")
+    for layer, e in r["layers"].items():
+        print(f"  layer {layer}: test AUROC {Estimate.from_dict(e['detection']['test']['auroc']):.3f} "
+              f"(random {e['chance']['auroc']['lo']:.2f}-{e['chance']['auroc']['hi']:.2f}); p(match) "
+              f"{e['curve'][0]['p_match']['value']:.3f} at {r['multipliers'][0]:g} -> "
+              f"{e['curve'][-1]['p_match']['value']:.3f} at {r['multipliers'][-1]:g}; effect "
+              f"{Estimate.from_dict(e['effect']):.3f}, control {Estimate.from_dict(e['control_effect']):.3f}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def report(*, experiment: str, traits: str | None, variant: str | None, output: str, invocation: str) -> None:
     from tracelens.pipeline.report import write_report
 
-    traits = _csv(args.traits) if args.traits else None
-    print(f"wrote {write_report(args.experiment, traits, args.output, variant=args.variant)}")
+    path = write_report(experiment, _csv(traits) if traits else None, output, variant=variant, command=invocation)
+    print(f"wrote {path}")
 
 
-def monitor(args: argparse.Namespace) -> None:
+def monitor(*, experiment: str, prompt_set: str, traits: str, variant: str | None, layers: str, max_new_tokens: int,
+            one_pass: bool, backend: str) -> None:
     from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring
 
-    config = MonitorConfig(layers=args.layers, max_new_tokens=args.max_new_tokens, one_pass=args.one_pass)
-    response_backend = _vllm_backend(args, "application") if args.backend == "vllm" else None
-    written = run_monitoring(args.experiment, args.prompt_set, _csv(args.traits), config, variant=args.variant,
+    config = MonitorConfig(layers=layers, max_new_tokens=max_new_tokens, one_pass=one_pass)
+    response_backend = _vllm_backend(experiment, variant, "application") if backend == "vllm" else None
+    written = run_monitoring(experiment, prompt_set, _csv(traits), config, variant=variant,
                              response_backend=response_backend)
     print(f"wrote {written['responses']} response records and {written['projections']} projection records")
 
 
-def massive(args: argparse.Namespace) -> None:
+def massive(*, experiment: str, prompt_set: str, variant: str | None, per_token: bool) -> None:
     from tracelens.model.massive import candidate_dims
     from tracelens.pipeline.monitoring import run_massive
 
-    report = run_massive(args.experiment, args.prompt_set, args.per_token, variant=args.variant)
-    agg = report["aggregate"]
+    found = run_massive(experiment, prompt_set, per_token, variant=variant)
+    agg = found["aggregate"]
     print(f"{agg['tokens_seen']} tokens from {agg['n_prompts']} prompts")
-    for dim in candidate_dims(report, "top5-3layers"):
+    for dim in candidate_dims(found, "top5-3layers"):
         peak = max(agg["dim_magnitude_by_layer"][str(dim)])
         print(f"dim {dim}: up to {peak:.0f}x the mean |activation| of its layer")
 
 
-def dashboard(args: argparse.Namespace) -> None:
-    from tracelens.serving.dashboard import main_dashboard
+def list_(*, experiment: list[str] | None, as_json: bool) -> None:
+    import json
 
-    main_dashboard(args)
+    from tracelens.pipeline.experiments import experiments_root
+    from tracelens.pipeline.inventory import inventory
+
+    found = inventory(names=experiment)
+    if as_json:
+        print(json.dumps(found, indent=2))
+    elif not found:
+        print(f"no experiments under {experiments_root()} (set TRACELENS_EXPERIMENTS, or run tracelens extract)")
+    for exp in [] if as_json else found:
+        print("\n".join(_describe_lines(exp)))
 
 
-def server(args: argparse.Namespace) -> None:
-    from tracelens.serving.server import main_server
+def _describe_lines(exp: dict) -> list[str]:
+    from tracelens.metrics import Estimate
 
-    main_server(args)
+    lines = [f"{exp['name']}  ({exp['dir']})"]
+    for variant, v in exp["variants"].items():
+        lines.append(f"  variant {variant}: model {v['model']}" + (f", lora {v['lora']}" if v["lora"] else ""))
+        if not v["traits"]:
+            lines.append("    no traits extracted or steered yet")
+        for trait, t in v["traits"].items():
+            lines.append(f"    {trait}")
+            for s in t["selections"]:
+                auroc = f"{Estimate.from_dict(s['test_auroc']):.3f}" if s["test_auroc"] else "n/a"
+                lines.append(f"      selected {s['method']} layer {s['layer']} at {s['position']} {s['component']}: "
+                             f"test AUROC {auroc}{'' if s['above_chance'] else ' (NOT above chance)'}")
+            for vec in t["vectors"]:
+                lines.append(f"      vectors {vec['method']} at {vec['position']} {vec['component']}: "
+                             f"layers {_ranges(vec['layers'])}")
+            for st in t["steering"]:
+                sel = st["selected"]
+                head = f"      steering {st['position']} on {st['prompt_set']}: {st['n_runs']} runs; "
+                if sel is None:
+                    lines.append(head + "no run selected (none kept coherence)")
+                    continue
+                delta = sel["trait_delta"]
+                lines.append(head + f"selected {sel['method']} layer {sel['layer']} coef {sel['coefficient']:.1f}; "
+                             f"on {sel['n_questions']} report questions trait delta "
+                             f"{Estimate.from_dict(delta['steered']):.1f} vs random control "
+                             f"{Estimate.from_dict(delta['control']):.1f}")
+    return lines
+
+
+def _ranges(layers: list[int]) -> str:
+    """`[0, 1, 2, 5]` -> `0-2,5`."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
+
+
+def dashboard(*, experiment: str, host: str, port: int, allow_remote: bool, token: str | None) -> None:
+    from tracelens.serving.dashboard import TOKEN_ENV, serve
+
+    serve(experiment, host=host, port=port, allow_remote=allow_remote, token=token or os.environ.get(TOKEN_ENV) or None)
+
+
+def server(*, experiment: str, variant: str | None, host: str, port: int, token: str | None, **settings) -> None:
+    from tracelens.serving.server import TOKEN_ENV, serve
+
+    serve(experiment, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None, variant=variant,
+          **settings)
+
+
+# --- parsers --------------------------------------------------------------------------------------
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to an option's help unless it is required, a flag, defaults to None (its help then
+    says what None means) or already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or any(action.default is x for x in (None, False, argparse.SUPPRESS)) or "default" in text
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+COMPONENT_HELP = ("the hook point {what} at each layer: residual, attn_contribution, mlp_contribution, attn_out, "
+                  "mlp_out, k_proj, v_proj (tracelens.model.sites.COMPONENTS)")
+LAYERS_HELP = "layers: all | P%%-Q%% (of depth) | A-B[:step] | ints (negative from the end), comma-separated"
+
+
+def _subparser(sub, name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Help, **kwargs)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback instead of a one-line error")
+    p.set_defaults(func=func)
+    return p
+
+
+def _experiment_options(p: argparse.ArgumentParser, traits: bool = True) -> None:
+    p.add_argument("--experiment", required=True, help="experiment name: a folder under $TRACELENS_EXPERIMENTS "
+                                                      "(default ./experiments)")
+    if traits:
+        p.add_argument("--traits", required=True, help="category/trait[,category/trait...], e.g. starter/optimism")
+    p.add_argument("--variant", default=None, help="model variant of the experiment's config (default: the "
+                                                   "config's default for this stage)")
+
+
+def _judge_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--judge-url", default="https://api.openai.com/v1",
+                   help=f"OpenAI-compatible chat-completions base URL {what}; the key is $OPENAI_API_KEY")
+    p.add_argument("--judge-model", default="gpt-4.1-mini", help=f"judge model name {what}")
+
+
+def _add_extract(sub) -> None:
+    p = _subparser(sub, "extract", extract, "generate contrastive responses, capture activations, fit and "
+                                             "evaluate vectors on held-out questions")
+    _experiment_options(p)
+    p.add_argument("--methods", default="probe,mean_diff,gradient",
+                   help="comma-separated: probe, mean_diff, gradient, fisher, rfm (random_baseline always runs)")
+    p.add_argument("--position", default=None,
+                   help="token positions to average, e.g. 'response[:]' (default: response[:] for chat models, "
+                        "response[:5] for base models)")
+    p.add_argument("--layers", default="all", help=LAYERS_HELP)
+    p.add_argument("--component", default="residual", help=COMPONENT_HELP.format(what="captured"))
+    p.add_argument("--splits", default="0.6,0.2,0.2",
+                   help="train,select,test fractions of the questions (the answers of a question stay together)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per answer (default: 64 for chat models, 16 for base models)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only each trait's first N question pairs, for a quick run (default: all)")
+    p.add_argument("--force", action="store_true", help="recompute every stage, even the ones stored")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="what generates the responses (vllm: bulk generation on GPUs; capture stays local)")
+    p.add_argument("--vet", action="store_true",
+                   help="keep only the pairs an LLM judge scores pos >= 60, neg <= 40 (of 100)")
+    _judge_options(p, "for --vet")
+
+
+def _add_steer(sub) -> None:
+    p = _subparser(sub, "steer", steer, "coefficient search (judged, with judge-free metrics and a random "
+                                         "control), then the selected run reported on disjoint questions")
+    _experiment_options(p)
+    p.add_argument("--layers", default="30%-60%", help=LAYERS_HELP)
+    p.add_argument("--method", default="probe", help="which extracted vectors steer")
+    p.add_argument("--position", default="response[:]", help="the extraction position whose vectors steer")
+    p.add_argument("--component", default="residual", help=COMPONENT_HELP.format(what="steered"))
+    p.add_argument("--coefficients", default=None,
+                   help="explicit coefficients for every layer, no search: the norm of the added vector in "
+                        "hidden-state units, e.g. 50,100 (default: search from 0.7 x the layer's mean ||h||)")
+    p.add_argument("--search-steps", type=int, default=5, help="coefficient steps per layer of the search")
+    p.add_argument("--n-search", type=int, default=8, help="questions (the first N steering questions) that drive "
+                                                          "the search")
+    p.add_argument("--n-report", type=int, default=None,
+                   help="questions of the rest that report the selected run (default: all the rest)")
+    p.add_argument("--n-neutral", type=int, default=16, help="neutral prompts whose answers measure the NLL cost")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer")
+    p.add_argument("--direction", choices=["positive", "negative"], default=None,
+                   help="which way to push the trait (default: the trait's steering.json)")
+    p.add_argument("--search-coherence", type=float, default=80.0,
+                   help="judge coherence (0-100) above which the search raises a layer's coefficient (x1.3; "
+                        "below it, x0.85)")
+    p.add_argument("--min-coherence", type=float, default=77.0,
+                   help="judge coherence (0-100) a run must keep to be selected and reported")
+    p.add_argument("--judge", choices=["offline", "openai"], default="offline",
+                   help="offline: the shipped embedding judge (no network); openai: an LLM judge at --judge-url")
+    _judge_options(p, "for --judge openai")
+
+
+def _add_ab(sub) -> None:
+    p = _subparser(sub, "ab", ab, "A/B dataset: extraction, detection and propensity curves per layer")
+    p.add_argument("--data", default="optimism", help="an A/B file (.jsonl / .json) or a shipped set name")
+    p.add_argument("--model", default="default", help="a model folder, a cached HF id, or 'default'")
+    p.add_argument("--layers", default="all", help=LAYERS_HELP)
+    p.add_argument("--method", default="mean_diff", help="extraction method")
+    p.add_argument("--read", default="letter", choices=["after", "letter"],  # tracelens.pipeline.ab.READ_POSITIONS
+                   help="the token whose activation is read and steered: the answer letter, or the one after it")
+    p.add_argument("--component", default="residual", help=COMPONENT_HELP.format(what="read and steered"))
+    p.add_argument("--multipliers", default="-2,-1,-0.5,0.5,1,2",
+                   help="steering multipliers, in units of the train mean difference along the direction")
+    p.add_argument("--splits", default="0.5,0.1,0.4", help="train,select,test fractions of the questions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the question split and the random directions")
+    p.add_argument("--n-random", type=int, default=100, help="random directions for the detection chance band")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--out", required=True, help="folder for report.json, vectors.safetensors, propensity.svg")
+
+
+def _add_viewers(sub) -> None:
+    p = _subparser(sub, "report", report, "render an experiment's stored results as Markdown (e.g. docs/results.md)")
+    _experiment_options(p, traits=False)
+    p.add_argument("--traits", default=None, help="comma-separated traits (default: every trait with an evaluation)")
+    p.add_argument("--output", required=True, help="the Markdown file to write (atomically)")
+    p.set_defaults(invocation=None)
+
+    p = _subparser(sub, "list", list_, "experiments, their traits, stored vectors and steering runs with the "
+                                       "selected run's report numbers")
+    p.add_argument("--experiment", action="append", default=None,
+                   help="only this experiment (repeatable; default: every experiment under $TRACELENS_EXPERIMENTS)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of text")
+
+    p = _subparser(sub, "dashboard", dashboard, "the Trait Dynamics dashboard for an experiment (a local web page; "
+                                                "'serve' is an alias)", aliases=["serve"])
+    p.add_argument("--experiment", required=True, help="experiment name under $TRACELENS_EXPERIMENTS")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback address and any Host header; needs a token")
+    p.add_argument("--token", default=None, help="required of every request; needed with --allow-remote "
+                                                 "(default: $TRACELENS_DASHBOARD_TOKEN, else none)")
+
+
+def _add_monitoring(sub) -> None:
+    p = _subparser(sub, "monitor", monitor, "per-token projections of a prompt set's responses onto selected vectors")
+    _experiment_options(p)
+    p.add_argument("--prompt-set", required=True, help="a shipped set (general, neutral) or a JSON file")
+    p.add_argument("--layers", default="best,best+5",
+                   help=LAYERS_HELP + "; best / best+N / best-N: relative to the selected vector's layer")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per response")
+    p.add_argument("--one-pass", action="store_true", help="record projections while generating (one pass)")
+    p.add_argument("--backend", choices=["local", "vllm"], default="local",
+                   help="what generates the responses (vllm: bulk generation on GPUs; projections stay local)")
+
+    p = _subparser(sub, "massive", massive, "calibrate massive-activation dims on neutral prompts")
+    _experiment_options(p, traits=False)
+    p.add_argument("--prompt-set", default="neutral", help="a shipped set or a JSON file")
+    p.add_argument("--per-token", action="store_true", help="also store each prompt's per-token values")
+
+
+def _add_server(sub) -> None:
+    p = _subparser(sub, "server", server, "keep an experiment's model loaded and serve generation, capture and "
+                                          "steering over HTTP (its own API and OpenAI's)")
+    _experiment_options(p, traits=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (0: any free port)")
+    p.add_argument("--token", default=None, help="bearer token every request must send; required to bind a "
+                                                 "non-loopback host (default: $TRACELENS_SERVER_TOKEN, else none)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_new_tokens a request may ask")
+    p.add_argument("--max-prompts", type=int, default=256, help="most prompts in one request")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait and generate")
+    p.add_argument("--io-timeout", type=float, default=30.0, help="seconds one socket read or write may block")
+    p.add_argument("--stream-buffer", type=int, default=256, help="tokens a stream reader may fall behind")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="milliseconds to gather concurrent requests into one batch (0: no waiting)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for the model; more get 503")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from tracelens.provenance import version
 
-    p = sub.add_parser("demo", help="extract -> evaluate -> steer -> select on the default model")
-    p.add_argument("--trait", default="starter/enthusiasm")
-    p.set_defaults(func=demo)
-
-    p = sub.add_parser("extract", help="generate contrastive responses, capture activations, fit and evaluate vectors")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--traits", required=True, help="category/trait[,category/trait...]")
-    p.add_argument("--variant", default=None)
-    p.add_argument("--methods", default="probe,mean_diff,gradient")
-    p.add_argument("--position", default=None, help="position DSL, e.g. 'response[:]' (default by model type)")
-    p.add_argument("--layers", default="all", help="all | 30%%-60%% | 0-20:5 | 3,5,-1, comma-separated")
-    p.add_argument("--component", default="residual")
-    p.add_argument("--splits", default="0.6,0.2,0.2",
-                   help="train,select,test fractions of the questions (answers of one question stay together)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--force", action="store_true", help="recompute every stage")
-    p.add_argument("--backend", choices=["local", "vllm"], default="local",
-                   help="what generates the responses (vllm: bulk generation on GPUs; capture stays local)")
-    p.add_argument("--vet", action="store_true", help="keep only pairs an LLM judge scores pos >= 60, neg <= 40")
-    p.add_argument("--judge-url", default="https://api.openai.com/v1", help="chat-completions endpoint for --vet")
-    p.add_argument("--judge-model", default="gpt-4.1-mini")
-    p.set_defaults(func=extract)
-
-    p = sub.add_parser("steer", help="coefficient search (judged, judge-free metrics, random control), then a report "
-                                     "on disjoint questions")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--traits", required=True)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--layers", default="30%-60%", help="as for extract")
-    p.add_argument("--method", default="probe")
-    p.add_argument("--position", default="response[:]")
-    p.add_argument("--component", default="residual")
-    p.add_argument("--coefficients", default=None, help="explicit coefficients (no search), e.g. 50,100")
-    p.add_argument("--search-steps", type=int, default=5)
-    p.add_argument("--n-search", type=int, default=8, help="the first N steering questions drive the search")
-    p.add_argument("--n-report", type=int, default=None,
-                   help="how many of the remaining questions report the selected run (default: all)")
-    p.add_argument("--n-neutral", type=int, default=16, help="neutral prompts for the coherence cost")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--direction", choices=["positive", "negative"], default=None)
-    p.add_argument("--judge", choices=["offline", "openai"], default="offline")
-    p.add_argument("--judge-url", default="https://api.openai.com/v1")
-    p.add_argument("--judge-model", default="gpt-4.1-mini")
-    p.set_defaults(func=steer)
-
-    from tracelens.pipeline.ab import add_ab_parser
-
-    add_ab_parser(sub)
-
-    p = sub.add_parser("report", help="render an experiment's stored results as Markdown (e.g. docs/results.md)")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--traits", default=None, help="default: every trait with an evaluation")
-    p.add_argument("--variant", default=None)
-    p.add_argument("--output", required=True, help="the Markdown file to write")
-    p.set_defaults(func=report)
-
-    p = sub.add_parser("monitor", help="per-token projections of a prompt set's responses onto selected vectors")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--prompt-set", required=True, help="a shipped set (general, neutral) or a JSON file")
-    p.add_argument("--traits", required=True)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--layers", default="best,best+5",
-                   help="as for extract, plus best / best+N / best-N (best: the selected vector's layer)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--one-pass", action="store_true", help="record projections while generating")
-    p.add_argument("--backend", choices=["local", "vllm"], default="local",
-                   help="what generates the responses (vllm: bulk generation on GPUs; projections stay local)")
-    p.set_defaults(func=monitor)
-
-    p = sub.add_parser("massive", help="calibrate massive activation dims on neutral prompts")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--prompt-set", default="neutral")
-    p.add_argument("--variant", default=None)
-    p.add_argument("--per-token", action="store_true")
-    p.set_defaults(func=massive)
-
-    p = sub.add_parser("dashboard", aliases=["serve"],
-                       help="the Trait Dynamics dashboard for an experiment (local web page; 'serve' is an alias)")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback address and any Host header; needs a token")
-    p.add_argument("--token", default=None,
-                   help="required of every request; needed with --allow-remote ($TRACELENS_DASHBOARD_TOKEN)")
-    p.set_defaults(func=dashboard)
-
-    p = sub.add_parser("server", help="keep an experiment's model loaded and serve generation/capture/steering")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--token", default=None, help="required to bind a non-loopback host ($TRACELENS_SERVER_TOKEN)")
-    p.add_argument("--max-new-tokens-limit", type=int, default=None, help="largest max_new_tokens a request may ask")
-    p.add_argument("--max-prompts", type=int, default=None, help="most prompts in one request (default 256)")
-    p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may wait and generate")
-    p.add_argument("--io-timeout", type=float, default=None, help="seconds one socket read or write may block")
-    p.add_argument("--stream-buffer", type=int, default=None, help="tokens a stream reader may fall behind")
-    p.add_argument("--batch-window-ms", type=float, default=None,
-                   help="milliseconds to gather concurrent requests into one batch (0: no waiting)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="most prompts in one batch")
-    p.add_argument("--max-queue", type=int, default=None, help="most requests waiting for the model; more get 503")
-    p.set_defaults(func=server)
+    parser = argparse.ArgumentParser(prog="tracelens", description="Trait directions in language models.",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"tracelens {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback instead of a one-line error "
+                                                            "(also accepted after the subcommand)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _subparser(sub, "demo", demo, "extract -> evaluate -> steer -> select -> report on the default model")
+    p.add_argument("--trait", default="starter/enthusiasm", help="the trait to run, category/name")
+    p.set_defaults(invocation=None)
+    for add in (_add_extract, _add_steer, _add_ab, _add_viewers, _add_monitoring, _add_server):
+        add(sub)
     return parser
 
 
@@ -255,18 +434,22 @@ def main(argv: list[str] | None = None) -> int:
     prints one line and returns 1; `--debug` shows the traceback instead."""
     from tracelens.errors import TracelensError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kwargs = vars(build_parser().parse_args(argv))
+    func, command, debug = kwargs.pop("func"), kwargs.pop("command"), kwargs.pop("debug")
+    if "invocation" in kwargs:
+        kwargs["invocation"] = shlex.join(["tracelens", *argv])
     try:
-        args.func(args)
+        func(**kwargs)
     except (TracelensError, ValueError, KeyError, FileNotFoundError) as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"tracelens {args.command}: error: {_message(err)}", file=sys.stderr)
+        print(f"tracelens {command}: error: {_message(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line
-        if args.debug:
+        if debug:
             raise
-        print(f"tracelens {args.command}: {type(err).__name__}: {_message(err)} (--debug for the traceback)",
+        print(f"tracelens {command}: {type(err).__name__}: {_message(err)} (--debug for the traceback)",
               file=sys.stderr)
         return 1
     return 0

@@ -351,51 +351,18 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
     return ABResult(report, vectors)
 
 
-# --- command line -----------------------------------------------------------------------------------
+# --- files -----------------------------------------------------------------------------------------
 
 
-def add_ab_parser(subparsers) -> None:
-    """Register `tracelens ab` on an argparse subparsers object."""
-    p = subparsers.add_parser("ab", help="A/B dataset: extraction, detection and propensity curves per layer")
-    p.add_argument("--data", default="optimism", help="A/B file (.jsonl/.json) or a shipped set name")
-    p.add_argument("--model", default="default", help="model folder, cached HF id, or 'default'")
-    p.add_argument("--layers", default="all", help="'all', '30%%-60%%', '0-20:5' or '3,5,7'")
-    p.add_argument("--method", default="mean_diff")
-    p.add_argument("--read", default="letter", choices=sorted(READ_POSITIONS))
-    p.add_argument("--multipliers", default="-2,-1,-0.5,0.5,1,2")
-    p.add_argument("--splits", default="0.5,0.1,0.4", help="train,select,test fractions of the questions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-random", type=int, default=100, help="random directions for the detection chance band")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", required=True, help="folder for report.json, vectors.safetensors, propensity.svg")
-    p.set_defaults(func=ab_main)
-
-
-def ab_main(args) -> ABResult:
-    """Run `run_ab` from parsed arguments, write the report, vectors and SVG to `args.out`, print a summary."""
+def save_ab(result: ABResult, out: str | Path) -> list[Path]:
+    """Write ``report.json``, ``vectors.safetensors`` (``{str(layer): unit vector}``) and ``propensity.svg`` into
+    the folder ``out`` (created; each file atomically); returns their paths."""
     from tracelens.pipeline.ab_plot import propensity_svg
     from tracelens.io import save_tensors, write_bytes, write_json
-    from tracelens.model.loading import load_model
-    from tracelens.metrics import Estimate
 
-    config = ABConfig(layers=args.layers, method=args.method, read=args.read, seed=args.seed,
-                      multipliers=[float(x) for x in args.multipliers.split(",")],
-                      fractions=[float(x) for x in args.splits.split(",")], n_random=args.n_random,
-                      batch_size=args.batch_size)
-    dataset = load_ab(args.data)
-    result = run_ab(load_model(args.model), dataset, config)
-    out = Path(args.out)
-    write_json(out / "report.json", result.report)
-    save_tensors(out / "vectors.safetensors", {str(l): v for l, v in result.vectors.items()})
-    write_bytes(out / "propensity.svg", propensity_svg(result.report).encode())
-    r = result.report
-    print(f"{r['dataset']}: {r['n_questions']} questions, matching letters {r['letter_balance']}, splits {r['splits']}; "
-          f"unsteered p(match) {Estimate.from_dict(r['unsteered']['p_match']):.3f}")
-    for layer, e in r["layers"].items():
-        print(f"  layer {layer}: test AUROC {Estimate.from_dict(e['detection']['test']['auroc']):.3f} "
-              f"(random {e['chance']['auroc']['lo']:.2f}-{e['chance']['auroc']['hi']:.2f}); p(match) "
-              f"{e['curve'][0]['p_match']['value']:.3f} at {r['multipliers'][0]:g} -> "
-              f"{e['curve'][-1]['p_match']['value']:.3f} at {r['multipliers'][-1]:g}; effect "
-              f"{Estimate.from_dict(e['effect']):.3f}, control {Estimate.from_dict(e['control_effect']):.3f}")
-    print(f"wrote {out}/report.json, vectors.safetensors, propensity.svg")
-    return result
+    out = Path(out)
+    paths = [out / "report.json", out / "vectors.safetensors", out / "propensity.svg"]
+    write_json(paths[0], result.report)
+    save_tensors(paths[1], {str(l): v for l, v in result.vectors.items()})
+    write_bytes(paths[2], propensity_svg(result.report).encode())
+    return paths

@@ -262,10 +262,16 @@ class Experiment:
         root = self.vectors_root(trait, variant, position, component)
         found = {}
         for method_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-            layers = sorted(int(m[1]) for f in method_dir.iterdir() if (m := _LAYER_FILE.match(f.name)))
-            if layers:
+            if layers := _stored_layers(method_dir):
                 found[method_dir.name] = layers
         return found
+
+    def stored_vector_sets(self, trait: str, variant: str) -> list[tuple[VectorMetadata, list[int]]]:
+        """Every method's vectors of a trait, whatever the position and component: its metadata (which names
+        them) and the layers whose files exist, sorted by folder."""
+        root = self.extraction_dir(trait, variant) / "vectors"
+        return [(VectorMetadata.from_dict(read_json(path)), _stored_layers(path.parent))
+                for path in (sorted(root.glob("*/*/*/metadata.json")) if root.is_dir() else [])]
 
     def write_evaluation(self, trait: str, variant: str, evaluation: Evaluation) -> None:
         write_json(self.evaluation_path(trait, variant, evaluation.position, evaluation.component),
@@ -459,6 +465,11 @@ class Experiment:
 
     def remove_massive_activations(self, variant: str, name: str) -> None:
         self.massive_activations_path(variant, name).unlink(missing_ok=True)
+
+
+def _stored_layers(method_dir: Path) -> list[int]:
+    """The sorted layers of the `layer{N}.safetensors` files in one method's vectors folder."""
+    return sorted(int(m[1]) for f in method_dir.iterdir() if (m := _LAYER_FILE.match(f.name)))
 
 
 def _load_config(path: Path) -> dict:
