@@ -103,11 +103,15 @@ def test_list_shows_traits_vectors_and_the_selected_steering_run(home, steered):
     assert re.search(r"vectors probe at response\[:\] residual: layers 0-3", out), out
     assert re.search(r"steering response_all on steering: \d+ runs; selected probe layer [12] coef [\d.]+; on 2 "
                      r"report questions trait delta", out), out
+    assert re.search(r"test AUROC [\d.]+ \[[\d.]+, [\d.]+\], random directions [\d.]+-[\d.]+", out), out
+    for name in ("trait effect", "NLL cost", "KL"):
+        assert re.search(rf"^        {name} -?[\d.]+ \[.*\] vs control -?[\d.]+ \[.*\] nats/token$", out, re.M), out
     [exp] = json.loads(tracelens(home, "list", "--json", "--experiment", "e").stdout)
     trait = exp["variants"]["base"]["traits"][TRAIT]
     assert {v["method"]: v["layers"] for v in trait["vectors"]} == {m: [0, 1, 2, 3] for m in
                                                                     ("mean_diff", "probe", "random_baseline")}
-    assert trait["steering"][0]["selected"]["n_questions"] == 2
+    selected = trait["steering"][0]["selected"]
+    assert selected["n_questions"] == 2 and sorted(selected["judge_free"]) == ["KL", "NLL cost", "trait effect"]
 
 
 def test_list_names_a_missing_experiment(home):

@@ -192,8 +192,10 @@ def _describe_lines(exp: dict) -> list[str]:
             lines.append(f"    {trait}")
             for s in t["selections"]:
                 auroc = f"{Estimate.from_dict(s['test_auroc']):.3f}" if s["test_auroc"] else "n/a"
+                band = s["chance_auroc"]
                 lines.append(f"      selected {s['method']} layer {s['layer']} at {s['position']} {s['component']}: "
-                             f"test AUROC {auroc}{'' if s['above_chance'] else ' (NOT above chance)'}")
+                             f"test AUROC {auroc}, random directions {band['lo']:.3f}-{band['hi']:.3f}"
+                             f"{'' if s['above_chance'] else ' (NOT above chance)'}")
             for vec in t["vectors"]:
                 lines.append(f"      vectors {vec['method']} at {vec['position']} {vec['component']}: "
                              f"layers {_ranges(vec['layers'])}")
@@ -208,6 +210,8 @@ def _describe_lines(exp: dict) -> list[str]:
                              f"on {sel['n_questions']} report questions trait delta "
                              f"{Estimate.from_dict(delta['steered']):.1f} vs random control "
                              f"{Estimate.from_dict(delta['control']):.1f}")
+                lines += [f"        {name} {Estimate.from_dict(m['steered']):.3f} vs control "
+                          f"{Estimate.from_dict(m['control']):.3f} nats/token" for name, m in sel["judge_free"].items()]
     return lines
 
 

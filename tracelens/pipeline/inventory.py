@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tracelens.pipeline.experiments import Experiment, experiments_root
+from tracelens.pipeline.report import judge_free_comparison, reported_run
+from tracelens.types import SteeringResults
 
 
 def inventory(root: str | Path | None = None, names: list[str] | None = None) -> list[dict]:
@@ -36,8 +38,10 @@ def _trait(exp: Experiment, trait: str, variant: str) -> dict:
     selections = []
     for ev in exp.evaluations(trait, variant):
         row = ev.selected_row
+        band = ev.chance["layers"][str(row.layer)]["auroc"]
         selections.append({"position": ev.position, "component": ev.component, "method": row.method,
-                           "layer": row.layer, "test_auroc": row.test.get("auroc"), "above_chance": row.above_chance})
+                           "layer": row.layer, "test_auroc": row.test.get("auroc"),
+                           "chance_auroc": {"lo": band["lo"], "hi": band["hi"]}, "above_chance": row.above_chance})
     vectors = [{"position": m.position, "component": m.component, "method": m.method, "layers": layers}
                for m, layers in exp.stored_vector_sets(trait, variant)]
     steering = []
@@ -46,15 +50,19 @@ def _trait(exp: Experiment, trait: str, variant: str) -> dict:
             continue
         results = exp.all_steering_results(trait, variant, entry.prompt_set)[entry.position]
         steering.append({"position": entry.position, "prompt_set": entry.prompt_set, "n_runs": len(results.runs),
-                         "selected": _selected(results.report)})
+                         "selected": _selected(results)})
     return {"selections": selections, "vectors": vectors, "steering": steering}
 
 
-def _selected(report: dict | None) -> dict | None:
-    """The reported run's vector and its numbers on the report questions; None when nothing was reported."""
+def _selected(results: SteeringResults) -> dict | None:
+    """The reported run's vector, its judge delta on the report questions beside the random control's, and its
+    judge-free metrics (nats/token) beside the control's; None when nothing was reported."""
+    report = results.report
     if report is None:
         return None
     v = report["config"]["vectors"][0]
+    run = reported_run(results)
+    judge_free = {} if run is None else {name: {"steered": est, "control": ctl}
+                                         for name, est, ctl, _ in judge_free_comparison(run) if est is not None}
     return {"method": v["method"], "layer": v["layer"], "coefficient": v["weight"],
-            "n_questions": report["n_questions"], "trait_delta": report["trait_delta"],
-            **({"judge_free": report["judge_free"]} if "judge_free" in report else {})}
+            "n_questions": report["n_questions"], "trait_delta": report["trait_delta"], "judge_free": judge_free}
