@@ -105,7 +105,8 @@ def test_the_cli_lists_exactly_the_librarys_choices():
 
 
 def test_help_and_version_import_no_model_code():
-    """`tracelens --help`, `--version` and every subcommand's `--help` answer without importing torch."""
+    """`tracelens --help`, `--version` and every subcommand's `--help` answer without importing torch; `list`
+    without TransformerLens."""
     import subprocess
     import sys
 
@@ -113,6 +114,10 @@ def test_help_and_version_import_no_model_code():
             "print([m for m in ('torch', 'transformer_lens') if m in sys.modules])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout == "[]\n", done.stderr[-2000:]
+    # `tracelens list` reads the store and the report's helpers, never the model code
+    code = "import sys\nimport tracelens.pipeline.inventory\nprint('transformer_lens' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout == "False\n", done.stderr[-2000:]
 
 
 def test_debug_is_accepted_after_the_subcommand(tmp_path, monkeypatch):

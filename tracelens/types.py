@@ -35,6 +35,7 @@ from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError,
 SOURCES = ("steering", "evaluation", "unscored")
 DIRECTIONS = ("positive", "negative")
 MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches this (upstream MIN_COHERENCE)
+ALWAYS_EVALUATED = "random_baseline"  # the control method every evaluation holds and no selection picks
 
 
 def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:

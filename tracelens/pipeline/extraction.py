@@ -40,10 +40,9 @@ from tracelens.model.positions import parse_position, tokens_needed
 from tracelens.model.sites import COMPONENTS
 from tracelens.pipeline.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
 from tracelens.pipeline.traits import load_trait
-from tracelens.types import (ActivationMetadata, Evaluation, EvaluationRow, ModelVariant, ResponsesMetadata,
-                             ScenarioResponse, VectorLayer, VectorMetadata, Vetting)
+from tracelens.types import (ALWAYS_EVALUATED, ActivationMetadata, Evaluation, EvaluationRow, ModelVariant,
+                             ResponsesMetadata, ScenarioResponse, VectorLayer, VectorMetadata, Vetting)
 
-ALWAYS_EVALUATED = "random_baseline"
 CHANCE_PERCENTILES = (5.0, 95.0)
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from tracelens.errors import MissingArtifactError
 from tracelens.pipeline.experiments import Experiment, get_model_variant
-from tracelens.pipeline.extraction import ALWAYS_EVALUATED
 from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
 from tracelens.provenance import provenance_lines
-from tracelens.types import Evaluation, EvaluationRow, SteeringResults, SteeringRunRecord
+from tracelens.types import ALWAYS_EVALUATED, Evaluation, EvaluationRow, SteeringResults, SteeringRunRecord
 
 MAX_ANSWER_CHARS = 200  # example answers are cut here (before escaping)
 SMALL_N = 10  # fewer questions than this: percentile-bootstrap intervals run narrow; said in the caveats
