@@ -9,7 +9,7 @@ import argparse
 
 from playwright.sync_api import sync_playwright
 
-from tracelens.serving.dashboard import serve_in_thread
+from tracelens.app.dashboard import serve_in_thread
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -150,7 +150,7 @@ def test_run_ab_vectors_curves_and_splits(t, starter, result):
     r = result.report
     assert r["splits"] == {"train": 40, "select": 8, "test": 32} and r["multipliers"] == [-4.0, 0.0, 4.0]
     encoded = encode_items(t.tokenizer, starter)
-    from tracelens.pipeline.splits import split_by_question
+    from tracelens.datasets.splits import split_by_question
 
     train = split_by_question([i.prompt for i in starter.items], (0.5, 0.1, 0.4))["train"]
     letters = [starter.items[i].matching for i in train]

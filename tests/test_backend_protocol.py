@@ -13,7 +13,7 @@ import torch
 from test_steering_eval import FixedJudge
 
 from tracelens.errors import BackendError
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
@@ -21,7 +21,7 @@ from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringS
 from tracelens.serving.client import RemoteBackend
 from tracelens.serving.protocol import Backend
 from tracelens.serving.codec import encode_tensor
-from tracelens.serving.server import ModelServer
+from tracelens.app.server import ModelServer
 from tracelens.serving.tl_vllm_backend import TLVLLMBackend
 from tracelens.serving.vllm_backend import VLLMBackend
 

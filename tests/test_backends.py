@@ -76,7 +76,7 @@ def test_forward_with_capture_and_properties(tiny):
 
 
 def test_from_experiment_loads_the_variant_its_lora_adapter_and_its_chat_template_setting(tmp_path):
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
     from tracelens.model.loading import load_model
     from tracelens.testing import make_tokenizer, save_tiny_lora, tiny_hf_model
 

@@ -82,7 +82,7 @@ def _as_library_value(text, like):
     ("steer", "tracelens.pipeline.steering_eval:SteeringEvalConfig", {}),
     ("monitor", "tracelens.pipeline.monitoring:MonitorConfig", {}),
     ("ab", "tracelens.pipeline.ab:ABConfig", {"splits": "fractions"}),
-    ("server", "tracelens.serving.server:ModelServer", {}),
+    ("server", "tracelens.app.server:ModelServer", {}),
 ])
 def test_the_cli_defaults_are_the_library_defaults(command, target, renamed):
     module, name = target.split(":")
@@ -129,7 +129,7 @@ def test_debug_is_accepted_after_the_subcommand(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command", ["extract", "monitor"])
 def test_the_vllm_backend_refuses_a_lora_variant(command, tmp_path, monkeypatch, capsys):
     """vLLM would generate with the base model: refused before anything loads, never run under the LoRA label."""
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
 
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
     Experiment.named("x", tmp_path).write_config({"tuned": {"model": "default", "lora": "adapters/tuned"}})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.testing import tiny_model
 
 pytestmark = pytest.mark.slow

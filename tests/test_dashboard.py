@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tracelens.model.cleaning import clean_scores, dims_for_mode
-from tracelens.serving.dashboard import make_server, serve_in_thread
-from tracelens.pipeline.experiments import Experiment
+from tracelens.app.dashboard import make_server, serve_in_thread
+from tracelens.store import Experiment
 from tracelens.io import write_json
 from tracelens.types import (
     JudgeResult,
@@ -297,7 +297,7 @@ def test_with_a_token_every_request_must_carry_it(tmp_path):
 
 @pytest.mark.parametrize("command", ["dashboard", "serve"])
 def test_the_dashboard_command_and_its_serve_alias(command, tmp_path, monkeypatch, capsys):
-    import tracelens.serving.dashboard
+    import tracelens.app.dashboard
     from tracelens import cli
 
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
@@ -305,7 +305,7 @@ def test_the_dashboard_command_and_its_serve_alias(command, tmp_path, monkeypatc
     assert cli.main([command, "--experiment", "exp", "--allow-remote", "--host", "0.0.0.0"]) == 2
     assert "allow_remote=True needs a token" in capsys.readouterr().err
     seen = {}
-    monkeypatch.setattr(tracelens.serving.dashboard, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
+    monkeypatch.setattr(tracelens.app.dashboard, "serve", lambda experiment, **kw: seen.update(kw, experiment=experiment))
     assert cli.main([command, "--experiment", "exp", "--allow-remote", "--token", "s3cret"]) == 0
     assert seen == {"experiment": "exp", "host": "127.0.0.1", "port": 8000, "allow_remote": True, "token": "s3cret"}
     monkeypatch.setenv("TRACELENS_DASHBOARD_TOKEN", "from-env")

@@ -54,7 +54,7 @@ def test_steering_changes_the_greedy_answer_and_capture_shapes_match_token_count
 
 def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, tmp_path):
     from tracelens.serving.backends import LocalBackend
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
     from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
     from tracelens.pipeline.selection import select_vector
     from tracelens.judges.offline import offline_judge

@@ -9,7 +9,7 @@ import pytest
 from tracelens.errors import ConfigError
 from tracelens.io import read_json, write_json
 from tracelens.pipeline.demo import VARIANT, DemoSettings, run_demo, steering_plan
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.testing import tiny_model
 from tracelens.types import Evaluation, EvaluationRow, SteeringResults
 

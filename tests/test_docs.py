@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tracelens.pipeline.demo import DEMO_EXPERIMENT
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.testing import tiny_model
 
 ROOT = Path(__file__).parents[1]

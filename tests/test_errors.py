@@ -17,11 +17,11 @@ from tracelens.errors import (
     TracelensError,
     UnknownKeyError,
 )
-from tracelens.pipeline.experiments import Experiment, check_name, get_model_variant
+from tracelens.store import Experiment, check_name, get_model_variant
 from tracelens.pipeline.extraction import parse_layers
-from tracelens.pipeline.prompt_sets import load_prompt_set
+from tracelens.datasets.prompt_sets import load_prompt_set
 from tracelens.testing import ARCHITECTURES
-from tracelens.pipeline.traits import load_trait
+from tracelens.datasets.traits import load_trait
 
 # --- the vocabulary -------------------------------------------------------------------------------------------
 
@@ -43,9 +43,9 @@ def test_every_class_is_a_tracelens_error_and_its_builtin_and_is_exported():
 
 
 @pytest.mark.parametrize("module, name", [
-    ("pipeline.traits", "TraitDataError"), ("pipeline.prompt_sets", "PromptSetError"), ("pipeline.ab", "ABDataError"),
+    ("datasets.traits", "TraitDataError"), ("datasets.prompt_sets", "PromptSetError"), ("pipeline.ab", "ABDataError"),
     ("judges.openai", "JudgeError"), ("serving.client", "ServerError"), ("model.generation", "GenerationCancelled"),
-    ("serving.server", "RequestError"),
+    ("app.server", "RequestError"),
 ])
 def test_the_old_names_import_from_their_modules_as_the_same_classes(module, name):
     import importlib
@@ -157,7 +157,7 @@ def test_what_the_name_rule_accepts():
 
 def test_a_nested_trait_runs_through_the_experiment_layout(tmp_path):
     """A 3-part trait is listed by the readers that walk the layout (steering entries, report, dashboard)."""
-    from tracelens.serving.dashboard import DashboardData
+    from tracelens.app.dashboard import DashboardData
     from tracelens.pipeline.report import _traits_with_results
 
     exp = Experiment.named("e", tmp_path)

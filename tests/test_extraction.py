@@ -7,9 +7,9 @@ import torch
 
 import tracelens.pipeline.extraction as ex
 from tracelens.serving.backends import LocalBackend
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, parse_layers, run_extraction
-import tracelens.pipeline.experiments as store
+import tracelens.store as store
 from tracelens.io import load_tensors, save_tensors
 from tracelens.types import VectorLayer, VectorMetadata
 from tracelens.pipeline.selection import select_vector, select_vectors

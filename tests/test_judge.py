@@ -29,7 +29,7 @@ from tracelens.judges.openai import (
     logprob_score,
     relevance_verdict,
 )
-from tracelens.pipeline.traits import load_trait
+from tracelens.datasets.traits import load_trait
 from tracelens.types import JudgeResult
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -560,7 +560,7 @@ def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies
         handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
         raise Stop
 
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
 
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
     Experiment.named("exp").write_config({"base": {"model": "tiny"}})

@@ -7,7 +7,7 @@ import torch
 
 from tracelens import get_hook_path
 from tracelens.serving.backends import LocalBackend, SteeringSpec
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.model.hooks import CaptureHook
 from tracelens.pipeline.monitoring import MonitorConfig, run_monitoring

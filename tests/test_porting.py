@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # one extraction plus every seed block on a 17-la
 
 from tracelens.serving.backends import LocalBackend
 from tracelens.cli import main as cli_main
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.testing import tiny_model
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import tracelens.pipeline.prompt_sets
-from tracelens.pipeline.prompt_sets import (
+import tracelens.datasets.prompt_sets
+from tracelens.datasets.prompt_sets import (
     Prompt,
     PromptSet,
     PromptSetError,
@@ -82,7 +82,7 @@ def test_shipped_sets_do_not_overlap():
 
 
 def test_module_doctest_runs():
-    result = doctest.testmod(tracelens.pipeline.prompt_sets)
+    result = doctest.testmod(tracelens.datasets.prompt_sets)
     assert result.failed == 0 and result.attempted >= 2
 
 

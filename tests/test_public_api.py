@@ -72,7 +72,7 @@ def test_import_tracelens_loads_no_model_server_dashboard_or_vllm_code():
     import subprocess
     import sys
 
-    heavy = ["torch", "transformer_lens", "vllm", "tracelens.serving.server", "tracelens.serving.dashboard"]
+    heavy = ["torch", "transformer_lens", "vllm", "tracelens.app.server", "tracelens.app.dashboard"]
     code = ("import sys, tracelens\n"
             f"print([m for m in {heavy!r} if m in sys.modules])\n"
             "tracelens.VectorSpec\n"

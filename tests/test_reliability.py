@@ -20,7 +20,7 @@ import pytest
 WORKER = textwrap.dedent("""
     import sys
     from tracelens.serving.backends import LocalBackend
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
     from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
     from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
     from tracelens.testing import tiny_model

@@ -19,7 +19,7 @@ from tracelens.model.generation import HookedGenerator, SteeringConfig
 from tracelens.model.hooks import ActivationCappingHook, PerSampleSteering, SteeringHook
 from tracelens.model.prompts import encode
 from tracelens.serving.codec import decode_activations
-from tracelens.serving.server import ModelServer
+from tracelens.app.server import ModelServer
 from tracelens.model.sites import COMPONENTS
 from tracelens.testing import tiny_model
 

@@ -12,7 +12,7 @@ from conftest import cached_tiny
 from test_steering_eval import TRAIT, FixedJudge
 
 from tracelens.serving.backends import LocalBackend
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.io import read_json, read_jsonl, write_json
 from tracelens.pipeline.report import render_report, write_report

@@ -19,7 +19,7 @@ from tracelens import (
     load_model,
 )
 from tracelens.model.requests import Condition
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.serving.backends import LocalBackend
 from tracelens.testing import make_tokenizer, tiny_hf_model
 

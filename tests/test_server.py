@@ -19,12 +19,12 @@ from conftest import _active_hooks, cached_tiny
 
 from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBackend, SteeringSpec
 from tracelens.serving.client import RemoteBackend, ServerError, get_backend
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.io import save_tensors
 from tracelens.judges.openai import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
 from tracelens.model.prompts import tokenize_batch
 from tracelens.serving.codec import encode_tensor
-from tracelens.serving.server import ModelServer
+from tracelens.app.server import ModelServer
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]

@@ -3,13 +3,13 @@
 import pytest
 
 from tracelens.serving.backends import LocalBackend
-import tracelens.pipeline.experiments as store
-from tracelens.pipeline.experiments import Experiment
+import tracelens.store as store
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.io import read_jsonl
 from tracelens.pipeline.selection import select_vector, select_vectors
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
-from tracelens.pipeline.traits import load_trait
+from tracelens.datasets.traits import load_trait
 
 TRAIT = "starter/optimism"
 

@@ -1,4 +1,4 @@
-"""The artifact store (`tracelens.pipeline.experiments`): it alone builds paths under an experiment folder, and
+"""The artifact store (`tracelens.store`): it alone builds paths under an experiment folder, and
 every artifact kind round-trips through it as a typed record in the on-disk format the pipeline always wrote."""
 
 import ast
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tracelens
-import tracelens.pipeline.experiments as store
+import tracelens.store as store
 from tracelens.errors import DataError, MissingArtifactError
 from tracelens.io import read_jsonl
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import load_activation_metadata
 from tracelens.types import (
     ActivationMetadata,
@@ -99,7 +99,7 @@ def test_no_module_but_the_store_builds_paths_under_an_experiment():
     for file in sorted(PACKAGE.rglob("*.py")):
         if file != STORE_FILE and (v := layout_violations(file.read_text(), members, owned)):
             bad[str(file.relative_to(PACKAGE))] = v
-    assert not bad, f"paths under an experiment built outside tracelens/pipeline/experiments.py: {bad}"
+    assert not bad, f"paths under an experiment built outside tracelens/store.py: {bad}"
 
 
 @pytest.mark.parametrize("snippet", [

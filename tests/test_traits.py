@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracelens.pipeline.traits import (
+from tracelens.datasets.traits import (
     JudgeCorpus,
     Scenario,
     SteeringQuestions,

@@ -336,7 +336,7 @@ def test_model_config_leaves_out_unset_fields_and_reads_a_loaded_model():
 
 
 def test_steering_entries_list_every_results_file(tmp_path):
-    from tracelens.pipeline.experiments import Experiment
+    from tracelens.store import Experiment
 
     exp = Experiment.named("demo", tmp_path)
     for trait, position in [("mood/happy", "response[:]"), ("mood/sad", "prompt[-1]")]:

@@ -50,14 +50,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "tracelens.pipeline.ab": ("ABConfig", "ABDataset", "ABItem", "ABResult", "letter_propensity", "load_ab", "run_ab"),
     "tracelens.pipeline.ab_plot": ("propensity_svg",),
-    "tracelens.pipeline.experiments": ("Experiment", "get_model_variant"),
+    "tracelens.store": ("Experiment", "get_model_variant"),
     "tracelens.pipeline.extraction": ("ExtractionConfig", "load_activation_metadata", "run_extraction"),
     "tracelens.pipeline.interchange": ("export_vector", "import_vector"),
     "tracelens.pipeline.monitoring": ("MonitorConfig", "run_massive", "run_monitoring"),
-    "tracelens.pipeline.prompt_sets": ("Prompt", "PromptSet", "list_prompt_sets", "load_prompt_set"),
+    "tracelens.datasets.prompt_sets": ("Prompt", "PromptSet", "list_prompt_sets", "load_prompt_set"),
     "tracelens.pipeline.selection": ("select_vector", "select_vectors"),
     "tracelens.pipeline.steering_eval": ("SteeringEvalConfig", "run_steering_eval"),
-    "tracelens.pipeline.traits": (
+    "tracelens.datasets.traits": (
         "JudgeCorpus", "Scenario", "SteeringQuestions", "TraitDataset", "list_traits", "load_trait",
     ),
     "tracelens.serving.backends": (
@@ -65,8 +65,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "generate_batch",
     ),
     "tracelens.serving.client": ("RemoteBackend", "get_backend"),
-    "tracelens.serving.dashboard": ("make_server", "serve", "serve_in_thread"),
-    "tracelens.serving.server": ("ModelServer",),
+    "tracelens.app.dashboard": ("make_server", "serve", "serve_in_thread"),
+    "tracelens.app.server": ("ModelServer",),
     "tracelens.serving.vllm_backend": ("VLLMBackend", "detect_quantization"),
     "tracelens.types": (
         "ActivationMetadata", "JudgeResult", "ModelConfig", "ModelVariant", "ProjectionConfig", "ProjectionEntry",

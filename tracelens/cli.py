@@ -22,7 +22,7 @@ def _vllm_backend(experiment: str, variant: str | None, mode: str):
     """A `VLLMBackend` for the experiment's variant; ConfigError for a LoRA variant, whose adapter the vLLM
     backend does not load (its responses would be the base model's)."""
     from tracelens.errors import ConfigError
-    from tracelens.pipeline.experiments import get_model_variant
+    from tracelens.store import get_model_variant
 
     mv = get_model_variant(experiment, variant, mode=mode)
     if mv.lora is not None:
@@ -77,7 +77,7 @@ def steer(*, experiment: str, traits: str, variant: str | None, layers: str, met
           judge: str,
           judge_url: str, judge_model: str) -> None:
     from tracelens.metrics import Estimate
-    from tracelens.pipeline.experiments import get_model_variant
+    from tracelens.store import get_model_variant
     from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
 
     config = SteeringEvalConfig(
@@ -168,7 +168,7 @@ def massive(*, experiment: str, prompt_set: str, variant: str | None, per_token:
 def list_(*, experiment: list[str] | None, as_json: bool) -> None:
     import json
 
-    from tracelens.pipeline.experiments import experiments_root
+    from tracelens.store import experiments_root
     from tracelens.pipeline.inventory import inventory
 
     found = inventory(names=experiment)
@@ -227,13 +227,13 @@ def _ranges(layers: list[int]) -> str:
 
 
 def dashboard(*, experiment: str, host: str, port: int, allow_remote: bool, token: str | None) -> None:
-    from tracelens.serving.dashboard import TOKEN_ENV, serve
+    from tracelens.app.dashboard import TOKEN_ENV, serve
 
     serve(experiment, host=host, port=port, allow_remote=allow_remote, token=token or os.environ.get(TOKEN_ENV) or None)
 
 
 def server(*, experiment: str, variant: str | None, host: str, port: int, token: str | None, **settings) -> None:
-    from tracelens.serving.server import TOKEN_ENV, serve
+    from tracelens.app.server import TOKEN_ENV, serve
 
     serve(experiment, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None, variant=variant,
           **settings)

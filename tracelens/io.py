@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tracelens.errors import DataError, MissingArtifactError
+from tracelens.errors import ConfigError, DataError, MissingArtifactError
 
 
 
@@ -143,3 +144,31 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path} is corrupt or not a safetensors file: {err}") from err
+
+
+SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""One part of a name that becomes a folder (see `check_name`)."""
+
+
+def check_name(value: object, what: str, max_parts: int | None = 1, hint: str = "") -> list[str]:
+    """The "/"-separated parts of a name that becomes folders (an experiment, trait, variant, prompt set, ...).
+
+    The one rule for every name: each part starts with a letter or digit and holds only letters, digits, '.', '_'
+    and '-', so no part is empty, '.', '..', hidden or absolute, and '_'-prefixed folders stay tracelens' own
+    (``steering/_reference``). At most `max_parts` parts: 1 for every name but a trait's, which may nest
+    (``None``: any number, e.g. "starter/optimism" or "base/alignment/deception"). ConfigError otherwise, with
+    `hint` appended.
+    """
+    example = "'default'" if max_parts == 1 else "'starter/optimism'"
+    if not isinstance(value, str):
+        raise ConfigError(f"invalid {what} name {value!r}: {what} must be a string like {example}; "
+                          f"got {type(value).__name__}{hint}")
+    parts = value.split("/")
+    if (max_parts is not None and len(parts) > max_parts) or not all(map(SEGMENT.match, parts)):
+        shape = "one folder name" if max_parts == 1 else "a relative name"
+        raise ConfigError(
+            f"invalid {what} name {value!r}: expected {shape} like {example} whose '/'-separated parts start with a "
+            f"letter or digit and hold only letters, digits, '.', '_' and '-' (no empty, '.', '..' or absolute "
+            f"parts){hint}"
+        )
+    return parts

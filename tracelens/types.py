@@ -11,7 +11,7 @@ or ints. Nested records round-trip too. The on-disk formats follow the upstream 
   ``ProjectionRecord`` holding one ``ProjectionEntry`` per projected vector.
 - ``activations/.../metadata.json``: ``ActivationMetadata``; ``vectors/.../metadata.json``: ``VectorMetadata``;
   ``evaluation/{position}/{component}.json``: ``Evaluation``; the extraction's answers: ``ScenarioResponse``.
-  The artifact store (``tracelens.pipeline.experiments``) maps every file to its record.
+  The artifact store (``tracelens.store``) maps every file to its record.
 
 Example::
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec  # noqa: E402
 from tracelens.serving.client import RemoteBackend  # noqa: E402
-from tracelens.serving.server import ModelServer  # noqa: E402
+from tracelens.app.server import ModelServer  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Tell me about cats.", "Will it rain tomorrow?",
            "Describe a sunny day.", "What do trees need to grow?", "Give me a reason to smile."]

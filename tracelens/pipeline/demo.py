@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from tracelens.serving.backends import LocalBackend
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED, ExtractionConfig, run_extraction
 from tracelens.judges.offline import offline_judge
 from tracelens.errors import ConfigError

@@ -4,10 +4,10 @@ Each stage is a function that reads the previous stage's files and writes its ow
 an `input_hash` of everything it depends on; a stage whose outputs carry the current hash is skipped
 (unless `force`), so an interrupted run resumes at the first unfinished stage.
 
-What each stage stores (through the artifact store, `tracelens.pipeline.experiments`, which knows the files):
+What each stage stores (through the artifact store, `tracelens.store`, which knows the files):
   responses: the answers to the positive and negative scenarios (`ScenarioResponse` rows)
   vetting (only with a vetting judge): pairs kept where pos >= 60 and neg <= 40
-  activations: per split, cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.pipeline.splits`:
+  activations: per split, cat(pos, neg) on dim 0 for the pairs of that split (see `tracelens.datasets.splits`:
       by question); float16 (bfloat16 if float16 would overflow); metadata lists each split's pair indices
   vectors: a unit float32 vector per method and layer; metadata per layer: norm and `baseline`, the decision
       threshold (the projection of the midpoint of the training class means)
@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 from tracelens.serving.backends import GenerationConfig, LocalBackend
 from tracelens.model.capture import capture_sequences
 from tracelens.errors import ConfigError
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.methods import get_method
 from tracelens.metrics import N_RESAMPLES, accuracy, auroc, effect_size, paired_separation
 from tracelens.model.positions import parse_position, tokens_needed
 from tracelens.model.sites import COMPONENTS
-from tracelens.pipeline.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
-from tracelens.pipeline.traits import load_trait
+from tracelens.datasets.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, split_by_question
+from tracelens.datasets.traits import load_trait
 from tracelens.types import (ALWAYS_EVALUATED, ActivationMetadata, Evaluation, EvaluationRow, ModelVariant,
                              ResponsesMetadata, ScenarioResponse, VectorLayer, VectorMetadata, Vetting)
 
@@ -387,7 +387,7 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
     `response_backend` (e.g. a `VLLMBackend`) generates the responses of every trait first and is then
     shut down; capture and fitting always run on the local model (`backend`, loaded when not given).
     """
-    from tracelens.pipeline.experiments import get_model_variant
+    from tracelens.store import get_model_variant
 
     config = config or ExtractionConfig()
     check_config(config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracelens.pipeline.experiments import Experiment, experiments_root
+from tracelens.store import Experiment, experiments_root
 from tracelens.pipeline.report import judge_free_comparison, reported_run
 from tracelens.types import SteeringResults
 

@@ -26,11 +26,11 @@ from tracelens.serving.backends import CaptureSpec, GenerationConfig, LocalBacke
 from tracelens.serving.protocol import Backend
 from tracelens.model.edits import project, unit
 from tracelens.errors import ConfigError
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import parse_layers
 from tracelens.model.hooks import CaptureHook
 from tracelens.model.massive import MassiveDimCollector, MassiveDimStats, candidate_dims
-from tracelens.pipeline.prompt_sets import load_prompt_set
+from tracelens.datasets.prompt_sets import load_prompt_set
 from tracelens.model.prompts import token_strings, tokenize_batch
 from tracelens.pipeline.selection import select_vector
 from tracelens.model.sites import get_hook_path

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tracelens.errors import MissingArtifactError
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
 from tracelens.provenance import provenance_lines

@@ -11,7 +11,7 @@ A lower level is used only when no higher level has any candidate.
 from __future__ import annotations
 
 from tracelens.errors import MissingArtifactError
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED, select_rank
 from tracelens.types import MIN_COHERENCE, VectorResult
 

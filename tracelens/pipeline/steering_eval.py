@@ -34,12 +34,12 @@ import torch
 from tracelens.serving.backends import GenerationConfig, LocalBackend, SteeringSpec
 from tracelens.model.edits import unit
 from tracelens.errors import ConfigError
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import parse_layers
 from tracelens.judges.base import summarize_judge_scores
 from tracelens.metrics import bootstrap_mean, paired_separation
-from tracelens.pipeline.prompt_sets import load_prompt_set
-from tracelens.pipeline.traits import load_trait
+from tracelens.datasets.prompt_sets import load_prompt_set
+from tracelens.datasets.traits import load_trait
 from tracelens.serving.protocol import Backend
 from tracelens.types import (MIN_COHERENCE, NeutralReference, ProjectionConfig, SteeringHeader, SteeringResults,
                              SteeringRunRecord, VectorSpec)

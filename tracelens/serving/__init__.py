@@ -1,3 +1,3 @@
 """Running models for the pipeline and for other programs: backends (``backends`` local, ``vllm_backend``,
-``client`` remote), the model server (``server``) and the dashboard (``dashboard``), with the loopback/token
-rules they share (``local_http``)."""
+``tl_vllm_backend``, ``client`` remote) and the wire formats they share (``codec``, ``parsing``, ``openai_api``).
+The model server that puts a backend on HTTP is `tracelens.app.server`."""

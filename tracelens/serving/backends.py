@@ -36,7 +36,7 @@ from tracelens.model.requests import (  # noqa: F401  (TokenResult: the seed's i
     TokenResult,
     field_errors,
 )
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.model.hooks import MultiLayerCapture, _layers
 from tracelens.model.loading import load_model, require_bridge
 from tracelens.model.likelihood import response_logprobs

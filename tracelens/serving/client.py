@@ -1,4 +1,4 @@
-"""`RemoteBackend`: the `LocalBackend` interface over a running `tracelens.serving.server.ModelServer`, and
+"""`RemoteBackend`: the `LocalBackend` interface over a running `tracelens.app.server.ModelServer`, and
 `get_backend`, which prefers such a server for the experiment and falls back to loading the model here.
 
 It honours `tracelens.serving.protocol.Backend` in full, so monitoring and the steering evaluation run on a
@@ -29,6 +29,7 @@ from tracelens.model.requests import (
     TokenOutput,
 )
 from tracelens.serving.backends import LocalBackend
+from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.codec import (
     capture_to_json,
     config_to_json,
@@ -38,11 +39,10 @@ from tracelens.serving.codec import (
     steering_to_json,
     token_from_json,
 )
-from tracelens.serving.server import DEFAULT_PORT, TOKEN_ENV
 
 
 class RemoteBackend:
-    """Generation, capture and steering on a model served by `tracelens.serving.server.ModelServer` at ``url``."""
+    """Generation, capture and steering on a model served by `tracelens.app.server.ModelServer` at ``url``."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None) -> None:
         self.url = url.rstrip("/")

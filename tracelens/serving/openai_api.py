@@ -1,7 +1,7 @@
 """The model server's OpenAI-compatible API: ``/v1/completions`` and ``/v1/chat/completions`` bodies as the request
 types (`OpenAIRequest`, through the same parsers and dataclass checks as the server's own API), and results or
 streamed tokens as OpenAI's answers and server-sent events (`OpenAIAPI`). What is supported is listed in
-`tracelens.serving.server`'s docstring; errors have OpenAI's shape (`openai_error`).
+`tracelens.app.server`'s docstring; errors have OpenAI's shape (`openai_error`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ from tracelens.serving.backends import (
     SteeringSpec,
 )
 
+DEFAULT_PORT = 8765
+"""Where `tracelens server` listens and `get_backend` looks for one, unless told otherwise."""
+TOKEN_ENV = "TRACELENS_SERVER_TOKEN"
+"""The environment variable holding the model server's token (the CLI's and the client's default)."""
+
 
 @runtime_checkable
 class Backend(Protocol):

@@ -100,11 +100,11 @@ import torch
 from tracelens.errors import ConfigError, GenerationCancelled, RequestError
 from tracelens.model.generation import HookedGenerator, check_capture
 from tracelens.model.requests import CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec, TokenOutput
-from tracelens.pipeline.experiments import Experiment, get_model_variant
+from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.selection import select_vector
 from tracelens.serving.backends import LocalBackend
 from tracelens.serving.codec import encode_activations, result_to_json, token_to_json
-from tracelens.serving.local_http import (
+from tracelens.app.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,
@@ -113,6 +113,7 @@ from tracelens.serving.local_http import (
     token_ok,
 )
 from tracelens.serving.openai_api import OpenAIAPI, OpenAIRequest, openai_error, sse_error
+from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.parsing import (
     bad_request,
     check_fields,
@@ -124,9 +125,7 @@ from tracelens.serving.parsing import (
     parse_steering,
 )
 
-DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 256 * 1024 * 1024
-TOKEN_ENV = "TRACELENS_SERVER_TOKEN"
 
 
 def _is_int(v) -> bool:
@@ -535,7 +534,7 @@ class ModelServer:
     ``request_timeout`` (seconds, default 600), ``io_timeout``
     (seconds, default 30), ``stream_buffer`` (tokens, default 256), ``batch_window_ms`` (milliseconds, default
     10), ``max_batch_size`` (prompts, default 16), ``max_queue`` (requests, default 64). ``experiments_root``
-    is where steering vectors named by trait are read (default: `tracelens.pipeline.experiments.experiments_root()`).
+    is where steering vectors named by trait are read (default: `tracelens.store.experiments_root()`).
     """
 
     def __init__(self, backend: LocalBackend, experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,

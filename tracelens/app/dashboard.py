@@ -18,7 +18,7 @@ vanilla JS and inline SVG, in ``tracelens/data/dashboard/``) calls a JSON API:
   control, selected}], report}]}`` (``judge_free`` / ``control``: trait effect, NLL cost and KL in nats/token,
   each ``{value, lo, hi}``; ``report`` is the selected run on the report questions, or null)
 
-It only reads what the pipeline wrote, and every file path comes from ``tracelens.pipeline.experiments``. Names from the
+It only reads what the pipeline wrote, and every file path comes from ``tracelens.store``. Names from the
 browser are checked there (letters, digits, ``. _ -``; ``category/name`` for traits); the final path is resolved
 and must stay inside the experiment folder (a symlink out of it is refused). Errors are JSON
 ``{"error": message}``: 400 for a bad name or parameter, 404 for a missing file, 500 for an unreadable file
@@ -41,9 +41,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from tracelens.model.cleaning import CLEAN_MODES, clean_scores, dims_for_mode
 from tracelens.errors import ConfigError, MissingArtifactError, RequestError
-from tracelens.pipeline.experiments import Experiment
+from tracelens.store import Experiment
 from tracelens.io import read_json, read_jsonl
-from tracelens.serving.local_http import (
+from tracelens.app.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from tracelens.errors import ConfigError, MissingArtifactError, PromptSetError
-from tracelens.pipeline.experiments import check_name
+from tracelens.io import check_name
 
 
 _TOP_KEYS = ("name", "description", "prompts", "system_prompt")
@@ -92,12 +92,12 @@ def load_prompt_set(name_or_path: str | Path, root: str | Path | None = None) ->
     """Load and validate a prompt set by name (from `root`, default the shipped sets) or from a file path.
 
     Args:
-        name_or_path: a set name such as "neutral" (one folder name by `experiments.check_name`, so it can never
+        name_or_path: a set name such as "neutral" (one folder name by `tracelens.io.check_name`, so it can never
             point outside `root`), or a `pathlib.Path` / a string ending in ".json" naming a file to read directly.
         root: the folder to look names up in, e.g. an experiment's own `datasets/inference`.
 
     Raises:
-        ConfigError (a ValueError): a name that is not one folder name (`experiments.check_name`; e.g.
+        ConfigError (a ValueError): a name that is not one folder name (`tracelens.io.check_name`; e.g.
             "../secrets", "a/b", "").
         MissingArtifactError (a FileNotFoundError): no such set or file (the message lists the available sets).
         PromptSetError: the file is not valid JSON or not in the prompt-set format (missing or unknown keys, empty

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from tracelens.errors import MissingArtifactError, TraitDataError
-from tracelens.pipeline.experiments import check_name
+from tracelens.io import check_name
 
 
 POLARITIES = ("positive", "negative")
@@ -164,7 +164,7 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
 
     Args:
         trait: a relative, "/"-separated name such as "starter/optimism". Absolute paths, "." / ".." segments and
-            backslashes are rejected (`experiments.check_name`), so a name can never point outside `root`.
+            backslashes are rejected (`tracelens.io.check_name`), so a name can never point outside `root`.
         root: the folder holding trait folders, e.g. an experiment's own dataset folder.
 
     Returns:
@@ -172,7 +172,7 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
         the folder has one, the judge corpus.
 
     Raises:
-        ConfigError (a ValueError): `trait` is not a safe relative name (`experiments.check_name`).
+        ConfigError (a ValueError): `trait` is not a safe relative name (`tracelens.io.check_name`).
         MissingArtifactError (a FileNotFoundError): the trait folder or one of its files is missing.
         TraitDataError: a file is malformed (bad JSON, a row without a string `prompt`, an empty file, unequal
             positive/negative counts, a `steering.json` without questions or with a bad direction, a judge corpus

@@ -47,9 +47,9 @@ import torch
 from jaxtyping import Float
 
 from tracelens.errors import ConfigError, DataError, MissingArtifactError, UnknownKeyError
-from tracelens.io import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, unique_sibling, write_json
+from tracelens.io import SEGMENT, append_jsonl, check_name, load_tensors, read_json, read_jsonl, save_tensors, unique_sibling, write_json
 from tracelens.model.positions import sanitize_position
-from tracelens.pipeline.splits import SPLITS
+from tracelens.datasets.splits import SPLITS
 from tracelens.types import (
     ActivationMetadata,
     Evaluation,
@@ -67,7 +67,6 @@ from tracelens.types import (
     Vetting,
 )
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODES = ("application", "extraction")
 STAGES = ("responses", "vetting", "activations", "vectors", "evaluation")  # extraction stages, in order
 _LAYER_FILE = re.compile(r"^layer(\d+)\.safetensors$")
@@ -418,7 +417,7 @@ class Experiment:
     def inference_variants(self) -> list[str]:
         """The variants with an `inference/` folder, sorted."""
         root = self.stage_root("inference")
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and _SEGMENT.match(p.name)) if root.is_dir() else []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and SEGMENT.match(p.name)) if root.is_dir() else []
 
     def prompt_sets(self, variant: str) -> list[str]:
         """The prompt sets (sorted, possibly nested "a/b") with at least one response record of `variant`."""
@@ -488,30 +487,6 @@ def _read(path: Path, what: str, command: str) -> Any:
         raise MissingArtifactError(f"no {what} at {path}; run `{command}` first")
     return read_json(path)
 
-def check_name(value: object, what: str, max_parts: int | None = 1, hint: str = "") -> list[str]:
-    """The "/"-separated parts of a name that becomes folders (an experiment, trait, variant, prompt set, ...).
-
-    The one rule for every name: each part starts with a letter or digit and holds only letters, digits, '.', '_'
-    and '-', so no part is empty, '.', '..', hidden or absolute, and '_'-prefixed folders stay tracelens' own
-    (``steering/_reference``). At most `max_parts` parts: 1 for every name but a trait's, which may nest
-    (``None``: any number, e.g. "starter/optimism" or "base/alignment/deception"). ConfigError otherwise, with
-    `hint` appended.
-    """
-    example = "'default'" if max_parts == 1 else "'starter/optimism'"
-    if not isinstance(value, str):
-        raise ConfigError(f"invalid {what} name {value!r}: {what} must be a string like {example}; "
-                          f"got {type(value).__name__}{hint}")
-    parts = value.split("/")
-    if (max_parts is not None and len(parts) > max_parts) or not all(map(_SEGMENT.match, parts)):
-        shape = "one folder name" if max_parts == 1 else "a relative name"
-        raise ConfigError(
-            f"invalid {what} name {value!r}: expected {shape} like {example} whose '/'-separated parts start with a "
-            f"letter or digit and hold only letters, digits, '.', '_' and '-' (no empty, '.', '..' or absolute "
-            f"parts){hint}"
-        )
-    return parts
-
-
 def find_traits(root: Path, is_trait: Callable[[str], bool]) -> list[str]:
     """Names of the trait folders under `root`, sorted: the shallowest folders (of valid name parts, so never
     ``_reference``) whose name `is_trait` accepts. Traits may nest ("starter/optimism", "base/alignment/deception"),
@@ -519,7 +494,7 @@ def find_traits(root: Path, is_trait: Callable[[str], bool]) -> list[str]:
     found, todo = [], [root] if root.is_dir() else []
     while todo:
         for sub in todo.pop().iterdir():
-            if not (sub.is_dir() and _SEGMENT.match(sub.name)):
+            if not (sub.is_dir() and SEGMENT.match(sub.name)):
                 continue
             name = sub.relative_to(root).as_posix()
             if is_trait(name):
