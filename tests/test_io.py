@@ -28,7 +28,7 @@ def test_jsonl_drops_only_a_torn_last_line(tmp_path):
         f.write('{"a": 3')  # a writer killed mid-line
     assert tio.read_jsonl(path) == [{"a": 1}, {"a": 2}]
     path.write_text('{"a": 1}\n{bad\n{"a": 2}\n')
-    with pytest.raises(ValueError, match="line 2 is corrupt"):
+    with pytest.raises(ValueError, match=r"r.jsonl, line 2: malformed JSON .*--force"):
         tio.read_jsonl(path)
 
 
@@ -41,7 +41,7 @@ def test_tensors_round_trip_and_corrupt_files_say_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tensor file"):
         tio.load_tensors(tmp_path / "missing.safetensors")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="is corrupt .*--force"):
+    with pytest.raises(ValueError, match=r"bad.json, line 1: malformed JSON .*--force"):
         tio.read_json(tmp_path / "bad.json")
 
 
@@ -84,3 +84,25 @@ def test_unique_siblings_never_collide(tmp_path):
     path = tmp_path / "results.jsonl"
     names = {tio.unique_sibling(path, "stale") for _ in range(50)}
     assert len(names) == 50 and all(n.name.startswith("results.stale-") and n.suffix == ".jsonl" for n in names)
+
+
+def test_the_json_readers_name_file_line_and_key(tmp_path):
+    from tracelens.errors import TraitDataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2, "b": 3}\n')
+    rows = tio.read_json_lines(path, TraitDataError, hint="")
+    assert rows == [(f"{path}, line 1", {"a": 1}), (f"{path}, line 3", {"a": 2, "b": 3})]
+    with pytest.raises(TraitDataError, match=r"rows.jsonl, line 3: unknown keys \['b'\]; allowed keys are \['a'\]"):
+        tio.json_object(rows[1][1], rows[1][0], ("a",), error=TraitDataError)
+    with pytest.raises(TraitDataError, match=r"line 1: missing 'c' \(got keys \['a'\]\)"):
+        tio.json_object(rows[0][1], rows[0][0], None, ("c",), error=TraitDataError)
+    with pytest.raises(TraitDataError, match=r"here: expected a JSON object like \{\}; got list"):
+        tio.json_object([], "here", None, example="{}", error=TraitDataError)
+    path.write_text('{"a": 1}\n{"a": ')
+    with pytest.raises(TraitDataError, match=r"rows.jsonl, line 2: malformed JSON \(.* at column 7\): '\{\"a\": '$"):
+        tio.read_json_lines(path, TraitDataError, hint="")
+    assert tio.read_json_lines(path, torn_tail=True) == [(f"{path}, line 1", {"a": 1})]
+    (tmp_path / "latin.json").write_bytes(b'"caf\xe9"')
+    with pytest.raises(TraitDataError, match="latin.json is not valid UTF-8"):
+        tio.read_json(tmp_path / "latin.json", TraitDataError)

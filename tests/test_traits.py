@@ -444,7 +444,7 @@ def test_judge_corpus_hash_tracks_the_file_bytes_and_not_the_scenarios(tmp_path)
         ('{"text": "  ", "label": 0}', r"line 21: 'text' must be a non-empty string; got '  '"),
         ('{"text": 3, "label": 0}', r"line 21: 'text' must be a non-empty string; got 3"),
         ('{"text": "  YES   3 ", "label": 1}',
-         r"line 21: duplicate text \(the same as line 4, ignoring case and whitespace\)"),
+         r"line 21: duplicate text \(the same as .*judge_corpus\.jsonl, line 4, ignoring case and whitespace\)"),
     ],
 )
 def test_bad_judge_corpus_row_names_the_file_and_line(tmp_path, bad_line, match):

@@ -1,10 +1,14 @@
-"""Atomic file writing, crash-safe appends and code-free tensor loading.
+"""Atomic file writing, crash-safe appends, code-free tensor loading, and the one JSON / JSONL reader.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a killed
 run leaves either the old file or the new one, never half of one; files get the usual permissions
 (0666 less the umask), like any other file the user creates. An append first repairs a torn last
 line left by a killed writer, keeping the fragment in a `.torn` file beside it. Tensors are stored
 as safetensors (no pickle, nothing executes on load).
+
+Every JSON or JSONL file the package reads, its own artifacts and the files a user writes (traits, prompt sets,
+A/B sets, model configs), goes through `read_json` / `read_json_lines`: a malformed file raises the caller's error
+class naming the file, line and column, and `json_object` checks a record's keys the same way everywhere.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -70,14 +75,6 @@ def write_json(path: Path, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: Path):
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is corrupt (not valid JSON: {err}); delete it or re-run with --force") from err
-
-
 def append_jsonl(path: Path, obj) -> None:
     """Append one JSON line with a single write, after repairing a torn last line (see `repair_jsonl`)."""
     path = Path(path)
@@ -112,23 +109,70 @@ def repair_jsonl(path: Path) -> Path | None:
     return None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Lines of a JSONL file; a torn last line (from a killed writer) is dropped, any other bad line raises."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for i, line in enumerate(lines):
+def read_text(path: Path, error: type[Exception] = DataError) -> str:
+    """The file's text decoded as UTF-8; `error` naming the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not valid UTF-8 text ({err})") from None
+
+
+FORCE_HINT = "; delete it or re-run with --force"
+"""What to do about a corrupt artifact (tracelens' own output), appended to its error."""
+
+
+def _malformed(where: str, err: json.JSONDecodeError, error: type[Exception], hint: str) -> Exception:
+    return error(f"{where}: malformed JSON ({err.msg} at column {err.colno}){hint}")
+
+
+def read_json(path: Path, error: type[Exception] = DataError, hint: str = FORCE_HINT) -> Any:
+    """The JSON value in the file at `path`. Malformed JSON raises `error` naming the file, line and column, then
+    `hint` (for files a user writes, pass `hint=""`)."""
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as err:
+        raise _malformed(f"{path}, line {err.lineno}", err, error, hint) from None
+
+
+def read_json_lines(path: Path, error: type[Exception] = DataError, hint: str = FORCE_HINT,
+                    torn_tail: bool = False) -> list[tuple[str, Any]]:
+    """`(where, value)` for each non-blank line of the JSONL file at `path`, `where` being "{path}, line {n}" for
+    the caller's own errors. A malformed line raises `error` naming it (then `hint`), except the last line when
+    `torn_tail` (a killed writer's half line, dropped)."""
+    lines = read_text(path, error).splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rows.append((f"{path}, line {n}", json.loads(line)))
         except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
+            if torn_tail and n == len(lines):
                 break
-            raise DataError(f"{path} line {i + 1} is corrupt: {err}") from err
-    return out
+            raise _malformed(f"{path}, line {n}", err, error, f": {line[:80]!r}{hint}") from None
+    return rows
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The values of a JSONL artifact, one per line: [] when there is no file; a torn last line (from a killed
+    writer) is dropped, any other bad line raises DataError."""
+    return [value for _, value in read_json_lines(path, torn_tail=True)] if Path(path).is_file() else []
+
+
+def json_object(value: Any, where: str, keys: tuple[str, ...] | None, required: tuple[str, ...] = (),
+                example: str = "", error: type[Exception] = DataError) -> dict:
+    """`value` when it is a JSON object with only `keys` (None: any) and all of `required`; `error` naming `where`
+    otherwise (`example` shows the expected shape)."""
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected a JSON object{f' like {example}' if example else ''}; "
+                    f"got {type(value).__name__}")
+    unknown = sorted(set(value) - set(keys)) if keys is not None else []
+    if unknown:
+        raise error(f"{where}: unknown keys {unknown}; allowed keys are {list(keys)}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise error(f"{where}: missing {', '.join(map(repr, missing))} (got keys {sorted(value)})")
+    return value
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

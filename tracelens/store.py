@@ -35,7 +35,6 @@ directory, as ``model``) is merged into its model wherever the variant loads (`L
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -472,10 +471,7 @@ def _stored_layers(method_dir: Path) -> list[int]:
 
 
 def _load_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from err
+    config = read_json(path, hint="")
     if not isinstance(config, dict) or not isinstance(config.get("model_variants"), dict) or not config["model_variants"]:
         raise DataError(f"{path} needs a non-empty 'model_variants' object")
     return config

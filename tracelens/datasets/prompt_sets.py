@@ -21,13 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from tracelens.errors import ConfigError, MissingArtifactError, PromptSetError
-from tracelens.io import check_name
+from tracelens.io import check_name, json_object, read_json
 
 
 _TOP_KEYS = ("name", "description", "prompts", "system_prompt")
@@ -139,25 +138,8 @@ def _is_name(stem: str) -> bool:
 
 
 def _read_prompt_set(path: Path) -> PromptSet:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PromptSetError(f"{path} is not valid UTF-8 text ({err})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PromptSetError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise PromptSetError(
-            f'{path}: expected a JSON object like {{"name": ..., "description": ..., "prompts": [...]}}, '
-            f"got {type(data).__name__}"
-        )
-    missing = [k for k in _REQUIRED_KEYS if k not in data]
-    if missing:
-        raise PromptSetError(f"{path}: missing keys {missing}; a prompt set needs {list(_REQUIRED_KEYS)}")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
-    if unknown:
-        raise PromptSetError(f"{path}: unknown keys {unknown}; allowed keys are {list(_TOP_KEYS)}")
+    data = json_object(read_json(path, PromptSetError, hint=""), str(path), _TOP_KEYS, _REQUIRED_KEYS,
+                       '{"name": ..., "description": ..., "prompts": [...]}', PromptSetError)
 
     name, description, system_prompt = data["name"], data["description"], data.get("system_prompt")
     if not isinstance(name, str) or not name.strip():
@@ -186,11 +168,7 @@ def _read_prompt_set(path: Path) -> PromptSet:
 
 def _parse_prompt(path: Path, index: int, item: object) -> Prompt:
     where = f"{path}: prompts[{index}]"
-    if not isinstance(item, dict):
-        raise PromptSetError(f'{where} must be an object like {{"id": 0, "text": "..."}}; got {item!r}')
-    missing = [k for k in ("id", "text") if k not in item]
-    if missing:
-        raise PromptSetError(f"{where} is missing {missing} (got keys {sorted(item)})")
+    json_object(item, where, None, ("id", "text"), '{"id": 0, "text": "..."}', PromptSetError)
     pid, text = item["id"], item["text"]
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise PromptSetError(f"{where}: 'id' must be an integer; got {pid!r}")

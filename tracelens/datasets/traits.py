@@ -26,14 +26,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from tracelens.errors import MissingArtifactError, TraitDataError
-from tracelens.io import check_name
+from tracelens.io import check_name, json_object, read_json, read_json_lines, read_text
 
 
 POLARITIES = ("positive", "negative")
@@ -235,44 +234,18 @@ def _scenario_file(folder: Path, polarity: str) -> Path:
     return present[0]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise TraitDataError(f"{path} is not valid UTF-8 text ({err})") from None
-
-
 def _read_scenarios(path: Path) -> list[Scenario]:
-    text = _read_text(path)
     if path.suffix == ".txt":
-        scenarios = [Scenario(line.strip()) for line in text.splitlines() if line.strip()]
+        scenarios = [Scenario(line.strip()) for line in read_text(path, TraitDataError).splitlines() if line.strip()]
     else:
-        scenarios = [_parse_row(path, lineno, line) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
+        scenarios = [_parse_row(where, row) for where, row in read_json_lines(path, TraitDataError, hint="")]
     if not scenarios:
         raise TraitDataError(f"{path} has no scenarios (the file is empty or only blank lines)")
     return scenarios
 
 
-def _json_object(where: str, line: str, keys: tuple[str, ...], example: str, required: tuple[str, ...]) -> dict:
-    """One JSONL line parsed as an object with only `keys` and all of `required`; `where` is "file, line N"."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise TraitDataError(f"{where}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
-    if not isinstance(row, dict):
-        raise TraitDataError(f"{where}: expected a JSON object like {example}; got {type(row).__name__}")
-    unknown = sorted(set(row) - set(keys))
-    if unknown:
-        raise TraitDataError(f"{where}: unknown keys {unknown}; allowed keys are {list(keys)}")
-    for key in required:
-        if key not in row:
-            raise TraitDataError(f"{where}: missing {key!r} (got keys {sorted(row)})")
-    return row
-
-
-def _parse_row(path: Path, lineno: int, line: str) -> Scenario:
-    where = f"{path}, line {lineno}"
-    row = _json_object(where, line, _ROW_KEYS, '{"prompt": "...", "system_prompt": "..."}', ("prompt",))
+def _parse_row(where: str, row: object) -> Scenario:
+    json_object(row, where, _ROW_KEYS, ("prompt",), '{"prompt": "...", "system_prompt": "..."}', TraitDataError)
     prompt, system_prompt = row["prompt"], row.get("system_prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise TraitDataError(f"{where}: 'prompt' must be a non-empty string; got {prompt!r}")
@@ -288,7 +261,7 @@ def _read_definition(path: Path) -> str:
         raise MissingArtifactError(
             f"missing {path.name} in {path.parent}: each trait needs a judge rubric (score 0-100 with HIGH/MID/LOW bands)"
         )
-    text = _read_text(path).strip()
+    text = read_text(path, TraitDataError).strip()
     if not text:
         raise TraitDataError(f"{path} is empty; it should hold the judge rubric")
     return text
@@ -299,16 +272,8 @@ def _read_steering(path: Path) -> SteeringQuestions:
         raise MissingArtifactError(
             f'missing {path.name} in {path.parent}: each trait needs {{"questions": [...], "direction": "positive"}}'
         )
-    text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TraitDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise TraitDataError(f'{path}: expected a JSON object like {{"questions": [...]}}; got {type(data).__name__}')
-    unknown = sorted(set(data) - set(_STEERING_KEYS))
-    if unknown:
-        raise TraitDataError(f"{path}: unknown keys {unknown}; allowed keys are {list(_STEERING_KEYS)}")
+    data = json_object(read_json(path, TraitDataError, hint=""), str(path), _STEERING_KEYS,
+                       example='{"questions": [...]}', error=TraitDataError)
     raw = data.get("questions")
     if not isinstance(raw, list) or not raw:
         raise TraitDataError(f"{path}: 'questions' must be a non-empty list of strings; got {raw!r}")
@@ -339,23 +304,20 @@ def _read_judge_corpus(path: Path) -> JudgeCorpus | None:
         return None
     texts: list[str] = []
     labels: list[int] = []
-    first_line: dict[str, int] = {}  # normalised text -> the line it first appeared on
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        row = _json_object(where, line, _CORPUS_KEYS, '{"text": "...", "label": 1}', _CORPUS_KEYS)
+    first_seen: dict[str, str] = {}  # normalised text -> where it first appeared
+    for where, row in read_json_lines(path, TraitDataError, hint=""):
+        json_object(row, where, _CORPUS_KEYS, _CORPUS_KEYS, '{"text": "...", "label": 1}', TraitDataError)
         text, label = row["text"], row["label"]
         if not isinstance(text, str) or not text.strip():
             raise TraitDataError(f"{where}: 'text' must be a non-empty string; got {text!r}")
         if type(label) is not int or label not in (0, 1):  # type() check: JSON true/1.0 are not labels
             raise TraitDataError(f"{where}: 'label' must be 1 (shows the trait) or 0 (the opposite); got {label!r}")
         key = " ".join(text.lower().split())
-        if key in first_line:
+        if key in first_seen:
             raise TraitDataError(
-                f"{where}: duplicate text (the same as line {first_line[key]}, ignoring case and whitespace)"
+                f"{where}: duplicate text (the same as {first_seen[key]}, ignoring case and whitespace)"
             )
-        first_line[key] = lineno
+        first_seen[key] = where
         texts.append(text)
         labels.append(label)
     n_pos, n_neg = labels.count(1), labels.count(0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
-import json
 import os
 import types
 import warnings
@@ -37,6 +36,7 @@ from transformer_lens.model_bridge.generalized_components.attention import Atten
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tracelens.errors import BackendError, ConfigError, InputTypeError, MissingArtifactError
+from tracelens.io import json_object, read_json
 
 # Architectures whose hook sites are checked against HF to the bit in tracelens' own tests.
 TESTED_ARCHITECTURES = (
@@ -223,7 +223,7 @@ def merge_lora(model: PreTrainedModel, adapter: str | os.PathLike) -> PreTrained
     except ImportError as err:
         raise ImportError("loading a LoRA adapter needs peft: pip install 'tracelens[lora]'") from err
     folder = _resolve_folder(adapter, "LoRA adapter", "adapter_config.json")
-    peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    peft_type = _read_config(folder / "adapter_config.json").get("peft_type")
     if peft_type != "LORA":
         raise ConfigError(f"the adapter's peft_type must be LORA; got {peft_type!r} in {folder / 'adapter_config.json'}")
     return PeftModel.from_pretrained(model, folder).merge_and_unload()
@@ -276,9 +276,13 @@ def _resolve_folder(source: str | os.PathLike, what: str = "model", marker: str 
     )
 
 
+def _read_config(path: Path) -> dict:
+    """A model folder's JSON config file as a dict; DataError naming the file when it is not a JSON object."""
+    return json_object(read_json(path, hint=""), str(path), None)
+
+
 def _read_architecture(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text())
-    archs = config.get("architectures") or []
+    archs = _read_config(folder / "config.json").get("architectures") or []
     return archs[0] if archs else f"<no 'architectures' in {folder / 'config.json'}>"
 
 

@@ -16,7 +16,6 @@ steering multiplier, with bootstrap intervals over questions and a random direct
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelens.io import json_object, read_json, read_json_lines, save_tensors, write_bytes, write_json
 from tracelens.model.capture import capture_sequences
 from tracelens.errors import ABDataError, ConfigError, MissingArtifactError
 from tracelens.pipeline.extraction import chance_band, parse_layers
@@ -98,24 +98,13 @@ def load_ab(source: str | Path) -> ABDataset:
     if not path.is_file():
         shipped = sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
         raise MissingArtifactError(f"no A/B dataset at {source!r}; give a .jsonl/.json path or one of {shipped}")
-    text = path.read_text()
     if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ABDataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg})") from None
+        rows = read_json(path, ABDataError, hint="")
         if not isinstance(rows, list):
             raise ABDataError(f"{path}: a .json A/B file must hold a list of objects; got {type(rows).__name__}")
         lines = [(f"{path}, item {i}", row) for i, row in enumerate(rows)]
     else:
-        lines = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((f"{path}, line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ABDataError(f"{path}, line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        lines = read_json_lines(path, ABDataError, hint="")
     if not lines:
         raise ABDataError(f"{path} has no items")
     items = tuple(_parse_item(where, row) for where, row in lines)
@@ -129,8 +118,7 @@ def load_ab(source: str | Path) -> ABDataset:
 
 
 def _parse_item(where: str, row) -> ABItem:
-    if not isinstance(row, dict):
-        raise ABDataError(f"{where}: expected a JSON object; got {type(row).__name__}")
+    json_object(row, where, None, error=ABDataError)
     caa = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
     if all(k in row for k in caa):
         return _parse_caa(where, *(row[k] for k in caa))
@@ -358,7 +346,6 @@ def save_ab(result: ABResult, out: str | Path) -> list[Path]:
     """Write ``report.json``, ``vectors.safetensors`` (``{str(layer): unit vector}``) and ``propensity.svg`` into
     the folder ``out`` (created; each file atomically); returns their paths."""
     from tracelens.pipeline.ab_plot import propensity_svg
-    from tracelens.io import save_tensors, write_bytes, write_json
 
     out = Path(out)
     paths = [out / "report.json", out / "vectors.safetensors", out / "propensity.svg"]
