@@ -3,7 +3,9 @@
 Every type has ``to_dict()``, which returns plain JSON-serialisable data (``json.loads(json.dumps(d)) == d``:
 integer layer keys are written as strings, tuples as lists), and ``from_dict(d)``, which rebuilds the record,
 ignores keys it does not know (files written by newer versions still load) and accepts layer keys as strings
-or ints. Nested records round-trip too. The on-disk formats follow the upstream files:
+or ints. Nested records round-trip too. Both come from one codec (`tracelens.records.record`), which reads a record's
+fields and their type hints; a field stored another way says how in ``field(metadata=stored(...))``.
+The on-disk formats follow the upstream files:
 
 - ``results.jsonl`` of a steering run: one ``SteeringResults.to_jsonl_lines()`` object per line
   (``{"type": "header", ...}``, ``{"type": "baseline", ...}``, ``{"type": "run", ...}``).
@@ -22,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError, UnknownKeyError
+from tracelens.errors import ConfigError, DataError, ShapeError, UnknownKeyError
+from tracelens.records import record, stored
 
 SOURCES = ("steering", "evaluation", "unscored")
 DIRECTIONS = ("positive", "negative")
@@ -38,30 +40,10 @@ MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches 
 ALWAYS_EVALUATED = "random_baseline"  # the control method every evaluation holds and no selection picks
 
 
-def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``d`` that are init fields of dataclass ``cls`` (unknown keys are dropped)."""
-    if not isinstance(d, Mapping):
-        raise InputTypeError(f"{cls.__name__}.from_dict expects a mapping; got {type(d).__name__}.")
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return {k: v for k, v in d.items() if k in names}
-
-
-def _int_keys(d: Mapping[Any, Any] | None) -> dict[int, Any]:
-    """``{int(k): v}``: JSON turns integer layer keys into strings."""
-    return {int(k): v for k, v in (d or {}).items()}
-
-
-def _str_keys(d: Mapping[Any, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in d.items()}
-
-
-def _round4(xs: Sequence[float]) -> list[float]:
-    return [round(float(x), 4) for x in xs]
-
-
 # --------------------------------------------------------------------------------------------------- vectors
 
 
+@record
 @dataclass
 class VectorSpec:
     """One trait vector: where it was extracted (``layer``, ``component``, ``position``) and by which ``method``.
@@ -69,22 +51,14 @@ class VectorSpec:
     ``weight`` is the steering coefficient when steering, and the relative weight in an ensemble projection.
     """
 
-    layer: int
+    layer: int = field(metadata=stored(read=int))
     component: str
     position: str
     method: str
     weight: float = 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VectorSpec:
-        kw = _known(cls, d)
-        kw["layer"] = int(kw["layer"])
-        return cls(**kw)
-
-
+@record
 @dataclass
 class ProjectionConfig:
     """One or more weighted vectors, projected (or steered) together. Needs at least one vector."""
@@ -114,14 +88,8 @@ class ProjectionConfig:
             return [1.0 / len(weights)] * len(weights)
         return [w / total for w in weights]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"vectors": [v.to_dict() for v in self.vectors]}
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionConfig:
-        return cls(vectors=[VectorSpec.from_dict(v) for v in _known(cls, d)["vectors"]])
-
-
+@record
 @dataclass
 class VectorResult:
     """A candidate vector with the evidence that ranked it, as returned by vector selection.
@@ -135,7 +103,7 @@ class VectorResult:
     ``direction`` is ``"positive"``, ``"negative"`` or None; ``naturalness`` is 0-100 or None.
     """
 
-    layer: int
+    layer: int = field(metadata=stored(read=int))
     method: str
     position: str
     component: str = "residual"
@@ -166,19 +134,11 @@ class VectorResult:
         """This vector as a ``VectorSpec`` with the given weight (a steering coefficient or ensemble weight)."""
         return VectorSpec(self.layer, self.component, self.position, self.method, weight)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VectorResult:
-        kw = _known(cls, d)
-        kw["layer"] = int(kw["layer"])
-        return cls(**kw)
-
 
 # --------------------------------------------------------------------------------------------------- judging
 
 
+@record
 @dataclass
 class JudgeResult:
     """Judge scores of one condition (baseline or steered) over its questions, on the 0-100 scale.
@@ -203,14 +163,8 @@ class JudgeResult:
         """The result of judging nothing: means None, n 0."""
         return cls(trait_mean=None, coherence_mean=None, n=0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> JudgeResult:
-        return cls(**_known(cls, d))
-
-
+@record
 class ModelVariant(NamedTuple):
     """A named model of an experiment: ``name`` (e.g. "instruct"), the ``model`` id, an optional ``lora``
     adapter (a peft folder or cached id, merged into the model when it loads)."""
@@ -224,14 +178,8 @@ class ModelVariant(NamedTuple):
         """What runs, as recorded in results: ``model``, or ``"{model} + LoRA {lora}"`` with an adapter."""
         return self.model if self.lora is None else f"{self.model} + LoRA {self.lora}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self._asdict())
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelVariant:
-        return cls(**{k: v for k, v in d.items() if k in cls._fields})
-
-
+@record
 @dataclass
 class ModelConfig:
     """A model's description, as in the original's ``config/models/*.yaml``: id, family, size and quirks.
@@ -251,11 +199,11 @@ class ModelConfig:
     num_key_value_heads: int
     intermediate_size: int
     max_context_length: int = 4096
-    vocab_size: int | None = None
-    sae: dict[str, Any] | None = None
-    moe: dict[str, Any] | None = None
-    mla: dict[str, Any] | None = None
-    notes: dict[str, Any] | None = None
+    vocab_size: int | None = field(default=None, metadata=stored(omit_none=True))
+    sae: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
+    moe: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
+    mla: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
+    notes: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
 
     @classmethod
     def from_model(cls, model: Any, variant: str, supports_system_prompt: bool,
@@ -277,17 +225,11 @@ class ModelConfig:
             vocab_size=text.vocab_size,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        return cls(**_known(cls, d))
-
 
 # --------------------------------------------------------------------------------------------------- extraction
 
 
+@record
 @dataclass
 class ActivationMetadata:
     """What ``activations/{position}/{component}/metadata.json`` records about captured activations.
@@ -303,7 +245,7 @@ class ActivationMetadata:
     n_layers: int
     hidden_dim: int
     captured_layers: list[int]
-    activation_norms: dict[int, float]
+    activation_norms: dict[int, float] = field(metadata=stored(missing=dict))
     n_examples_pos: int
     n_examples_neg: int
     n_val_pos: int = 0
@@ -331,18 +273,8 @@ class ActivationMetadata:
     def n_val(self) -> int:
         return self.n_val_pos + self.n_val_neg
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["activation_norms"] = _str_keys(self.activation_norms)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ActivationMetadata:
-        kw = _known(cls, d)
-        kw["activation_norms"] = _int_keys(kw.get("activation_norms"))
-        return cls(**kw)
-
-
+@record
 @dataclass
 class ScenarioResponse:
     """One answer of the extraction's responses stage (a row of ``responses/pos.json`` or ``neg.json``):
@@ -354,14 +286,8 @@ class ScenarioResponse:
     prompt_token_ids: list[int]
     response_token_ids: list[int]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ScenarioResponse:
-        return cls(**_known(cls, d))
-
-
+@record
 @dataclass
 class ResponsesMetadata:
     """``responses/metadata.json``: how the answers were generated (``chat_template`` None: the tokenizer's
@@ -375,14 +301,8 @@ class ResponsesMetadata:
     input_hashes: dict[str, str] = field(default_factory=dict)
     input_hash: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ResponsesMetadata:
-        return cls(**_known(cls, d))
-
-
+@record
 @dataclass
 class Vetting:
     """``vetting/response_scores.json``: a judge's trait score (0-100, None when unscored) per answer
@@ -395,14 +315,8 @@ class Vetting:
     summary: dict[str, int]
     input_hash: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Vetting:
-        return cls(**_known(cls, d))
-
-
+@record
 @dataclass
 class VectorLayer:
     """What a vector set's metadata records per layer: the stored vector's norm, its ``baseline`` (the
@@ -411,17 +325,11 @@ class VectorLayer:
 
     norm: float
     baseline: float
-    train_acc: float | None = None
-    bias: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VectorLayer:
-        return cls(**_known(cls, d))
+    train_acc: float | None = field(default=None, metadata=stored(omit_none=True))
+    bias: float | None = field(default=None, metadata=stored(omit_none=True))
 
 
+@record
 @dataclass
 class VectorMetadata:
     """``vectors/{position}/{component}/{method}/metadata.json``: one method's vectors, per layer (int keys
@@ -432,7 +340,7 @@ class VectorMetadata:
     method: str | None = None
     component: str = "residual"
     position: str | None = None
-    layers: dict[int, VectorLayer] = field(default_factory=dict)
+    layers: dict[int, VectorLayer] = field(default_factory=dict, metadata=stored(missing=dict))
     input_hash: str | None = None
 
     def threshold(self, layer: int) -> float:
@@ -442,18 +350,8 @@ class VectorMetadata:
             raise UnknownKeyError(f"no vector metadata for layer {layer}; stored layers: {sorted(self.layers)}")
         return self.layers[layer].baseline
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = {str(k): v.to_dict() for k, v in self.layers.items()}
-        return d
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VectorMetadata:
-        kw = _known(cls, d)
-        kw["layers"] = {int(k): VectorLayer.from_dict(v) for k, v in (kw.get("layers") or {}).items()}
-        return cls(**kw)
-
-
+@record
 @dataclass
 class EvaluationRow:
     """One method x layer of a held-out evaluation: the train-fitted ``threshold``, select-split
@@ -461,22 +359,14 @@ class EvaluationRow:
     and whether the test AUROC interval clears the random-direction band."""
 
     method: str
-    layer: int
+    layer: int = field(metadata=stored(read=int))
     threshold: float
     select: dict[str, float]
     test: dict[str, dict[str, float]]
     above_chance: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EvaluationRow:
-        kw = _known(cls, d)
-        kw["layer"] = int(kw["layer"])
-        return cls(**kw)
-
-
+@record
 @dataclass
 class Evaluation:
     """``evaluation/{position}/{component}.json``: every method x layer scored on the select and test splits
@@ -488,9 +378,9 @@ class Evaluation:
     position: str
     component: str
     splits: dict[str, int]
-    bootstrap: dict[str, Any]
+    bootstrap: dict[str, Any] = field(metadata=stored(missing=dict))  # absent from files before bootstrap intervals
     chance: dict[str, Any]
-    results: list[EvaluationRow]
+    results: list[EvaluationRow] = field(metadata=stored(missing=list))
     selected: dict[str, Any]
     input_hash: str | None = None
 
@@ -505,22 +395,11 @@ class Evaluation:
     def selected_row(self) -> EvaluationRow:
         return self.row(self.selected["method"], self.selected["layer"])
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["results"] = [r.to_dict() for r in self.results]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
-        kw = _known(cls, d)
-        kw["results"] = [EvaluationRow.from_dict(r) for r in kw.get("results", [])]
-        kw.setdefault("bootstrap", {})  # files from before bootstrap intervals
-        return cls(**kw)
-
 
 # --------------------------------------------------------------------------------------------------- inference
 
 
+@record
 @dataclass
 class ResponseRecord:
     """One generated response of a monitoring prompt set, with its tokens.
@@ -561,14 +440,11 @@ class ResponseRecord:
     def response_tokens(self) -> list[str]:
         return self.tokens[self.prompt_end :]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ResponseRecord:
-        return cls(**_known(cls, d))
+_SCORES = stored(digits=4)  # as the projection files store them
 
 
+@record
 @dataclass
 class ProjectionEntry:
     """Per-token projections of one response onto one vector.
@@ -581,14 +457,15 @@ class ProjectionEntry:
     """
 
     method: str
-    layer: int
+    layer: int = field(metadata=stored(read=int))
     selection_source: str
-    baseline: float
-    prompt: list[float]
-    response: list[float]
-    token_norms: dict[str, list[float]] = field(default_factory=lambda: {"prompt": [], "response": []})
-    normalized_prompt: list[float] = field(default_factory=list)
-    normalized_response: list[float] = field(default_factory=list)
+    baseline: float = field(metadata=_SCORES)
+    prompt: list[float] = field(metadata=_SCORES)
+    response: list[float] = field(metadata=_SCORES)
+    token_norms: dict[str, list[float]] = field(default_factory=lambda: {"prompt": [], "response": []},
+                                                metadata=_SCORES)
+    normalized_prompt: list[float] = field(default_factory=list, metadata=_SCORES)
+    normalized_response: list[float] = field(default_factory=list, metadata=_SCORES)
 
     @classmethod
     def build(
@@ -629,26 +506,11 @@ class ProjectionEntry:
             normalized_response=normalize(response, response_norms),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "layer": self.layer,
-            "selection_source": self.selection_source,
-            "baseline": round(float(self.baseline), 4),
-            "prompt": _round4(self.prompt),
-            "response": _round4(self.response),
-            "token_norms": {k: _round4(v) for k, v in self.token_norms.items()},
-            "normalized_prompt": _round4(self.normalized_prompt),
-            "normalized_response": _round4(self.normalized_response),
-        }
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionEntry:
-        kw = _known(cls, d)
-        kw["layer"] = int(kw["layer"])
-        return cls(**kw)
+_IN_METADATA = stored(under="metadata")
 
 
+@record
 @dataclass
 class ProjectionRecord:
     """The projections of one response onto one or more vectors, stored as
@@ -658,40 +520,31 @@ class ProjectionRecord:
     ``multi_vector`` (always true) and ``score_mode`` ("raw+normalized") are derived when writing.
     """
 
-    prompt_id: int | str
-    prompt_set: str
-    n_prompt_tokens: int
-    n_response_tokens: int
-    projections: list[ProjectionEntry]
-    component: str = "residual"
-    position: str | None = None
-    centered: bool = False
-    projection_date: str | None = None
-    massive_dim_data: dict[str, Any] | None = None  # activations at massive dims, for cleaning in a viewer
-
-    _METADATA = ("prompt_id", "prompt_set", "n_prompt_tokens", "n_response_tokens", "component", "position",
-                 "centered", "projection_date")
+    prompt_id: int | str = field(metadata=_IN_METADATA)
+    prompt_set: str = field(metadata=_IN_METADATA)
+    n_prompt_tokens: int = field(metadata=_IN_METADATA)
+    n_response_tokens: int = field(metadata=_IN_METADATA)
+    projections: list[ProjectionEntry] = field(metadata=stored(missing=list))
+    component: str = field(default="residual", metadata=_IN_METADATA)
+    position: str | None = field(default=None, metadata=_IN_METADATA)
+    centered: bool = field(default=False, metadata=_IN_METADATA)
+    projection_date: str | None = field(default=None, metadata=_IN_METADATA)
+    # activations at massive dims, for cleaning in a viewer
+    massive_dim_data: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
 
     @property
     def n_vectors(self) -> int:
         return len(self.projections)
 
-    def to_dict(self) -> dict[str, Any]:
-        metadata = {name: getattr(self, name) for name in self._METADATA}
-        metadata.update(multi_vector=True, n_vectors=self.n_vectors, score_mode="raw+normalized")
-        out = {"metadata": metadata, "projections": [p.to_dict() for p in self.projections]}
-        return out if self.massive_dim_data is None else {**out, "massive_dim_data": self.massive_dim_data}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionRecord:
-        meta = {k: v for k, v in d.get("metadata", {}).items() if k in cls._METADATA}
-        return cls(projections=[ProjectionEntry.from_dict(p) for p in d.get("projections", [])],
-                   massive_dim_data=d.get("massive_dim_data"), **meta)
+    def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
+        d["metadata"].update(multi_vector=True, n_vectors=self.n_vectors, score_mode="raw+normalized")
+        return d
 
 
 # --------------------------------------------------------------------------------------------------- steering
 
 
+@record
 @dataclass
 class SteeringEntry:
     """One steering result file found on disk: ``full_path`` is the ``results.jsonl`` of ``trait`` steered on
@@ -703,14 +556,8 @@ class SteeringEntry:
     prompt_set: str
     full_path: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SteeringEntry:
-        return cls(**_known(cls, d))
-
-
+@record
 @dataclass
 class SteeringRunRecord:
     """One steered condition: its ``JudgeResult`` under the vectors and coefficients of ``config``.
@@ -724,11 +571,11 @@ class SteeringRunRecord:
 
     result: JudgeResult
     config: ProjectionConfig
-    eval_judge: str | None = None
+    eval_judge: str | None = field(default=None, metadata=stored(key="trait_judge", under="eval", legacy="eval_judge"))
     timestamp: str | None = None
-    input_hashes: dict[str, str] | None = None
-    judge_free: dict[str, Any] | None = None
-    control: dict[str, Any] | None = None
+    input_hashes: dict[str, str] | None = field(default=None, metadata=stored(omit_none=True))
+    judge_free: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
+    control: dict[str, Any] | None = field(default=None, metadata=stored(omit_none=True))
 
     @property
     def layer(self) -> int:
@@ -751,34 +598,11 @@ class SteeringRunRecord:
         c = self.result.coherence_mean
         return self.result.trait_mean is not None and c is not None and c >= min_coherence
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "type": "run",
-            "result": self.result.to_dict(),
-            "config": self.config.to_dict(),
-            "eval": {"trait_judge": self.eval_judge},
-            "timestamp": self.timestamp,
-        }
-        if self.input_hashes is not None:
-            d["input_hashes"] = dict(self.input_hashes)
-        for key in ("judge_free", "control"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SteeringRunRecord:
-        return cls(
-            result=JudgeResult.from_dict(d["result"]),
-            config=ProjectionConfig.from_dict(d["config"]),
-            eval_judge=(d.get("eval") or {}).get("trait_judge", d.get("eval_judge")),
-            timestamp=d.get("timestamp"),
-            input_hashes=d.get("input_hashes"),
-            judge_free=d.get("judge_free"),
-            control=d.get("control"),
-        )
+    def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "run", **d}
 
 
+@record
 @dataclass
 class NeutralReference:
     """``steering/_reference/{variant}/neutral-{max_new_tokens}.json``: the unsteered model's answers to
@@ -789,14 +613,8 @@ class NeutralReference:
     prompt_token_ids: list[list[int]]
     response_token_ids: list[list[int]]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NeutralReference:
-        return cls(**_known(cls, d))
-
-
+@record
 @dataclass
 class SteeringHeader:
     """The first line of ``results.jsonl``: what was steered, with which vectors, judged how.
@@ -823,14 +641,11 @@ class SteeringHeader:
         if self.direction not in DIRECTIONS:
             raise ConfigError(f"SteeringHeader.direction must be one of {DIRECTIONS}; got {self.direction!r}.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "header", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SteeringHeader:
-        return cls(**_known(cls, d))
+    def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "header", **d}
 
 
+@record
 @dataclass
 class SteeringResults:
     """A whole ``results.jsonl``: the header, the unsteered baseline and every steered run, in file order.
@@ -902,34 +717,17 @@ class SteeringResults:
                    baseline_judge_free=baseline_jf, report=report)
 
     def save(self, path: str | Path) -> None:
-        """Write ``results.jsonl`` (one JSON object per line), creating parent folders."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in self.to_jsonl_lines()))
+        """Write ``results.jsonl`` (one JSON object per line) atomically, creating parent folders."""
+        from tracelens.io import write_bytes  # not at import: `tracelens.io` loads torch (safetensors)
+
+        write_bytes(Path(path), "".join(json.dumps(line) + "\n" for line in self.to_jsonl_lines()).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringResults:
-        """Read a ``results.jsonl``; blank lines are skipped."""
-        text = Path(path).read_text()
-        return cls.from_jsonl_lines(json.loads(line) for line in text.splitlines() if line.strip())
+        """Read a ``results.jsonl``; blank lines are skipped, a malformed line is a DataError naming it."""
+        from tracelens.io import read_json_lines
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "header": self.header.to_dict(),
-            "baseline": None if self.baseline is None else self.baseline.to_dict(),
-            "baseline_timestamp": self.baseline_timestamp,
-            "baseline_judge_free": self.baseline_judge_free,
-            "runs": [r.to_dict() for r in self.runs],
-            "report": self.report,
-        }
+        return cls.from_jsonl_lines(value for _, value in read_json_lines(Path(path)))
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SteeringResults:
-        return cls(
-            header=SteeringHeader.from_dict(d["header"]),
-            baseline=None if d.get("baseline") is None else JudgeResult.from_dict(d["baseline"]),
-            runs=[SteeringRunRecord.from_dict(r) for r in d.get("runs", [])],
-            baseline_timestamp=d.get("baseline_timestamp"),
-            baseline_judge_free=d.get("baseline_judge_free"),
-            report=d.get("report"),
-        )
+    def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
+        return {k: d[k] for k in ("header", "baseline", "baseline_timestamp", "baseline_judge_free", "runs", "report")}
