@@ -159,7 +159,7 @@ def _post(url, body):
                             "steering": [{"layer": 0, "vector": [0.0] * 64, "rows": [0, 1]}]}, "unknown field(s): rows"),
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[2]],
                             "steering": [{"layer": 0, "vector": [0.0] * 64, "positions": "response"}]},
-     "positions must be 'all'"),
+     "steering must have positions 'all'"),
     ("/response_logprobs", {"prompt_ids": [[1], [2]], "response_ids": [[2]]}, "one row per prompt_ids row"),
     ("/response_logprobs", {"prompt_ids": [[]], "response_ids": [[2]]}, "non-empty list of integer token ids"),
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[10**6]]}, "inside [0, "),

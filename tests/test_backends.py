@@ -152,7 +152,7 @@ def test_generate_batch_under_per_sample_steering_equals_hf_generate_row_by_row(
         with hf_hooks(tiny.reference, edit), torch.no_grad():
             out = tiny.reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
         assert ours == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    with pytest.raises(TypeError, match="prompts must be a list of strings; got one string"):
+    with pytest.raises(TypeError, match="prompts must be a list of strings, not one string"):
         generate_batch(tiny.model, tok, prompts[0])
 
 

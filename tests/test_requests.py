@@ -131,3 +131,38 @@ def test_the_backend_checks_steering_and_capture_against_the_model_first(tiny):
         if "capture" not in kwargs:
             with pytest.raises(kind, match="^" + re.escape(message)):
                 backend.generate(["a", "b"], requests.GenerationConfig(max_new_tokens=1), kwargs["steering"])
+
+
+def test_the_rows_rule_is_one_function_with_one_message_everywhere(tiny):
+    """Backend, generator, vLLM driver grouping and server parser all refuse rows past the call's prompts alike."""
+    from tracelens.errors import RequestError
+    from tracelens.serving.parsing import parse_steering
+    from tracelens.serving.tl_vllm_backend import steering_groups
+
+    d = tiny.model.cfg.d_model
+    spec = requests.SteeringSpec(layer=0, vector=torch.ones(d), rows=(0, 3))
+    message = "^" + re.escape("steering[0]: rows must lie within the 2 prompts; got (0, 3)") + "$"
+    for call in (lambda: LocalBackend.from_model(tiny.model).check_generation(["a", "b"], steering=[spec]),
+                 lambda: generation.HookedGenerator(tiny.model).generate(torch.tensor([[1, 2], [3, 4]]),
+                                                                         max_new_tokens=1, steering=[spec]),
+                 lambda: steering_groups([spec], 2, tiny.model.cfg.n_layers, d)):
+        with pytest.raises(ConfigError, match=message):
+            call()
+    with pytest.raises(RequestError, match=message):
+        parse_steering([{"layer": 0, "vector": [1.0] * d, "rows": [0, 3]}], tiny.model.cfg.n_layers, n_rows=2)
+
+
+def test_a_request_checks_its_vector_once_when_the_spec_is_built(tiny, monkeypatch):
+    """`check_generation` checks the model's facts on the spec itself: no adapter, no second `as_vector`."""
+    from tracelens.model import edits
+
+    d = tiny.model.cfg.d_model
+    specs = [requests.SteeringSpec(layer=0, vector=torch.ones(d), rows=(0, 1)),
+             requests.SteeringSpec(layer=1, vector=torch.ones(d), positions="response")]
+    seen = []
+    as_vector = edits.as_vector
+    monkeypatch.setattr(edits, "as_vector", lambda v, what="vector": seen.append(what) or as_vector(v, what))
+    monkeypatch.setattr(requests, "as_vector", edits.as_vector)
+    LocalBackend.from_model(tiny.model).check_generation(["a", "b"], requests.GenerationConfig(max_new_tokens=1),
+                                                      steering=specs)
+    assert seen == []

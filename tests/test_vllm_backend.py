@@ -266,3 +266,13 @@ def test_real_vllm_engine_generates_in_order():
         assert texts == [r.response_text for r in results]  # greedy: same prompts, same answers
     finally:
         b.shutdown()
+
+
+def test_every_backend_formats_and_tokenizes_prompts_with_one_prompt_side():
+    from tracelens.serving.backends import LocalBackend
+    from tracelens.serving.prompting import PromptSide
+    from tracelens.serving.tl_vllm_backend import TLVLLMBackend
+
+    for name in ("format", "prompt_token_ids", "token_texts", "_texts"):
+        assert (getattr(LocalBackend, name) is getattr(VLLMBackend, name) is getattr(TLVLLMBackend, name)
+                is getattr(PromptSide, name)), name

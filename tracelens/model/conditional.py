@@ -17,8 +17,8 @@ from tracelens.errors import ConfigError, ShapeError, StateError
 from tracelens.model.hooks import HookAdapter, _checked_vector, _edit_flat, _flat
 from tracelens.metrics import accuracy
 from tracelens.model.positions import TokenPositions, resolve_position
-from tracelens.model.requests import Condition
-from tracelens.model.sites import get_hook_path, resolve_layer
+from tracelens.model.requests import Condition, check_condition_layer
+from tracelens.model.sites import get_hook_path
 
 
 class ConditionalSteering(HookAdapter):
@@ -44,10 +44,7 @@ class ConditionalSteering(HookAdapter):
                  component: str = "residual", prompt_lengths: int | Int[Tensor, "batch"] | None = None) -> None:
         super().__init__(model)
         checked = Condition(condition, condition_layer, threshold, comparator, position)  # the one rule set
-        n = model.cfg.n_layers
-        if resolve_layer(layer, n) < resolve_layer(condition_layer, n):
-            raise ConfigError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
-                             "forward pass, before the decision exists; use a steering layer >= the condition layer")
+        check_condition_layer(layer, condition_layer, model.cfg.n_layers)
         self.steer_hook = get_hook_path(layer, component, model)
         self.condition_hook = get_hook_path(condition_layer, component, model)
         self.vector = _checked_vector(model, self.steer_hook, vector)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelens.errors import ConfigError, GenerationCancelled, ShapeError
+from tracelens.model.edits import unit
 from tracelens.model.hooks import READ, HookAdapter, PerPositionSteeringHook, PerSampleSteering, SteeringHook, _layers
 # SteeringConfig, CaptureConfig and TokenOutput stay importable from here (the seed's import path)
 from tracelens.model.requests import (  # noqa: F401
@@ -29,11 +30,15 @@ from tracelens.model.requests import (  # noqa: F401
     SteeringConfig,
     SteeringSpec,
     TokenOutput,
+    check_condition_layer,
     check_max_new_tokens,
+    check_rows_within,
+    check_steering_request,
     check_temperature,
+    check_width,
 )
 from tracelens.model.fastpath import fast_path
-from tracelens.model.sites import get_hook_path
+from tracelens.model.sites import get_hook_path, resolve_hook_name, site_width
 
 
 def check_generation_args(model, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
@@ -85,10 +90,19 @@ def steering_hook(model, spec: SteeringSpec, prompt_lengths: int | Int[Tensor, "
 
 
 def check_steering(model, spec: SteeringSpec) -> None:
-    """Refuse, before any model work, a spec `model` cannot take: a layer outside it, a vector whose width is
-    not its site's, a condition layer after the steering layer (the adapter's own checks; rows are checked
-    against each batch when it runs)."""
-    steering_hook(model, replace(spec, rows=None), 1)
+    """Refuse, before any model work, a spec `model` cannot take: a layer outside it, a site it does not fire, a
+    vector (or condition vector) whose width is not its site's, a condition vector of no direction, a condition
+    layer after the steering layer. The spec's vector was checked when it was built; rows are checked against each
+    call's prompts (`check_steering_request`)."""
+    sites = [(spec.layer, spec.vector, "vector")]
+    if spec.condition is not None:
+        c = spec.condition
+        check_condition_layer(spec.layer, c.layer, model.cfg.n_layers)
+        unit(c.vector, "condition")
+        sites.append((c.layer, c.vector, "condition"))
+    for layer, vector, what in sites:
+        name = resolve_hook_name(model, get_hook_path(layer, spec.component, model))
+        check_width(vector, site_width(model, name), name, what)
 
 
 def check_capture(model, capture: CaptureSpec) -> None:
@@ -121,8 +135,7 @@ def _starts(first: int | Int[Tensor, "batch"], rows: tuple[int, int] | None):
     if rows is None:
         return first
     starts = torch.as_tensor(first).reshape(-1)
-    if rows[1] > starts.numel():
-        raise ConfigError(f"rows must lie within the batch of {starts.numel()}; got {rows}")
+    check_rows_within(rows, starts.numel())
     outside = torch.ones_like(starts, dtype=torch.bool)
     outside[rows[0]:rows[1]] = False
     return starts.masked_fill(outside, torch.iinfo(starts.dtype).max)
@@ -165,8 +178,8 @@ class HookedGenerator:
         (unless `stop_at_eos=False`) and at `stop_token_ids`. `use_cache=False` recomputes the whole
         sequence every step (for checking the cache). `cancel` is called before every forward pass;
         True raises `GenerationCancelled`. ValueError (before any model work) for arguments
-        `check_generation_args` refuses."""
-        self._check(input_ids, max_new_tokens, temperature)
+        `check_generation_args` or `check_steering_request` refuses."""
+        self._check(input_ids, max_new_tokens, temperature, steering)
         batch = input_ids.shape[0]
         rows: list[list[_Step]] = [[] for _ in range(batch)]
         stops = self.stop_ids(stop_token_ids, stop_at_eos)
@@ -196,7 +209,7 @@ class HookedGenerator:
         Arguments are checked now (ValueError), not at the first token; `cancel` as in `generate`."""
         if input_ids.shape[0] != 1:
             raise ShapeError(f"stream takes one prompt (batch 1); got batch {input_ids.shape[0]}; use generate")
-        self._check(input_ids, max_new_tokens, temperature)
+        self._check(input_ids, max_new_tokens, temperature, steering)
         stops = self.stop_ids(stop_token_ids, True)
         return self._stream(self._steps(input_ids, attention_mask, max_new_tokens, temperature, capture,
                                         steering, stops, seed, True, cancel))
@@ -214,10 +227,11 @@ class HookedGenerator:
         finally:
             steps.close()  # removes the hooks now, not when the generator is collected
 
-    def _check(self, input_ids: Tensor, max_new_tokens: int, temperature: float) -> None:
+    def _check(self, input_ids: Tensor, max_new_tokens: int, temperature: float, steering) -> None:
         if input_ids.dim() != 2:
             raise ShapeError(f"input_ids must be [batch, pos]; got shape {tuple(input_ids.shape)}")
         check_generation_args(self.model, input_ids.shape[1], max_new_tokens, temperature)
+        check_steering_request(steering, input_ids.shape[0])
 
     def _package(self, row: int, steps: list[_Step], output_logits: bool) -> SequenceOutput:
         out = SequenceOutput([int(s.tokens[row]) for s in steps])

@@ -37,7 +37,7 @@ from tracelens.model.edits import finite_float
 from tracelens.model.loading import require_bridge
 from tracelens.errors import ConfigError, InputTypeError, ShapeError, StateError, UnknownKeyError
 from tracelens.model.positions import TokenPositions
-from tracelens.model.requests import SteeringSpec
+from tracelens.model.requests import SteeringSpec, check_width
 from tracelens.model.sites import get_hook_path, resolve_hook_name, resolve_layer, site_width
 
 HookFn = Callable[..., Tensor | None]
@@ -213,12 +213,7 @@ class _Composite(HookAdapter):
 
 def _checked_vector(model, hook_name: str, vector: Tensor, what: str = "vector") -> Float[Tensor, "d"]:
     v = edits.as_vector(vector, what)
-    width = site_width(model, hook_name)
-    if width is not None and v.shape[0] != width:
-        raise ShapeError(
-            f"{what} has {v.shape[0]} elements but {hook_name} has width {width}: "
-            "the vector is probably from another model or site"
-        )
+    check_width(v, site_width(model, hook_name), hook_name, what)
     return v
 
 

@@ -4,8 +4,11 @@
 these types; the server builds them from JSON, so its 400 messages are these messages. Each request type checks
 itself at construction and raises a `tracelens.errors` class with one message style, "X must be Y; got Z"
 (ConfigError for a bad value, InputTypeError for a wrong type, ShapeError / DirectionError for a bad vector).
-What depends on a model (a layer inside it, a vector of its width) is checked where the model is known:
-`tracelens.model.generation.check_steering` / `check_capture`.
+The rules of a call are here too, one function each: `check_steering_request` (each entry a `SteeringSpec`, its
+rows inside the call's prompts: `check_rows_within`, and the backend's model facts), which `LocalBackend`,
+`TLVLLMBackend`, `HookedGenerator` and the server's parser call; the model facts `check_width` and
+`check_condition_layer` (layers: `tracelens.model.sites.resolve_layer`), which
+`tracelens.model.generation.check_steering` applies for a tracelens model and `TLVLLMBackend` for its driver.
 
 The seed's two spellings are one class each: `SteeringConfig is SteeringSpec`, `CaptureConfig is CaptureSpec`,
 `TokenResult is TokenOutput`. `SteeringSpec`'s fields are keyword-only (the seed wrote
@@ -16,7 +19,7 @@ The seed's two spellings are one class each: `SteeringConfig is SteeringSpec`, `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from jaxtyping import Float
@@ -25,7 +28,7 @@ from torch import Tensor
 from tracelens.errors import ConfigError, DirectionError, InputTypeError, ShapeError
 from tracelens.model.edits import as_vector, finite_float
 from tracelens.model.positions import parse_position
-from tracelens.model.sites import COMPONENTS
+from tracelens.model.sites import COMPONENTS, resolve_layer
 
 POSITIONS = ("all", "response")
 """Where a `SteeringSpec` steers: every position, or the last prompt position and every generated token."""
@@ -195,6 +198,55 @@ class SteeringSpec:
 
 SteeringConfig = SteeringSpec
 """The seed's name for `SteeringSpec` (`tracelens.model.generation.SteeringConfig`): the same class."""
+
+
+# --- the checks of a call (one function per rule) -----------------------------------------------------------
+
+
+def check_rows_within(rows: tuple[int, int] | None, n_prompts: int) -> None:
+    """Steering rows lie within the call's prompts: `rows` is None or ends at most at `n_prompts` (ConfigError)."""
+    if rows is not None and rows[1] > n_prompts:
+        raise ConfigError(f"rows must lie within the {n_prompts} prompts; got {rows}")
+
+
+def check_width(vector: Tensor, width: int | None, site: str, what: str = "vector") -> None:
+    """A vector has the width of the site it acts at (`width` None: not known, not checked); ShapeError otherwise."""
+    if width is not None and vector.shape[0] != width:
+        raise ShapeError(f"{what} has {vector.shape[0]} elements but {site} has width {width}: "
+                         "the vector is probably from another model or site")
+
+
+def check_condition_layer(layer: int, condition_layer: int, n_layers: int) -> None:
+    """Conditional steering steers at or after the layer it decides at (ConfigError otherwise)."""
+    if resolve_layer(layer, n_layers) < resolve_layer(condition_layer, n_layers):
+        raise ConfigError(f"steering layer {layer} runs before condition layer {condition_layer} in the prompt's "
+                          "forward pass, before the decision exists; use a steering layer >= the condition layer")
+
+
+def check_steering_request(steering: Sequence[SteeringSpec] | None, n_prompts: int,
+                           check: Callable[[SteeringSpec], None] | None = None) -> list[SteeringSpec]:
+    """`steering` (None: none) as a list, checked for a call over `n_prompts` prompts: each entry a `SteeringSpec`
+    (InputTypeError), its rows within the prompts (`check_rows_within`) and passing `check` (the backend's model
+    facts), each error naming its entry: "steering[1]: ...". The specs' own rules (their vectors, positions, ...)
+    were checked once, when they were built."""
+    specs = list(steering or ())
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, SteeringSpec):
+            raise InputTypeError(f"steering[{i}] must be a SteeringSpec; got {type(spec).__name__}")
+        with field_errors(f"steering[{i}]"):
+            check_rows_within(spec.rows, n_prompts)
+            if check is not None:
+                check(spec)
+    return specs
+
+
+def check_every_position(steering: Sequence[SteeringSpec] | None) -> None:
+    """Teacher-forced scoring steers every position of every row: positions "all", no rows, no condition."""
+    for spec in steering or ():
+        if spec.positions != "all" or spec.rows is not None or spec.condition is not None:
+            raise ConfigError("response_logprobs steers every position of every row: steering must have positions 'all', no "
+                              f"rows and no condition; got {spec.positions!r}, rows={spec.rows}, "
+                              f"condition={spec.condition}")
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """Generation backends: one interface for generation with steering and activation capture.
 
-The interface is stated by `tracelens.serving.protocol.Backend`. `LocalBackend` runs a loaded tracelens model in this process. Prompts are formatted with the chat
-template (explicit `use_chat_template` > experiment config > the tokenizer has a template), batched
-automatically (a batch size from free memory, halved on out-of-memory) with a progress bar.
+The interface is stated by `tracelens.serving.protocol.Backend`. `LocalBackend` runs a loaded tracelens model in
+this process. Prompts are formatted with the chat template (explicit `use_chat_template` > experiment config > the
+tokenizer has a template; `tracelens.serving.prompting.PromptSide`), batched automatically (a batch size from free
+memory, halved on out-of-memory) with a progress bar.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -18,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tracelens.errors import ConfigError, DataError, InputTypeError, ShapeError
+from tracelens.errors import ConfigError, DataError, InputTypeError
 from tracelens.model.generation import (
     HookedGenerator,
     check_capture,
@@ -34,16 +36,19 @@ from tracelens.model.requests import (  # noqa: F401  (TokenResult: the seed's i
     SteeringSpec,
     TokenOutput,
     TokenResult,
+    check_every_position,
+    check_steering_request,
     field_errors,
 )
 from tracelens.store import Experiment, get_model_variant
 from tracelens.model.hooks import MultiLayerCapture, _layers
 from tracelens.model.loading import load_model, require_bridge
 from tracelens.model.likelihood import response_logprobs
-from tracelens.model.prompts import encode, format_prompt, left_pad, token_strings, tokenize_batch
+from tracelens.model.prompts import encode, left_pad, token_strings, tokenize_batch
+from tracelens.serving.prompting import PromptSide, check_prompts, rows_within
 
 
-class LocalBackend:
+class LocalBackend(PromptSide):
     """Generation, capture and steering on a model loaded in this process.
 
     The generating methods check their request first (`check_generation`), and take a keyword-only `cancel`:
@@ -115,29 +120,13 @@ class LocalBackend:
     def model_name(self) -> str | None:
         return getattr(self._model.cfg, "model_name", None)
 
-    def format(self, prompt: str, system_prompt: str | None = None) -> str:
-        return format_prompt(self._tokenizer, prompt, system_prompt, self.use_chat_template)
-
-    def prompt_token_ids(self, prompts: Sequence[str],
-                         system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
-        """The token ids generation feeds the model for each prompt (formatted as `generate` formats it)."""
-        return [encode(self._tokenizer, t) for t in self._format_all(prompts, system_prompts, False)]
-
-    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
-        """Each id decoded alone (readable text, special tokens kept)."""
-        return [self._tokenizer.decode([int(i)]) for i in token_ids]
-
     def response_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                           steering: Sequence[SteeringSpec] | None = None, *, kl: bool = False) -> ResponseLogprobs:
         """Teacher-forced log-probabilities of each response token (`tracelens.model.likelihood.response_logprobs`,
         batches of 8) under `steering` at every position; `kl` adds the per-token KL divergence from the unsteered
         distributions (a second, unsteered pass). ConfigError for steering limited to rows, the response or a
-        condition."""
-        for spec in steering or ():
-            if spec.positions != "all" or spec.rows is not None or spec.condition is not None:
-                raise ConfigError("response_logprobs steers every position of every row: steering must have "
-                                  f"positions 'all', no rows and no condition; got {spec.positions!r}, "
-                                  f"rows={spec.rows}, condition={spec.condition}")
+        condition (`check_every_position`)."""
+        check_every_position(steering)
         with _steering_adapters(self._model, steering, 0):
             scored = response_logprobs(self._model, prompt_ids, response_ids, distributions=kl)
         if not kl:
@@ -231,37 +220,18 @@ class LocalBackend:
         """The formatted prompts and the token count of the longest, after `check_generation`'s checks."""
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
-        texts = self._format_all(prompts, system_prompts, formatted)
+        texts = self._texts(prompts, system_prompts, formatted)
         config = GenerationConfig() if config is None else config
         for what, value, kind in (("config", config, GenerationConfig), ("capture", capture, CaptureSpec)):
             if value is not None and not isinstance(value, kind):
                 raise InputTypeError(f"{what} must be a {kind.__name__}; got {type(value).__name__}")
-        for i, spec in enumerate(steering or ()):
-            if not isinstance(spec, SteeringSpec):
-                raise InputTypeError(f"steering[{i}] must be a SteeringSpec; got {type(spec).__name__}")
-            with field_errors(f"steering[{i}]"):
-                check_steering(self._model, spec)
-                if spec.rows is not None and spec.rows[1] > len(prompts):
-                    raise ConfigError(f"rows must lie within the {len(prompts)} prompts; got {spec.rows}")
+        check_steering_request(steering, len(texts), functools.partial(check_steering, self._model))
         if capture is not None:
             with field_errors("capture"):
                 check_capture(self._model, capture)
         longest = max(len(encode(self._tokenizer, t)) for t in texts)
         check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
         return texts, longest
-
-    def _format_all(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None,
-                    formatted: bool) -> list[str]:
-        if isinstance(prompts, str):
-            raise InputTypeError("prompts must be a list of strings, not one string")
-        if system_prompts is not None and len(system_prompts) != len(prompts):
-            raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
-        if formatted and system_prompts is not None:
-            raise ConfigError("formatted prompts are used as given: put the system prompt in the text; "
-                              "got system_prompts with formatted=True")
-        if formatted:
-            return list(prompts)
-        return [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
 
     def _generate(self, prompts, config, steering, capture, system_prompts, cancel, formatted=False,
                   top_logprobs=None) -> list[CaptureResult]:
@@ -273,7 +243,7 @@ class LocalBackend:
 
         def run(batch: list[tuple[int, str]]) -> list[CaptureResult]:
             start, batch_texts = batch[0][0], [text for _, text in batch]
-            steer = _rows_within(steering, start, start + len(batch))
+            steer = rows_within(steering, start, start + len(batch))
             ids, mask = tokenize_batch(self._tokenizer, batch_texts)
             outs = HookedGenerator(self._model).generate(
                 ids, mask, config.max_new_tokens, config.temperature, None, steer,
@@ -337,8 +307,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     `batch_size` splits them, and such slices then index each sub-batch. Unlike the seed it never re-splits on
     out-of-memory, which would silently move those slices.
     """
-    if isinstance(prompts, str):
-        raise InputTypeError("prompts must be a list of strings; got one string")
+    prompts = check_prompts(prompts)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be None or >= 1; got {batch_size}")
     size = batch_size or max(1, len(prompts))
@@ -348,18 +317,6 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         outs = HookedGenerator(model).generate(ids, mask, max_new_tokens, temperature, None, None, stop_token_ids, seed)
         responses.extend(tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in outs)
     return responses
-
-
-def _rows_within(steering: Sequence[SteeringSpec] | None, start: int, end: int) -> list[SteeringSpec] | None:
-    """The steering of prompts `start..end-1` as a batch of its own: `rows` shifted by `start`, entries whose
-    rows miss the batch dropped."""
-    out = []
-    for spec in steering or ():
-        if spec.rows is None:
-            out.append(spec)
-        elif spec.rows[0] < end and spec.rows[1] > start:
-            out.append(replace(spec, rows=(max(spec.rows[0], start) - start, min(spec.rows[1], end) - start)))
-    return out or None
 
 
 def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int],

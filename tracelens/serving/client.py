@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from tracelens.errors import InputTypeError, ServerError
+from tracelens.errors import ServerError
 from tracelens.model.requests import (
     CaptureResult,
     CaptureSpec,
@@ -29,6 +29,7 @@ from tracelens.model.requests import (
     TokenOutput,
 )
 from tracelens.serving.backends import LocalBackend
+from tracelens.serving.prompting import check_prompts
 from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.codec import (
     capture_to_json,
@@ -114,16 +115,16 @@ class RemoteBackend:
     # --- generation ---
 
     @staticmethod
-    def _prompts(prompts) -> list[str]:
-        if isinstance(prompts, str):
-            raise InputTypeError("prompts must be a list of strings, not one string")
-        return list(prompts)
-
-    def _gen_body(self, prompts, config, steering, system_prompts) -> dict:
-        body = {"prompts": self._prompts(prompts), "config": config_to_json(config), "steering": steering_to_json(steering)}
+    def _prompts_body(prompts, system_prompts) -> dict:
+        """``{prompts, system_prompts?}`` (the server formats them; `check_prompts` refuses one string here)."""
+        body = {"prompts": check_prompts(prompts)}
         if system_prompts is not None:
             body["system_prompts"] = list(system_prompts)
         return body
+
+    def _gen_body(self, prompts, config, steering, system_prompts) -> dict:
+        return {**self._prompts_body(prompts, system_prompts), "config": config_to_json(config),
+                "steering": steering_to_json(steering)}
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
@@ -161,10 +162,7 @@ class RemoteBackend:
 
     def prompt_token_ids(self, prompts: Sequence[str],
                          system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
-        body = {"prompts": self._prompts(prompts)}
-        if system_prompts is not None:
-            body["system_prompts"] = list(system_prompts)
-        return self._call("/prompt_token_ids", body)["token_ids"]
+        return self._call("/prompt_token_ids", self._prompts_body(prompts, system_prompts))["token_ids"]
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         return self._call("/token_texts", {"token_ids": [int(i) for i in token_ids]})["tokens"]

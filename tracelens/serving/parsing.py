@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 import torch
 
 from tracelens.errors import ConfigError, DirectionError, InputTypeError, RequestError, ShapeError
-from tracelens.model.requests import CaptureSpec, GenerationConfig, SteeringSpec, check_rows
+from tracelens.model.requests import CaptureSpec, GenerationConfig, SteeringSpec, check_rows, check_steering_request
 from tracelens.model.sites import resolve_layer
 from tracelens.serving.codec import decode_tensor
 
@@ -106,7 +106,8 @@ def parse_steering(v, n_layers: int, named: NamedVector | None = None,
     """Steering entries ``{layer, vector, coefficient?, component?, positions?, rows?}`` (the vector a JSON list or
     a safetensors blob); with ``named``, an entry may give ``trait`` (and ``layer?``, ``method?``, ``position?``)
     instead of ``vector``, resolved by ``named`` (its ``layer`` counted from the front). ``rows`` ``[start, end]``
-    limits an entry to those of the request's ``n_rows`` prompts; refused where ``n_rows`` is None."""
+    limits an entry to those of the request's ``n_rows`` prompts (`check_steering_request`); refused where ``n_rows``
+    is None."""
     if v is None:
         return None
     if not isinstance(v, list) or len(v) > MAX_STEERING:
@@ -134,10 +135,11 @@ def parse_steering(v, n_layers: int, named: NamedVector | None = None,
         if entry.get("rows") is not None and n_rows is not None:
             with bad_request(what):
                 entry["rows"] = check_rows(entry["rows"])  # a JSON [start, end] list as the (start, end) pair
-        spec = parse_object(SteeringSpec, entry, what, exclude=("condition",) if n_rows is not None else ("condition", "rows"))
-        if spec.rows is not None and spec.rows[1] > n_rows:
-            raise RequestError(f"{what}: rows must lie within the request's {n_rows} prompts; got {list(spec.rows)}")
-        specs.append(spec)
+        specs.append(parse_object(SteeringSpec, entry, what,
+                                  exclude=("condition",) if n_rows is not None else ("condition", "rows")))
+    if n_rows is not None:
+        with bad_request():
+            check_steering_request(specs, n_rows)
     return specs
 
 

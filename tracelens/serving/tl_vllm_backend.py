@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tracelens.errors import BackendError, InputTypeError, ShapeError, StateError
-from tracelens.model.edits import as_vector
+from tracelens.errors import BackendError, StateError
 from tracelens.model.prompts import encode
+from tracelens.model.requests import check_steering_request, check_width
 from tracelens.model.sites import resolve_layer
 from tracelens.serving.backends import CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec
-from tracelens.serving.vllm_backend import VLLMBackend, _check_prompts
+from tracelens.serving.prompting import covering
+from tracelens.serving.vllm_backend import VLLMBackend
 
 INSTALL_HINT = "pip install 'transformer-lens[vllm]>=4.3,<4.4' (vLLM 0.20.x, Linux, CUDA)"
 
@@ -89,19 +90,22 @@ def steering_edits(steering: Sequence[SteeringSpec], n_layers: int, d_model: int
     `coefficient * vector` over the specs at that site (float32, sent as a list of floats)."""
     sums: dict[str, Tensor] = {}
     for spec in steering:
-        check_steerable(spec)
-        v = as_vector(spec.vector, "steering vector")
-        if v.shape[0] != d_model:
-            raise ShapeError(f"steering vector has {v.shape[0]} elements but the model's d_model is {d_model}")
-        name = site(spec.layer, spec.component, n_layers)
-        sums[name] = sums.get(name, torch.zeros(d_model)) + spec.coefficient * v
+        name = steering_site(spec, n_layers, d_model)
+        sums[name] = sums.get(name, torch.zeros(d_model)) + spec.coefficient * spec.vector
     return {name: {"op": "add", "value": total.tolist()} for name, total in sums.items()}
+
+
+def steering_site(spec: SteeringSpec, n_layers: int, d_model: int) -> str:
+    """The driver's hook name for `spec`, after the model facts: a spec the driver can steer (`check_steerable`),
+    at a site it serves inside the model, with a vector of the model's width (`check_width`)."""
+    check_steerable(spec)
+    name = site(spec.layer, spec.component, n_layers)
+    check_width(spec.vector, d_model, name)
+    return name
 
 
 def check_steerable(spec: SteeringSpec) -> None:
     """BackendError for what the driver cannot do: response-only positions, conditional steering."""
-    if not isinstance(spec, SteeringSpec):
-        raise InputTypeError(f"steering must be a list of SteeringSpec; got {type(spec).__name__}")
     if spec.condition is not None:
         raise BackendError("TransformerLens' vLLM driver cannot steer conditionally (CAST needs a Python hook that "
                            "reads each row's activation; the driver takes declarative edits only); use LocalBackend")
@@ -115,16 +119,12 @@ def check_steerable(spec: SteeringSpec) -> None:
 def steering_groups(steering: Sequence[SteeringSpec] | None, n_prompts: int, n_layers: int,
                     d_model: int) -> list[tuple[list[int], Edits]]:
     """Prompts grouped by the steering that applies to them (`rows=None`: all prompts), each group with its
-    edits, in order of first prompt; every prompt is in exactly one group. Checks every spec first."""
-    steering = list(steering or ())
-    for spec in steering:
-        check_steerable(spec)
-        if spec.rows is not None and spec.rows[1] > n_prompts:
-            raise ShapeError(f"SteeringSpec rows must lie within the {n_prompts} prompts; got {spec.rows}")
+    edits, in order of first prompt; every prompt is in exactly one group. Checks every spec first
+    (`check_steering_request`, with the driver's model facts: `steering_site`)."""
+    steering = check_steering_request(steering, n_prompts, lambda spec: steering_site(spec, n_layers, d_model))
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in range(n_prompts):
-        active = tuple(k for k, s in enumerate(steering) if s.rows is None or s.rows[0] <= i < s.rows[1])
-        groups.setdefault(active, []).append(i)
+        groups.setdefault(tuple(covering(steering, i, i + 1)), []).append(i)
     return [(rows, steering_edits([steering[k] for k in key], n_layers, d_model)) for key, rows in groups.items()]
 
 
@@ -217,8 +217,9 @@ class TLVLLMBackend(VLLMBackend):
         """Like `LocalBackend.generate_with_capture`: responses, then activations at every prompt and response
         position from one forward per prompt over prompt + response under the same steering."""
         sites = capture_sites(capture or CaptureSpec(), self.n_layers)
-        groups = steering_groups(steering, len(_check_prompts(prompts)), self.n_layers, self.hidden_dim)
-        results = self.generate_results(prompts, config, steering, system_prompts)
+        texts = self._texts(prompts, system_prompts, False)
+        groups = steering_groups(steering, len(texts), self.n_layers, self.hidden_dim)
+        results = self._generate_groups(texts, config or GenerationConfig(), groups)
         names = tuple(dict.fromkeys(name for _, _, name in sites))
         try:
             for rows, edits in groups:
@@ -233,13 +234,16 @@ class TLVLLMBackend(VLLMBackend):
             self._set_edits({})  # the driver leaves a forward's edits in the engine
         return results
 
-    def _check_steering(self, steering) -> None:
-        """Steering is checked by `_run` against the prompt count (`steering_groups`), before any engine call."""
-
     def _run(self, texts: list[str], config: GenerationConfig, steering=None) -> list[CaptureResult]:
+        """Results for formatted `texts`, in order, each group of prompts that shares a steering set
+        (`steering_groups`, which checks the steering first) as its own engine call."""
         if not texts:
             return []
-        groups = steering_groups(steering, len(texts), self.n_layers, self.hidden_dim)
+        return self._generate_groups(texts, config, steering_groups(steering, len(texts), self.n_layers,
+                                                                    self.hidden_dim))
+
+    def _generate_groups(self, texts: list[str], config: GenerationConfig,
+                         groups: list[tuple[list[int], Edits]]) -> list[CaptureResult]:
         ids = [encode(self.tokenizer, t) for t in texts]
         completions: list = [None] * len(texts)
         for rows, edits in groups:

@@ -21,14 +21,15 @@ already starts with BOS is never given a second one and the stored `prompt_token
 from __future__ import annotations
 
 import gc
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tracelens.serving.backends import CaptureResult, GenerationConfig
-from tracelens.errors import BackendError, ConfigError, InputTypeError, ShapeError, StateError
-from tracelens.model.prompts import encode, format_prompt, token_strings
+from tracelens.errors import BackendError, StateError
+from tracelens.io import read_json
+from tracelens.model.prompts import encode, token_strings
+from tracelens.serving.prompting import PromptSide
 
 INSTALL_HINT = "pip install 'tracelens[vllm]'"
 _QUANT_METHODS = ("awq", "gptq")
@@ -51,9 +52,8 @@ def detect_quantization(model_id: str) -> str | None:
     config = os.path.join(str(model_id), "config.json")
     if os.path.isfile(config):
         try:
-            with open(config) as f:
-                method = (json.load(f).get("quantization_config") or {}).get("quant_method")
-        except (OSError, ValueError, AttributeError):
+            method = (read_json(config, hint="").get("quantization_config") or {}).get("quant_method")
+        except (OSError, ValueError, AttributeError):  # an unreadable config: the name decides
             method = None
         if isinstance(method, str) and method.lower() in _QUANT_METHODS:
             return method.lower()
@@ -64,7 +64,7 @@ def detect_quantization(model_id: str) -> str | None:
     return None
 
 
-class VLLMBackend:
+class VLLMBackend(PromptSide):
     """Bulk generation on a vLLM engine.
 
     `engine_kwargs` (`tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`, `dtype`, ...)
@@ -126,17 +126,6 @@ class VLLMBackend:
     def hidden_dim(self) -> int:
         raise _cannot(self, "report the model's hidden size")
 
-    def format(self, prompt: str, system_prompt: str | None = None) -> str:
-        return format_prompt(self.tokenizer, prompt, system_prompt, self.use_chat_template)
-
-    def prompt_token_ids(self, prompts: Sequence[str],
-                         system_prompts: Sequence[str | None] | None = None) -> list[list[int]]:
-        """The token ids vLLM is sent for each prompt (formatted as `generate_results` formats it)."""
-        return [encode(self.tokenizer, t) for t in self._texts(prompts, system_prompts, False)]
-
-    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
-        return [self.tokenizer.decode([int(i)]) for i in token_ids]
-
     # --- generation ---------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None, steering=None,
@@ -151,13 +140,7 @@ class VLLMBackend:
                          formatted: bool = False) -> list[CaptureResult]:
         """Like `LocalBackend.generate_results`: raw prompts formatted with the chat template (and
         `system_prompts`, one per prompt), results with prompt/response text and token ids, no activations."""
-        self._check_steering(steering)
         return self._run(self._texts(prompts, system_prompts, formatted), config or GenerationConfig(), steering)
-
-    def _check_steering(self, steering) -> None:
-        """Refuse steering before any engine work (plain vLLM has no hooks; a subclass may allow it)."""
-        if steering:
-            raise _cannot(self, "steer")
 
     def generate_with_capture(self, prompts, config=None, capture=None, steering=None, system_prompts=None):
         raise _cannot(self, "capture activations")
@@ -167,17 +150,6 @@ class VLLMBackend:
 
     def response_logprobs(self, prompt_ids, response_ids, steering=None, *, kl=False):
         raise _cannot(self, "score given responses by teacher forcing")
-
-    def _texts(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None, formatted: bool) -> list[str]:
-        prompts = _check_prompts(prompts)
-        if system_prompts is not None and len(system_prompts) != len(prompts):
-            raise ShapeError(f"got {len(prompts)} prompts but {len(system_prompts)} system prompts")
-        if formatted:
-            if system_prompts is not None:
-                raise ConfigError("formatted prompts are used as given: put the system prompt in the text; "
-                                  "got system_prompts with formatted=True")
-            return list(prompts)
-        return [self.format(p, s) for p, s in zip(prompts, system_prompts or [None] * len(prompts))]
 
     def sampling_params(self, config: GenerationConfig):
         """The `SamplingParams` for `config` (its seed, else the backend's)."""
@@ -194,8 +166,10 @@ class VLLMBackend:
         return kwargs
 
     def _run(self, texts: list[str], config: GenerationConfig, steering=None) -> list[CaptureResult]:
-        """Results for formatted `texts`, in order (`steering`: refused here; a subclass may apply it)."""
-        self._check_steering(steering)
+        """Results for formatted `texts`, in order (`steering`: refused here, before any engine work, as plain vLLM
+        has no hooks; a subclass may apply it)."""
+        if steering:
+            raise _cannot(self, "steer")
         if not texts:
             return []
         ids = [encode(self.tokenizer, t) for t in texts]
@@ -271,12 +245,6 @@ def _cannot(backend: VLLMBackend, what: str) -> BackendError:
                         "use LocalBackend or a RemoteBackend on `tracelens server`"
                         + (", or TLVLLMBackend (tracelens.serving.tl_vllm_backend) for steering and capture"
                            if type(backend) is VLLMBackend else ""))
-
-
-def _check_prompts(prompts: Sequence[str]) -> Sequence[str]:
-    if isinstance(prompts, str):
-        raise InputTypeError("prompts must be a list of strings, not one string")
-    return prompts
 
 
 def _in_input_order(outputs: list, prompt_ids: list[list[int]]) -> list:
