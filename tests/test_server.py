@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -276,24 +277,10 @@ def batch_sizes(tiny):
     counter.handle.remove()
 
 
-def _in_parallel(calls):
-    """Run the callables on one thread each; their results in order (an exception is re-raised)."""
-    out, errors = [None] * len(calls), []
-
-    def run(i):
-        try:
-            out[i] = calls[i]()
-        except Exception as err:  # re-raised below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+def _in_parallel(calls) -> list:
+    """Run the callables on one thread each, all at once; their results in order (an exception is re-raised)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
 
 
 def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
@@ -562,7 +549,7 @@ REQUEST_TYPE_ERRORS = [
     ({"prompts": ["hi"] * 257}, "prompts must be a list of 1 to 256 strings; got a list of 257"),
     ({"steering": [{"layer": "0", "vector": _V}]}, "steering[0]: layer must be an integer; got str '0'"),
     ({"steering": [{"layer": -3, "vector": _V}]}, "steering[0]: layer -3 is out of range for a model with 2 layers"),
-    ({"steering": [{"layer": 0, "vector": _V, "rows": [0, 2]}]}, "steering[0]: rows must lie within the request's 1 prompts; got [0, 2]"),
+    ({"steering": [{"layer": 0, "vector": _V, "rows": [0, 2]}]}, "steering[0]: rows must lie within the 1 prompts; got (0, 2)"),
     ({"steering": [{"layer": 0, "vector": _V, "rows": [1, 0]}]}, "steering[0]: rows must be (start, end) integers"),
     ({"steering": [{"layer": 0, "vector": _V, "coefficient": "big"}]}, "steering[0]: coefficient must be a number"),
     ({"steering": [{"layer": 0, "vector": _V, "positions": "prompt"}]},

@@ -109,7 +109,7 @@ def repair_jsonl(path: Path) -> Path | None:
     return None
 
 
-def read_text(path: Path, error: type[Exception] = DataError) -> str:
+def read_text(path: str | Path, error: type[Exception] = DataError) -> str:
     """The file's text decoded as UTF-8; `error` naming the file when it is not UTF-8."""
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -125,7 +125,7 @@ def _malformed(where: str, err: json.JSONDecodeError, error: type[Exception], hi
     return error(f"{where}: malformed JSON ({err.msg} at column {err.colno}){hint}")
 
 
-def read_json(path: Path, error: type[Exception] = DataError, hint: str = FORCE_HINT) -> Any:
+def read_json(path: str | Path, error: type[Exception] = DataError, hint: str = FORCE_HINT) -> Any:
     """The JSON value in the file at `path`. Malformed JSON raises `error` naming the file, line and column, then
     `hint` (for files a user writes, pass `hint=""`)."""
     try:
@@ -134,7 +134,7 @@ def read_json(path: Path, error: type[Exception] = DataError, hint: str = FORCE_
         raise _malformed(f"{path}, line {err.lineno}", err, error, hint) from None
 
 
-def read_json_lines(path: Path, error: type[Exception] = DataError, hint: str = FORCE_HINT,
+def read_json_lines(path: str | Path, error: type[Exception] = DataError, hint: str = FORCE_HINT,
                     torn_tail: bool = False) -> list[tuple[str, Any]]:
     """`(where, value)` for each non-blank line of the JSONL file at `path`, `where` being "{path}, line {n}" for
     the caller's own errors. A malformed line raises `error` naming it (then `hint`), except the last line when
@@ -153,7 +153,7 @@ def read_json_lines(path: Path, error: type[Exception] = DataError, hint: str = 
     return rows
 
 
-def read_jsonl(path: Path) -> list[Any]:
+def read_jsonl(path: str | Path) -> list[Any]:
     """The values of a JSONL artifact, one per line: [] when there is no file; a torn last line (from a killed
     writer) is dropped, any other bad line raises DataError."""
     return [value for _, value in read_json_lines(path, torn_tail=True)] if Path(path).is_file() else []
@@ -188,6 +188,13 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path} is corrupt or not a safetensors file: {err}") from err
+
+
+def existing_dir(path: str | Path, what: str) -> Path:
+    """`path` as a Path when it is an existing directory; MissingArtifactError naming `what` otherwise."""
+    if not Path(path).is_dir():
+        raise MissingArtifactError(f"{what} must be an existing directory; got {str(path)!r}")
+    return Path(path)
 
 
 SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from common import reexec_with_malloc_settings  # noqa: E402
 
@@ -47,22 +47,9 @@ def _backend(name: str) -> LocalBackend:
 
 
 def _parallel(calls) -> list:
-    out, errors = [None] * len(calls), []
-
-    def run(i):
-        try:
-            out[i] = calls[i]()
-        except Exception as err:  # re-raised below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    """Run the callables on one thread each, all at once; their results in order (an exception is re-raised)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
 
 
 def main() -> None:

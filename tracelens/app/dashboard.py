@@ -30,8 +30,6 @@ login prompt: any user name, the token as password) or ``Authorization: Bearer <
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,7 +45,9 @@ from tracelens.app.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,
+    http_url,
     loopback_host_headers,
+    serve_until_interrupted,
     threading_server,
     token_ok,
 )
@@ -372,25 +372,10 @@ def serve(experiment: str | Experiment, host: str = "127.0.0.1", port: int = 800
           root: str | Path | None = None, allow_remote: bool = False, token: str | None = None) -> None:
     """Serve the dashboard of ``experiment`` until interrupted (Ctrl-C). See ``make_server`` for the arguments."""
     server = make_server(experiment, host, port, root=root, allow_remote=allow_remote, token=token)
-    h, p = server.server_address[:2]
     login = "; log in with any user name and the token as password" if token is not None else ""
-    print(f"tracelens dashboard for {server.RequestHandlerClass.data.exp.name!r}: "
-          f"http://{'[' + h + ']' if ':' in h else h}:{p}/  (Ctrl-C to stop{login})", file=sys.stderr)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def main_dashboard(args) -> int:
-    """CLI glue: ``args`` has ``experiment`` and optionally ``port``, ``host``, ``allow_remote``, ``token`` (else
-    ``$TRACELENS_DASHBOARD_TOKEN``). Returns 0 after Ctrl-C."""
-    serve(args.experiment, host=getattr(args, "host", None) or "127.0.0.1", port=getattr(args, "port", None) or 8000,
-          allow_remote=bool(getattr(args, "allow_remote", False)),
-          token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None)
-    return 0
+    serve_until_interrupted(server.serve_forever, server.server_close,
+                            f"tracelens dashboard for {server.RequestHandlerClass.data.exp.name!r}: "
+                            f"{http_url(*server.server_address[:2])}/{login}")
 
 
 def serve_in_thread(experiment: str | Experiment, **kwargs) -> tuple[ThreadingHTTPServer, threading.Thread]:

@@ -1,6 +1,6 @@
 """What the dashboard and the model server share: a threaded HTTP server on a local address, the
-Host-header check that keeps a loopback server from answering pages on other sites (DNS rebinding), and
-the shared-secret token a server reachable from the network requires."""
+Host-header check that keeps a loopback server from answering pages on other sites (DNS rebinding),
+the shared-secret token a server reachable from the network requires, and the serve-until-Ctrl-C loop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import base64
 import binascii
 import hmac
 import socket
+import sys
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 
 from tracelens.errors import ConfigError
@@ -21,6 +23,22 @@ def threading_server(host: str, port: int, handler_cls) -> ThreadingHTTPServer:
     if ":" in host:
         server_cls.address_family = socket.AF_INET6
     return server_cls((host, port), handler_cls)
+
+
+def http_url(host: str, port: int) -> str:
+    """``http://host:port`` (an IPv6 host in brackets)."""
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def serve_until_interrupted(serve_forever: Callable[[], None], close: Callable[[], None], banner: str) -> None:
+    """Print `banner` to stderr, run `serve_forever` until Ctrl-C, then `close` (also after an error)."""
+    print(f"{banner}  (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close()
 
 
 def loopback_host_headers(port: int) -> frozenset[str]:

@@ -85,7 +85,6 @@ import os
 import queue
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,7 +98,8 @@ import torch
 
 from tracelens.errors import ConfigError, GenerationCancelled, RequestError
 from tracelens.model.generation import HookedGenerator, check_capture
-from tracelens.model.requests import CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec, TokenOutput
+from tracelens.model.requests import (CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec, TokenOutput,
+                                      check_every_position)
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.selection import select_vector
 from tracelens.serving.backends import LocalBackend
@@ -108,11 +108,14 @@ from tracelens.app.local_http import (
     LOCAL_HOSTS,
     check_token,
     host_header_ok,
+    http_url,
     loopback_host_headers,
+    serve_until_interrupted,
     threading_server,
     token_ok,
 )
 from tracelens.serving.openai_api import OpenAIAPI, OpenAIRequest, openai_error, sse_error
+from tracelens.serving.prompting import placed
 from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.parsing import (
     bad_request,
@@ -342,10 +345,7 @@ class _Batcher:
         try:
             texts, steering = [], []
             for job in jobs:
-                rows = (len(texts), len(texts) + len(job.texts))
-                steering += [replace(spec, rows=rows if spec.rows is None else (rows[0] + spec.rows[0],
-                                                                                rows[0] + spec.rows[1]))
-                             for spec in job.steering or ()]
+                steering += placed(job.steering, len(texts), len(job.texts))
                 texts += job.texts
             asked = [j.top_logprobs for j in jobs if j.top_logprobs is not None]
             kwargs = {"steering": steering or None, "formatted": True, "top_logprobs": max(asked) if asked else None,
@@ -583,7 +583,7 @@ class ModelServer:
 
     @property
     def url(self) -> str:
-        return f"http://{'[' + self.host + ']' if ':' in self.host else self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     # --- lifecycle ---
 
@@ -776,8 +776,8 @@ class ModelServer:
             if n_ctx is not None and len(p) + len(r) > n_ctx:
                 raise RequestError(f"row {i} must fit the model's context of {n_ctx} tokens; got {len(p) + len(r)}")
         steering = self._steering(body.get("steering"))
-        if any(s.positions != "all" for s in steering or ()):
-            raise RequestError("steering positions must be 'all' for response_logprobs (it covers every position)")
+        with bad_request():  # the backend's own rule, as a 400 here
+            check_every_position(steering)
         kl = body.get("kl", False)
         if not isinstance(kl, bool):
             raise RequestError(f"kl must be true or false; got {kl!r}")
@@ -817,23 +817,4 @@ def serve(experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, to
         raise ConfigError(f"host {host!r} needs a token (--token or ${TOKEN_ENV})")
     backend = LocalBackend.from_experiment(experiment, variant, use_chat_template=use_chat_template)
     server = ModelServer(backend, experiment, host, port, token, variant=backend.variant, **settings)
-    print(f"tracelens model server for {experiment!r}: {server.url}  (Ctrl-C to stop)", file=sys.stderr)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-
-
-def main_server(args) -> int:
-    """CLI glue for ``tracelens server --experiment E [--port 8765] [--host H] [--token T] [--variant V]``.
-    The token falls back to ``$TRACELENS_SERVER_TOKEN``. Returns 0 after Ctrl-C."""
-    serve(args.experiment, host=getattr(args, "host", None) or "127.0.0.1",
-          port=getattr(args, "port", None) or DEFAULT_PORT,
-          token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None,
-          variant=getattr(args, "variant", None),
-          **{k: getattr(args, k) for k in ("max_new_tokens_limit", "max_prompts", "request_timeout", "io_timeout",
-                                           "stream_buffer", "batch_window_ms", "max_batch_size", "max_queue")
-             if getattr(args, k, None) is not None})
-    return 0
+    serve_until_interrupted(server.serve_forever, server.close, f"tracelens model server for {experiment!r}: {server.url}")

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from tracelens.errors import ConfigError, MissingArtifactError, PromptSetError
-from tracelens.io import check_name, json_object, read_json
+from tracelens.io import check_name, existing_dir, json_object, read_json
 
 
 _TOP_KEYS = ("name", "description", "prompts", "system_prompt")
@@ -122,12 +122,7 @@ def load_prompt_set(name_or_path: str | Path, root: str | Path | None = None) ->
 
 
 def _resolve_root(root: str | Path | None) -> Path:
-    if root is None:
-        return default_prompt_sets_root()
-    path = Path(root)
-    if not path.is_dir():
-        raise MissingArtifactError(f"prompt set root must be an existing directory; got {str(root)!r}")
-    return path
+    return default_prompt_sets_root() if root is None else existing_dir(root, "prompt set root")
 
 
 def _is_name(stem: str) -> bool:

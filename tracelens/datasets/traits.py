@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from tracelens.errors import MissingArtifactError, TraitDataError
-from tracelens.io import check_name, json_object, read_json, read_json_lines, read_text
+from tracelens.io import check_name, existing_dir, json_object, read_json, read_json_lines, read_text
 
 
 POLARITIES = ("positive", "negative")
@@ -212,12 +212,7 @@ def load_trait(trait: str, root: str | Path | None = None) -> TraitDataset:
 
 
 def _resolve_root(root: str | Path | None) -> Path:
-    if root is None:
-        return default_traits_root()
-    path = Path(root)
-    if not path.is_dir():
-        raise MissingArtifactError(f"trait root must be an existing directory; got {str(root)!r}")
-    return path
+    return default_traits_root() if root is None else existing_dir(root, "trait root")
 
 
 def _scenario_file(folder: Path, polarity: str) -> Path:
