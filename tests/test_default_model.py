@@ -58,7 +58,7 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
     from tracelens.pipeline.selection import select_vector
     from tracelens.judges.offline import offline_judge
-    from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+    from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 
     exp = Experiment.named("e2e", tmp_path)
     exp.write_config({"instruct": {"model": "default"}}, {"extraction": "instruct"}, use_chat_template=True)
@@ -68,11 +68,11 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     report = run_extraction(exp, [trait], config, backend=backend)[trait]
     assert {r.layer for r in report.results} == {12, 15} and report.splits == {"train": 6, "select": 2, "test": 2}
     judge = offline_judge(trait)
-    validity = judge_validity(judge, exp, trait, "instruct")
-    assert validity["n_pairs"] == 2 and 0.0 <= validity["auroc"]["value"] <= 1.0
     results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], search_steps=1, n_search=2,
                                                                       n_report=2, max_new_tokens=12, n_neutral=2),
-                                backend=backend, judge_info={"validity": validity})
+                                backend=backend)
+    validity = results.header.eval["validity"]  # the stage measures its judge on the extraction's test split
+    assert validity["n_pairs"] == 2 and 0.0 <= validity["auroc"]["value"] <= 1.0
     assert results.baseline.n == 2 and len(results.runs) == 1 and results.header.eval["validity"] == validity
     assert set(results.runs[0].judge_free) == set(results.runs[0].control) == {"trait_effect", "nll_cost", "kl"}
     chosen = select_vector(exp, trait)

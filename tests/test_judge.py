@@ -549,27 +549,30 @@ def test_the_guard_sets_coherence_to_zero_in_the_embedding_judges_batch_scores(f
 
 
 def test_the_cli_builds_an_openai_judge_for_a_loopback_url_and_the_guard_applies(server, monkeypatch, tmp_path):
-    """`tracelens steer --judge openai --judge-url http://127.0.0.1:PORT/v1`: the judge the CLI hands to the
-    steering evaluation talks to the local server, without an API key, and its scores go through the guard."""
-    handed = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_judge_validity(*args, **kwargs):  # the first place the CLI hands its judge to
-        handed.extend(a for a in (*args, *kwargs.values()) if isinstance(a, Judge))
-        raise Stop
-
+    """`tracelens steer --judge openai --judge-url http://127.0.0.1:PORT/v1`, run for real on a tiny model: the
+    judge the CLI hands to the steering evaluation talks to the local server, without an API key, the results
+    name it, and its scores go through the guard."""
     from tracelens.store import Experiment
+    from tracelens.testing import tiny_model
 
+    t = tiny_model("llama", n_layers=2)
+    t.reference.save_pretrained(tmp_path / "model")
+    t.tokenizer.save_pretrained(tmp_path / "model")
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(tmp_path))
-    Experiment.named("exp").write_config({"base": {"model": "tiny"}})
-    monkeypatch.setattr(tracelens.pipeline.steering_eval, "judge_validity", fake_judge_validity)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(Stop):
-        tracelens.cli.main(["--debug", "steer", "--experiment", "exp", "--traits", "starter/optimism", "--judge", "openai",
-                            "--judge-url", server.url, "--judge-model", "local-judge"])
-    (cli_judge,) = handed
+    exp = Experiment.named("exp")
+    exp.write_config({"base": {"model": str(tmp_path / "model")}})
+    trait = "starter/optimism"
+    tracelens.cli.main(["extract", "--experiment", "exp", "--traits", trait, "--methods", "probe",
+                        "--max-new-tokens", "2"])
+    tracelens.cli.main(["steer", "--experiment", "exp", "--traits", trait, "--judge", "openai", "--judge-url",
+                        server.url, "--judge-model", "local-judge", "--layers", "1", "--coefficients", "1",
+                        "--n-search", "1", "--n-report", "1", "--n-neutral", "1", "--max-new-tokens", "2",
+                        "--min-coherence", "0"])
+    results = exp.steering_results(trait, "base", "response[:]")
+    assert results.header.eval["model"] == "local-judge" and results.header.eval["validity"]["n_pairs"] >= 2
+    assert results.report is not None and server.count("trait") > 0
+    cli_judge = tracelens.cli._judge("openai", trait, server.url, "local-judge")
     assert isinstance(cli_judge, OpenAIJudge) and cli_judge.url == server.url + "/chat/completions"
 
     server.stages["coherence"] = [("90", 1.0)]  # the judge calls every answer fluent

@@ -15,7 +15,7 @@ from tracelens.serving.backends import LocalBackend
 from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.io import read_json, read_jsonl, write_json
-from tracelens.pipeline.report import render_report, write_report
+from tracelens.pipeline.report import fmt_ci, render_report, write_report
 from tracelens.provenance import git_commit
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 
@@ -124,8 +124,10 @@ def test_steering_runs_report_line_and_control_carry_the_stored_numbers(built):
         got, want = _ci(table[cond][3]), report["trait_delta"][cond]
         assert got == pytest.approx(want, abs=0.05)
         assert _ci(table[cond][1]) == pytest.approx(report["trait"][cond], abs=0.05)
-    assert f"re-judged by `fixed` (validity: not measured) on {report['n_questions']} report questions" in md
-    assert "- Judge: `fixed` (judge); validity: not measured" in md
+    validity = next(l for l in lines if l["type"] == "header")["eval"]["validity"]  # measured by the stage
+    measured = f"AUROC {fmt_ci(validity['auroc'])} on {validity['n_pairs']} pairs ({validity['data']})"
+    assert f"re-judged by `fixed` (validity: {measured}) on {report['n_questions']} report questions" in md
+    assert f"- Judge: `fixed` (judge); validity: {measured}" in md
     for ex in report["examples"]:
         assert f"- Q: {ex['question']}" in md
 
@@ -178,7 +180,7 @@ def test_report_follows_edited_artifacts_and_derives_its_caveats(built, tmp_path
         "overlaps the random control's (": steered["lo"] <= control["hi"] and control["lo"] <= steered["hi"],
         "`random_baseline` is above chance": any(r["above_chance"] for r in ev["results"]
                                                  if r["method"] == "random_baseline"),
-        "The judge's validity was not measured": True,
+        "The judge's validity was not measured": False,  # the steering stage measures it
     }
     assert {c: c in original for c in expected} == expected
 

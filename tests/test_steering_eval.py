@@ -80,8 +80,8 @@ def test_a_steering_run_reads_the_experiment_config_once(extracted, monkeypatch)
 
 def test_interrupted_search_resumes_without_duplicates_and_reruns_add_nothing(extracted, tmp_path):
     exp, backend = extracted
-    with pytest.raises(KeyboardInterrupt):  # baseline + 1 step, then dies during step 2
-        run_steering_eval(exp, TRAIT, FixedJudge(fail_after=2), CONFIG, backend=backend)
+    with pytest.raises(KeyboardInterrupt):  # validity (2 calls), baseline, one run, then dies at the next
+        run_steering_eval(exp, TRAIT, FixedJudge(fail_after=4), CONFIG, backend=backend)
     assert len(_runs(exp)) == 1
     run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
     first = _runs(exp)

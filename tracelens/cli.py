@@ -77,22 +77,18 @@ def steer(*, experiment: str, traits: str, variant: str | None, layers: str, met
           judge: str,
           judge_url: str, judge_model: str) -> None:
     from tracelens.metrics import Estimate
-    from tracelens.store import get_model_variant
-    from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+    from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 
     config = SteeringEvalConfig(
         layers=layers, method=method, position=position, component=component,
         coefficients=_floats(coefficients) if coefficients else None, search_steps=search_steps,
         n_search=n_search, n_report=n_report, max_new_tokens=max_new_tokens, direction=direction, n_neutral=n_neutral,
         search_coherence=search_coherence, min_coherence=min_coherence)
-    variant_name = get_model_variant(experiment, variant, mode="extraction").name
     for trait in _csv(traits):
         trait_judge = _judge(judge, trait, judge_url, judge_model)
-        validity = judge_validity(trait_judge, experiment, trait, variant_name, position, component)
+        results = run_steering_eval(experiment, trait, trait_judge, config, variant=variant)
         print(f"{trait}: judge {trait_judge.name}: validity on the unseen test-split answers AUROC "
-              f"{Estimate.from_dict(validity['auroc']):.3f}")
-        results = run_steering_eval(experiment, trait, trait_judge, config, variant=variant,
-                                    judge_info={"validity": validity})
+              f"{Estimate.from_dict(results.header.eval['validity']['auroc']):.3f}")
         base = results.baseline
         print(f"{trait}: baseline (search questions) trait {base.trait_mean} coherence {base.coherence_mean}")
         for run in results.runs:

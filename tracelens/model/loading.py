@@ -136,6 +136,34 @@ def load_model(
     device = None if device == "auto" else device
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None; got {attn_implementation!r}")
+    hf_model, tokenizer = _hf_model(source, tokenizer, dtype, device, device_map, max_memory)
+    if lora is not None:
+        hf_model = merge_lora(hf_model, lora)
+    if device_map is None:
+        device = torch.device(device) if device is not None else _default_device()
+        hf_model = hf_model.to(device)
+    else:  # accelerate placed the layers; the bridge's device is where the embeddings are
+        device = next(hf_model.get_input_embeddings().parameters()).device
+    hf_model = hf_model.eval()
+    sdpa = _wants_sdpa(attn_implementation, hf_model)
+    label = name or getattr(hf_model.config, "name_or_path", None) or type(hf_model).__name__
+    bridge = TransformerBridge.boot_transformers(
+        f"{label}#{next(_names)}",
+        hf_model=hf_model,
+        tokenizer=_prepare_tokenizer(tokenizer, label),
+        device=device,
+        dtype=next(hf_model.parameters()).dtype,
+    )
+    if sdpa:  # TransformerLens forced the HF model to eager while building the bridge
+        _use_sdpa(bridge)
+    bridge.__class__ = TracelensBridge  # TL's builder constructs TransformerBridge itself; the subclass adds no state
+    return bridge.eval()
+
+
+def _hf_model(source, tokenizer, dtype, device, device_map,
+              max_memory) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """`load_model`'s HF model (an in-memory one checked and cast; else read from its folder on CPU or by
+    `device_map`) and its tokenizer (the one given, else the folder's)."""
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ConfigError("load_model(model) with an in-memory model needs tokenizer=...")
@@ -158,27 +186,7 @@ def load_model(
         )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    if lora is not None:
-        hf_model = merge_lora(hf_model, lora)
-    if device_map is None:
-        device = torch.device(device) if device is not None else _default_device()
-        hf_model = hf_model.to(device)
-    else:  # accelerate placed the layers; the bridge's device is where the embeddings are
-        device = next(hf_model.get_input_embeddings().parameters()).device
-    hf_model = hf_model.eval()
-    sdpa = _wants_sdpa(attn_implementation, hf_model)
-    label = name or getattr(hf_model.config, "name_or_path", None) or type(hf_model).__name__
-    bridge = TransformerBridge.boot_transformers(
-        f"{label}#{next(_names)}",
-        hf_model=hf_model,
-        tokenizer=_prepare_tokenizer(tokenizer, label),
-        device=device,
-        dtype=next(hf_model.parameters()).dtype,
-    )
-    if sdpa:  # TransformerLens forced the HF model to eager while building the bridge
-        _use_sdpa(bridge)
-    bridge.__class__ = TracelensBridge  # TL's builder constructs TransformerBridge itself; the subclass adds no state
-    return bridge.eval()
+    return hf_model, tokenizer
 
 
 def sdpa_supported(hf_model: PreTrainedModel) -> bool:

@@ -19,7 +19,7 @@ from tracelens.judges.offline import offline_judge
 from tracelens.errors import ConfigError
 from tracelens.metrics import Estimate
 from tracelens.pipeline.report import fmt_ci, judge_free_comparison, reported_run, write_report
-from tracelens.pipeline.steering_eval import SteeringEvalConfig, judge_validity, run_steering_eval
+from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 from tracelens.types import Evaluation, SteeringResults
 
 DEMO_EXPERIMENT = "smollm2-demo"
@@ -107,8 +107,6 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, 
 
     log("[2/4] judge: offline embedding judge fitted on the trait's independent labelled corpus")
     judge = offline_judge(s.trait)
-    validity = judge_validity(judge, exp, s.trait, VARIANT)
-    log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 
     method, layers = steering_plan(evaluation, model.cfg.n_layers, s.steer_layers)
     log(f"[3/4] steer: coefficient search on the selected {method} vectors at layers {layers} (around layer "
@@ -119,7 +117,9 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, 
             "like the random control's")
     results = run_steering_eval(exp, s.trait, judge, SteeringEvalConfig(
         layers=layers, method=method, search_steps=s.search_steps, n_search=s.n_search,
-        max_new_tokens=s.steer_tokens, n_neutral=s.n_neutral), backend=backend, judge_info={"validity": validity})
+        max_new_tokens=s.steer_tokens, n_neutral=s.n_neutral), backend=backend)
+    validity = results.header.eval["validity"]
+    log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 
     log("[4/4] report")
     for line in steering_summary(results):

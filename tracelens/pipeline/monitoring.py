@@ -30,11 +30,11 @@ from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import parse_layers
 from tracelens.model.hooks import CaptureHook
 from tracelens.model.massive import MassiveDimCollector, MassiveDimStats, candidate_dims
-from tracelens.datasets.prompt_sets import load_prompt_set
+from tracelens.datasets.prompt_sets import PromptSet, load_prompt_set
 from tracelens.model.prompts import token_strings, tokenize_batch
 from tracelens.pipeline.selection import select_vector
 from tracelens.model.sites import get_hook_path
-from tracelens.types import ProjectionEntry, ProjectionRecord, ResponseRecord
+from tracelens.types import ModelVariant, ProjectionEntry, ProjectionRecord, ResponseRecord
 
 
 @dataclass
@@ -64,20 +64,7 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     exp = Experiment.of(experiment)
     mv = get_model_variant(exp, variant, mode="application")
     if response_backend is not None:
-        if config.one_pass:
-            raise ConfigError("one_pass monitoring records projections while generating; it needs the local model")
-        ps = load_prompt_set(prompt_set)
-        todo = [p for p in ps.prompts if not exp.has_response_record(mv.name, ps.name, p.id)]
-        if todo:
-            results = response_backend.generate_results(
-                [p.text for p in todo], GenerationConfig(max_new_tokens=config.max_new_tokens),
-                system_prompts=[ps.system_prompt] * len(todo))
-            for p, r in zip(todo, results):
-                record = _record(response_backend, p.text, ps.system_prompt, r.prompt_token_ids, r.response_token_ids,
-                                 r.response_text, mv.label)
-                exp.write_response_record(mv.name, ps.name, p.id, record)
-        if hasattr(response_backend, "shutdown"):
-            response_backend.shutdown()
+        _responses_from(response_backend, exp, mv, load_prompt_set(prompt_set), config)
     if backend is None:
         backend = LocalBackend.from_experiment(exp, mv.name)
     if steering and not config.one_pass:
@@ -114,23 +101,50 @@ def run_monitoring(experiment: str | Experiment, prompt_set: str, traits: Sequen
     finally:
         if calibrating:
             stats.finalize()
+    written["projections"] = _write_projections(exp, mv, ps.name, backend, records, targets, one_pass_acts)
+    return written
+
+
+def _responses_from(response_backend: Backend, exp: Experiment, mv: ModelVariant, ps: PromptSet,
+                    config: MonitorConfig) -> None:
+    """Write the prompt set's missing response records with `response_backend` (text only), then shut it down."""
+    if config.one_pass:
+        raise ConfigError("one_pass monitoring records projections while generating; it needs the local model")
+    todo = [p for p in ps.prompts if not exp.has_response_record(mv.name, ps.name, p.id)]
+    if todo:
+        results = response_backend.generate_results(
+            [p.text for p in todo], GenerationConfig(max_new_tokens=config.max_new_tokens),
+            system_prompts=[ps.system_prompt] * len(todo))
+        for p, r in zip(todo, results):
+            record = _record(response_backend, p.text, ps.system_prompt, r.prompt_token_ids, r.response_token_ids,
+                             r.response_text, mv.label)
+            exp.write_response_record(mv.name, ps.name, p.id, record)
+    if hasattr(response_backend, "shutdown"):
+        response_backend.shutdown()
+
+
+def _write_projections(exp: Experiment, mv: ModelVariant, prompt_set: str, backend: Backend,
+                       records: dict, targets: dict, one_pass_acts: dict) -> int:
+    """Each record's missing projections, from its one-pass activations or else a prefill of the record;
+    returns how many were written."""
     calibration = exp.massive_activations(mv.name)
-    for prompt_id, record in records.items():  # stage 2: projections
-        todo = [t for t in traits if not exp.has_projection(mv.name, t, ps.name, prompt_id)]
+    written = 0
+    for prompt_id, record in records.items():
+        todo = [t for t in targets if not exp.has_projection(mv.name, t, prompt_set, prompt_id)]
         if not todo:
             continue
         acts = one_pass_acts.get(prompt_id)
-        if acts is None:  # a prefill of the record
+        if acts is None:
             capture = _capture_spec([targets[t] for t in todo])
             by_layer = backend.forward_with_capture(torch.tensor([record.token_ids]), None, capture)
             acts = {(l, c): a[0] for l, comps in by_layer.items() for c, a in comps.items()}
         for trait in todo:
             rec = _project(record, targets[trait], acts)
-            rec.prompt_id, rec.prompt_set = prompt_id, ps.name
+            rec.prompt_id, rec.prompt_set = prompt_id, prompt_set
             if calibration is not None:
                 rec.massive_dim_data = _massive_dim_data(record, targets[trait], calibration, acts)
             exp.write_projection(mv.name, trait, rec)
-            written["projections"] += 1
+            written += 1
     return written
 
 

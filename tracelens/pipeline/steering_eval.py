@@ -39,10 +39,10 @@ from tracelens.pipeline.extraction import parse_layers
 from tracelens.judges.base import summarize_judge_scores
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.datasets.prompt_sets import load_prompt_set
-from tracelens.datasets.traits import load_trait
+from tracelens.datasets.traits import TraitDataset, load_trait
 from tracelens.serving.protocol import Backend
-from tracelens.types import (MIN_COHERENCE, NeutralReference, ProjectionConfig, SteeringHeader, SteeringResults,
-                             SteeringRunRecord, VectorSpec)
+from tracelens.types import (MIN_COHERENCE, ModelVariant, NeutralReference, ProjectionConfig, SteeringHeader,
+                             SteeringResults, SteeringRunRecord, VectorSpec)
 
 START_MULT, UP_MULT, DOWN_MULT = 0.7, 1.3, 0.85
 N_EXAMPLES = 3  # steered answers kept in the report line
@@ -194,115 +194,149 @@ def judge_validity(judge, experiment: str | Experiment, trait: str, variant: str
 # --- the evaluation --------------------------------------------------------------------------------
 
 
+@dataclass
+class _Setup:
+    """What one `run_steering_eval` call works with, resolved and checked before anything runs."""
+
+    exp: Experiment
+    trait: str
+    judge: object
+    config: SteeringEvalConfig
+    data: TraitDataset
+    search: list[str]  # search questions
+    report_qs: list[str]  # report questions
+    backend: Backend
+    variant: ModelVariant  # the variant steered
+    source_at: tuple[str, str, str, str]  # (trait, extraction variant, position, component) of the vectors
+    vectors: dict[int, torch.Tensor]  # layer -> unit vector
+    sign: float  # +1 toward the trait, -1 against it
+
+    @property
+    def results_at(self) -> tuple[str, str, str]:
+        return self.trait, self.variant.name, self.config.position
+
+    @property
+    def judge_name(self) -> str:
+        return getattr(self.judge, "name", type(self.judge).__name__)
+
+    def score(self, questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+        return _score(self.judge, self.trait, self.data.definition, questions, answers)
+
+
+def _setup(experiment: str | Experiment, trait: str, judge, config: SteeringEvalConfig, variant: str | None,
+           backend: Backend | None) -> _Setup:
+    exp = Experiment.of(experiment)
+    mv = get_model_variant(exp, variant, mode="application")
+    source = get_model_variant(exp, variant, mode="extraction")
+    data = load_trait(trait)
+    questions = data.steering.questions
+    search, report_qs = questions[: config.n_search], questions[config.n_search :][: config.n_report]
+    if not search or not report_qs:
+        raise ConfigError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
+                         f"{len(report_qs)} for the report; each side needs at least one")
+    backend = backend if backend is not None else LocalBackend.from_experiment(exp, mv.name)
+    source_at = (trait, source.name, config.position, config.component)
+    vectors = {l: exp.vector(*source_at, config.method, l) for l in parse_layers(config.layers, backend.n_layers)}
+    sign = 1.0 if (config.direction or data.steering.direction) == "positive" else -1.0
+    return _Setup(exp, trait, judge, config, data, search, report_qs, backend, mv, source_at, vectors, sign)
+
+
+def _open_results(s: _Setup, judge_info: dict | None) -> SteeringResults:
+    """The stored results of this setup; results of another setup (other vectors, judge or questions: not
+    comparable) are set aside under a new name first. A new results file's header gets the judge's validity,
+    measured here (so a finished re-run asks the judge nothing)."""
+    source = get_model_variant(s.exp, s.source_at[1], mode="extraction")
+    header = SteeringHeader(
+        trait=s.trait, direction="positive" if s.sign > 0 else "negative", steering_model=s.variant.label,
+        steering_experiment=s.exp.name,
+        vector_source={"model": source.label, "experiment": s.exp.name, "trait": s.trait, "method": s.config.method,
+                       "component": s.config.component,
+                       "input_hash": s.exp.vector_metadata(*s.source_at, s.config.method).input_hash},
+        eval={"model": s.judge_name, "method": "judge", **(judge_info or {})},
+        prompts_hash=s.data.input_hash, n_questions=len(s.search), n_report=len(s.report_qs),
+        max_new_tokens=s.config.max_new_tokens, n_neutral=s.config.n_neutral,
+    )
+    stored = s.exp.steering_results(*s.results_at)
+    if stored is not None and _same_setup(stored.header, header):
+        return stored
+    if stored is not None:
+        s.exp.set_aside_steering_results(*s.results_at)
+    header.eval["validity"] = judge_validity(s.judge, s.exp, *s.source_at)
+    s.exp.append_steering(*s.results_at, header)
+    return SteeringResults(header)
+
+
+def _search(s: _Setup, done: dict[tuple, SteeringRunRecord], reference) -> None:
+    """Each step judges every layer's current coefficient on the search questions (one backend call), adds a
+    run line per new (layer, coefficient), then moves each layer's coefficient up while its coherence holds
+    (explicit `coefficients`: those, in order, instead)."""
+    c = s.config
+    meta = s.exp.activation_metadata(*s.source_at)
+    coefs = {l: s.sign * START_MULT * meta.activation_norms[l] / float(v.norm()) for l, v in s.vectors.items()}
+    steps = len(c.coefficients) if c.coefficients is not None else c.search_steps
+    for step in range(steps):
+        todo = ([(l, s.sign * c.coefficients[step]) for l in s.vectors] if c.coefficients is not None
+                else list(coefs.items()))
+        specs = {l: ProjectionConfig([VectorSpec(l, c.component, c.position, c.method, round(k, 4))]) for l, k in todo}
+        missing = [(l, s.vectors[l], round(k, 4)) for l, k in todo if _spec_key(specs[l]) not in done]
+        for (l, v, k), answers in zip(missing, _generate(s.backend, s.search, missing, c) if missing else []):
+            run = SteeringRunRecord(
+                summarize_judge_scores(s.score(s.search, answers)), specs[l], eval_judge=s.judge_name,
+                timestamp=_now(),
+                judge_free=judge_free_metrics(s.backend, *reference(), SteeringSpec(
+                    layer=l, vector=v, coefficient=k, component=c.component)),
+                control=judge_free_metrics(s.backend, *reference(), SteeringSpec(
+                    layer=l, vector=random_control(v, l), coefficient=k, component=c.component)),
+            )
+            s.exp.append_steering(*s.results_at, run)
+            done[_key(run)] = run
+        for l, _ in todo:
+            coherence = done[_spec_key(specs[l])].result.coherence_mean
+            coefs[l] *= UP_MULT if coherence is not None and coherence >= c.search_coherence else DOWN_MULT
+
+
 def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: SteeringEvalConfig | None = None,
                       variant: str | None = None, backend: Backend | None = None,
                       judge_info: dict | None = None) -> SteeringResults:
     """Baseline + coefficient search on search questions, then the best valid run reported on report
     questions with a random control; returns everything in its `results.jsonl`.
 
-    `judge_info` (e.g. `{"validity": judge_validity(...)}`) is stored with the judge's name in the header.
+    The header records the judge's name and its validity (`judge_validity`, measured here on the extraction's
+    test split), plus `judge_info` (any further facts about the judge) when given.
     """
-    config = config or SteeringEvalConfig()
-    exp = Experiment.of(experiment)
-    mv = get_model_variant(exp, variant, mode="application")
-    source = get_model_variant(exp, variant, mode="extraction")
-    extraction_variant = source.name
-    data = load_trait(trait)
-    questions = data.steering.questions
-    search = questions[: config.n_search]
-    report_qs = questions[config.n_search :][: config.n_report]
-    if not search or not report_qs:
-        raise ConfigError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
-                         f"{len(report_qs)} for the report; each side needs at least one")
-    if backend is None:
-        backend = LocalBackend.from_experiment(exp, mv.name)
-    layers = parse_layers(config.layers, backend.n_layers)
-    source_at = (trait, extraction_variant, config.position, config.component)
-    meta = exp.activation_metadata(*source_at)
-    vectors = {l: exp.vector(*source_at, config.method, l) for l in layers}
-    direction = config.direction or data.steering.direction
-    sign = 1.0 if direction == "positive" else -1.0
-    results_at = (trait, mv.name, config.position)
-    judge_name = getattr(judge, "name", type(judge).__name__)
-    header = SteeringHeader(
-        trait=trait, direction=direction, steering_model=mv.label, steering_experiment=exp.name,
-        vector_source={"model": source.label, "experiment": exp.name, "trait": trait, "method": config.method,
-                       "component": config.component,
-                       "input_hash": exp.vector_metadata(*source_at, config.method).input_hash},
-        eval={"model": judge_name, "method": "judge", **(judge_info or {})}, prompts_hash=data.input_hash,
-        n_questions=len(search), n_report=len(report_qs), max_new_tokens=config.max_new_tokens,
-        n_neutral=config.n_neutral,
-    )
-    stored = exp.steering_results(*results_at)
-    if stored is not None and not _same_setup(stored.header, header):
-        # Other vectors, judge or questions: those runs are not comparable with new ones. Keep them aside
-        # under a new name (everything above has been checked, so the new run can start).
-        exp.set_aside_steering_results(*results_at)
-        stored = None
-    if stored is None:
-        exp.append_steering(*results_at, header)
-        stored = SteeringResults(header)
+    s = _setup(experiment, trait, judge, config or SteeringEvalConfig(), variant, backend)
+    stored = _open_results(s, judge_info)
 
     @functools.cache
     def reference() -> tuple[ReferenceTexts, _Scored]:
         """The judge-free reference, computed only when a baseline or run is missing."""
-        refs = reference_texts(exp, trait, extraction_variant, mv.name, mv.label, backend, config)
-        return refs, _score_texts(backend, refs)
+        refs = reference_texts(s.exp, trait, s.source_at[1], s.variant.name, s.variant.label, s.backend, s.config)
+        return refs, _score_texts(s.backend, refs)
 
     if stored.baseline is None:
-        [answers] = _generate(backend, search, [], config)
-        exp.append_steering(*results_at, {
-            "type": "baseline",
-            "result": summarize_judge_scores(_score(judge, trait, data.definition, search, answers)).to_dict(),
+        [answers] = _generate(s.backend, s.search, [], s.config)
+        s.exp.append_steering(*s.results_at, {
+            "type": "baseline", "result": summarize_judge_scores(s.score(s.search, answers)).to_dict(),
             "judge_free": {"llr": bootstrap_mean(reference()[1].llr).to_dict(),
                            "nll": bootstrap_mean(reference()[1].nll).to_dict()},
             "timestamp": _now()})
-
-    done = {_key(r): r for r in stored.runs}
-    if config.coefficients is not None:
-        schedule = [[(l, sign * c) for l in layers] for c in config.coefficients]
-    else:
-        schedule = None
-    coefs = {l: sign * START_MULT * meta.activation_norms[l] / float(vectors[l].norm()) for l in layers}
-    for step in range(len(schedule) if schedule is not None else config.search_steps):
-        todo = schedule[step] if schedule is not None else [(l, coefs[l]) for l in layers]
-        specs = {l: ProjectionConfig([VectorSpec(l, config.component, config.position, config.method, round(c, 4))])
-                 for l, c in todo}
-        missing = [(l, vectors[l], round(c, 4)) for l, c in todo if _spec_key(specs[l]) not in done]
-        if missing:
-            for (l, v, c), answers in zip(missing, _generate(backend, search, missing, config)):
-                run = SteeringRunRecord(
-                    summarize_judge_scores(_score(judge, trait, data.definition, search, answers)), specs[l],
-                    eval_judge=judge_name, timestamp=_now(),
-                    judge_free=judge_free_metrics(backend, *reference(), SteeringSpec(
-                        layer=l, vector=v, coefficient=c, component=config.component)),
-                    control=judge_free_metrics(backend, *reference(), SteeringSpec(
-                        layer=l, vector=random_control(v, l), coefficient=c, component=config.component)),
-                )
-                exp.append_steering(*results_at, run)
-                done[_key(run)] = run
-        for l, _ in todo:
-            coherence = done[_spec_key(specs[l])].result.coherence_mean
-            coefs[l] *= UP_MULT if coherence is not None and coherence >= config.search_coherence else DOWN_MULT
-
-    results = exp.steering_results(*results_at)
-    best = results.best_run(config.min_coherence)
+    _search(s, {_key(r): r for r in stored.runs}, reference)
+    results = s.exp.steering_results(*s.results_at)
+    best = results.best_run(s.config.min_coherence)
     if best is not None and (results.report is None or results.report["config"] != best.config.to_dict()):
         # The best run may come from an earlier call with other layers: load its vector by layer.
-        vector = exp.vector(*source_at, best.method, best.layer)
-        exp.append_steering(*results_at, _report(backend, judge, trait, data.definition, report_qs, best, vector, config))
-        results = exp.steering_results(*results_at)
+        s.exp.append_steering(*s.results_at, _report(s, best, s.exp.vector(*s.source_at, best.method, best.layer)))
+        results = s.exp.steering_results(*s.results_at)
     return results
 
 
-def _report(backend: Backend, judge, trait: str, definition: str, questions: Sequence[str],
-            best: SteeringRunRecord, vector: torch.Tensor, config: SteeringEvalConfig) -> dict:
+def _report(s: _Setup, best: SteeringRunRecord, vector: torch.Tensor) -> dict:
     """The selected run on the report questions: unsteered, steered and random control in one batch,
     judged; deltas are per-question paired differences with 95% bootstrap intervals."""
-    layer, coef = best.layer, best.coefficient
+    layer, coef, questions = best.layer, best.coefficient, s.report_qs
     rows = [(layer, vector, 0.0), (layer, vector, coef), (layer, random_control(vector, layer), coef)]
-    answers = dict(zip(("unsteered", "steered", "control"), _generate(backend, questions, rows, config)))
-    scores = {k: _score(judge, trait, definition, questions, a) for k, a in answers.items()}
+    answers = dict(zip(("unsteered", "steered", "control"), _generate(s.backend, questions, rows, s.config)))
+    scores = {k: s.score(questions, a) for k, a in answers.items()}
 
     def paired(cond: str, field: str) -> dict | None:
         d = [s[field] - u[field] for s, u in zip(scores[cond], scores["unsteered"])
@@ -333,7 +367,9 @@ def _same_setup(stored: SteeringHeader, header: SteeringHeader) -> bool:
     renaming the folder keeps its results)."""
     def setup(h: SteeringHeader) -> dict:
         d = h.to_dict()
-        return {k: ({**d[k], "experiment": None} if k == "vector_source" else d[k]) for k in _SETUP_KEYS}
+        d["vector_source"] = {**d["vector_source"], "experiment": None}
+        d["eval"] = {k: v for k, v in d["eval"].items() if k != "validity"}  # measured, not chosen
+        return {k: d[k] for k in _SETUP_KEYS}
 
     return setup(stored) == setup(header)
 
