@@ -1,6 +1,7 @@
-"""No import runs upward: every tracelens module imports only from its own layer or the layers below it.
+"""The shape of the package: no import runs upward (every module imports only from its own layer or the layers
+below it), and no function is longer than 80 lines.
 
-The layers, bottom to top, as `docs/architecture.md` draws them. An import inside a function counts too (a lazy
+The layers, bottom to top, as the README's Layout section lists them. An import inside a function counts too (a lazy
 import is still an arrow)."""
 
 import ast
@@ -13,7 +14,7 @@ import tracelens
 PACKAGE = Path(tracelens.__file__).parent
 
 LAYERS = [
-    ("errors", "io", "types", "metrics", "math", "provenance"),
+    ("errors", "io", "records", "types", "metrics", "math", "provenance"),
     ("model", "hooks", "testing"),
     ("methods",),
     ("datasets", "store"),
@@ -72,3 +73,14 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from tracelens.pipeline.report import write_report\n")
     assert imports_of(bad) == [(2, "tracelens.pipeline.report")]
     assert RANK[_part("tracelens.pipeline.report")] > RANK[_part("tracelens.serving.backends")]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for _, path in _modules() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
