@@ -207,9 +207,14 @@ class _Setup:
     report_qs: list[str]  # report questions
     backend: Backend
     variant: ModelVariant  # the variant steered
-    source_at: tuple[str, str, str, str]  # (trait, extraction variant, position, component) of the vectors
+    source: ModelVariant  # the variant the vectors were extracted from
     vectors: dict[int, torch.Tensor]  # layer -> unit vector
     sign: float  # +1 toward the trait, -1 against it
+
+    @property
+    def source_at(self) -> tuple[str, str, str, str]:
+        """(trait, extraction variant, position, component): where the vectors are stored."""
+        return self.trait, self.source.name, self.config.position, self.config.component
 
     @property
     def results_at(self) -> tuple[str, str, str]:
@@ -235,21 +240,20 @@ def _setup(experiment: str | Experiment, trait: str, judge, config: SteeringEval
         raise ConfigError(f"{trait} has {len(questions)} steering questions: n_search={config.n_search} leaves "
                          f"{len(report_qs)} for the report; each side needs at least one")
     backend = backend if backend is not None else LocalBackend.from_experiment(exp, mv.name)
-    source_at = (trait, source.name, config.position, config.component)
-    vectors = {l: exp.vector(*source_at, config.method, l) for l in parse_layers(config.layers, backend.n_layers)}
+    vectors = {l: exp.vector(trait, source.name, config.position, config.component, config.method, l)
+               for l in parse_layers(config.layers, backend.n_layers)}
     sign = 1.0 if (config.direction or data.steering.direction) == "positive" else -1.0
-    return _Setup(exp, trait, judge, config, data, search, report_qs, backend, mv, source_at, vectors, sign)
+    return _Setup(exp, trait, judge, config, data, search, report_qs, backend, mv, source, vectors, sign)
 
 
 def _open_results(s: _Setup, judge_info: dict | None) -> SteeringResults:
     """The stored results of this setup; results of another setup (other vectors, judge or questions: not
     comparable) are set aside under a new name first. A new results file's header gets the judge's validity,
     measured here (so a finished re-run asks the judge nothing)."""
-    source = get_model_variant(s.exp, s.source_at[1], mode="extraction")
     header = SteeringHeader(
         trait=s.trait, direction="positive" if s.sign > 0 else "negative", steering_model=s.variant.label,
         steering_experiment=s.exp.name,
-        vector_source={"model": source.label, "experiment": s.exp.name, "trait": s.trait, "method": s.config.method,
+        vector_source={"model": s.source.label, "experiment": s.exp.name, "trait": s.trait, "method": s.config.method,
                        "component": s.config.component,
                        "input_hash": s.exp.vector_metadata(*s.source_at, s.config.method).input_hash},
         eval={"model": s.judge_name, "method": "judge", **(judge_info or {})},
