@@ -20,7 +20,7 @@ from tracelens.pipeline.ab import (
     load_ab,
     run_ab,
 )
-from tracelens.pipeline.ab_plot import propensity_svg
+from tracelens.pipeline.ab_plot import ab_verdict, propensity_markdown, propensity_svg
 from tracelens.model.prompts import format_prompt
 
 
@@ -224,14 +224,18 @@ def test_cli_writes_report_vectors_and_svg(t, tmp_path, capsys):
     assert ET.fromstring((tmp_path / "out" / "propensity.svg").read_text()) is not None
     out = capsys.readouterr().out
     assert "layer 1: test AUROC" in out and f"wrote {tmp_path / 'out'}" in out
+    # what reproduces it: the model as given, the data relative to the package's folder, the command line
+    assert report["model"] == str(folder) and report["dataset"] == "tracelens/data/ab/optimism.jsonl"
+    assert len(report["data_sha256"]) == 16
+    command = f"tracelens ab --model {folder} --layers 1 --multipliers=-1,1 --n-random 5 --out {tmp_path / 'out'}"
+    assert report["command"] == command
+    md = (tmp_path / "out" / "propensity.md").read_text().splitlines()
+    assert md[0] == f"- Command: `{command}`" and md[1].startswith("- tracelens version: ")
+    assert any(line.startswith("**Result: ") for line in md)
 
 
-def test_table_script_renders_every_layer_with_its_numbers(result):
-    import runpy
-    from pathlib import Path
-
-    render = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ab_table.py"))["render"]
-    md = render(result.report)
+def test_table_renders_every_layer_with_its_numbers(result):
+    md = propensity_markdown(result.report)
     for layer, e in result.report["layers"].items():
         [row] = [line for line in md.splitlines() if line.startswith(f"| {layer} | ") and "[" in line]
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -239,3 +243,31 @@ def test_table_script_renders_every_layer_with_its_numbers(result):
         assert cells[5] == f"{e['effect']['value']:.3f} [{e['effect']['lo']:.3f}, {e['effect']['hi']:.3f}]"
         assert cells[6].startswith(f"{e['control_effect']['value']:.3f} [")
     assert f"{result.report['unsteered']['p_match']['value']:.3f}" in md
+
+
+def _edited(report, layer, auroc_lo, effect, control):
+    """`report` with layer `layer`'s test AUROC lower end, effect and control effect (value, lo, hi) replaced."""
+    r = json.loads(json.dumps(report))
+    e = r["layers"][layer]
+    e["detection"]["test"]["auroc"]["lo"] = auroc_lo
+    e["effect"], e["control_effect"] = ({"value": v, "lo": lo, "hi": hi} for v, lo, hi in (effect, control))
+    return r
+
+
+def test_the_verdict_follows_the_numbers(result):
+    base = result.report
+    null = _edited(_edited(base, "0", 0.0, (-0.03, -0.05, -0.01), (0.0, -0.01, 0.01)),
+                   "2", 0.0, (0.02, 0.01, 0.03), (0.03, 0.02, 0.04))  # 2 moves up, but no more than its control
+    text = "\n".join(ab_verdict(null))
+    assert text.startswith("**Result: null.** No layer both detects")
+    assert "0 of 2 layers have an effect above 0 and above their random control's (layers: none); 1 moves p(match) " \
+           "the wrong way (layers: 0)" in text
+    assert "moves p(match) (its interval excludes 0) at layer(s) 2" in text
+    good = _edited(null, "2", 0.99, (0.2, 0.1, 0.3), (0.0, -0.01, 0.01))
+    good["layers"]["2"]["chance"]["auroc"]["hi"] = 0.7
+    good["selected"]["layer"] = 2
+    text = "\n".join(ab_verdict(good))
+    assert text.startswith("**Result: the direction detects and steers the behaviour at layer(s) 2.**")
+    assert "selected on the select split (select auroc), 2, has test AUROC" in text
+    assert "above the random band" in text and "in the intended direction" in text
+    assert ab_verdict(good)[0] in propensity_markdown(good).splitlines()

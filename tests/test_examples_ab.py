@@ -41,3 +41,21 @@ def test_conditional_example():
     ns = runpy.run_path(str(EXAMPLES / "conditional.py"))
     assert ns["fit"].accuracy == 1.0
     assert ns["gate"].tolist() == [True, False]  # the food question is steered, the other is not
+
+
+def test_docs_ab_is_what_the_command_the_docs_show_writes():
+    import json
+    import re
+
+    from tracelens.pipeline.ab_plot import propensity_markdown
+
+    text = (DOCS / "ab_interchange_conditional.md").read_text()
+    [command] = re.findall(r"`(tracelens ab [^`]*--out docs/ab)`", text)
+    report = json.loads((DOCS / "ab" / "report.json").read_text())
+    assert report["command"] == command and report["model"] == "default"
+    assert report["dataset"] == "tracelens/data/ab/optimism.jsonl"  # relative: no path of the machine it ran on
+    md = (DOCS / "ab" / "propensity.md").read_text()
+    assert md.splitlines()[0] == f"- Command: `{command}`"
+    # everything after the version and commit lines is rendered from the stored numbers, the result included
+    assert md.split("\n", 3)[3] == propensity_markdown(report).split("\n", 3)[3]
+    assert "**Result: null.**" in md  # what the stored numbers say on the default model

@@ -67,7 +67,8 @@ def test_pipeline_writes_the_layout_and_evaluates_every_method_with_the_random_b
             e = r.test[metric]
             assert e["lo"] <= e["value"] <= e["hi"], (r.method, metric)
         assert r.above_chance == (r.test["auroc"]["lo"] > report.chance["layers"][str(r.layer)]["auroc"]["hi"])
-    assert report.chance["n_directions"] == 20
+    assert report.chance["n_directions"] == ex.MIN_RANDOM == 100  # the default
+    assert report.command == "python API (run_extraction)"
     assert exp.evaluation(TRAIT, "base", "response[:]", "residual") == report  # what the store wrote reads back
     best = select_vector(exp, TRAIT)
     assert best.source == "evaluation" and best.method != "random_baseline"
@@ -125,8 +126,35 @@ def test_the_chance_band_spreads_random_directions_and_is_seeded(tmp_path):
     for layer in ("0", "1"):
         b = band[layer]["auroc"]
         assert 0.0 <= b["lo"] < b["median"] < b["hi"] <= 1.0  # random directions do not all separate
-    with pytest.raises(ValueError, match="n_random must be at least 20"):
-        ex.check_config(ExtractionConfig(n_random=5))
+    with pytest.raises(ValueError, match="n_random must be at least 100 for a chance band; got 99"):
+        ex.check_config(ExtractionConfig(n_random=99))
+
+
+def test_the_chance_band_draws_its_own_directions_never_random_baselines(tmp_path):
+    exp = _experiment(tmp_path)
+    _write_fixture(exp, 0.0)
+    config = ExtractionConfig(methods=("mean_diff",), position="response[:]")
+    ex.fit_vectors(exp, TRAIT, "base", config, [0, 1], "h", "tiny")  # random_baseline seeded as the pipeline seeds it
+    train = exp.activations(TRAIT, "base", "response[:]", "residual", "train")
+    test = exp.activations(TRAIT, "base", "response[:]", "residual", "test")
+    band = ex.chance_band(train, test, [0, 1], 100)
+    for layer in (0, 1):
+        baseline = exp.vector(TRAIT, "base", "response[:]", "residual", "random_baseline", layer)
+        dirs = ex.chance_directions(64, layer, 100)
+        assert dirs.shape == (100, 64) and torch.allclose(dirs.norm(dim=-1), torch.ones(100))
+        assert float((dirs @ baseline / baseline.norm()).abs().max()) < 0.9  # direction 0 was its draw (cosine 1.0)
+        aurocs = torch.tensor([ex.auroc(test[0][:, layer] @ d, test[1][:, layer] @ d) for d in dirs], dtype=torch.double)
+        assert band[str(layer)]["auroc"]["hi"] == pytest.approx(float(torch.quantile(aurocs, 0.95)))
+        assert not torch.equal(dirs, ex.chance_directions(64, layer, 100, seed=1))
+
+
+def test_the_extract_command_records_its_command_line(monkeypatch):
+    from tracelens.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ex, "run_extraction", lambda *args, **kwargs: seen.update(kwargs) or {})
+    assert main(["extract", "--experiment", "e", "--traits", TRAIT, "--limit", "3"]) == 0
+    assert seen["command"] == f"tracelens extract --experiment e --traits {TRAIT} --limit 3"
 
 
 def test_split_fractions_are_validated():

@@ -10,12 +10,16 @@ Two layouts, one JSON object per line (`.jsonl`) or a JSON list (`.json`):
 
 The propensity of a question is `p(match) / (p(match) + p(not match))`, read from the next-token
 distribution at the position before the letter; a curve is its mean over held-out questions against the
-steering multiplier, with bootstrap intervals over questions and a random direction of the same norm.
+steering multiplier, with bootstrap intervals over questions and a random direction of the same norm (seeded
+from its own stream, never the chance band's or `random_baseline`'s draw). `save_ab` writes the report, the
+vectors, the SVG and `propensity.md`, whose opening lines name the command and state the result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +34,7 @@ from torch import Tensor
 from tracelens.io import json_object, read_json, read_json_lines, save_tensors, write_bytes, write_json
 from tracelens.model.capture import capture_sequences
 from tracelens.errors import ABDataError, ConfigError, MissingArtifactError
-from tracelens.pipeline.extraction import chance_band, parse_layers
+from tracelens.pipeline.extraction import chance_band, derived_seed, parse_layers
 from tracelens.model.hooks import PerSampleSteering
 from tracelens.methods import get_method
 from tracelens.metrics import bootstrap_mean, paired_separation
@@ -39,6 +43,7 @@ from tracelens.datasets.splits import split_by_question
 from tracelens.pipeline.steering_eval import random_control
 
 DATA_DIR = Path(str(resources.files("tracelens").joinpath("data", "ab")))
+CONTROL_STREAM = "ab control"  # the random control's seed stream (`derived_seed`)
 READ_POSITIONS = {"letter": "response[0]", "after": "response[1]"}
 _ANSWER = re.compile(r"^\s*(\(?)([A-Z])(\)?)\s*$")
 
@@ -274,12 +279,22 @@ def balance_letters(indices: Sequence[int], dataset: ABDataset) -> list[int]:
     return sorted(i for ix in by_letter.values() for i in ix[:m])
 
 
-def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResult:
+def data_source(dataset: ABDataset) -> dict[str, str]:
+    """Where a report says its data came from, never an absolute path: `dataset` relative to the folder holding
+    the tracelens package (a checkout's root: "tracelens/data/ab/optimism.jsonl") when inside it, else to the
+    working folder; and `data_sha256`, the first 16 hex digits of the file's SHA-256."""
+    path, root = Path(dataset.path).resolve(), DATA_DIR.resolve().parents[2]
+    shown = path.relative_to(root) if path.is_relative_to(root) else Path(os.path.relpath(path))
+    return {"dataset": shown.as_posix(), "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def run_ab(model, dataset: ABDataset, config: ABConfig | None = None, model_id: str | None = None) -> ABResult:
     """Extract a direction per layer on the train questions (balanced by matching letter), score detection on select and test (AUROC,
     accuracy at the train midpoint, Cohen's d; bootstrap over questions; random-direction chance band), and
     measure propensity curves on the test questions for the vector and a random direction of the same norm.
 
-    Report: `layers[str(L)]` holds `detection`, `chance`, `scale` (vector norm), `curve` / `control` (one
+    Report: `model` (`model_id` as given, e.g. "default"; None if not given), the data (`data_source`), and
+    `layers[str(L)]` holds `detection`, `chance`, `scale` (vector norm), `curve` / `control` (one
     point per multiplier, 0 = the unsteered point, each `p_match` and `mass` with intervals), `effect` /
     `control_effect` (per-question `p(max m) - p(min m)`) and `steerable` (share of questions that move up).
     """
@@ -307,7 +322,7 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
         detection = {name: {k: e.to_dict() for k, e in paired_separation(
             pos[idx, j] @ unit, neg[idx, j] @ unit, threshold, seed=config.seed).items()}
             for name, idx in (("select", sel), ("test", te))}
-        control = random_control(vector, config.seed * 100_003 + layer)
+        control = random_control(vector, derived_seed(CONTROL_STREAM, config.seed, layer))
         curves = {}
         for name, v in (("curve", vector), ("control", control)):
             p, mass = letter_propensity(model, test_items, [v] * len(steered), layer, steered, config.component,
@@ -326,7 +341,8 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
         }
     best = max(layers, key=lambda l: report_layers[str(l)]["detection"]["select"]["auroc"]["value"])
     report = {
-        "dataset": dataset.path, "n_questions": len(dataset), "letter_balance": dataset.letter_balance(),
+        "model": model_id, **data_source(dataset), "n_questions": len(dataset),
+        "letter_balance": dataset.letter_balance(),
         "splits": {s: len(ix) for s, ix in splits.items()},
         "train_letters": dict(sorted(Counter(dataset.items[i].matching for i in train).items())),
         "method": config.method, "read": config.read,
@@ -342,14 +358,18 @@ def run_ab(model, dataset: ABDataset, config: ABConfig | None = None) -> ABResul
 # --- files -----------------------------------------------------------------------------------------
 
 
-def save_ab(result: ABResult, out: str | Path) -> list[Path]:
-    """Write ``report.json``, ``vectors.safetensors`` (``{str(layer): unit vector}``) and ``propensity.svg`` into
-    the folder ``out`` (created; each file atomically); returns their paths."""
-    from tracelens.pipeline.ab_plot import propensity_svg
+def save_ab(result: ABResult, out: str | Path, command: str | None = None) -> list[Path]:
+    """Write ``report.json`` (the report and ``command``, default "python API (save_ab)"), ``vectors.safetensors``
+    (``{str(layer): steering vector}``), ``propensity.svg`` and ``propensity.md`` (opening with the command, version
+    and commit, then the result stated from the numbers) into the folder ``out`` (created; each file atomically);
+    returns their paths."""
+    from tracelens.pipeline.ab_plot import propensity_markdown, propensity_svg
 
     out = Path(out)
-    paths = [out / "report.json", out / "vectors.safetensors", out / "propensity.svg"]
-    write_json(paths[0], result.report)
+    report = {**result.report, "command": command or "python API (save_ab)"}
+    paths = [out / "report.json", out / "vectors.safetensors", out / "propensity.svg", out / "propensity.md"]
+    write_json(paths[0], report)
     save_tensors(paths[1], {str(l): v for l, v in result.vectors.items()})
-    write_bytes(paths[2], propensity_svg(result.report).encode())
+    write_bytes(paths[2], propensity_svg(report).encode())
+    write_bytes(paths[3], propensity_markdown(report).encode())
     return paths

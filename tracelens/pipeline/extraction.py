@@ -12,8 +12,9 @@ What each stage stores (through the artifact store, `tracelens.store`, which kno
   vectors: a unit float32 vector per method and layer; metadata per layer: norm and `baseline`, the decision
       threshold (the projection of the midpoint of the training class means)
   evaluation: per method x layer, select-split AUROC / accuracy and test-split AUROC / accuracy / Cohen's d
-      with bootstrap intervals over test questions; the chance band of `n_random` random directions per layer;
-      the layer and method chosen on the select split
+      with bootstrap intervals over test questions; the chance band of `n_random` random directions per layer
+      (drawn from their own seed stream, never `random_baseline`'s); the layer and method chosen on the select
+      split; the command that produced it
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from tracelens.serving.backends import GenerationConfig, LocalBackend
@@ -44,6 +47,8 @@ from tracelens.types import (ALWAYS_EVALUATED, ActivationMetadata, Evaluation, E
                              ResponsesMetadata, ScenarioResponse, VectorLayer, VectorMetadata, Vetting)
 
 CHANCE_PERCENTILES = (5.0, 95.0)
+MIN_RANDOM = 100  # the fewest chance-band directions: fewer give a noisy 95th percentile
+CHANCE_STREAM = "chance band"  # the chance band's seed stream (see `derived_seed`)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class ExtractionConfig:
     component: str = "residual"
     splits: Sequence[float] = DEFAULT_FRACTIONS  # train, select, test (by question)
     split_seed: int = 0
-    n_random: int = 20  # random directions per layer for the chance band
+    n_random: int = MIN_RANDOM  # random directions per layer for the chance band (at least MIN_RANDOM)
     n_resamples: int = N_RESAMPLES  # bootstrap resamples of test questions
     max_new_tokens: int | None = None
     temperature: float = 0.0
@@ -111,6 +116,12 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def derived_seed(stream: str, seed: int, key: int) -> int:
+    """A torch seed in [0, 2**63) for draw `key` (e.g. a layer) of the named `stream`: SHA-256 of all three, so
+    streams never share draws with each other or with seeds such as `layer` itself (`random_baseline`)."""
+    return int(_hash(stream, seed, key), 16) >> 1
+
+
 def check_config(config: ExtractionConfig, n_layers: int | None = None) -> None:
     """ValueError naming the first setting of `config` that cannot work (checked before any model work;
     the layer range only when `n_layers` is known)."""
@@ -130,8 +141,8 @@ def check_config(config: ExtractionConfig, n_layers: int | None = None) -> None:
         raise ConfigError(f"temperature must be a finite number >= 0; got {config.temperature!r}")
     parse_layers(config.layers, n_layers or 10**6)
     check_fractions(config.splits)
-    if config.n_random < 20:
-        raise ConfigError(f"n_random must be at least 20 for a chance band; got {config.n_random}")
+    if config.n_random < MIN_RANDOM:
+        raise ConfigError(f"n_random must be at least {MIN_RANDOM} for a chance band; got {config.n_random}")
     if config.n_resamples < 100:
         raise ConfigError(f"n_resamples must be at least 100 for a 95% interval; got {config.n_resamples}")
 
@@ -182,10 +193,15 @@ def generate_responses(exp: Experiment, trait: str, variant: str, backend: Local
 POS_THRESHOLD, NEG_THRESHOLD, MIN_KEPT = 60.0, 40.0, 10
 
 
+def vetting_hash(responses_hash: str, judge_name: str) -> str:
+    """The input hash of the vetting of responses `responses_hash` by the judge named `judge_name`."""
+    return _hash("vetting", responses_hash, judge_name)
+
+
 def vet_responses(exp: Experiment, trait: str, variant: str, judge, responses_hash: str, force: bool = False) -> str:
     """Judge every response's trait score and keep the pairs whose positive side scores >= 60 and negative
     side <= 40 (pairs stay matched). Use a judge independent of these responses (e.g. `OpenAIJudge`)."""
-    input_hash = _hash("vetting", responses_hash, getattr(judge, "name", type(judge).__name__))
+    input_hash = vetting_hash(responses_hash, getattr(judge, "name", type(judge).__name__))
     if exp.stage_current("vetting", input_hash, force, trait, variant):
         return input_hash
     data = load_trait(trait)
@@ -309,16 +325,17 @@ def fit_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionCon
 
 
 def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: ExtractionConfig, layers: list[int],
-                     vector_hashes: dict[str, str]) -> Evaluation:
+                     vector_hashes: dict[str, str], command: str | None = None) -> Evaluation:
     """Score every method x layer on the select and test splits, with the random-direction chance band.
 
     Accuracy uses the threshold fitted on train (the vector's `baseline`), never the scored split's
     labels. `selected` is the method and layer with the best select-split AUROC (ties: larger select
     effect size); its test numbers are what gets reported. A row is `above_chance` when the lower end
-    of its test AUROC interval is above the 95th percentile of the random directions at its layer.
+    of its test AUROC interval is above the 95th percentile of the random directions at its layer. `command`
+    (default "python API (evaluate_vectors)") is stored as what produced the file; a current stage keeps its own.
     """
     where = (trait, variant, config.position, config.component)
-    input_hash = _hash("evaluation", vector_hashes, config.n_random, config.n_resamples)
+    input_hash = _hash("evaluation", vector_hashes, config.n_random, config.n_resamples, CHANCE_STREAM)
     if exp.stage_current("evaluation", input_hash, config.force, *where):
         return exp.evaluation(*where)
     train, select, test = (exp.activations(*where, split) for split in SPLITS)
@@ -346,7 +363,7 @@ def evaluate_vectors(exp: Experiment, trait: str, variant: str, config: Extracti
         bootstrap={"n_resamples": config.n_resamples, "level": 0.95, "unit": "test question", "seed": 0},
         chance={"n_directions": config.n_random, "percentiles": list(CHANCE_PERCENTILES), "layers": chance},
         results=rows, selected={"method": best.method, "layer": best.layer, "by": "select auroc"},
-        input_hash=input_hash,
+        input_hash=input_hash, command=command or "python API (evaluate_vectors)",
     )
     exp.write_evaluation(trait, variant, evaluation)
     return evaluation
@@ -357,16 +374,23 @@ def select_rank(row: EvaluationRow) -> tuple[float, float]:
     return row.select["auroc"], row.select["effect_size"]
 
 
+def chance_directions(d_model: int, layer: int, n_random: int, seed: int = 0) -> Float[Tensor, "n_random d_model"]:
+    """The chance band's `n_random` random unit directions at `layer` (float32), from the `CHANCE_STREAM` seed
+    stream: the same for the same arguments, and never `random_baseline`'s draw (seeded by the layer)."""
+    g = torch.Generator().manual_seed(derived_seed(CHANCE_STREAM, seed, layer))
+    dirs = torch.randn(n_random, d_model, generator=g)
+    return dirs / dirs.norm(dim=-1, keepdim=True)
+
+
 def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                 layers: Sequence[int], n_random: int, seed: int = 0) -> dict[str, dict]:
     """Per layer, the 5th / 50th / 95th percentile of test AUROC and accuracy over `n_random` random unit
-    directions (each thresholded at its train midpoint, like the fitted vectors), keyed by str(layer)."""
+    directions (`chance_directions`; each thresholded at its train midpoint, like the fitted vectors), keyed by
+    str(layer). `layers` index dim 1 of the `[n, n_layers, d]` activations."""
     out = {}
     q = torch.tensor([p / 100 for p in (CHANCE_PERCENTILES[0], 50.0, CHANCE_PERCENTILES[1])])
     for layer in layers:
-        g = torch.Generator().manual_seed(seed * 100_003 + layer)
-        dirs = torch.randn(n_random, train[0].shape[-1], generator=g)
-        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        dirs = chance_directions(train[0].shape[-1], layer, n_random, seed)
         mid = ((train[0][:, layer].mean(0) + train[1][:, layer].mean(0)) / 2) @ dirs.T
         p, n = test[0][:, layer] @ dirs.T, test[1][:, layer] @ dirs.T  # [n_test, n_random]
         scores = {"auroc": torch.tensor([auroc(p[:, k], n[:, k]) for k in range(n_random)]),
@@ -381,15 +405,18 @@ def chance_band(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tens
 
 def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: ExtractionConfig | None = None,
                    variant: str | None = None, backend: LocalBackend | None = None, vet_judge=None,
-                   response_backend=None) -> dict[str, Evaluation]:
+                   response_backend=None, command: str | None = None) -> dict[str, Evaluation]:
     """Run every stage for each trait (vetting only with `vet_judge`); returns the evaluation per trait.
 
     `response_backend` (e.g. a `VLLMBackend`) generates the responses of every trait first and is then
     shut down; capture and fitting always run on the local model (`backend`, loaded when not given).
+    `command` (the CLI passes its command line; default "python API (run_extraction)") is recorded in each
+    evaluation as what produced it.
     """
     from tracelens.store import get_model_variant
 
     config = config or ExtractionConfig()
+    command = command or "python API (run_extraction)"
     check_config(config)
     if isinstance(traits, str) or not traits:
         raise ConfigError(f"traits must be a non-empty list of trait names; got {traits!r}")
@@ -418,5 +445,5 @@ def run_extraction(experiment: str | Experiment, traits: Sequence[str], config: 
             h = vet_responses(exp, trait, mv.name, vet_judge, h, config.force)
         h = capture_activations(exp, trait, mv.name, backend.model, config, h, mv.label, vetted=vet_judge is not None)
         vh = fit_vectors(exp, trait, mv.name, config, layers, h, mv.label)
-        reports[trait] = evaluate_vectors(exp, trait, mv.name, config, layers, vh)
+        reports[trait] = evaluate_vectors(exp, trait, mv.name, config, layers, vh, command)
     return reports
