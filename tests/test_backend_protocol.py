@@ -89,7 +89,7 @@ def _files(root, pattern):
 
 
 def test_the_steering_evaluation_through_a_server_equals_it_on_the_local_model(experiments):
-    config = SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
+    config = SteeringEvalConfig(layers=[0, 1], n_coefficients=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
     results = [run_steering_eval(exp, TRAIT, FixedJudge(), config, backend=b) for exp, b in experiments]
     assert results[0].runs and results[0].report is not None
     written = [_files(exp.root / "proto", "results.jsonl") for exp, _ in experiments]

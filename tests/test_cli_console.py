@@ -68,25 +68,26 @@ def test_extract_prints_the_selection_with_its_interval_and_chance_band(extracte
 @pytest.fixture(scope="module")
 def steered(home, extracted) -> subprocess.CompletedProcess:
     # a random tiny model never keeps coherence: --min-coherence 0 lets a run be selected and reported
-    return tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--layers", "1,2", "--search-steps", "1",
+    return tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--layers", "1,2", "--n-coefficients", "1",
                      "--min-coherence", "0", *SMALL_STEER)
 
 
 def test_steer_searches_and_reports_the_selected_run_against_the_control(steered):
     out = steered.stdout
     assert re.search(rf"^{TRAIT}: judge .*validity on the unseen test-split answers AUROC", out, re.M), out
-    assert len(re.findall(r"^  layer [12] coef [\d.]+: trait .*NLL cost .*nats/token$", out, re.M)) == 2, out
-    assert re.search(rf"^{TRAIT}: selected layer [12] coef [\d.]+, on 2 report questions: trait delta .* vs random "
-                     r"control", out, re.M), out
+    assert len(re.findall(r"^  layer [12] coef [\d.e+-]+: trait .*NLL cost .*KL .*nats/token", out, re.M)) == 2, out
+    assert re.search(rf"^{TRAIT}: selected layer [12] coef [\d.e+-]+, on 2 report questions: trait delta .* vs random "
+                     r"controls", out, re.M), out
+    assert re.search(r"^  The KL budget \(0\.5 nats/token\) cost", out, re.M), out
 
 
 def test_steer_with_explicit_coefficients_runs_exactly_those(home, steered):
     out = tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--layers", "2", "--coefficients",
                     "1.5,3", *SMALL_STEER).stdout
-    assert re.search(r"^  layer 2 coef 1\.5: ", out, re.M) and re.search(r"^  layer 2 coef 3\.0: ", out, re.M), out
+    assert re.search(r"^  layer 2 coef 1\.5: ", out, re.M) and re.search(r"^  layer 2 coef 3: ", out, re.M), out
     # at the default --min-coherence no run of a random model qualifies, and the stored report is not shown as
     # if it had
-    assert f"{TRAIT}: no run kept coherence >= 77.0: nothing reported" in out
+    assert f"{TRAIT}: no run within KL 0.5 nats/token keeps coherence >= 77.0: nothing reported" in out
 
 
 def test_report_opens_with_its_command_and_holds_the_trait(home, steered):

@@ -109,25 +109,30 @@ EVALUATION = {
     "input_hash": "0123456789abcdef",
 }
 HEADER = SteeringHeader(JOY, eval={"model": "fixed", "method": "judge",
-                                   "validity": {"auroc": _est(0.85, 0.7, 0.95), "n_pairs": 10, "data": "test split"}})
-# (layer, coefficient, judge trait, judge coherence, trait effect, NLL cost, control trait effect, control NLL cost)
-STEERING = [(2, 4.0, 60.0, 85.0, 0.3, 0.2, 0.01, 0.15), (2, 2.0, 40.0, 90.0, 0.15, 0.08, -0.02, 0.05),
-            (3, 2.0, 30.0, 88.0, 0.1, 0.05, 0.0, 0.04)]
+                                   "validity": {"auroc": _est(0.85, 0.7, 0.95), "n_pairs": 10, "data": "test split"}},
+                        selection={"max_kl": 0.08, "min_coherence": 77.0, "n_controls": 10, "control_seed": 1,
+                                   "grid": {"low": 0.02, "high": 1.0, "n": 2}})
+# (layer, coefficient, judge trait, judge coherence, trait effect, NLL cost); KL is NLL cost / 2
+STEERING = [(2, 4.0, 60.0, 85.0, 0.3, 0.2), (2, 2.0, 40.0, 90.0, 0.15, 0.08), (3, 2.0, 30.0, 88.0, 0.1, 0.05)]
 RUNS = [SteeringRunRecord(JudgeResult(trait_mean=t, coherence_mean=c, n=5),
                           ProjectionConfig.single(layer, "residual", "response[:5]", "probe", coef),
                           judge_free={"trait_effect": _est(te, te - 0.05, te + 0.05),
-                                      "nll_cost": _est(nll, nll - 0.02, nll + 0.02), "kl": _est(nll / 2, nll / 3, nll)},
-                          control={"trait_effect": _est(cte, cte - 0.04, cte + 0.04),
-                                   "nll_cost": _est(cnll, cnll - 0.01, cnll + 0.01), "kl": _est(0.01, 0.0, 0.02)})
-        for layer, coef, t, c, te, nll, cte, cnll in STEERING]
-REPORT = {"type": "report", "config": RUNS[0].config.to_dict(), "n_questions": 4,
+                                      "nll_cost": _est(nll, nll - 0.02, nll + 0.02), "kl": _est(nll / 2, nll / 3, nll)})
+        for layer, coef, t, c, te, nll in STEERING]
+CONTROL_CURVE = [{"coefficient": k, "per_direction": {}, "band": {
+    "trait_effect": _est(te, te - 0.03, te + 0.03), "nll_cost": _est(0.1, 0.05, 0.15), "kl": _est(kl, kl, kl)}}
+    for k, te, kl in ((2.0, 0.01, 0.03), (4.0, -0.02, 0.09))]
+REPORT = {"type": "report", "config": RUNS[1].config.to_dict(), "n_questions": 4,
           "results": {k: JudgeResult(trait_mean=v, coherence_mean=88.0, n=4).to_dict()
-                      for k, v in (("unsteered", 20.0), ("steered", 55.0), ("control", 22.0))},
-          "trait": {"unsteered": _est(20.0, 15.0, 25.0), "steered": _est(55.0, 45.0, 65.0),
-                    "control": _est(22.0, 17.0, 27.0)},
-          "coherence": {k: _est(88.0, 85.0, 91.0) for k in ("unsteered", "steered", "control")},
-          "trait_delta": {"steered": _est(35.0, 25.0, 45.0), "control": _est(2.0, -3.0, 7.0)},
-          "coherence_delta": {"steered": _est(0.0, -2.0, 2.0), "control": _est(0.0, -1.0, 1.0)},
+                      for k, v in (("unsteered", 20.0), ("prompted", 50.0), ("steered", 55.0), ("control", 22.0))},
+          "trait": {"unsteered": _est(20.0, 15.0, 25.0), "prompted": _est(50.0, 40.0, 60.0),
+                    "steered": _est(55.0, 45.0, 65.0), "control": _est(22.0, 17.0, 27.0)},
+          "coherence": {k: _est(88.0, 85.0, 91.0) for k in ("unsteered", "prompted", "steered", "control")},
+          "trait_delta": {"prompted": _est(30.0, 20.0, 40.0), "steered": _est(35.0, 25.0, 45.0),
+                          "control": _est(2.0, -3.0, 7.0)},
+          "coherence_delta": {k: _est(0.0, -2.0, 2.0) for k in ("prompted", "steered", "control")},
+          "judge_free": {"steered": RUNS[1].judge_free, "control": CONTROL_CURVE[0]["band"]},
+          "control_curve": CONTROL_CURVE,
           "examples": [{"question": "How?", "unsteered": "Fine.", "steered": "Great!", "control": "Fine?"}]}
 
 
@@ -330,9 +335,10 @@ def test_extraction_and_steering_results(server):
     assert res["judge"] == HEADER.eval and res["report"] == REPORT
     assert res["baseline_judge_free"]["nll"] == _est(2.0, 1.9, 2.1)
     assert [(r["layer"], r["coefficient"], r["trait_mean"], r["selected"]) for r in res["runs"]] == [
-        (2, 2.0, 40.0, False), (2, 4.0, 60.0, True), (3, 2.0, 30.0, False)]  # sorted by layer, coefficient
+        (2, 2.0, 40.0, True), (2, 4.0, 60.0, False), (3, 2.0, 30.0, False)]  # sorted by layer, coefficient
     assert [r["judge_free"] for r in res["runs"]] == [RUNS[i].judge_free for i in (1, 0, 2)]
-    assert [r["control"] for r in res["runs"]] == [RUNS[i].control for i in (1, 0, 2)]
+    assert [r["within_budget"] for r in res["runs"]] == [True, False, True]  # KL 0.04, 0.1, 0.025; budget 0.08
+    assert res["selection"] == HEADER.selection and res["tradeoff_svg"].startswith("<svg")
 
 
 def test_old_evaluation_format_is_a_clear_error(server):
@@ -360,7 +366,14 @@ def _points(page) -> list[str]:
 def _data(page, selector: str) -> list[dict]:
     """The data-* attributes of every element matching ``selector``, numbers parsed."""
     rows = page.eval_on_selector_all(selector, "els => els.map(e => ({...e.dataset}))")
-    return [{k: v if v in ("true", "false") else json.loads(v) for k, v in r.items()} for r in rows]
+    return [{k: v if v in ("true", "false") else _number_or_text(v) for k, v in r.items()} for r in rows]
+
+
+def _number_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _check_extraction_charts(page) -> None:
@@ -385,20 +398,27 @@ def _check_extraction_charts(page) -> None:
 
 
 def _check_steering_chart(page) -> None:
-    chart = 'svg.steering-chart[data-position="response__5"]'
-    order = (1, 0, 2)  # runs are drawn sorted by layer, coefficient
-    for kind, key in (("run", "judge_free"), ("control", "control")):
-        points = _data(page, f"{chart} g.{kind} circle")
-        assert [(p["layer"], p["coefficient"], p["selected"]) for p in points] == [
-            (RUNS[i].layer, RUNS[i].coefficient, str(i == 0).lower()) for i in order]
-        for p, i in zip(points, order):
-            te, nll = getattr(RUNS[i], key)["trait_effect"], getattr(RUNS[i], key)["nll_cost"]
-            assert (p["traitEffect"], p["teLo"], p["teHi"]) == (te["value"], te["lo"], te["hi"])
-            assert (p["nllCost"], p["nllLo"], p["nllHi"]) == (nll["value"], nll["lo"], nll["hi"])
-        assert page.locator(f"{chart} g.{kind} line").count() == 2 * len(RUNS)  # x and y error bars
+    """The trade-off figure plots the stored numbers: every run at its KL, the controls' band, the budget."""
+    chart = 'svg.tradeoff[data-layer="2"]'
+    order = (1, 0, 2)  # runs are drawn by layer, then |coefficient|
+    effect = f'{chart} g.panel[data-panel="trait_effect"]'
+    steered = [p for p in _data(page, f"{effect} g.point") if p["series"] == "steered"]
+    assert [(p["layer"], p["coefficient"], p["selected"]) for p in steered] == [
+        (RUNS[i].layer, RUNS[i].coefficient, str(i == 1).lower()) for i in order]
+    for p, i in zip(steered, order):
+        te, kl = RUNS[i].judge_free["trait_effect"], RUNS[i].judge_free["kl"]
+        assert (p["kl"], p["value"], p["lo"], p["hi"]) == (kl["value"], te["value"], te["lo"], te["hi"])
+    judged = [p for p in _data(page, f'{chart} g.panel[data-panel="judge_trait"] g.point') if p["series"] == "steered"]
+    assert [p["value"] for p in judged] == [RUNS[i].result.trait_mean for i in order]
+    controls = [p for p in _data(page, f"{effect} g.point") if p["series"] == "control"]
+    assert [(p["coefficient"], p["kl"], p["value"], p["lo"], p["hi"]) for p in controls] == [
+        (c["coefficient"], c["band"]["kl"]["value"], *(c["band"]["trait_effect"][k] for k in ("value", "lo", "hi")))
+        for c in CONTROL_CURVE]
+    assert [b["kl"] for b in _data(page, f"{chart} line.budget")] == [0.08, 0.08]
     cells = page.locator("table.steering").text_content()
-    assert "0.3000 [0.2500, 0.3500]" in cells and "0.0100 [-0.0300, 0.0500]" in cells
-    assert "trait delta steered 35.0 [25.0, 45.0], control 2.0 [-3.0, 7.0]" in page.locator("#steering").text_content()
+    assert "0.3000 [0.2500, 0.3500]" in cells and "over" in cells
+    assert ("trait delta steered 35.0 [25.0, 45.0], prompted 30.0 [20.0, 40.0], random controls 2.0 [-3.0, 7.0]"
+            in page.locator("#steering").text_content())
 
 
 def test_page_in_headless_chromium(server, tmp_path):

@@ -68,13 +68,15 @@ def test_extract_steer_select_end_to_end_with_a_handful_of_pairs(default_model, 
     report = run_extraction(exp, [trait], config, backend=backend)[trait]
     assert {r.layer for r in report.results} == {12, 15} and report.splits == {"train": 6, "select": 2, "test": 2}
     judge = offline_judge(trait)
-    results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], search_steps=1, n_search=2,
+    results = run_steering_eval(exp, trait, judge, SteeringEvalConfig(layers=[15], n_coefficients=1, n_search=2,
                                                                       n_report=2, max_new_tokens=12, n_neutral=2),
                                 backend=backend)
     validity = results.header.eval["validity"]  # the stage measures its judge on the extraction's test split
     assert validity["n_pairs"] == 2 and 0.0 <= validity["auroc"]["value"] <= 1.0
     assert results.baseline.n == 2 and len(results.runs) == 1 and results.header.eval["validity"] == validity
-    assert set(results.runs[0].judge_free) == set(results.runs[0].control) == {"trait_effect", "nll_cost", "kl"}
+    assert set(results.runs[0].judge_free) == {"trait_effect", "nll_cost", "kl"}
+    if results.report is not None:  # the run is within the KL budget with enough coherence
+        assert set(results.report["judge_free"]["control"]) == {"trait_effect", "nll_cost", "kl"}
     chosen = select_vector(exp, trait)
     assert chosen.layer in (12, 15) and chosen.source in ("steering", "evaluation")
 
@@ -94,3 +96,26 @@ def test_the_one_substitution_replaces_the_default_model_everywhere(tmp_path, mo
     monkeypatch.setenv("TRACELENS_DEFAULT_MODEL", str(tmp_path))
     with pytest.raises(MissingArtifactError, match=f"TRACELENS_DEFAULT_MODEL={tmp_path} must name a saved HF model"):
         default_model_path()
+
+
+def test_word_shuffled_answers_of_the_default_model_score_as_incoherent_under_the_judge_with_fluency(default_model):
+    import random
+
+    from tracelens.datasets.prompt_sets import load_prompt_set
+    from tracelens.judges.fluency import Fluency
+    from tracelens.judges.offline import offline_judge
+    from tracelens.serving.backends import GenerationConfig, LocalBackend
+    from tracelens.types import MIN_COHERENCE
+
+    backend = LocalBackend.from_model(default_model, use_chat_template=True)
+    questions = [p.text for p in load_prompt_set("general").prompts][:4]
+    answers = backend.generate(questions, GenerationConfig(max_new_tokens=40))
+    rng = random.Random(0)
+    shuffled = [" ".join(rng.sample(a.split(), len(a.split()))) for a in answers]
+    plain, judge = offline_judge("starter/enthusiasm"), offline_judge("starter/enthusiasm", fluency=Fluency(default_model))
+    items = [{"question": q, "response": r} for q, r in zip(questions * 2, answers + shuffled)]
+    with_fluency = [s["coherence_score"] for s in judge.score(items)]
+    without = [s["coherence_score"] for s in plain.score(items)]
+    assert all(c < MIN_COHERENCE for c in with_fluency[4:]), with_fluency
+    assert all(c >= MIN_COHERENCE for c in without[4:])  # what the judge saw before fluency
+    assert sum(with_fluency[:4]) / 4 >= MIN_COHERENCE, with_fluency

@@ -2,42 +2,38 @@
 every stage back from the experiment folder, the path a returning user takes. Then once more after the stored
 selection is changed: the demo steers what the selection says, and its closing lines are the stored numbers."""
 
-import re
-
 import pytest
 
 from tracelens.errors import ConfigError
 from tracelens.io import read_json, write_json
 from tracelens.pipeline.demo import VARIANT, DemoSettings, run_demo, steering_plan
+from tracelens.pipeline.report import fmt_ci, reported_run, steering_verdicts
 from tracelens.store import Experiment
 from tracelens.testing import tiny_model
 from tracelens.types import Evaluation, EvaluationRow, SteeringResults
-
-NUM = r"(-?\d+\.\d+)"
-VS = re.compile(rf"{NUM} \[{NUM}, {NUM}\] vs control {NUM} \[{NUM}, {NUM}\]: (overlaps|clear of) the control's$")
-
 
 def _steering(exp: Experiment, trait: str) -> SteeringResults:
     return exp.steering_results(trait, VARIANT, "response[:]")
 
 
 def _check_closing_lines(log: list[str], results: SteeringResults) -> None:
-    """The lines after "[4/4] report" name the reported run and carry its stored judge-free numbers beside the
-    control's, with the verdict on their intervals that those numbers give."""
+    """The lines after "[4/4] report" name the reported run with its KL and the budget, then give the report's
+    rows (unsteered, prompted, steered, control) with the stored numbers, then the report's verdicts."""
     tail = [line.strip() for line in log[log.index("[4/4] report") + 1:]]
-    v = results.report["config"]["vectors"][0]
-    assert tail[0] == f"selected run: {v['method']} layer {v['layer']}, coefficient {v['weight']:g}"
-    delta = results.report["trait_delta"]
-    assert tail[1].startswith(f"judge trait delta on {results.report['n_questions']} report questions: "
-                              f"{delta['steered']['value']:.1f} [")
-    [run] = [r for r in results.runs if r.config.to_dict() == results.report["config"]]
-    for key, name in (("trait_effect", "trait effect"), ("nll_cost", "NLL cost"), ("kl", "KL")):
-        [line] = [l for l in tail if l.startswith(f"{name} ")]
-        *numbers, verdict = VS.search(line).groups()
-        est, ctl = run.judge_free[key], run.control[key]
-        assert [float(x) for x in numbers] == pytest.approx(
-            [est["value"], est["lo"], est["hi"], ctl["value"], ctl["lo"], ctl["hi"]], abs=5e-5)
-        assert verdict == ("overlaps" if est["lo"] <= ctl["hi"] and ctl["lo"] <= est["hi"] else "clear of")
+    report = results.report
+    v = report["config"]["vectors"][0]
+    run = reported_run(results)
+    assert tail[0] == (f"selected run: {v['method']} layer {v['layer']}, coefficient {v['weight']:g}; KL "
+                       f"{fmt_ci(run.judge_free['kl'])} nats/token within the budget of "
+                       f"{report['selection']['max_kl']}")
+    assert tail[1].startswith(f"on {report['n_questions']} report questions")
+    for cond in ("unsteered", "prompted", "steered", "control"):
+        [line] = [l for l in tail if l.split()[0] == cond]
+        assert f"{cond} {fmt_ci(report['trait'][cond], '.1f')}" in " ".join(line.split())
+        for key, name in (("trait_effect", "trait effect"), ("nll_cost", "NLL cost"), ("kl", "KL")):
+            est = (report["judge_free"].get(cond) or {}).get(key)
+            assert (f"{name} {fmt_ci(est)}" in line) == (est is not None), (cond, key, line)
+    assert tail[-len(steering_verdicts(results)):] == steering_verdicts(results)
 
 
 @pytest.mark.slow
@@ -45,9 +41,9 @@ def test_the_demo_runs_and_runs_again_from_its_stored_stages(tmp_path, monkeypat
     # A random tiny model never steers coherently; count every run as valid, as the real model's are, so the
     # second run finds steering evidence on disk (it once made the demo report a steering-sourced vector's
     # missing test-split AUROC and crash)
-    monkeypatch.setattr(SteeringResults, "valid_runs", lambda self, min_coherence=0.0: list(self.runs))
+    monkeypatch.setattr(SteeringResults, "valid_runs", lambda self, min_coherence=0.0, max_kl=None: list(self.runs))
     model = tiny_model("llama").model
-    settings = DemoSettings(max_new_tokens=3, steer_layers=1, search_steps=1, n_search=2, steer_tokens=3, n_neutral=2)
+    settings = DemoSettings(max_new_tokens=3, steer_layers=1, n_coefficients=1, n_search=2, steer_tokens=3, n_neutral=2)
     logs: list[list[str]] = [[], [], []]
     first = run_demo(model, settings, root=tmp_path, log=logs[0].append, command="tracelens demo --trait x")
     report = tmp_path / "smollm2-demo" / "report.md"

@@ -13,6 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 import tracelens.cli
@@ -21,7 +22,8 @@ import tracelens.pipeline.steering_eval
 from tracelens.errors import JudgeError
 from tracelens.judges.base import Judge, summarize_judge_scores
 from tracelens.judges.degeneracy import Degeneracy, degeneracy
-from tracelens.judges.offline import EmbeddingJudge, offline_judge, repetition_score
+from tracelens.judges.fluency import Fluency, fluency_score
+from tracelens.judges.offline import EmbeddingJudge, offline_judge, repetition_score, strip_punctuation
 from tracelens.judges.openai import (
     COHERENCE_SYSTEM,
     RELEVANCE_SYSTEM,
@@ -621,3 +623,122 @@ def test_offline_judge_refuses_a_trait_without_a_corpus():
     with pytest.raises(ValueError, match=r"trait 'starter/optimism'; got none: .*starter/optimism/judge_corpus\.jsonl "
                                          r"does not exist"):
         offline_judge(trait)
+
+
+# ---------------------------------------------------------------------------------------------- punctuation and
+# fluency
+
+
+def test_a_punctuation_only_edit_barely_moves_the_trait_score():
+    # Real answers the judge did not see: enthusiasm's held-out negatives (flat answers), fitted on the rest.
+    # Before punctuation was stripped, "." -> "!" moved them by 17.9 points on average (max 42.5).
+    corpus = load_trait("starter/enthusiasm").judge_corpus
+    fold = lambda texts, held_out: [t for i, t in enumerate(texts) if (i % 3 == 0) == held_out]  # noqa: E731
+    judge_ = EmbeddingJudge().fit(fold(corpus.positive, False), fold(corpus.negative, False))
+    flat = fold(corpus.negative, True)
+    for old, new in ((".", "!"), (".", "?"), (",", ";")):
+        shift = abs(judge_.score_texts([t.replace(old, new) for t in flat]) - judge_.score_texts(flat))
+        print(f"{old!r} -> {new!r}: mean |shift| {shift.mean():.2f}, max {shift.max():.2f} on {len(flat)} answers")
+        assert shift.mean() < 15, (old, new)
+
+
+def test_strip_punctuation_keeps_words_digits_and_emoji():
+    assert strip_punctuation("Wow... it's 5 o'clock! 🎉🎉 (finally) — yes?") == "Wow it s 5 o clock 🎉🎉 finally yes"
+    assert strip_punctuation("Wow. Great!") == strip_punctuation("Wow! Great.") == "Wow Great"
+    assert strip_punctuation("$5 + 3 = 8") == "$5 + 3 = 8"  # symbols, not punctuation
+
+
+def test_fluency_score_is_a_fixed_decreasing_logistic():
+    assert fluency_score(1.0, midpoint=1.0, scale=0.5) == pytest.approx(50.0)
+    scores = fluency_score(np.array([0.0, 1.0, 3.0, np.inf]), midpoint=1.0, scale=0.5)
+    assert list(scores) == sorted(scores, reverse=True) and scores[-1] == 0.0
+    assert scores[0] == pytest.approx(100 / (1 + math.exp(-2)))
+    with pytest.raises(ValueError, match="scale > 0"):
+        Fluency(object(), scale=0.0)
+
+
+QUESTION = "What do you like about autumn?"
+SENTENCE = "i love the fresh cold mornings and the bright red leaves in the park"
+
+
+@pytest.fixture(scope="module")
+def learned():
+    """A tiny random Llama trained (50 steps) to answer QUESTION with SENTENCE, so word order matters to it,
+    loaded through `load_model`, with an untouched HF copy (``reference``)."""
+    import copy
+
+    import torch
+
+    from tracelens.model.loading import load_model
+    from tracelens.model.prompts import encode, format_prompt
+    from tracelens.testing import TinyModel, make_tokenizer, tiny_hf_model
+
+    hf, tok = tiny_hf_model("llama", seed=3), make_tokenizer()
+    prompt = encode(tok, format_prompt(tok, QUESTION, use_chat_template=True))
+    answer = tok(SENTENCE, add_special_tokens=False).input_ids
+    ids, opt = torch.tensor([prompt + answer]), torch.optim.Adam(hf.parameters(), lr=1e-2)
+    for _ in range(50):
+        loss = torch.nn.functional.cross_entropy(hf(ids).logits[0, len(prompt) - 1 : -1], torch.tensor(answer))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    reference = copy.deepcopy(hf.eval())
+    return TinyModel(load_model(hf, tok, name="tiny-llama"), reference, tok, "llama")
+
+
+def test_fluency_nll_is_the_response_tokens_mean_nll_given_the_chat_prompt(learned):
+    import torch
+
+    from tracelens.model.prompts import encode, format_prompt
+
+    tok, fluency = learned.tokenizer, Fluency(learned.model, use_chat_template=True, batch_size=2)
+    questions = [QUESTION, "Hi", "Name a colour."]
+    responses = [SENTENCE, "hello there, how are you doing today", "red"]
+    nll = fluency.nll(questions + ["Hi"], responses + [""])
+    for i, (q, r) in enumerate(zip(questions, responses)):  # one at a time, on the untouched HF copy
+        prompt = encode(tok, format_prompt(tok, q, use_chat_template=True))
+        answer = tok(r, add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            logits = learned.reference(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer)).item()
+        assert nll[i] == pytest.approx(expected, abs=1e-4)
+    assert nll[-1] == math.inf and fluency.score(["Hi"], [""])[0] == 0.0
+
+
+def test_the_judge_with_fluency_scores_a_word_shuffled_answer_as_incoherent(learned, fitted):
+    import random
+
+    from tracelens.types import MIN_COHERENCE
+
+    words = SENTENCE.split()
+    shuffled = " ".join(random.Random(0).sample(words, len(words)))
+    fluency = Fluency(learned.model, use_chat_template=True)
+    with_fluency = EmbeddingJudge(fluency=fluency).fit(HAPPY, SAD)
+    items = [{"question": QUESTION, "response": r} for r in (SENTENCE, shuffled)]
+    plain, fluent = fitted.score(items), with_fluency.score(items)
+    assert [s["coherence_score"] for s in plain] == [100.0, 100.0]  # repetition alone does not see word order
+    assert fluent[0]["coherence_score"] >= MIN_COHERENCE > fluent[1]["coherence_score"]
+    assert [s["trait_score"] for s in fluent] == pytest.approx([s["trait_score"] for s in plain])
+    parts = with_fluency.coherence_parts(QUESTION, shuffled)
+    assert parts["coherence"] == min(parts["repetition"], parts["fluency"]) == pytest.approx(fluent[1]["coherence_score"])
+    assert "fluency" not in fitted.coherence_parts(QUESTION, shuffled)
+
+
+def test_offline_judge_with_fluency_has_its_own_name(learned):
+    fluency = Fluency(learned.model)
+    plain, with_fluency = offline_judge("starter/optimism"), offline_judge("starter/optimism", fluency=fluency)
+    assert with_fluency.name == f"{plain.name}:fluency-{fluency.name}" and fluency.name.startswith("tiny-llama") and "@" in fluency.name
+    assert with_fluency.fluency is fluency and plain.fluency is None
+
+
+def test_an_openai_judges_coherence_is_measured_like_any_other_signal(server):
+    from tracelens.pipeline.coherence_validation import CoherenceItem, judge_signal, signal_validity
+
+    intact = "Boil the rice, then fry it with eggs and peas."
+    server.respond = lambda p: (200, completion(
+        [("90", 1.0)] if intact in p["messages"][-1]["content"] else [("20", 1.0)]), {})
+    items = [CoherenceItem(f"q{i}", text, text == intact, kind)
+             for i in range(6) for text, kind in ((intact, "intact"), ("peas rice eggs with the Boil fry", "shuffled"))]
+    overall, per_kind = signal_validity(items, judge_signal(judge(server), "calm", "Calm.")(items), n_resamples=100)
+    assert overall.value == per_kind["shuffled"].value == 1.0
+    assert server.count("coherence") == len(items)

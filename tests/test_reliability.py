@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
     backend = LocalBackend.from_model(tiny_model("llama").model)
     trait = "starter/optimism"
     run_extraction(exp, [trait], ExtractionConfig(methods=("probe", "mean_diff"), max_new_tokens=4), backend=backend)
-    run_steering_eval(exp, trait, LengthJudge(), SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2,
+    run_steering_eval(exp, trait, LengthJudge(), SteeringEvalConfig(layers=[0, 1], n_coefficients=2, n_search=2,
                       n_report=2, max_new_tokens=3, n_neutral=2), backend=backend)
     print("finished")
 """)

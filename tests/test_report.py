@@ -15,11 +15,12 @@ from tracelens.serving.backends import LocalBackend
 from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 from tracelens.io import read_json, read_jsonl, write_json
-from tracelens.pipeline.report import fmt_ci, render_report, write_report
+from tracelens.pipeline.report import ROW_NAMES, fmt_ci, render_report, tradeoff_figure_name, write_report
 from tracelens.provenance import git_commit
-from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
+from tracelens.pipeline.steering_eval import CONDITIONS, SteeringEvalConfig, run_steering_eval
 
-CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
+CONFIG = SteeringEvalConfig(layers=[0, 1], n_coefficients=2, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2,
+                            max_kl=100.0)
 NUM = r"(-?\d+\.\d+)"
 CI = re.compile(rf"{NUM} \[{NUM}, {NUM}\]")
 COMMAND = "tracelens report --experiment report-exp --output 'my results.md'"
@@ -100,7 +101,32 @@ def test_extraction_tables_carry_the_stored_numbers_and_chance_band(built):
             f"({ev['splits']['select']} pairs) among 2 layers x 1 method (2 candidates)") in md
     pairs = ev["splits"]
     assert f"train {pairs['train']} pairs / {pairs['train']} questions" in md  # one pair per question here
-    assert "- Model: `tiny`" in md and "20 random directions per layer, 5-95th percentile" in md
+    assert "- Model: `tiny`" in md and "- Produced by: `python API (run_extraction)`" in md
+    assert ev["chance"]["n_directions"] == 100  # the default
+    assert ("100 random directions per layer, 5-95th percentile, against which 2 fitted method x layer rows are "
+            "tested (about 0.1 would clear a per-layer 95th percentile by chance alone)") in md
+    above = sum(r["above_chance"] for r in ev["results"] if r["method"] != "random_baseline")
+    assert (f"{above} of 2 fitted method x layer rows are above chance; by chance alone about 2 x 0.05 = 0.1 would "
+            "clear a per-layer 95th percentile (the band is not corrected for the 2 comparisons).") in md
+
+
+def test_extraction_names_its_command_and_warns_below_30_test_pairs(built, tmp_path):
+    exp = _copy(built, tmp_path, ignore=shutil.ignore_patterns("steering"))
+    ev = read_json(_evaluation_path(exp))
+    ev["command"] = "tracelens extract --experiment report-exp --traits x"
+    ev["splits"]["test"] = 29
+    write_json(_evaluation_path(exp), ev)
+    md = render_report(exp)
+    assert "- Produced by: `tracelens extract --experiment report-exp --traits x`" in md
+    assert "The test split has 29 pairs (fewer than 30): percentile-bootstrap intervals" in md
+    del ev["command"]  # a file from before the command was recorded
+    ev["splits"]["test"] = 30
+    write_json(_evaluation_path(exp), ev)
+    md = render_report(exp)
+    assert "- Produced by: not recorded" in md and "The test split has" not in md
+    ev["splits"]["test"] = 10  # the demo's test split
+    write_json(_evaluation_path(exp), ev)
+    assert "The test split has 10 pairs (fewer than 30)" in render_report(exp)
 
 
 def test_steering_runs_report_line_and_control_carry_the_stored_numbers(built):
@@ -115,15 +141,22 @@ def test_steering_runs_report_line_and_control_carry_the_stored_numbers(built):
         run = by_key[(int(cells[0]), float(cells[1]))]
         assert float(cells[2]) == pytest.approx(run["result"]["trait_mean"], abs=0.05)
         assert [_ci(c) for c in cells[4:7]] == [run["judge_free"][k] for k in ("trait_effect", "nll_cost", "kl")]
-        assert [_ci(c) for c in cells[7:9]] == [run["control"][k] for k in ("trait_effect", "nll_cost")]
-        assert cells[9] == ("selected" if run["config"] == report["config"] else "")
-    assert sum(c[9] == "selected" for c in rows) == 1
+        assert cells[7] == ("yes" if run["judge_free"]["kl"]["value"] <= 100.0 else "**over**")
+        assert cells[8] == ("selected" if run["config"] == report["config"] else "")
+    assert sum(c[8] == "selected" for c in rows) == 1
     table = {r[0]: r for r in _rows(md, "**Report**")}
-    assert list(table) == ["unsteered", "steered", "control"]
-    for cond in ("steered", "control"):
-        got, want = _ci(table[cond][3]), report["trait_delta"][cond]
-        assert got == pytest.approx(want, abs=0.05)
-        assert _ci(table[cond][1]) == pytest.approx(report["trait"][cond], abs=0.05)
+    assert list(table) == [ROW_NAMES[c] for c in CONDITIONS]
+    for cond in CONDITIONS[1:]:
+        row = table[ROW_NAMES[cond]]
+        assert _ci(row[2]) == pytest.approx(report["trait_delta"][cond], abs=0.05)
+        assert _ci(row[1]) == pytest.approx(report["trait"][cond], abs=0.05)
+        assert _ci(row[7]) == pytest.approx(report["steerability"]["moved"][cond], abs=0.005)
+        stored = report["judge_free"].get(cond)
+        if stored:
+            assert [_ci(c) for c in row[4:6]] == [stored[k] for k in ("trait_effect", "nll_cost")]
+    assert [_ci(c) for c in table["steered"][4:7]] == [report["judge_free"]["steered"][k]
+                                                        for k in ("trait_effect", "nll_cost", "kl")]
+    assert table[ROW_NAMES["prompted"]][6] == "not defined"  # KL needs the unsteered context
     validity = next(l for l in lines if l["type"] == "header")["eval"]["validity"]  # measured by the stage
     measured = f"AUROC {fmt_ci(validity['auroc'])} on {validity['n_pairs']} pairs ({validity['data']})"
     assert f"re-judged by `fixed` (validity: {measured}) on {report['n_questions']} report questions" in md
@@ -137,7 +170,9 @@ def test_report_is_byte_identical_and_written_atomically(built, tmp_path, monkey
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(built.root))
     assert render_report(built.name) == first
     path = write_report(built, [TRAIT], tmp_path / "out" / "report.md", command="python API (render_report)")
-    assert path.read_bytes() == first.encode() and list(path.parent.iterdir()) == [path]
+    figure = path.parent / tradeoff_figure_name(TRAIT, "response_all")
+    assert path.read_bytes() == first.encode() and sorted(path.parent.iterdir()) == sorted([path, figure])
+    assert f"]({figure.name})" in first and figure.read_text().startswith("<svg")
     assert render_report(built, [TRAIT], variant="base") == first
 
 
@@ -252,16 +287,20 @@ def test_commit_is_unknown_outside_a_checkout_and_dirty_when_the_tree_is(tmp_pat
     assert git_commit(source) == "unknown"  # git missing
 
 
-def test_selected_run_judge_free_table_carries_the_stored_numbers(built):
-    md = render_report(built)
-    lines = read_jsonl(_results_path(built))
-    [report] = [l for l in lines if l["type"] == "report"]
-    [run] = [l for l in lines if l["type"] == "run" and l["config"] == report["config"]]
-    rows = _rows(md, "**Judge-free, the selected run**")
-    assert [r[0] for r in rows] == ["trait effect", "NLL cost", "KL"]
-    for cells, key in zip(rows, ("trait_effect", "nll_cost", "kl")):
-        est, ctl = run["judge_free"][key], run["control"][key]
-        assert _ci(cells[1]) == est and _ci(cells[2]) == ctl
-        assert cells[3] == ("overlap" if est["lo"] <= ctl["hi"] and ctl["lo"] <= est["hi"] else "apart")
-    v = report["config"]["vectors"][0]
-    assert f"**Report** (the selected run, `{v['method']}` at layer {v['layer']}, coefficient" in md
+def test_the_verdicts_follow_the_stored_numbers(built, tmp_path):
+    exp = _copy(built, tmp_path)
+    lines = read_jsonl(_results_path(exp))
+    report = next(l for l in lines if l["type"] == "report")
+    for versus, verdict in (({"value": 12.0, "lo": 4.0, "hi": 20.0}, "Steering beats prompting"),
+                            ({"value": -12.0, "lo": -20.0, "hi": -4.0}, "Prompting beats steering"),
+                            ({"value": 1.0, "lo": -3.0, "hi": 5.0}, "Steering and prompting cannot be told apart")):
+        report["steering_vs_prompting"] = versus
+        report["steerability"]["anti_steerable"] = [report["per_question"]["questions"][0]]
+        _results_path(exp).write_text("".join(json.dumps(l) + "\n" for l in lines))
+        md = render_report(exp)
+        assert f"- {verdict} on this model: steered minus prompted judge trait, in the trait's direction, " \
+               f"{fmt_ci(versus, '.1f')} points per question" in md
+        assert f"Anti-steerable (moved the wrong way beyond the control's 5-95% spread of deltas" in md
+        assert report["per_question"]["questions"][0] in md
+    assert "The KL budget (100 nats/token) cost nothing" in md
+    assert "The report rests on 2 questions" in md  # the small-sample caveat fires below 30 questions

@@ -1,6 +1,7 @@
 """Steering evaluation on a tiny model: search arithmetic, results.jsonl lines, resume without duplicates."""
 
 import pytest
+import torch
 
 from tracelens.serving.backends import LocalBackend
 import tracelens.store as store
@@ -8,8 +9,17 @@ from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ExtractionConfig, load_activation_metadata, run_extraction
 from tracelens.io import read_jsonl
 from tracelens.pipeline.selection import select_vector, select_vectors
-from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
+from tracelens.methods import get_method
+from tracelens.model.edits import unit
+from tracelens.pipeline.extraction import chance_directions, vet_responses
+from tracelens.pipeline.report import reported_run
+from tracelens.pipeline.steering_eval import (CONDITIONS, SteeringEvalConfig, coefficient_grid, control_directions,
+                                              judge_validity, matched_kl, run_steering_eval)
+from tracelens.serving.backends import GenerationConfig
+from tracelens.types import (DEFAULT_MAX_KL, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
+                             SteeringRunRecord)
 from tracelens.datasets.traits import load_trait
+from tracelens.testing import tiny_model
 
 TRAIT = "starter/optimism"
 
@@ -29,31 +39,45 @@ class FixedJudge:
         return [{"trait_score": float(len(i["response"]) % 100), "coherence_score": self.coherence} for i in items]
 
 
-@pytest.fixture
-def extracted(tmp_path, tiny):
+def _extracted(tmp_path, model):
     exp = Experiment.named("steer-exp", tmp_path)
     exp.write_config({"base": {"model": "tiny"}}, {"extraction": "base", "application": "base"})
-    backend = LocalBackend.from_model(tiny.model)
+    backend = LocalBackend.from_model(model)
     run_extraction(exp, [TRAIT], ExtractionConfig(methods=("probe",), max_new_tokens=3), backend=backend)
     return exp, backend
 
 
-CONFIG = SteeringEvalConfig(layers=[0, 1], search_steps=3, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2)
+@pytest.fixture
+def extracted(tmp_path, tiny):
+    """An extraction on each tiny architecture."""
+    return _extracted(tmp_path, tiny.model)
+
+
+@pytest.fixture
+def extracted_llama(tmp_path):
+    """An extraction on the tiny llama only: for the selection and report logic, which no architecture changes."""
+    return _extracted(tmp_path, tiny_model("llama").model)
+
+
+CONFIG = SteeringEvalConfig(layers=[0, 1], n_coefficients=3, n_search=2, n_report=2, max_new_tokens=3, n_neutral=2,
+                            max_kl=100.0)
 
 
 def _runs(exp):
     return [l for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]")) if l["type"] == "run"]
 
 
-@pytest.mark.parametrize("coherence, mult", [(90.0, 1.3), (50.0, 0.85)])
-def test_search_starts_at_0_7_mean_norm_and_multiplies_by_coherence(extracted, coherence, mult):
+@pytest.mark.parametrize("coherence", [90.0, 50.0])
+def test_the_grid_is_log_spaced_from_near_zero_and_a_report_needs_a_valid_run(extracted, coherence):
     exp, backend = extracted
     results = run_steering_eval(exp, TRAIT, FixedJudge(coherence), CONFIG, backend=backend)
     norms = load_activation_metadata(exp, TRAIT, "base").activation_norms
     for layer in (0, 1):
         coefs = [r.coefficient for r in results.runs if r.layer == layer]
-        start = 0.7 * norms[layer]  # vectors are unit-norm
-        assert coefs == pytest.approx([start, start * mult, start * mult**2], rel=1e-3)
+        scale = norms[layer]  # vectors are unit-norm
+        assert coefs == pytest.approx(coefficient_grid(scale, 3), rel=1e-3)
+        assert coefs == pytest.approx([0.02 * scale, 0.02 * scale * 50 ** 0.5, scale], rel=1e-3)
+        assert min(coefs) <= 0.2 * scale
     assert results.header.trait == TRAIT and results.baseline is not None
     kinds = [l["type"] for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))]
     # a report line only when some run is valid (coherence >= 77)
@@ -62,7 +86,7 @@ def test_search_starts_at_0_7_mean_norm_and_multiplies_by_coherence(extracted, c
 
 def test_negative_direction_flips_the_sign(extracted):
     exp, backend = extracted
-    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "direction": "negative", "search_steps": 1})
+    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "direction": "negative", "n_coefficients": 1})
     results = run_steering_eval(exp, TRAIT, FixedJudge(), cfg, backend=backend)
     assert all(r.coefficient < 0 for r in results.runs)
 
@@ -73,7 +97,7 @@ def test_a_steering_run_reads_the_experiment_config_once(extracted, monkeypatch)
     real = store._load_config
     monkeypatch.setattr(store, "_load_config", lambda path: reads.append(path) or real(path))
     monkeypatch.setenv("TRACELENS_EXPERIMENTS", str(exp.root))
-    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1})
+    cfg = SteeringEvalConfig(**{**CONFIG.__dict__, "n_coefficients": 1})
     run_steering_eval(exp.name, TRAIT, FixedJudge(), cfg, backend=backend)  # by name: a fresh Experiment
     assert reads == [exp.config_path]
 
@@ -118,30 +142,33 @@ def test_re_extracted_vectors_invalidate_old_steering_runs(extracted):
     assert select_vector(exp, TRAIT).source == "steering"
 
 
-def test_every_run_stores_judge_free_metrics_and_a_random_control_and_the_report_uses_other_questions(extracted):
+def test_every_run_stores_judge_free_metrics_and_the_report_uses_other_questions_and_ten_controls(extracted):
     exp, backend = extracted
     results = run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
     for run in results.runs:
-        for block in (run.judge_free, run.control):
-            assert set(block) == {"trait_effect", "nll_cost", "kl"}
-            assert all(m["lo"] <= m["value"] <= m["hi"] for m in block.values())
-        assert run.judge_free != run.control
+        assert set(run.judge_free) == {"trait_effect", "nll_cost", "kl"}
+        assert all(m["lo"] <= m["value"] <= m["hi"] for m in run.judge_free.values())
     assert set(results.baseline_judge_free) == {"llr", "nll"}
     report = results.report
-    assert report["config"] == results.best_run().config.to_dict()
+    assert report["config"] == results.best_run(max_kl=100.0).config.to_dict()
     questions = load_trait(TRAIT).steering.questions
     assert [e["question"] for e in report["examples"]] == questions[2:4]  # after the 2 search questions
-    assert set(report["trait_delta"]) == {"steered", "control"} and report["n_questions"] == 2
-    for cond in ("unsteered", "steered", "control"):
+    assert set(report["trait_delta"]) == {"prompted", "steered", "prompted_steered", "control"}
+    assert report["n_questions"] == 2
+    for cond in ("unsteered", "prompted", "steered", "prompted_steered", "control"):
         assert report["results"][cond]["n"] == 2
+    for point in report["control_curve"]:
+        assert all(len(v) >= 10 for v in point["per_direction"].values())
+    assert report["judge_free"]["control"] == report["control_curve"][0]["band"]
+    assert set(report["judge_free"]["prompted"]) == {"trait_effect", "nll_cost"}
 
 
 def test_a_different_max_new_tokens_starts_a_fresh_results_file(extracted):
     exp, backend = extracted
-    run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1}),
+    run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "n_coefficients": 1}),
                       backend=backend)
     judge = FixedJudge()
-    run_steering_eval(exp, TRAIT, judge, SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1,
+    run_steering_eval(exp, TRAIT, judge, SteeringEvalConfig(**{**CONFIG.__dict__, "n_coefficients": 1,
                                                                 "max_new_tokens": 4}), backend=backend)
     assert judge.calls > 0 and read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))[0]["max_new_tokens"] == 4
 
@@ -169,7 +196,7 @@ def test_bad_settings_fail_at_construction(bad, match):
 def test_stale_results_are_never_overwritten_and_a_bad_run_moves_nothing(extracted):
     exp, backend = extracted
     path = exp.steering_results_path(TRAIT, "base", "response[:]")
-    one = SteeringEvalConfig(**{**CONFIG.__dict__, "search_steps": 1})
+    one = SteeringEvalConfig(**{**CONFIG.__dict__, "n_coefficients": 1})
     for tokens in (3, 4, 3):  # two switches within the same second
         run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one.__dict__, "max_new_tokens": tokens}),
                           backend=backend)
@@ -193,9 +220,136 @@ def test_a_renamed_experiment_keeps_its_steering_results(extracted):
 
 def test_the_report_can_select_a_run_from_an_earlier_call_with_other_layers(extracted):
     exp, backend = extracted
-    one = {**CONFIG.__dict__, "search_steps": 1}
+    one = {**CONFIG.__dict__, "n_coefficients": 1}
     run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one, "layers": [0]}), backend=backend)
     results = run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**one, "layers": [1]}),
                                 backend=backend)
     assert {r.layer for r in results.runs} == {0, 1}
     assert results.report["config"] == results.best_run().config.to_dict()
+
+
+def _run(trait, coherence, kl, coefficient):
+    est = {"value": kl, "lo": kl * 0.9, "hi": kl * 1.1}
+    return SteeringRunRecord(JudgeResult(trait_mean=trait, coherence_mean=coherence, n=8),
+                             ProjectionConfig.single(15, "residual", "response[:]", "probe", coefficient),
+                             judge_free={"trait_effect": {"value": 1.0, "lo": 0.5, "hi": 1.5}, "nll_cost": est, "kl": est})
+
+
+def test_selection_keeps_the_budget_a_higher_trait_score_over_it_is_never_selected():
+    over, within = _run(91.0, 93.0, 1.77, 93.0), _run(76.0, 98.0, 0.39, 45.0)
+    results = SteeringResults(SteeringHeader(TRAIT), JudgeResult(trait_mean=57.0, coherence_mean=92.0, n=8),
+                              [over, within])
+    assert results.best_run(max_kl=DEFAULT_MAX_KL) is within
+    assert results.best_run() is over  # what selection by judge coherence alone returns
+    assert results.best_run(max_kl=0.1) is None
+
+
+def test_the_selected_run_is_within_the_budget_and_runs_over_it_are_kept(extracted_llama):
+    exp, backend = extracted_llama
+    loose = run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
+    kls = sorted(r.judge_free["kl"]["value"] for r in loose.runs)
+    budget = (kls[1] + kls[2]) / 2  # two runs within, four over
+    results = run_steering_eval(exp, TRAIT, FixedJudge(), SteeringEvalConfig(**{**CONFIG.__dict__, "max_kl": budget}),
+                                backend=backend)
+    assert results.header.selection["max_kl"] == budget
+    chosen = reported_run(results)
+    assert chosen.judge_free["kl"]["value"] <= budget
+    within = [r for r in results.runs if r.judge_free["kl"]["value"] <= budget]
+    assert chosen.result.trait_mean == max(r.result.trait_mean for r in within)
+    over = sum(r.judge_free["kl"]["value"] > budget for r in results.runs)
+    assert results.report["selection"]["n_over_budget"] == over >= 4 and results.report["selection"]["max_kl"] == budget
+    # each layer whose grid crosses the budget gets one more coefficient, between the two grid runs around it
+    grid = {(r.layer, r.coefficient) for r in loose.runs}
+    extra = [r for r in results.runs if (r.layer, r.coefficient) not in grid]
+    assert 1 <= len(extra) == len(results.runs) - 6
+    for run in extra:
+        layer_grid = sorted(k for l, k in grid if l == run.layer)
+        assert any(a < run.coefficient < b for a, b in zip(layer_grid, layer_grid[1:]))
+
+
+class RecordingBackend:
+    """The tiny model's backend, recording every generate call's prompts and system prompts."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, config=None, steering=None, system_prompts=None):
+        self.calls.append((list(prompts), system_prompts))
+        return self.inner.generate(prompts, config, steering, system_prompts)
+
+
+class RecordingJudge(FixedJudge):
+    def __init__(self):
+        super().__init__()
+        self.items = []
+
+    def score(self, items, trait_name=None, definition=None):
+        self.items += [i["response"] for i in items]
+        return super().score(items, trait_name, definition)
+
+
+def test_the_prompting_baseline_uses_the_traits_instruction_and_the_same_judge(extracted_llama):
+    exp, backend = extracted_llama
+    recording, judge = RecordingBackend(backend), RecordingJudge()
+    results = run_steering_eval(exp, TRAIT, judge, CONFIG, backend=recording)
+    instructions = list(dict.fromkeys(s.system_prompt for s in load_trait(TRAIT).positive if s.system_prompt))
+    assert instructions and results.report["instructions"] == instructions
+    prompts, systems = recording.calls[-1]  # the report's call: one block of 2 questions per condition
+    blocks = {c: systems[2 * b : 2 * b + 2] for b, c in enumerate(CONDITIONS)}
+    assert blocks["prompted"] == blocks["prompted_steered"] == instructions[:2]
+    assert blocks["unsteered"] == blocks["steered"] == blocks["control"] == [None, None]
+    assert results.report["results"]["prompted"]["n"] == 2
+    assert set(results.report["judge_free"]["prompted"]) == {"trait_effect", "nll_cost"}
+    answers = recording.inner.generate(prompts[2:4], GenerationConfig(CONFIG.max_new_tokens), None, systems[2:4])
+    assert set(answers) <= set(judge.items)  # the prompted answers were judged by the steering judge
+
+
+def test_per_question_deltas_average_to_the_reported_deltas_and_steerability_is_stored(extracted_llama):
+    exp, backend = extracted_llama
+    report = run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend).report
+    per_q = report["per_question"]
+    assert per_q["questions"] == load_trait(TRAIT).steering.questions[2:4]
+    for cond in ("prompted", "steered", "prompted_steered", "control"):
+        deltas = [d for d in per_q[cond] if d is not None]
+        assert round(sum(deltas) / len(deltas), 4) == report["trait_delta"][cond]["value"]
+    moved = report["steerability"]["moved"]["steered"]
+    assert moved["value"] == sum(d > 0 for d in per_q["steered"]) / 2
+    assert set(report["steerability"]["anti_steerable"]) <= set(per_q["questions"])
+
+
+def test_control_directions_are_their_own_draws():
+    controls = control_directions(64, 10)
+    assert controls.shape == (10, 64) and torch.equal(controls, control_directions(64, 10))
+    assert torch.allclose(controls.norm(dim=-1), torch.ones(10))
+    for layer in range(4):
+        others = torch.cat([chance_directions(64, layer, 100),
+                            unit(get_method("random_baseline").extract(
+                                torch.randn(4, 64), torch.randn(4, 64), seed=layer)["vector"])[None]])
+        assert (controls @ others.T).abs().max() < 0.9  # no control is the chance band's or random_baseline's draw
+
+
+def test_judge_validity_scores_unvetted_pairs_when_the_judge_vetted_the_extraction(extracted_llama):
+    exp, _ = extracted_llama
+    judge = FixedJudge()
+    before = judge_validity(judge, exp, TRAIT, "base")
+    assert before["data"].startswith("extraction test split")
+    vet_responses(exp, TRAIT, "base", judge, exp.responses_metadata(TRAIT, "base").input_hash)
+    after = judge_validity(judge, exp, TRAIT, "base")
+    assert "unvetted" in after["data"] and after["n_pairs"] >= before["n_pairs"]
+    other = FixedJudge()
+    other.name = "another"
+    assert judge_validity(other, exp, TRAIT, "base")["data"] == before["data"]
+
+
+def test_matched_kl_interpolates_each_control_direction_and_leaves_out_those_that_never_reach_it():
+    curve = [{"per_direction": {"kl": [0.25, 1.0], "trait_effect": [0.5, 2.0]}},
+             {"per_direction": {"kl": [1.0, 4.0], "trait_effect": [1.0, 4.0]}}]
+    # in sqrt(KL): direction 0 sits on its first point, direction 1 half-way from (0, 0) to (1.0, 2.0)
+    assert matched_kl(curve, 0.25)["trait_effect"]["value"] == pytest.approx(0.75)
+    at_two = matched_kl(curve, 2.0)
+    assert (at_two["n_directions"], at_two["of"]) == (1, 2)  # direction 0 never gets past KL 1.0
+    assert at_two["trait_effect"]["value"] == pytest.approx(2 + 2 * (2 ** 0.5 - 1), abs=1e-4)
+    assert matched_kl(curve, 9.0) is None

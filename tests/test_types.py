@@ -13,6 +13,7 @@ from tracelens.errors import DataError, InputTypeError
 from tracelens.records import record, stored
 from tracelens.types import (
     ActivationMetadata,
+    CoherenceValidation,
     Evaluation,
     EvaluationRow,
     JudgeResult,
@@ -97,8 +98,15 @@ EXAMPLES = {
         trait="mood/happy", direction="positive", steering_model="smollm2", steering_experiment="demo",
         vector_source={"model": "smollm2", "experiment": "demo", "trait": "mood/happy"},
         eval={"model": "embedding", "method": "classifier", "trait_judge": "embedding"}, prompts_file="q.json",
-        prompts_hash="123", n_questions=5,
+        prompts_hash="123", n_questions=5, selection={"max_kl": 0.5, "min_coherence": 77.0}, command="tracelens steer",
     ),
+    "CoherenceValidation": CoherenceValidation(
+        model="m", prompt_set="general", seed=0, max_new_tokens=40, layer=15, coefficients={"random_steering_1x": 9.5},
+        n_items={"tune": {"items": 90, "intact": 12}, "held_out": {"items": 88, "intact": 12}},
+        n_questions={"tune": 12, "held_out": 12}, tune_questions=["a"], held_out_questions=["b"],
+        auroc={"nll": {"value": 0.9, "lo": 0.8, "hi": 0.97}}, per_kind={"nll": {"truncated": {"value": 0.4, "lo": 0.3,
+                                                                                           "hi": 0.5}}},
+        sources={"nll": "m"}),
     "ScenarioResponse": ScenarioResponse("Hi?", "Be glad.", "Hello!", [1, 5], [6, 7]),
     "ResponsesMetadata": ResponsesMetadata(model="smollm2", trait="mood/happy", max_new_tokens=8, temperature=0.0,
                                            chat_template=True, input_hashes={"scenarios": "abc"}, input_hash="def"),

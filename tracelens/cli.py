@@ -33,11 +33,15 @@ def _vllm_backend(experiment: str, variant: str | None, mode: str):
     return VLLMBackend(mv.model)
 
 
-def _judge(kind: str, trait: str, url: str, model: str):
+def _judge(kind: str, trait: str, url: str, model: str, fluency_model=None):
+    """The judge `kind` names; the offline one scores fluency under `fluency_model` when given."""
+    from tracelens.judges.fluency import Fluency
     from tracelens.judges.offline import offline_judge
     from tracelens.judges.openai import OpenAIJudge
 
-    return offline_judge(trait) if kind == "offline" else OpenAIJudge(url, model=model)
+    if kind != "offline":
+        return OpenAIJudge(url, model=model)
+    return offline_judge(trait, fluency=None if fluency_model is None else Fluency(fluency_model))
 
 
 # --- subcommands: plain keyword functions, one per parser -----------------------------------------
@@ -52,7 +56,7 @@ def demo(*, trait: str, invocation: str) -> None:
 
 def extract(*, experiment: str, traits: str, variant: str | None, methods: str, position: str | None, layers: str,
             component: str, splits: str, max_new_tokens: int | None, limit: int | None, force: bool, backend: str,
-            vet: bool, judge_url: str, judge_model: str) -> None:
+            vet: bool, judge_url: str, judge_model: str, invocation: str) -> None:
     from tracelens.metrics import Estimate
     from tracelens.pipeline.extraction import ExtractionConfig, run_extraction
 
@@ -61,7 +65,7 @@ def extract(*, experiment: str, traits: str, variant: str | None, methods: str, 
     vet_judge = _judge("openai", "", judge_url, judge_model) if vet else None
     response_backend = _vllm_backend(experiment, variant, "extraction") if backend == "vllm" else None
     evaluations = run_extraction(experiment, _csv(traits), config, variant=variant, vet_judge=vet_judge,
-                                 response_backend=response_backend)
+                                 response_backend=response_backend, command=invocation)
     for trait, evaluation in evaluations.items():
         row = evaluation.selected_row
         band = evaluation.chance["layers"][str(row.layer)]["auroc"]
@@ -72,44 +76,50 @@ def extract(*, experiment: str, traits: str, variant: str | None, methods: str, 
 
 
 def steer(*, experiment: str, traits: str, variant: str | None, layers: str, method: str, position: str,
-          component: str, coefficients: str | None, search_steps: int, n_search: int, n_report: int | None,
-          n_neutral: int, max_new_tokens: int, direction: str | None, search_coherence: float, min_coherence: float,
-          judge: str,
-          judge_url: str, judge_model: str) -> None:
+          component: str, coefficients: str | None, n_coefficients: int, n_search: int, n_report: int | None,
+          n_neutral: int, max_new_tokens: int, direction: str | None, max_kl: float, min_coherence: float,
+          n_controls: int, judge: str, judge_url: str, judge_model: str, invocation: str) -> None:
     from tracelens.metrics import Estimate
+    from tracelens.pipeline.report import fmt_ci, steering_verdicts
     from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
+    from tracelens.serving.backends import LocalBackend
 
     config = SteeringEvalConfig(
         layers=layers, method=method, position=position, component=component,
-        coefficients=_floats(coefficients) if coefficients else None, search_steps=search_steps,
+        coefficients=_floats(coefficients) if coefficients else None, n_coefficients=n_coefficients,
         n_search=n_search, n_report=n_report, max_new_tokens=max_new_tokens, direction=direction, n_neutral=n_neutral,
-        search_coherence=search_coherence, min_coherence=min_coherence)
+        max_kl=max_kl, min_coherence=min_coherence, n_controls=n_controls)
+    # the offline judge's coherence reads fluency under the unsteered model: load it once, steer through it
+    backend = LocalBackend.from_experiment(experiment, variant) if judge == "offline" else None
     for trait in _csv(traits):
-        trait_judge = _judge(judge, trait, judge_url, judge_model)
-        results = run_steering_eval(experiment, trait, trait_judge, config, variant=variant)
+        trait_judge = _judge(judge, trait, judge_url, judge_model, backend and backend.model)
+        results = run_steering_eval(experiment, trait, trait_judge, config, variant=variant, backend=backend,
+                                    command=invocation)
         print(f"{trait}: judge {trait_judge.name}: validity on the unseen test-split answers AUROC "
               f"{Estimate.from_dict(results.header.eval['validity']['auroc']):.3f}")
         base = results.baseline
         print(f"{trait}: baseline (search questions) trait {base.trait_mean} coherence {base.coherence_mean}")
         for run in results.runs:
-            jf, ctl = run.judge_free, run.control
-            print(f"  layer {run.layer} coef {run.coefficient:.1f}: trait {run.result.trait_mean} coherence "
-                  f"{run.result.coherence_mean}; trait effect {Estimate.from_dict(jf['trait_effect']):.3f} "
-                  f"(control {Estimate.from_dict(ctl['trait_effect']):.3f}), NLL cost "
-                  f"{Estimate.from_dict(jf['nll_cost']):.3f} (control {Estimate.from_dict(ctl['nll_cost']):.3f}) "
-                  "nats/token")
+            jf = run.judge_free
+            print(f"  layer {run.layer} coef {run.coefficient:.4g}: trait {run.result.trait_mean} coherence "
+                  f"{run.result.coherence_mean}; trait effect {fmt_ci(jf['trait_effect'], '.3f')}, NLL cost "
+                  f"{fmt_ci(jf['nll_cost'], '.3f')}, KL {fmt_ci(jf['kl'], '.3f')} nats/token"
+                  + ("" if run.within_budget(config.max_kl) else " (over the KL budget)"))
         r = results.report
-        if results.best_run(config.min_coherence) is None:  # a stored report may come from a looser --min-coherence
-            print(f"{trait}: no run kept coherence >= {config.min_coherence}: nothing reported")
+        if results.best_run(config.min_coherence, max_kl=config.max_kl) is None:
+            print(f"{trait}: no run within KL {config.max_kl:g} nats/token keeps coherence >= "
+                  f"{config.min_coherence}: nothing reported")
             continue
         v = r["config"]["vectors"][0]
-        print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.1f}, on {r['n_questions']} report "
-              f"questions: trait delta {Estimate.from_dict(r['trait_delta']['steered']):.1f} vs random control "
-              f"{Estimate.from_dict(r['trait_delta']['control']):.1f}")
+        print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.4g}, on {r['n_questions']} report "
+              f"questions: trait delta {fmt_ci(r['trait_delta']['steered'], '.1f')} vs random controls "
+              f"{fmt_ci(r['trait_delta']['control'], '.1f')}")
+        for line in steering_verdicts(results):
+            print(f"  {line}")
 
 
 def ab(*, data: str, model: str, layers: str, method: str, read: str, component: str, multipliers: str, splits: str,
-       seed: int, n_random: int, batch_size: int, out: str) -> None:
+       seed: int, n_random: int, batch_size: int, out: str, invocation: str) -> None:
     from tracelens.metrics import Estimate
     from tracelens.model.loading import load_model
     from tracelens.pipeline.ab import ABConfig, load_ab, run_ab, save_ab
@@ -117,8 +127,8 @@ def ab(*, data: str, model: str, layers: str, method: str, read: str, component:
     config = ABConfig(layers=layers, method=method, read=read, component=component, seed=seed, multipliers=_floats(multipliers),
                       fractions=_floats(splits), n_random=n_random, batch_size=batch_size)
     dataset = load_ab(data)
-    result = run_ab(load_model(model), dataset, config)
-    paths = save_ab(result, out)
+    result = run_ab(load_model(model), dataset, config, model_id=model)
+    paths = save_ab(result, out, command=invocation)
     r = result.report
     print(f"{r['dataset']}: {r['n_questions']} questions, matching letters {r['letter_balance']}, splits {r['splits']}; "
           f"unsteered p(match) {Estimate.from_dict(r['unsteered']['p_match']):.3f}")
@@ -301,36 +311,47 @@ def _add_extract(sub) -> None:
     p.add_argument("--vet", action="store_true",
                    help="keep only the pairs an LLM judge scores pos >= 60, neg <= 40 (of 100)")
     _judge_options(p, "for --vet")
+    p.set_defaults(invocation=None)  # main() fills in the command line, recorded in the evaluation
 
 
 def _add_steer(sub) -> None:
-    p = _subparser(sub, "steer", steer, "coefficient search (judged, with judge-free metrics and a random "
-                                         "control), then the selected run reported on disjoint questions")
+    from tracelens.types import DEFAULT_MAX_KL, MIN_COHERENCE, N_CONTROLS
+
+    p = _subparser(sub, "steer", steer, "coefficient grid (judged, with judge-free damage), then the best run "
+                                         "within the KL budget reported on disjoint questions beside prompting "
+                                         "and random controls")
     _experiment_options(p)
     p.add_argument("--layers", default="30%-60%", help=LAYERS_HELP)
     p.add_argument("--method", default="probe", help="which extracted vectors steer")
     p.add_argument("--position", default="response[:]", help="the extraction position whose vectors steer")
     p.add_argument("--component", default="residual", help=COMPONENT_HELP.format(what="steered"))
     p.add_argument("--coefficients", default=None,
-                   help="explicit coefficients for every layer, no search: the norm of the added vector in "
-                        "hidden-state units, e.g. 50,100 (default: search from 0.7 x the layer's mean ||h||)")
-    p.add_argument("--search-steps", type=int, default=5, help="coefficient steps per layer of the search")
+                   help="explicit coefficients for every layer instead of the grid: the norm of the added vector "
+                        "in hidden-state units, e.g. 50,100 (default: the grid, see --n-coefficients)")
+    p.add_argument("--n-coefficients", type=int, default=6,
+                   help="grid coefficients per layer, log-spaced from 0.02 to 1.0 x the layer's mean ||h|| / ||v|| "
+                        "(0, the baseline, comes on top)")
     p.add_argument("--n-search", type=int, default=8, help="questions (the first N steering questions) that drive "
                                                           "the search")
     p.add_argument("--n-report", type=int, default=None,
                    help="questions of the rest that report the selected run (default: all the rest)")
-    p.add_argument("--n-neutral", type=int, default=16, help="neutral prompts whose answers measure the NLL cost")
+    p.add_argument("--n-neutral", type=int, default=16,
+                   help="neutral prompts whose unsteered answers measure the damage (NLL cost, KL)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer")
     p.add_argument("--direction", choices=["positive", "negative"], default=None,
                    help="which way to push the trait (default: the trait's steering.json)")
-    p.add_argument("--search-coherence", type=float, default=80.0,
-                   help="judge coherence (0-100) above which the search raises a layer's coefficient (x1.3; "
-                        "below it, x0.85)")
-    p.add_argument("--min-coherence", type=float, default=77.0,
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                   help="the damage budget: a run is selected only if its KL(unsteered || steered) on the neutral "
+                        "answers is at most this many nats/token (runs over it are stored and shown)")
+    p.add_argument("--min-coherence", type=float, default=MIN_COHERENCE,
                    help="judge coherence (0-100) a run must keep to be selected and reported")
+    p.add_argument("--n-controls", type=int, default=N_CONTROLS,
+                   help="random control directions (at least 10) the selected run is compared with")
     p.add_argument("--judge", choices=["offline", "openai"], default="offline",
-                   help="offline: the shipped embedding judge (no network); openai: an LLM judge at --judge-url")
+                   help="offline: the shipped embedding judge (no network; its coherence includes fluency under "
+                        "the unsteered model); openai: an LLM judge at --judge-url")
     _judge_options(p, "for --judge openai")
+    p.set_defaults(invocation=None)  # main() fills in the command line, recorded in the results header
 
 
 def _add_ab(sub) -> None:
@@ -348,7 +369,9 @@ def _add_ab(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the question split and the random directions")
     p.add_argument("--n-random", type=int, default=100, help="random directions for the detection chance band")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--out", required=True, help="folder for report.json, vectors.safetensors, propensity.svg")
+    p.add_argument("--out", required=True,
+                   help="folder for report.json, vectors.safetensors, propensity.svg and propensity.md")
+    p.set_defaults(invocation=None)  # main() fills in the command line, which propensity.md opens with
 
 
 def _add_viewers(sub) -> None:

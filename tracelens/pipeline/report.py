@@ -19,11 +19,12 @@ from tracelens.errors import MissingArtifactError
 from tracelens.store import Experiment, get_model_variant
 from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
-from tracelens.provenance import provenance_lines
+from tracelens.provenance import _code, provenance_lines
+from tracelens.pipeline.tradeoff_plot import tradeoff_svg
 from tracelens.types import ALWAYS_EVALUATED, Evaluation, EvaluationRow, SteeringResults, SteeringRunRecord
 
 MAX_ANSWER_CHARS = 200  # example answers are cut here (before escaping)
-SMALL_N = 10  # fewer questions than this: percentile-bootstrap intervals run narrow; said in the caveats
+SMALL_N = 30  # fewer questions than this: percentile-bootstrap intervals undercover (run narrow); said in caveats
 
 HOW_TO_READ = """\
 ## How to read this report
@@ -33,7 +34,9 @@ one; 0.5 is chance. **Accuracy** (0-1) is balanced accuracy at the threshold fit
 Both are measured on the *test* split, which neither fitting nor selection saw; intervals are 95% \
 bootstrap intervals over test questions (a question's two answers are resampled together).
 - **Chance band**: the 5th-95th percentile of the same metric over random unit directions at that layer. \
-A row is *above chance* when the lower end of its test AUROC interval is above the band's 95th percentile.
+A row is *above chance* when the lower end of its test AUROC interval is above the band's 95th percentile. \
+The band is not corrected for the number of rows tested against it: with N fitted method x layer rows, about \
+N x 0.05 of them would clear a per-layer 95th percentile by chance alone; the caveats give both counts.
 - **Selection** uses the *select* split only; the test numbers of the selected row are the honest estimate.
 - **Judge scores** (0-100) are the steering judge's trait and coherence ratings; for the offline \
 classifier judge the trait score is 100 x P(trait | answer), not a calibrated rating. Search-run scores \
@@ -44,8 +47,14 @@ log p(positive answer) - log p(negative answer), averaged over the extraction's 
 forcing, no judge). **NLL cost** (nats/token): the change in per-token negative log-likelihood of the \
 unsteered model's own answers to neutral prompts. **KL** (nats/token): KL(unsteered || steered) of the \
 next-token distributions on those answers.
-- **Control**: a random direction with the same norm and coefficient; an effect that the control matches \
-is not specific to the trait direction.
+- **KL budget**: the selected run is the one with the highest judge trait score among runs whose KL stays \
+within the budget (and whose judge coherence reaches the threshold); runs over it are listed, never selected.
+- **Prompted**: the unsteered model given the trait's own instruction (the extraction's system prompts) as \
+its system prompt: what simply asking for the trait achieves, judged and scored the same way.
+- **Controls**: random directions with the vector's norm and coefficient (their own seed), question q \
+under direction q mod N in the judged rows; their judge-free numbers are a band over directions, at matched \
+norm and, interpolated along their curve, at matched KL. An effect the controls match is not specific to the \
+trait direction.
 """
 
 
@@ -88,10 +97,14 @@ def write_report(experiment: str | Experiment, traits: Sequence[str] | None, pat
                  variant: str | None = None, *, command: str | None = None) -> Path:
     """Write ``render_report(experiment, traits, variant, command=...)`` to ``path`` atomically (UTF-8); returns
     the path. ``command`` (the CLI passes its command line; default "python API (write_report)") is what the
-    report's first line says produced it."""
+    report's first line says produced it. The trade-off figures it links to are written beside it
+    (`report_figures`)."""
     path = Path(path)
     command = command or "python API (write_report)"
-    write_bytes(path, render_report(experiment, traits, variant, command=command).encode())
+    text = render_report(experiment, traits, variant, command=command)
+    for name, svg in report_figures(experiment, traits, variant).items():
+        write_bytes(path.parent / name, svg.encode())
+    write_bytes(path, text.encode())
     return path
 
 
@@ -106,12 +119,17 @@ def reported_run(results: SteeringResults) -> SteeringRunRecord | None:
     return next((r for r in results.runs if r.config.to_dict() == results.report["config"]), None)
 
 
-def judge_free_comparison(run: SteeringRunRecord) -> list[tuple[str, dict | None, dict | None, bool | None]]:
-    """Per judge-free metric of ``run`` (`JUDGE_FREE`): its name, the run's stored ``{"value", "lo", "hi"}``, the
-    random control's, and whether the two intervals overlap (None when either is missing)."""
+def judge_free_comparison(results: SteeringResults) -> list[tuple[str, dict | None, dict | None, bool | None]]:
+    """Per judge-free metric (`JUDGE_FREE`) of the reported run: its name, the run's stored ``{"value", "lo",
+    "hi"}``, the random controls' band (mean, 5-95% over directions) at the same norm and coefficient, and
+    whether the two share a point (None when either is missing); empty without a report line."""
+    if results.report is None:
+        return []
+    jf = results.report.get("judge_free") or {}
+    steered, control = jf.get("steered") or {}, jf.get("control") or {}
     out = []
     for key, name in JUDGE_FREE:
-        est, ctl = (run.judge_free or {}).get(key), (run.control or {}).get(key)
+        est, ctl = steered.get(key), control.get(key)
         out.append((name, est, ctl, None if est is None or ctl is None else intervals_overlap(est, ctl)))
     return out
 
@@ -134,8 +152,8 @@ def fmt_ci(d: Mapping[str, float] | None, spec: str = ".4f") -> str:
 
 
 def _coef(x: float) -> str:
-    """A steering coefficient as stored (rounded to 4 decimals)."""
-    return repr(round(x, 4))
+    """A steering coefficient as stored (6 significant digits)."""
+    return format(x, ".6g")
 
 
 def _has_zero(d: Mapping[str, float]) -> bool:
@@ -196,12 +214,16 @@ def _extraction_section(exp: Experiment, trait: str, variant: str, ev: Evaluatio
     splits = ", ".join(f"{s} {n} pairs" + (f" / {questions[s]} questions" if questions else "")
                        for s, n in ev.splits.items())
     boot = ev.bootstrap or {}
+    n_real, by_chance = _chance_comparisons(ev)
     out = [f"### Extraction: position `{position}`, component `{component}`", "",
+           f"- Produced by: {_code(ev.command) if ev.command else 'not recorded'}",
            f"- Model: `{model or 'not recorded'}` (variant `{variant}`)",
            f"- Splits (by question): {splits}",
            f"- Methods: {', '.join(f'`{m}`' for m in methods)} (`{ALWAYS_EVALUATED}` is a control, never selected)",
            f"- Bootstrap: {boot.get('n_resamples', 'n/a')} resamples of test questions; chance band: "
-           f"{chance['n_directions']} random directions per layer, {pct}th percentile", ""]
+           f"{chance['n_directions']} random directions per layer, {pct}th percentile, against which "
+           f"{n_real} fitted method x layer rows are tested (about {by_chance:g} would clear a per-layer "
+           f"{chance['percentiles'][-1]:g}th percentile by chance alone)", ""]
     for method in methods:
         table = []
         for r in sorted((r for r in rows if r.method == method), key=lambda r: r.layer):
@@ -241,14 +263,48 @@ def _extraction_caveats(ev: Evaluation, sel: EvaluationRow, sb: dict) -> list[st
                      f"({', '.join(str(r.layer) for r in controls)}): the band or the split may be too small "
                      "to tell real directions from random ones.")
     real = [r for r in rows if r.method != ALWAYS_EVALUATED]
-    items.append(f"{sum(r.above_chance for r in real)} of {len(real)} fitted method x layer rows are above chance.")
+    n_real, by_chance = _chance_comparisons(ev)
+    top = ev.chance["percentiles"][-1]
+    items.append(f"{sum(r.above_chance for r in real)} of {n_real} fitted method x layer rows are above chance; "
+                 f"by chance alone about {n_real} x {(100 - top) / 100:g} = {by_chance:g} would clear a per-layer "
+                 f"{top:g}th percentile (the band is not corrected for the {n_real} comparisons).")
     if ev.splits["test"] < SMALL_N:
-        items.append(f"The test split has {ev.splits['test']} pairs: intervals from so few questions run "
-                     "narrow and the estimates are noisy.")
+        items.append(f"The test split has {ev.splits['test']} pairs (fewer than {SMALL_N}): percentile-bootstrap "
+                     "intervals from so few questions run narrow and the estimates are noisy.")
     return items
 
 
+def _chance_comparisons(ev: Evaluation) -> tuple[int, float]:
+    """The fitted (non-control) method x layer rows tested against the chance band, and how many of them
+    would clear its per-layer top percentile by chance alone (rows x its tail fraction, e.g. 0.05)."""
+    n = sum(r.method != ALWAYS_EVALUATED for r in ev.results)
+    return n, round(n * (100 - ev.chance["percentiles"][-1]) / 100, 2)
+
+
 # --- steering ---------------------------------------------------------------------------------------------
+
+ROW_NAMES = {"unsteered": "unsteered", "prompted": "prompted (the trait's instruction)", "steered": "steered",
+             "prompted_steered": "prompted + steered", "control": "random control"}
+
+
+def tradeoff_figure_name(trait: str, position_dir: str) -> str:
+    """The file name of a steering section's trade-off SVG, beside the report."""
+    return f"tradeoff-{trait.replace('/', '-')}-{position_dir}.svg"
+
+
+def report_figures(experiment: str | Experiment, traits: Sequence[str] | None = None,
+                   variant: str | None = None) -> dict[str, str]:
+    """``{file name: SVG text}`` of the trade-off figures that ``render_report`` links to."""
+    exp = Experiment.of(experiment)
+    st_variant = get_model_variant(exp, variant, mode="application").name
+    traits = traits if traits is not None else sorted(exp.traits("steering_results", st_variant))
+    out = {}
+    for trait in traits:
+        for position_dir, results in exp.all_steering_results(trait, st_variant).items():
+            svg = tradeoff_svg(results)
+            if svg is not None:
+                out[tradeoff_figure_name(trait, position_dir)] = svg
+    return out
 
 
 def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
@@ -257,72 +313,146 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
     validity = judge.get("validity")
     valid_text = ("not measured" if validity is None else
                   f"AUROC {fmt_ci(validity['auroc'])} on {validity['n_pairs']} pairs ({_md(validity['data'])})")
-    src = h.vector_source or {}
+    src, sel = h.vector_source or {}, h.selection or {}
     out = [f"### Steering: `{position_dir}`, direction {h.direction}", "",
+           f"- Produced by: {_command(h.command)}",
            f"- Steered model: `{h.steering_model}`; vectors: `{src.get('method')}` / `{src.get('component')}` "
            f"(input hash `{src.get('input_hash')}`)",
            f"- Judge: `{judge.get('model')}` ({judge.get('method')}); validity: {valid_text}",
            f"- {h.n_questions} search questions, {h.n_report} report questions, {h.max_new_tokens} new tokens, "
-           f"{h.n_neutral} neutral prompts for the NLL cost", ""]
+           f"{h.n_neutral} neutral prompts for the NLL cost and KL",
+           f"- Selection: {_rule(sel)}", ""]
     if res.baseline is not None:
         jf = res.baseline_judge_free or {}
         out += [f"**Baseline (unsteered):** judge trait {_num(res.baseline.trait_mean, '.1f')}, coherence "
                 f"{_num(res.baseline.coherence_mean, '.1f')} on {res.baseline.n} search answers; log-likelihood "
                 f"ratio {fmt_ci(jf.get('llr'))} nats/token on the test pairs; NLL {fmt_ci(jf.get('nll'))} "
                 "nats/token on the neutral answers.", ""]
-    report = res.report
-    selected = report["config"] if report else None
+    out += _search_table(res, sel.get("max_kl"))
+    if res.report is None:
+        return out + _caveats(["No run was re-judged on report questions (no run is within the KL budget with "
+                               "enough coherence): every judged number above comes from the questions the search "
+                               "was tuned on."] + _judge_caveats(validity))
+    figure = tradeoff_figure_name(h.trait, position_dir)
+    out += [f"![Trait against KL for the searched layers, with random controls and the budget]({figure})", "",
+            f"*Figure `{figure}`: trait effect and judge trait score against KL per searched layer; grey: random "
+            "controls (mean and 5-95% band over directions); dashed red: the KL budget.*", ""]
+    return (out + _report_part(res, judge, valid_text) + _examples(res.report)
+            + _caveats(_steering_caveats(res.report, res, validity)))
+
+
+def _command(command: str | None) -> str:
+    return "not recorded" if command is None else f"`{_md(command)}`"
+
+
+def _rule(sel: Mapping) -> str:
+    if not sel:
+        return "not recorded (results written before the KL budget: the best run by judge coherence alone)"
+    grid = sel.get("grid") or {}
+    return (f"the run with the highest judge trait score in the trait's direction among runs with KL <= "
+            f"{sel['max_kl']:g} nats/token and judge coherence >= {sel['min_coherence']:g}; grid of {grid.get('n')} "
+            f"coefficients per layer log-spaced from {grid.get('low'):g} to {grid.get('high'):g} x mean ||h|| / ||v|| "
+            f"(0 is the baseline); {sel['n_controls']} random control directions (seed {sel['control_seed']})")
+
+
+def _search_table(res: SteeringResults, max_kl: float | None) -> list[str]:
+    selected = res.report["config"] if res.report else None
     rows = []
-    for run in sorted(res.runs, key=lambda r: (r.method, r.layer, r.coefficient)):
-        jf, ctl = run.judge_free or {}, run.control or {}
+    for run in sorted(res.runs, key=lambda r: (r.method, r.layer, abs(r.coefficient))):
+        jf = run.judge_free or {}
+        budget = "" if max_kl is None else ("yes" if run.within_budget(max_kl) else "**over**")
         rows.append([str(run.layer), _coef(run.coefficient), _num(run.result.trait_mean, ".1f"),
                      _num(run.result.coherence_mean, ".1f"), fmt_ci(jf.get("trait_effect")), fmt_ci(jf.get("nll_cost")),
-                     fmt_ci(jf.get("kl")), fmt_ci(ctl.get("trait_effect")), fmt_ci(ctl.get("nll_cost")),
-                     "selected" if run.config.to_dict() == selected else ""])
-    out += [f"**Search runs** ({len(res.runs)}; judge scores on the search questions)", ""]
-    out += _table(["layer", "coefficient", "judge trait", "judge coherence", "trait effect", "NLL cost", "KL",
-                   "control trait effect", "control NLL cost", ""], rows)
-    if report is None:
-        return out + _caveats(["No run was re-judged on report questions (no run reached the coherence "
-                               "threshold, or the search stopped early): every judged number above comes from "
-                               "the questions the search was tuned on."] + _judge_caveats(validity))
-    return (out + _report_part(report, judge, valid_text) + _judge_free_part(reported_run(res))
-            + _caveats(_steering_caveats(report, res, validity)))
+                     fmt_ci(jf.get("kl")), budget, "selected" if run.config.to_dict() == selected else ""])
+    out = [f"**Search runs** ({len(res.runs)}; judge scores on the search questions; runs over the KL budget are "
+           "shown, never selected)", ""]
+    return out + _table(["layer", "coefficient", "judge trait", "judge coherence", "trait effect", "NLL cost", "KL",
+                         "within budget", ""], rows)
 
 
-_CONDITIONS = ("unsteered", "steered", "control")
-
-
-def _report_part(report: dict, judge: dict, valid_text: str) -> list[str]:
+def _report_part(res: SteeringResults, judge: dict, valid_text: str) -> list[str]:
+    report = res.report
     v = report["config"]["vectors"][0]
-    rows = [[c, fmt_ci(report["trait"].get(c), ".1f"), fmt_ci(report["coherence"].get(c), ".1f"),
-             fmt_ci(report["trait_delta"].get(c), ".1f") if c != "unsteered" else "",
-             fmt_ci(report["coherence_delta"].get(c), ".1f") if c != "unsteered" else ""] for c in _CONDITIONS]
+    jf = report.get("judge_free") or {}
+    moved = (report.get("steerability") or {}).get("moved") or {}
+    rows = []
+    for cond in (c for c in ROW_NAMES if c in report["results"]):
+        m = jf.get(cond) or {}
+        zero = {"value": 0.0, "lo": 0.0, "hi": 0.0} if cond == "unsteered" else None
+        rows.append([ROW_NAMES[cond], fmt_ci(report["trait"].get(cond), ".1f"),
+                     fmt_ci(report["trait_delta"].get(cond), ".1f") if cond != "unsteered" else "",
+                     fmt_ci(report["coherence"].get(cond), ".1f"),
+                     fmt_ci(m.get("trait_effect", zero)), fmt_ci(m.get("nll_cost", zero)),
+                     fmt_ci(m.get("kl", zero)) if cond in ("unsteered", "steered", "control") else "not defined",
+                     fmt_ci(moved.get(cond), ".2f") if cond != "unsteered" else ""])
+    n_ctl = (res.header.selection or {}).get("n_controls", "n/a")
     out = [f"**Report** (the selected run, `{v['method']}` at layer {v['layer']}, coefficient {_coef(v['weight'])}, "
            f"re-judged by `{judge.get('model')}` (validity: {valid_text}) on {report['n_questions']} report "
-           "questions unseen by the search; deltas are per-question differences from unsteered, 95% bootstrap "
-           "intervals)", ""]
-    out += _table(["condition", "judge trait", "judge coherence", "trait delta", "coherence delta"], rows)
-    examples = report.get("examples") or []
-    if examples:
-        out += [f"**Examples** (first {len(examples)}; answers cut at {MAX_ANSWER_CHARS} characters)", ""]
-        for ex in examples:
-            out.append(f"- Q: {_md(ex['question'], MAX_ANSWER_CHARS)}")
-            out += [f"  - {c}: {_md(ex[c], MAX_ANSWER_CHARS)}" for c in _CONDITIONS if c in ex]
-        out.append("")
+           "questions unseen by the search; deltas are per-question differences from unsteered; 95% bootstrap "
+           f"intervals over questions, except the control's judge-free numbers: mean and 5-95% band over {n_ctl} "
+           "random directions of the vector's norm and coefficient)", ""]
+    out += _table(["condition", "judge trait", "trait delta", "judge coherence", "trait effect (nats/token)",
+                   "NLL cost (nats/token)", "KL (nats/token)", "questions moved the intended way"], rows)
+    return out + [f"- {line}" for line in steering_verdicts(res)] + [""]
+
+
+def steering_verdicts(res: SteeringResults) -> list[str]:
+    """Plain sentences from the report line: steering against prompting, the budget's cost, the control at
+    matched KL and the anti-steerable questions."""
+    report, h = res.report, res.header
+    out, sign = [], 1 if h.direction == "positive" else -1
+    versus = report.get("steering_vs_prompting")
+    if versus is not None:
+        cost = {c: ((report.get("judge_free") or {}).get(c) or {}).get("nll_cost") for c in ("steered", "prompted")}
+        verdict = ("Steering beats prompting" if versus["lo"] > 0 else "Prompting beats steering" if versus["hi"] < 0
+                   else "Steering and prompting cannot be told apart")
+        out.append(f"{verdict} on this model: steered minus prompted judge trait, in the trait's direction, "
+                   f"{fmt_ci(versus, '.1f')} points per question, at an NLL cost of {fmt_ci(cost['steered'])} "
+                   f"against {fmt_ci(cost['prompted'])} nats/token for prompting.")
+    sel = report.get("selection") or {}
+    if sel:
+        chosen, free = sel["selected"], sel.get("unconstrained")
+        if free is None:
+            out.append(f"The KL budget ({sel['max_kl']:g} nats/token) cost nothing: the best run without it is the "
+                       f"selected one (KL {fmt_ci(chosen['kl'])}).")
+        else:
+            fv = free["config"]["vectors"][0]
+            out.append(f"The KL budget ({sel['max_kl']:g} nats/token) cost "
+                       f"{sign * (free['trait_mean'] - chosen['trait_mean']):.1f} judge points on the search questions "
+                       f"and {sign * (free['trait_effect']['value'] - chosen['trait_effect']['value']):.4f} nats/token "
+                       f"of trait effect: without it the search would pick layer {fv['layer']}, coefficient "
+                       f"{_coef(fv['weight'])} (judge trait {_num(free['trait_mean'], '.1f')}, KL {fmt_ci(free['kl'])}, "
+                       f"trait effect {fmt_ci(free['trait_effect'])}); {sel['n_over_budget']} of {sel['n_runs']} runs "
+                       "are over budget.")
+    matched, steered = report.get("matched_kl"), (report.get("judge_free") or {}).get("steered") or {}
+    if matched is not None and steered.get("trait_effect"):
+        band = matched["trait_effect"]
+        clear = sign * steered["trait_effect"]["lo"] > sign * (band["hi"] if sign > 0 else band["lo"])
+        out.append(f"At matched KL ({matched['kl']:.4f} nats/token) the random directions move the trait effect by "
+                   f"{band['value']:.4f} (5-95% band [{band['lo']:.4f}, {band['hi']:.4f}], {matched['n_directions']} "
+                   f"of {matched['of']} directions reach that KL); steering's {fmt_ci(steered['trait_effect'])} is "
+                   + ("clear of that band." if clear else "not clear of it."))
+    elif matched is None and report.get("control_curve"):
+        out.append("No random direction reaches the selected run's KL at the coefficients measured: no matched-KL "
+                   "comparison.")
+    anti = (report.get("steerability") or {}).get("anti_steerable")
+    if anti is not None:
+        spread = report["steerability"]["control_spread"]
+        out.append(f"Anti-steerable (moved the wrong way beyond the control's 5-95% spread of deltas, "
+                   f"[{spread[0]:.1f}, {spread[1]:.1f}]): " + ("none." if not anti else
+                                                              "; ".join(f"\"{_md(q)}\"" for q in anti) + "."))
     return out
 
 
-def _judge_free_part(run: SteeringRunRecord | None) -> list[str]:
-    """The selected run's judge-free metrics beside its random control's, from its search-run line."""
-    if run is None:
+def _examples(report: dict) -> list[str]:
+    examples = report.get("examples") or []
+    if not examples:
         return []
-    rows = [[name, fmt_ci(est), fmt_ci(ctl), {None: "n/a", True: "overlap", False: "apart"}[overlap]]
-            for name, est, ctl, overlap in judge_free_comparison(run)]
-    out = ["**Judge-free, the selected run** (nats/token, 95% bootstrap intervals; trait effect on the "
-           "extraction's test pairs, NLL cost and KL on the neutral answers; the control is a random direction "
-           "of the same norm and coefficient)", ""]
-    return out + _table(["metric", "steered", "random control", "intervals"], rows)
+    out = [f"**Examples** (first {len(examples)}; answers cut at {MAX_ANSWER_CHARS} characters)", ""]
+    for ex in examples:
+        out.append(f"- Q: {_md(ex['question'], MAX_ANSWER_CHARS)}")
+        out += [f"  - {ROW_NAMES[c]}: {_md(ex[c], MAX_ANSWER_CHARS)}" for c in ROW_NAMES if c in ex]
+    return out + [""]
 
 
 def _judge_caveats(validity: dict | None) -> list[str]:
@@ -348,14 +478,12 @@ def _steering_caveats(report: dict, res: SteeringResults, validity: dict | None)
         if control is not None and intervals_overlap(steered, control):
             items.append(f"The steered trait delta ({fmt_ci(steered, '.1f')}) overlaps the random control's "
                          f"({fmt_ci(control, '.1f')}): not distinguishable from steering with a random direction.")
-    run = reported_run(res)
-    effect = (run.judge_free or {}).get("trait_effect") if run else None
-    ctl = (run.control or {}).get("trait_effect") if run else None
-    if effect is not None and _has_zero(effect):
-        items.append(f"The selected run's judge-free trait effect ({fmt_ci(effect)} nats/token) includes 0.")
-    if effect is not None and ctl is not None and intervals_overlap(effect, ctl):
-        items.append(f"The selected run's judge-free trait effect ({fmt_ci(effect)}) overlaps its random control's "
-                     f"({fmt_ci(ctl)}).")
+    for name, est, ctl, overlap in judge_free_comparison(res):
+        if name == "trait effect" and est is not None and _has_zero(est):
+            items.append(f"The selected run's judge-free trait effect ({fmt_ci(est)} nats/token) includes 0.")
+        if name == "trait effect" and overlap:
+            items.append(f"The selected run's judge-free trait effect ({fmt_ci(est)}) overlaps the random controls' "
+                         f"band ({fmt_ci(ctl)}).")
     if report["n_questions"] < SMALL_N:
         items.append(f"The report rests on {report['n_questions']} questions: intervals from so few questions run "
                      "narrow and the estimates are noisy.")

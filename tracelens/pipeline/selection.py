@@ -1,6 +1,7 @@
 """Vector selection: walk the validation hierarchy and say where each answer came from.
 
-1. steering: the best valid steering run (coherence >= `min_coherence`) per (layer, method, component),
+1. steering: the best valid steering run (coherence >= `min_coherence`, KL within the results' budget) per
+   (layer, method, component),
    ranked by its trait delta over the baseline in the trait's direction;
 2. evaluation: separation on the select split (AUROC, then Cohen's d) from the extraction stage; the
    test-split numbers (with intervals and the chance verdict) travel in `VectorResult.test`, unused for ranking;
@@ -57,7 +58,7 @@ def _from_steering(exp, trait, variant, position, component, min_coherence) -> l
         return []  # the vectors were re-extracted after this search: its runs no longer describe them
     sign = 1.0 if results.header.direction == "positive" else -1.0
     best: dict[tuple, VectorResult] = {}
-    for run in results.valid_runs(min_coherence):
+    for run in results.valid_runs(min_coherence, max_kl=results.header.selection.get("max_kl")):
         delta = results.delta(run)
         if delta is None or run.component != component:
             continue

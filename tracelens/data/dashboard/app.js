@@ -253,38 +253,10 @@ async function drawExtraction() {
   }
 }
 
-// Trait effect (x) against NLL cost (y), both nats/token with 95% error bars: each run and its random control.
-function steeringChart(res) {
-  const kinds = [["run", "judge_free", COLORS[0]], ["control", "control", COLORS[4]]];
-  const ests = res.runs.flatMap((r) => kinds.map(([, key]) => r[key]).filter(Boolean));
-  const te = ests.flatMap((m) => [m.trait_effect.lo, m.trait_effect.hi]).concat([0]);
-  const nc = ests.flatMap((m) => [m.nll_cost.lo, m.nll_cost.hi]).concat([0]);
-  const xr = [Math.min(...te), Math.max(...te)], yr = [Math.min(...nc), Math.max(...nc)];
-  const f = (v) => v.toPrecision(2);
-  const p = plot("steering-chart", { "data-position": res.position_dir }, xr, yr,
-    { x: "trait effect (nats/token)", y: "NLL cost (nats/token)" },
-    { x: [...xr, 0], y: [...yr, 0], fmt: { x: f, y: f } });
-  const dashed = { stroke: "#999", "stroke-dasharray": "2,2" };
-  p.svg.appendChild(svgEl("line", { x1: p.x(0), x2: p.x(0), y1: p.y(p.y0), y2: p.y(p.y1), ...dashed }));
-  p.svg.appendChild(svgEl("line", { x1: p.x(p.x0), x2: p.x(p.x1), y1: p.y(0), y2: p.y(0), ...dashed }));
-  for (const r of res.runs) {
-    for (const [cls, key, color] of kinds) {
-      const m = r[key];
-      if (!m) continue;
-      const t = m.trait_effect, n = m.nll_cost;
-      const g = svgEl("g", { class: cls });
-      g.appendChild(svgEl("line", { x1: p.x(t.lo), x2: p.x(t.hi), y1: p.y(n.value), y2: p.y(n.value), stroke: color }));
-      g.appendChild(svgEl("line", { x1: p.x(t.value), x2: p.x(t.value), y1: p.y(n.lo), y2: p.y(n.hi), stroke: color }));
-      g.appendChild(title(svgEl("circle", { cx: p.x(t.value), cy: p.y(n.value), r: r.selected && cls === "run" ? 5 : 3.5,
-        fill: color, stroke: r.selected ? "#000" : color, "data-layer": r.layer, "data-coefficient": r.coefficient,
-        "data-trait-effect": t.value, "data-te-lo": t.lo, "data-te-hi": t.hi, "data-nll-cost": n.value,
-        "data-nll-lo": n.lo, "data-nll-hi": n.hi, "data-selected": String(r.selected) }),
-      `${cls} layer ${r.layer}, coefficient ${r.coefficient}: trait effect ${fmtCI(t)}, NLL cost ${fmtCI(n)}`));
-      if (cls === "run") svgText(g, p.x(t.value) + 5, p.y(n.value) - 5, `L${r.layer} ×${r.coefficient}`, { fill: color });
-      p.svg.appendChild(g);
-    }
-  }
-  return p.svg;
+// The trade-off figure (trait against KL, controls, budget) as the server renders it for the report too.
+function tradeoffFigure(res) {
+  const doc = new DOMParser().parseFromString(res.tradeoff_svg, "image/svg+xml");
+  return document.importNode(doc.documentElement, true);
 }
 
 async function drawSteering() {
@@ -303,22 +275,26 @@ async function drawSteering() {
       box.appendChild(el("div", {}, `baseline: judge trait ${fmt(res.baseline.trait_mean, 1)}, coherence ` +
         `${fmt(res.baseline.coherence_mean, 1)}; log-likelihood ratio ${fmtCI(jf.llr)}, NLL ${fmtCI(jf.nll)} nats/token`));
     }
-    box.appendChild(steeringChart(res));
-    box.appendChild(el("div", { class: "note" }, `blue: steered runs (layer × coefficient; black ring: selected), ` +
-      `orange: random control of the same norm and coefficient; bars: 95% intervals`));
+    if (res.tradeoff_svg) box.appendChild(tradeoffFigure(res));
+    const sel = res.selection || {};
+    box.appendChild(el("div", { class: "note" }, sel.max_kl === undefined ? "selection rule not recorded" :
+      `selected: highest judge trait with KL <= ${sel.max_kl} nats/token and judge coherence >= ${sel.min_coherence}; ` +
+      `runs over the budget are shown, never selected`));
     const rows = res.runs.map((r) => {
-      const jf = r.judge_free || {}, c = r.control || {};
+      const jf = r.judge_free || {};
       return [r.layer, r.method, r.coefficient, fmt(r.trait_mean, 1), fmt(r.coherence_mean, 1), fmtCI(jf.trait_effect),
-        fmtCI(jf.nll_cost), fmtCI(jf.kl), fmtCI(c.trait_effect), fmtCI(c.nll_cost), r.selected ? "selected" : ""];
+        fmtCI(jf.nll_cost), fmtCI(jf.kl), r.within_budget === null ? "" : (r.within_budget ? "yes" : "over"),
+        r.selected ? "selected" : ""];
     });
     box.appendChild(table("steering", ["layer", "method", "coefficient", "judge trait", "judge coherence",
-      "trait effect", "NLL cost", "KL", "control trait effect", "control NLL cost", ""], rows));
+      "trait effect", "NLL cost", "KL", "within budget", ""], rows));
     const rep = res.report;
+    const td = rep ? rep.trait_delta : {};
     box.appendChild(el("div", { class: "report" }, rep
       ? `report (selected run on ${rep.n_questions} unseen questions): trait delta steered ` +
-        `${fmtCI(rep.trait_delta.steered, 1)}, control ${fmtCI(rep.trait_delta.control, 1)}; coherence steered ` +
-        `${fmtCI(rep.coherence.steered, 1)}, control ${fmtCI(rep.coherence.control, 1)}`
-      : "no report line: no run reached the coherence threshold, or the search has not finished"));
+        `${fmtCI(td.steered, 1)}, prompted ${fmtCI(td.prompted, 1)}, random controls ${fmtCI(td.control, 1)}; ` +
+        `coherence steered ${fmtCI(rep.coherence.steered, 1)}, control ${fmtCI(rep.coherence.control, 1)}`
+      : "no report line: no run is within the KL budget with enough coherence, or the search has not finished"));
   }
 }
 
