@@ -81,15 +81,6 @@ def test_steer_searches_and_reports_the_selected_run_against_the_control(steered
     assert re.search(r"^  The KL budget \(0\.5 nats/token\) cost", out, re.M), out
 
 
-def test_steer_with_explicit_coefficients_runs_exactly_those(home, steered):
-    out = tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--layers", "2", "--coefficients",
-                    "1.5,3", *SMALL_STEER).stdout
-    assert re.search(r"^  layer 2 coef 1\.5: ", out, re.M) and re.search(r"^  layer 2 coef 3: ", out, re.M), out
-    # at the default --min-coherence no run of a random model qualifies, and the stored report is not shown as
-    # if it had
-    assert f"{TRAIT}: no run within KL 0.5 nats/token keeps coherence >= 77.0: nothing reported" in out
-
-
 def test_report_opens_with_its_command_and_holds_the_trait(home, steered):
     out = home / "out" / "results.md"
     tracelens(home, "report", "--experiment", "e", "--output", str(out))
@@ -113,6 +104,15 @@ def test_list_shows_traits_vectors_and_the_selected_steering_run(home, steered):
                                                                     ("mean_diff", "probe", "random_baseline")}
     selected = trait["steering"][0]["selected"]
     assert selected["n_questions"] == 2 and sorted(selected["judge_free"]) == ["KL", "NLL cost", "trait effect"]
+
+
+def test_steer_with_explicit_coefficients_runs_exactly_those(home, steered):
+    out = tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--layers", "2", "--coefficients",
+                    "1.5,3", *SMALL_STEER).stdout
+    assert re.search(r"^  layer 2 coef 1\.5: ", out, re.M) and re.search(r"^  layer 2 coef 3: ", out, re.M), out
+    # at the default --min-coherence no run of a random model qualifies, and the stored report is not shown as
+    # if it had
+    assert f"{TRAIT}: no run within KL 0.5 nats/token keeps coherence >= 77.0: nothing reported" in out
 
 
 def test_list_names_a_missing_experiment(home):

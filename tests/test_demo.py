@@ -33,7 +33,8 @@ def _check_closing_lines(log: list[str], results: SteeringResults) -> None:
         for key, name in (("trait_effect", "trait effect"), ("nll_cost", "NLL cost"), ("kl", "KL")):
             est = (report["judge_free"].get(cond) or {}).get(key)
             assert (f"{name} {fmt_ci(est)}" in line) == (est is not None), (cond, key, line)
-    assert tail[-len(steering_verdicts(results)):] == steering_verdicts(results)
+    verdicts = steering_verdicts(results)
+    assert tail[-len(verdicts) - 1 : -1] == verdicts and tail[-1].startswith("wrote ")
 
 
 @pytest.mark.slow

@@ -55,7 +55,8 @@ def test_empty_rows_and_length_mismatch_are_named(tiny):
 
 def _refs():
     return ReferenceTexts(pair_prompts=PROMPTS, pos=RESPONSES, neg=[[13, 14], [15], [16, 17, 18]],
-                          neutral_prompts=PROMPTS[:2], neutral=RESPONSES[:2])
+                          neutral_prompts=PROMPTS[:2], neutral=RESPONSES[:2],
+                          pair_questions=["q0", "q1", "q2"], neutral_questions=["q0", "q1"])
 
 
 def test_judge_free_metrics_are_zero_at_coefficient_zero_and_match_a_direct_computation(tiny):

@@ -213,7 +213,7 @@ def test_evaluations_round_trip_and_are_found_whatever_their_position(exp):
                                                                                    ("response[:5]", "attn_out")}
     on_disk = _json(exp.evaluation_path(TRAIT, VARIANT, POS, COMP))
     assert list(on_disk) == ["trait", "position", "component", "splits", "bootstrap", "chance", "results",
-                             "selected", "input_hash"]
+                             "selected", "input_hash", "command"]
     assert list(on_disk["results"][0]) == ["method", "layer", "threshold", "select", "test", "above_chance"]
     assert exp.traits("evaluation", VARIANT) == [TRAIT] and exp.traits("evaluation", "other") == []
 

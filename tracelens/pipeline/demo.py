@@ -115,9 +115,9 @@ def run_demo(model, settings: DemoSettings | None = None, root=None, log=print, 
     judge = offline_judge(s.trait, fluency=Fluency(model))
 
     method, layers = steering_plan(evaluation, model.cfg.n_layers, s.steer_layers)
-    log(f"[3/4] steer: the selected {method} vectors at layers {layers} (around layer {chosen.layer}), "
-        f"{s.n_coefficients} coefficients from near 0 on {s.n_search} search questions, judge-free damage (KL) for "
-        "every run; the best run within the KL budget reported beside prompting and random controls")
+    log(f"[3/4] steer: a grid of {s.n_coefficients} coefficients from near 0 on the selected {method} vectors at "
+        f"layers {layers} (around layer {chosen.layer}), {s.n_search} search questions, judge-free damage (KL) "
+        "for every run; the best run within the KL budget reported beside prompting and random controls")
     if not chosen.above_chance:
         log("      the selected vector is not above chance on the test split: expect its steering to look "
             "like the random control's")
