@@ -131,9 +131,9 @@ def control_directions(d: int, n: int = N_CONTROLS, seed: int = CONTROL_SEED) ->
 
 
 def random_control(vector: torch.Tensor, seed: int) -> torch.Tensor:
-    """A random direction with the norm of `vector` (seeded); A/B propensity curves use it as their control."""
-    g = torch.Generator().manual_seed(seed)
-    return unit(torch.randn(vector.shape[-1], generator=g)) * vector.float().norm()
+    """One `control_directions` draw (seeded) with the norm of `vector`; A/B propensity curves use it as their
+    control."""
+    return control_directions(vector.shape[-1], 1, seed)[0] * vector.float().norm()
 
 
 def _generate(backend: Backend, questions: Sequence[str], rows: list[tuple[int, torch.Tensor, float]],
