@@ -80,15 +80,10 @@ def _validation(auroc):
         per_kind={name: {"truncated": est} for name, est in auroc.items()}, sources={"nll": "m"})
 
 
-def test_the_record_round_trips_through_the_store_and_names_the_signals_shown(tmp_path):
+def test_the_record_round_trips_and_names_the_signals_shown():
     record = _validation({"nll": {"value": 0.9, "lo": 0.8, "hi": 0.97},
                           "degeneracy": {"value": 0.6, "lo": 0.5, "hi": 0.7}})
     assert record.shown() == ["nll"]
-    exp = Experiment.named("cv", tmp_path)
-    assert exp.coherence_validation("instruct", "general", 40) is None
-    exp.write_coherence_validation("instruct", record)
-    assert exp.coherence_validation("instruct", "general", 40) == record
-    assert exp.coherence_validation("instruct", "general", 12) is None
     assert CoherenceValidation.from_dict(record.to_dict()) == record
 
 
@@ -113,3 +108,16 @@ def test_build_and_measure_on_a_tiny_model(tiny_llama):
     assert all(0 <= e["lo"] <= e["hi"] <= 1 and 0 <= e["value"] <= 1 for e in record.auroc.values())
     with pytest.raises(ConfigError, match="disjoint"):
         cv.build_coherence_set(backend, GENERAL[:1], max_new_tokens=2)
+
+
+def test_the_set_is_built_once_per_variant_and_length_and_checked_against_each_traits_questions(tiny_llama,
+                                                                                               tmp_path, monkeypatch):
+    backend = LocalBackend.from_model(tiny_llama.model, use_chat_template=True)
+    exp = Experiment.named("cv", tmp_path)
+    assert exp.coherence_set("instruct", "general", 4) is None
+    cset = cv.coherence_set(exp, "instruct", backend, cv.starter_steering_questions(), 4)
+    assert exp.coherence_set("instruct", "general", 4) == cset and exp.coherence_set("instruct", "general", 5) is None
+    monkeypatch.setattr(cv, "build_coherence_set", lambda *a, **k: pytest.fail("the stored set was rebuilt"))
+    assert cv.coherence_set(exp, "instruct", backend, ["another trait's question"], 4) == cset
+    with pytest.raises(ConfigError, match="disjoint"):
+        cv.coherence_set(exp, "instruct", backend, GENERAL[3:4], 4)

@@ -731,6 +731,14 @@ def test_offline_judge_with_fluency_has_its_own_name(learned):
     assert with_fluency.fluency is fluency and plain.fluency is None
 
 
+def test_the_fluency_name_keeps_no_machine_folder():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(cfg=SimpleNamespace(model_name="/root/.cache/tracelens/models/SmolLM2-135M-Instruct#0"),
+                            tokenizer=None)
+    assert Fluency(model).name == "SmolLM2-135M-Instruct#0@1.23/0.16"
+
+
 def test_an_openai_judges_coherence_is_measured_like_any_other_signal(server):
     from tracelens.pipeline.coherence_validation import CoherenceItem, judge_signal, signal_validity
 

@@ -13,11 +13,15 @@ PROMPTS = [[5, 17, 33, 2], [9, 4], [40, 41, 42, 43, 44, 45]]
 RESPONSES = [[7, 8, 9], [100, 3, 12, 60, 61], [11]]
 
 
-def _hf_logprobs(reference, prompt, response, edit=None):
+def _hf_distributions(reference, prompt, response, edit=None):
     ids = torch.tensor([prompt + response])
     with torch.no_grad(), hf_hooks(reference, edit or {}):
         logits = reference(ids).logits[0].float()
-    return logits[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+    return logits[len(prompt) - 1 : -1].log_softmax(-1)
+
+
+def _hf_logprobs(reference, prompt, response, edit=None):
+    return _hf_distributions(reference, prompt, response, edit).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 def test_one_row_at_a_time_equals_the_hf_model_exactly(tiny):
@@ -86,3 +90,22 @@ def test_the_random_control_has_the_vectors_norm_and_is_seeded():
     r = random_control(v, 3)
     assert r.norm() == pytest.approx(v.norm()) and torch.equal(r, random_control(v, 3))
     assert not torch.equal(r, random_control(v, 4)) and abs(float(r @ v) / float(v.norm() ** 2)) < 0.9
+
+
+def test_kl_equals_the_hf_models_and_the_unsteered_pass_is_kept_for_the_same_texts(tiny, monkeypatch):
+    import tracelens.serving.backends as backends
+
+    backend = LocalBackend.from_model(tiny.model)
+    v = torch.randn(backend.hidden_dim, generator=torch.Generator().manual_seed(5))
+    spec = [SteeringSpec(layer=0, vector=v, coefficient=4.0)]
+    first = backend.response_logprobs(PROMPTS, RESPONSES, spec, kl=True).kl
+    edit = {"model.layers.0": lambda h: h + 4.0 * v}
+    for p, r, got in zip(PROMPTS, RESPONSES, first):
+        u, s = _hf_distributions(tiny.reference, p, r), _hf_distributions(tiny.reference, p, r, edit)
+        torch.testing.assert_close(got, (u.exp() * (u - s)).sum(-1), atol=1e-5, rtol=1e-4)
+    calls, real = [], backends.response_logprobs
+    monkeypatch.setattr(backends, "response_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    again = backend.response_logprobs(PROMPTS, RESPONSES, spec, kl=True).kl
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))  # the steered pass only
+    backend.response_logprobs(PROMPTS[:2], RESPONSES[:2], spec, kl=True)
+    assert len(calls) == 3  # other texts: a new unsteered pass

@@ -13,10 +13,11 @@ from tracelens.methods import get_method
 from tracelens.model.edits import unit
 from tracelens.pipeline.extraction import chance_directions, vet_responses
 from tracelens.pipeline.report import reported_run
+from tracelens.pipeline import steering_eval
 from tracelens.pipeline.steering_eval import (CONDITIONS, SteeringEvalConfig, coefficient_grid, control_directions,
                                               judge_validity, matched_kl, run_steering_eval)
 from tracelens.serving.backends import GenerationConfig
-from tracelens.types import (DEFAULT_MAX_KL, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
+from tracelens.types import (DEFAULT_MAX_KL, JUDGE_COHERENCE, CoherenceValidation, JudgeResult, ProjectionConfig, SteeringHeader, SteeringResults,
                              SteeringRunRecord)
 from tracelens.datasets.traits import load_trait
 from tracelens.testing import tiny_model
@@ -67,10 +68,9 @@ def _runs(exp):
     return [l for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]")) if l["type"] == "run"]
 
 
-@pytest.mark.parametrize("coherence", [90.0, 50.0])
-def test_the_grid_is_log_spaced_from_near_zero_and_a_report_needs_a_valid_run(extracted, coherence):
+def test_the_grid_is_log_spaced_from_near_zero(extracted):
     exp, backend = extracted
-    results = run_steering_eval(exp, TRAIT, FixedJudge(coherence), CONFIG, backend=backend)
+    results = run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
     norms = load_activation_metadata(exp, TRAIT, "base").activation_norms
     for layer in (0, 1):
         coefs = [r.coefficient for r in results.runs if r.layer == layer]
@@ -80,8 +80,31 @@ def test_the_grid_is_log_spaced_from_near_zero_and_a_report_needs_a_valid_run(ex
         assert min(coefs) <= 0.2 * scale
     assert results.header.trait == TRAIT and results.baseline is not None
     kinds = [l["type"] for l in read_jsonl(exp.steering_results_path(TRAIT, "base", "response[:]"))]
-    # a report line only when some run is valid (coherence >= 77)
-    assert kinds == ["header", "baseline"] + ["run"] * 6 + ["report"] * (coherence >= 77)
+    assert kinds == ["header", "baseline"] + ["run"] * 6 + ["report"]
+
+
+def _shown_valid(setup):
+    """A coherence validation in which the judge's coherence is shown valid (interval above 0.5)."""
+    est = {"value": 0.9, "lo": 0.8, "hi": 0.95}
+    return CoherenceValidation(model=None, prompt_set="general", seed=0, max_new_tokens=3, layer=1, coefficients={},
+                               n_items={"held_out": {"items": 4, "intact": 2}}, n_questions={"held_out": 2},
+                               tune_questions=[], held_out_questions=[], auroc={JUDGE_COHERENCE: est}, per_kind={})
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_a_report_needs_a_valid_run_and_coherence_counts_only_where_it_is_shown_valid(extracted_llama, monkeypatch,
+                                                                                       validated):
+    exp, backend = extracted_llama
+    if validated:
+        monkeypatch.setattr(steering_eval, "coherence_validity", _shown_valid)
+    results = run_steering_eval(exp, TRAIT, FixedJudge(50.0), CONFIG, backend=backend)  # coherence 50 < 77
+    assert results.selection_rule() == ((77.0 if validated else None), CONFIG.max_kl)
+    assert (results.report is None) == validated
+    if not validated:  # measured on the stored set: a constant coherence tells nothing
+        validity = results.header.coherence_validity
+        assert validity["sources"][JUDGE_COHERENCE] == "fixed" and validity["auroc"][JUDGE_COHERENCE]["value"] == 0.5
+        assert {"degeneracy", "nll"} <= set(validity["auroc"]) and results.report["selection"]["min_coherence"] is None
+        assert exp.coherence_set("base", "general", CONFIG.max_new_tokens) is not None
 
 
 def test_negative_direction_flips_the_sign(extracted):
@@ -104,8 +127,8 @@ def test_a_steering_run_reads_the_experiment_config_once(extracted, monkeypatch)
 
 def test_interrupted_search_resumes_without_duplicates_and_reruns_add_nothing(extracted, tmp_path):
     exp, backend = extracted
-    with pytest.raises(KeyboardInterrupt):  # validity (2 calls), baseline, one run, then dies at the next
-        run_steering_eval(exp, TRAIT, FixedJudge(fail_after=4), CONFIG, backend=backend)
+    with pytest.raises(KeyboardInterrupt):  # validity (2 calls), coherence validity, baseline, one run, then dies
+        run_steering_eval(exp, TRAIT, FixedJudge(fail_after=5), CONFIG, backend=backend)
     assert len(_runs(exp)) == 1
     run_steering_eval(exp, TRAIT, FixedJudge(), CONFIG, backend=backend)
     first = _runs(exp)
@@ -117,11 +140,13 @@ def test_interrupted_search_resumes_without_duplicates_and_reruns_add_nothing(ex
     assert _runs(exp) == first and judge.calls == 0
 
 
-def test_selection_prefers_valid_steering_runs_over_held_out_accuracy(extracted):
+def test_selection_prefers_valid_steering_runs_over_held_out_accuracy(extracted, monkeypatch):
     exp, backend = extracted
     assert select_vector(exp, TRAIT).source == "evaluation"
-    run_steering_eval(exp, TRAIT, FixedJudge(coherence=50.0), CONFIG, backend=backend)
-    assert select_vector(exp, TRAIT).source == "evaluation"  # no run reached coherence 77
+    with monkeypatch.context() as m:
+        m.setattr(steering_eval, "coherence_validity", _shown_valid)
+        run_steering_eval(exp, TRAIT, FixedJudge(coherence=50.0), CONFIG, backend=backend)
+    assert select_vector(exp, TRAIT).source == "evaluation"  # no run reached the validated coherence 77
     run_steering_eval(exp, TRAIT, FixedJudge(coherence=90.0), SteeringEvalConfig(**{**CONFIG.__dict__, "coefficients": [1.0, 2.0]}),
                       backend=backend)
     ranked = select_vectors(exp, TRAIT, n=5)

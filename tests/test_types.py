@@ -13,9 +13,12 @@ from tracelens.errors import DataError, InputTypeError
 from tracelens.records import record, stored
 from tracelens.types import (
     ActivationMetadata,
+    CoherenceItem,
+    CoherenceSet,
     CoherenceValidation,
     Evaluation,
     EvaluationRow,
+    JUDGE_COHERENCE,
     JudgeResult,
     ModelConfig,
     ModelVariant,
@@ -107,6 +110,11 @@ EXAMPLES = {
         auroc={"nll": {"value": 0.9, "lo": 0.8, "hi": 0.97}}, per_kind={"nll": {"truncated": {"value": 0.4, "lo": 0.3,
                                                                                            "hi": 0.5}}},
         sources={"nll": "m"}),
+    "CoherenceItem": CoherenceItem("q?", "An answer.", True, "intact"),
+    "CoherenceSet": CoherenceSet([CoherenceItem("q?", "An answer.", True, "intact"),
+                                  CoherenceItem("q?", "answer. An", False, "shuffled_words")],
+                                 tune=["p?"], held_out=["q?"], layer=1, coefficients={"random_steering_1x": 2.5},
+                                 prompt_set="general", model="tiny", seed=0, max_new_tokens=8),
     "ScenarioResponse": ScenarioResponse("Hi?", "Be glad.", "Hello!", [1, 5], [6, 7]),
     "ResponsesMetadata": ResponsesMetadata(model="smollm2", trait="mood/happy", max_new_tokens=8, temperature=0.0,
                                            chat_template=True, input_hashes={"scenarios": "abc"}, input_hash="def"),
@@ -383,6 +391,26 @@ def test_steering_results_best_run_is_direction_aware_and_needs_coherence():
     negative = dataclasses.replace(results, header=SteeringHeader(trait="t", direction="negative"))
     assert negative.best_run().layer == 16
     assert negative.delta(negative.best_run()) == pytest.approx(-20.0)
+
+
+def _validity(judge_lo):
+    est = {"value": 0.8, "lo": judge_lo, "hi": 0.9}
+    return CoherenceValidation(
+        model="m", prompt_set="general", seed=0, max_new_tokens=40, layer=15, coefficients={}, n_items={},
+        n_questions={}, tune_questions=[], held_out_questions=[], auroc={JUDGE_COHERENCE: est, "nll": est},
+        per_kind={}).to_dict()
+
+
+@pytest.mark.parametrize("validity, threshold", [(_validity(0.6), 77.0), (_validity(0.45), None), ({}, None)])
+def test_the_coherence_threshold_applies_only_where_the_judges_coherence_is_shown_valid(validity, threshold):
+    header = SteeringHeader(trait="t", selection={"max_kl": 0.5, "min_coherence": 77.0}, coherence_validity=validity)
+    runs = [_run(12, 3.0, 80.0, 60.0), _run(14, 2.5, 65.0, 77.0)]
+    for run in runs:
+        run.judge_free = {"kl": {"value": 0.2, "lo": 0.1, "hi": 0.3}}
+    results = SteeringResults(header, JudgeResult(30.0, 92.0, 5), runs)
+    assert results.selection_rule() == (threshold, 0.5)
+    # the incoherent layer-12 run goes furthest: excluded only when the threshold is validated
+    assert results.selected_run().layer == (14 if threshold else 12)
     assert SteeringResults(header=SteeringHeader(trait="t")).delta(results.runs[0]) is None
 
 

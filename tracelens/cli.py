@@ -80,7 +80,7 @@ def steer(*, experiment: str, traits: str, variant: str | None, layers: str, met
           n_neutral: int, max_new_tokens: int, direction: str | None, max_kl: float, min_coherence: float,
           n_controls: int, judge: str, judge_url: str, judge_model: str, invocation: str) -> None:
     from tracelens.metrics import Estimate
-    from tracelens.pipeline.report import fmt_ci, steering_verdicts
+    from tracelens.pipeline.report import coherence_lines, fmt_ci, steering_verdicts
     from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
     from tracelens.serving.backends import LocalBackend
 
@@ -106,9 +106,12 @@ def steer(*, experiment: str, traits: str, variant: str | None, layers: str, met
                   f"{fmt_ci(jf['nll_cost'], '.3f')}, KL {fmt_ci(jf['kl'], '.3f')} nats/token"
                   + ("" if run.within_budget(config.max_kl) else " (over the KL budget)"))
         r = results.report
-        if results.best_run(config.min_coherence, max_kl=config.max_kl) is None:
-            print(f"{trait}: no run within KL {config.max_kl:g} nats/token keeps coherence >= "
-                  f"{config.min_coherence}: nothing reported")
+        for line in coherence_lines(results):
+            print(f"{trait}: {line}")
+        if results.selected_run() is None:
+            print(f"{trait}: no run is within KL {config.max_kl:g} nats/token"
+                  + (f" with coherence >= {config.min_coherence}" if results.selection_rule()[0] is not None else "")
+                  + ": nothing reported")
             continue
         v = r["config"]["vectors"][0]
         print(f"{trait}: selected layer {v['layer']} coef {v['weight']:.4g}, on {r['n_questions']} report "
@@ -344,7 +347,8 @@ def _add_steer(sub) -> None:
                    help="the damage budget: a run is selected only if its KL(unsteered || steered) on the neutral "
                         "answers is at most this many nats/token (runs over it are stored and shown)")
     p.add_argument("--min-coherence", type=float, default=MIN_COHERENCE,
-                   help="judge coherence (0-100) a run must keep to be selected and reported")
+                   help="judge coherence (0-100) a run must keep to be selected and reported; applied only "
+                        "where the judge's coherence is shown valid on the coherence validation set")
     p.add_argument("--n-controls", type=int, default=N_CONTROLS,
                    help="random control directions (at least 10) the selected run is compared with")
     p.add_argument("--judge", choices=["offline", "openai"], default="offline",

@@ -51,7 +51,7 @@ from tracelens.model.positions import sanitize_position
 from tracelens.datasets.splits import SPLITS
 from tracelens.types import (
     ActivationMetadata,
-    CoherenceValidation,
+    CoherenceSet,
     Evaluation,
     ModelVariant,
     NeutralReference,
@@ -369,19 +369,18 @@ class Experiment:
     def write_neutral_reference(self, variant: str, max_new_tokens: int, reference: NeutralReference) -> None:
         write_json(self.neutral_reference_path(variant, max_new_tokens), reference.to_dict())
 
-    def coherence_validation_path(self, variant: str, prompt_set: str, max_new_tokens: int) -> Path:
-        """The coherence signals' validity on the model's own intact and damaged answers to ``prompt_set``."""
+    def coherence_set_path(self, variant: str, prompt_set: str, max_new_tokens: int) -> Path:
+        """The model's own intact and damaged answers to ``prompt_set`` (`CoherenceSet`)."""
         return (self.dir / "steering" / "_reference" / check_name(variant, "variant")[0]
                 / f"coherence-{check_name(prompt_set, 'prompt set')[0]}-{int(max_new_tokens)}.json")
 
-    def coherence_validation(self, variant: str, prompt_set: str, max_new_tokens: int) -> CoherenceValidation | None:
-        """The stored `CoherenceValidation` of a model variant, or None before it was measured."""
-        path = self.coherence_validation_path(variant, prompt_set, max_new_tokens)
-        return CoherenceValidation.from_dict(read_json(path)) if path.is_file() else None
+    def coherence_set(self, variant: str, prompt_set: str, max_new_tokens: int) -> CoherenceSet | None:
+        """The stored `CoherenceSet` of a model variant, or None before it was built."""
+        path = self.coherence_set_path(variant, prompt_set, max_new_tokens)
+        return CoherenceSet.from_dict(read_json(path)) if path.is_file() else None
 
-    def write_coherence_validation(self, variant: str, validation: CoherenceValidation) -> None:
-        write_json(self.coherence_validation_path(variant, validation.prompt_set, validation.max_new_tokens),
-                   validation.to_dict())
+    def write_coherence_set(self, variant: str, cset: CoherenceSet) -> None:
+        write_json(self.coherence_set_path(variant, cset.prompt_set, cset.max_new_tokens), cset.to_dict())
 
     def traits(self, kind: str, variant: str) -> list[str]:
         """Names of the traits (sorted, "category/name") that have, for `variant`: an extraction folder

@@ -39,6 +39,7 @@ DIRECTIONS = ("positive", "negative")
 MIN_COHERENCE = 77.0  # a steering run is valid when its mean coherence reaches this (upstream MIN_COHERENCE)
 DEFAULT_MAX_KL = 0.5  # nats/token: the steering damage budget (see tracelens.pipeline.steering_eval)
 N_CONTROLS = 10  # random control directions a steering report stands beside, at least
+JUDGE_COHERENCE = "judge_coherence"  # the coherence validation's name for the judge's coherence signal
 ALWAYS_EVALUATED = "random_baseline"  # the control method every evaluation holds and no selection picks
 
 
@@ -636,7 +637,9 @@ class SteeringHeader:
     ``{"model", "experiment", "trait"}``; ``eval`` is ``{"model", "method", "trait_judge"}`` plus, when
     measured, the judge's ``validity``. ``n_questions`` search and ``n_report`` report questions. ``selection``
     is the rule that picks the reported run: ``{"max_kl", "min_coherence", "n_controls", "control_seed",
-    "grid"}`` (empty in files written before the KL budget); ``command`` what wrote the file.
+    "grid"}`` (empty in files written before the KL budget); ``coherence_validity`` the `CoherenceValidation`
+    of the judge's coherence and the other signals, measured when the file was started (empty before it);
+    ``command`` what wrote the file.
     """
 
     trait: str
@@ -652,6 +655,7 @@ class SteeringHeader:
     max_new_tokens: int | None = None
     n_neutral: int | None = None
     selection: dict[str, Any] = field(default_factory=dict)
+    coherence_validity: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
 
     def __post_init__(self) -> None:
@@ -706,6 +710,19 @@ class SteeringResults:
                 best, best_key = run, key
         return best
 
+    def selection_rule(self) -> tuple[float | None, float | None]:
+        """``(min_coherence, max_kl)`` of the header's rule: the coherence threshold only where the judge's
+        coherence was shown valid (``JUDGE_COHERENCE`` in the header's `CoherenceValidation.shown`; None, not
+        used, otherwise and in files without a validation), and the KL budget (None in files before it)."""
+        validity = self.header.coherence_validity
+        shown = bool(validity) and JUDGE_COHERENCE in CoherenceValidation.from_dict(validity).shown()
+        return (self.header.selection.get("min_coherence") if shown else None), self.header.selection.get("max_kl")
+
+    def selected_run(self, layer: int | None = None, method: str | None = None) -> SteeringRunRecord | None:
+        """`best_run` under the header's `selection_rule`: the run a report shows."""
+        min_coherence, max_kl = self.selection_rule()
+        return self.best_run(min_coherence, layer, method, max_kl)
+
     def to_jsonl_lines(self) -> list[dict[str, Any]]:
         """The objects of ``results.jsonl``, one per line: header, baseline (if any), runs."""
         lines = [self.header.to_dict()]
@@ -757,6 +774,44 @@ class SteeringResults:
 
 
 @record
+@dataclass(frozen=True)
+class CoherenceItem:
+    """One answer of a coherence validation set: ``intact`` (label 1) or damaged (label 0) in the way ``kind``
+    names (``"intact"``, a random-steering kind, a text damage)."""
+
+    question: str
+    response: str
+    intact: bool
+    kind: str
+
+
+@record
+@dataclass
+class CoherenceSet:
+    """``steering/_reference/{variant}/coherence-{prompt_set}-{max_new_tokens}.json``: the model's own answers
+    to ``prompt_set`` and their damaged versions (`tracelens.pipeline.coherence_validation`), ``items`` in
+    question order; the ``tune`` / ``held_out`` questions; the random-steering ``layer`` and ``coefficients``
+    (per steering kind); the ``model``'s name and the split's ``seed``."""
+
+    items: list[CoherenceItem]
+    tune: list[str]
+    held_out: list[str]
+    layer: int
+    coefficients: dict[str, float]
+    prompt_set: str
+    model: str | None
+    seed: int
+    max_new_tokens: int
+
+    def split(self, name: str) -> list[CoherenceItem]:
+        """The items of the ``"tune"`` or ``"held_out"`` questions."""
+        if name not in ("tune", "held_out"):
+            raise ConfigError(f"split must be 'tune' or 'held_out'; got {name!r}")
+        questions = set(self.tune if name == "tune" else self.held_out)
+        return [item for item in self.items if item.question in questions]
+
+
+@record
 @dataclass
 class CoherenceValidation:
     """How well each coherence signal tells the model's own intact answers from damaged ones, on held-out
@@ -783,3 +838,4 @@ class CoherenceValidation:
     def shown(self) -> list[str]:
         """The signals whose validity is shown: the lower end of their AUROC interval is above 0.5."""
         return [name for name, est in self.auroc.items() if est["lo"] > 0.5]
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -57,8 +58,9 @@ class Fluency:
 
     @property
     def name(self) -> str:
-        """``"<model name>@<midpoint>/<scale>"``: the model and the map, recorded in the judge's name."""
-        model = getattr(self.model.cfg, "model_name", None) or "model"
+        """``"<model name>@<midpoint>/<scale>"``: the model (the last part of its name or path, so no machine's
+        folders) and the map, recorded in the judge's name."""
+        model = Path(str(getattr(self.model.cfg, "model_name", None) or "model")).name
         return f"{model}@{self.midpoint:g}/{self.scale:g}"
 
     def nll(self, questions: Sequence[str], responses: Sequence[str]) -> np.ndarray:

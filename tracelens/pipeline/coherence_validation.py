@@ -13,6 +13,10 @@ held-out part, with a 95% bootstrap interval resampling questions (all answers o
 overall and per damage kind. A signal is any ``items -> scores`` function (higher = more coherent, None =
 undecided): `judge_signal` (a judge's ``coherence_score``, with its degeneracy guard; `OpenAIJudge` alike),
 `degeneracy_signal` (1 kept, 0 flagged) and `nll_signal` (minus the per-token NLL under the unsteered model).
+
+The set is built once per model variant and answer length and stored (`coherence_set`); every steering search
+measures its judge's signals on it (`coherence_signals`, `measure_coherence_validity`) and keeps the record in
+its results header, where `SteeringResults.selection_rule` reads whether the judge's coherence may be used.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +37,8 @@ from tracelens.model.edits import unit
 from tracelens.model.prompts import left_pad
 from tracelens.serving.backends import CaptureSpec, GenerationConfig, SteeringSpec
 from tracelens.serving.protocol import Backend
-from tracelens.types import CoherenceValidation
+from tracelens.store import Experiment
+from tracelens.types import JUDGE_COHERENCE, CoherenceItem, CoherenceSet, CoherenceValidation
 
 STEERING_MULTIPLES = (0.25, 0.5, 1.0)  # random-direction coefficients, in units of the layer's mean residual norm
 TRUNCATE_FRACTION = 0.5
@@ -43,40 +47,7 @@ PHRASE_WORDS = 8  # the repeated phrase: the answer's first sentence, at most th
 TEXT_DAMAGES = ("truncated", "shuffled_sentences", "shuffled_words", "repeated")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
-Signal = Callable[[Sequence["CoherenceItem"]], Sequence[float | None]]
-
-
-@dataclass(frozen=True)
-class CoherenceItem:
-    """One answer of the set: ``intact`` (label 1) or damaged (label 0) in the way ``kind`` names."""
-
-    question: str
-    response: str
-    intact: bool
-    kind: str
-
-
-@dataclass(frozen=True)
-class CoherenceSet:
-    """The built set and how: ``items`` in question order, the ``tune`` / ``held_out`` questions, the steered
-    ``layer`` and ``coefficients`` (per random-steering kind), the prompt set's name and the model's."""
-
-    items: list[CoherenceItem]
-    tune: list[str]
-    held_out: list[str]
-    layer: int
-    coefficients: dict[str, float]
-    prompt_set: str
-    model: str | None
-    seed: int
-    max_new_tokens: int
-
-    def split(self, name: str) -> list[CoherenceItem]:
-        """The items of the ``"tune"`` or ``"held_out"`` questions."""
-        if name not in ("tune", "held_out"):
-            raise ConfigError(f"split must be 'tune' or 'held_out'; got {name!r}")
-        questions = set(self.tune if name == "tune" else self.held_out)
-        return [item for item in self.items if item.question in questions]
+Signal = Callable[[Sequence[CoherenceItem]], Sequence[float | None]]
 
 
 def starter_steering_questions() -> list[str]:
@@ -258,11 +229,26 @@ def tune_fluency_map(cset: CoherenceSet, fluency: Fluency, intact_score: float =
     return {**stats, "midpoint": midpoint, "scale": scale}
 
 
-def run_coherence_validation(backend: Backend, signals: Mapping[str, Signal], steering_questions: Sequence[str],
-                             prompt_set: str = "general", max_new_tokens: int = 40, seed: int = 0,
-                             sources: Mapping[str, str] | None = None,
-                             n_resamples: int = N_RESAMPLES) -> CoherenceValidation:
-    """`build_coherence_set` then `measure_coherence_validity`: the record to store
-    (``Experiment.write_coherence_validation``) once per model variant."""
-    cset = build_coherence_set(backend, steering_questions, prompt_set, max_new_tokens, seed)
-    return measure_coherence_validity(cset, signals, sources, n_resamples)
+def coherence_set(exp: Experiment, variant: str, backend: Backend, steering_questions: Sequence[str],
+                  max_new_tokens: int, prompt_set: str = "general", seed: int = 0) -> CoherenceSet:
+    """The variant's stored set for ``prompt_set`` and ``max_new_tokens`` (built by `build_coherence_set` and
+    stored on first use); ConfigError when one of its questions is a steering question."""
+    cset = exp.coherence_set(variant, prompt_set, max_new_tokens)
+    if cset is None or cset.seed != seed:
+        cset = build_coherence_set(backend, steering_questions, prompt_set, max_new_tokens, seed)
+        exp.write_coherence_set(variant, cset)
+    check_disjoint(cset.tune + cset.held_out, steering_questions)
+    return cset
+
+
+def coherence_signals(judge, trait_name: str, definition: str,
+                      fluency: Fluency | None) -> tuple[dict[str, Signal], dict[str, str]]:
+    """``(signals, sources)`` measured beside every steering search: the judge's coherence
+    (``JUDGE_COHERENCE``, what selection's threshold reads), the degeneracy guard and, given ``fluency`` (the
+    unsteered model), the NLL under it (the per-answer form of the KL budget's damage)."""
+    signals = {JUDGE_COHERENCE: judge_signal(judge, trait_name, definition), "degeneracy": degeneracy_signal}
+    sources = {JUDGE_COHERENCE: getattr(judge, "name", type(judge).__name__),
+               "degeneracy": "tracelens.judges.degeneracy"}
+    if fluency is not None:
+        signals["nll"], sources["nll"] = nll_signal(fluency), fluency.name
+    return signals, sources

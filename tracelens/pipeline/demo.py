@@ -19,7 +19,7 @@ from tracelens.judges.fluency import Fluency
 from tracelens.judges.offline import offline_judge
 from tracelens.errors import ConfigError
 from tracelens.metrics import Estimate
-from tracelens.pipeline.report import JUDGE_FREE, fmt_ci, reported_run, steering_verdicts, write_report
+from tracelens.pipeline.report import JUDGE_FREE, coherence_lines, fmt_ci, reported_run, steering_verdicts, write_report
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 from tracelens.types import Evaluation, SteeringResults
 
@@ -63,11 +63,11 @@ def steering_plan(evaluation: Evaluation, n_layers: int, k: int) -> tuple[str, l
 
 
 def steering_summary(results: SteeringResults) -> list[str]:
-    """The demo's closing lines, read from the stored `results`: the selected run and the budget, then the
-    report's rows (unsteered, prompted, steered, random control) on the report questions: judge trait with its
-    delta, and the judge-free trait effect, NLL cost and KL (nats/token), with intervals (the controls' judge-free
-    numbers: mean and 5-95% band over directions); then the verdicts (steering against prompting, the budget's
-    cost, matched KL, anti-steerable questions)."""
+    """The demo's closing lines, read from the stored `results`: the selected run and the budget, the coherence
+    validation (`coherence_lines`), then the report's rows (unsteered, prompted, steered, random control) on the
+    report questions: judge trait with its delta, and the judge-free trait effect, NLL cost and KL (nats/token),
+    with intervals (the controls' judge-free numbers: mean and 5-95% band over directions); then the verdicts
+    (steering against prompting, the budget's cost, matched KL, anti-steerable questions)."""
     report, run = results.report, reported_run(results)
     if report is None or run is None:
         return ["no run is within the KL budget with enough judge coherence: nothing was re-judged on the report "
@@ -75,7 +75,7 @@ def steering_summary(results: SteeringResults) -> list[str]:
     sel = report.get("selection") or {}
     kl = (run.judge_free or {}).get("kl")
     lines = [f"selected run: {run.method} layer {run.layer}, coefficient {run.coefficient:g}; KL {fmt_ci(kl)} "
-             f"nats/token within the budget of {sel.get('max_kl', 'n/a')}",
+             f"nats/token within the budget of {sel.get('max_kl', 'n/a')}", *coherence_lines(results),
              f"on {report['n_questions']} report questions (judge trait [delta]; trait effect, NLL cost, KL in "
              "nats/token):"]
     jf = report.get("judge_free") or {}

@@ -21,7 +21,8 @@ from tracelens.io import write_bytes
 from tracelens.metrics import Estimate
 from tracelens.provenance import _code, provenance_lines
 from tracelens.pipeline.tradeoff_plot import tradeoff_svg
-from tracelens.types import ALWAYS_EVALUATED, Evaluation, EvaluationRow, SteeringResults, SteeringRunRecord
+from tracelens.types import (ALWAYS_EVALUATED, JUDGE_COHERENCE, Evaluation, EvaluationRow, SteeringResults,
+                             SteeringRunRecord)
 
 MAX_ANSWER_CHARS = 200  # example answers are cut here (before escaping)
 SMALL_N = 30  # fewer questions than this: percentile-bootstrap intervals undercover (run narrow); said in caveats
@@ -109,6 +110,8 @@ def write_report(experiment: str | Experiment, traits: Sequence[str] | None, pat
 
 
 JUDGE_FREE = (("trait_effect", "trait effect"), ("nll_cost", "NLL cost"), ("kl", "KL"))  # key, name; nats/token
+SIGNAL_NAMES = {JUDGE_COHERENCE: "judge coherence", "degeneracy": "degeneracy guard",
+                "nll": "NLL under the unsteered model"}  # the coherence validation's signals
 
 
 def reported_run(results: SteeringResults) -> SteeringRunRecord | None:
@@ -321,7 +324,7 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
            f"- Judge: `{judge.get('model')}` ({judge.get('method')}); validity: {valid_text}",
            f"- {h.n_questions} search questions, {h.n_report} report questions, {h.max_new_tokens} new tokens, "
            f"{h.n_neutral} neutral prompts for the NLL cost and KL",
-           f"- Selection: {_rule(sel)}", ""]
+           f"- Selection: {_rule(res)}", *[f"- {line}" for line in coherence_lines(res)], ""]
     if res.baseline is not None:
         jf = res.baseline_judge_free or {}
         out += [f"**Baseline (unsteered):** judge trait {_num(res.baseline.trait_mean, '.1f')}, coherence "
@@ -345,14 +348,34 @@ def _command(command: str | None) -> str:
     return "not recorded" if command is None else f"`{_md(command)}`"
 
 
-def _rule(sel: Mapping) -> str:
+def _rule(res: SteeringResults) -> str:
+    sel = res.header.selection
     if not sel:
         return "not recorded (results written before the KL budget: the best run by judge coherence alone)"
-    grid = sel.get("grid") or {}
+    grid, min_coherence = sel.get("grid") or {}, res.selection_rule()[0]
+    coherence = "" if min_coherence is None else f" and judge coherence >= {min_coherence:g}"
     return (f"the run with the highest judge trait score in the trait's direction among runs with KL <= "
-            f"{sel['max_kl']:g} nats/token and judge coherence >= {sel['min_coherence']:g}; grid of {grid.get('n')} "
+            f"{sel['max_kl']:g} nats/token{coherence}; grid of {grid.get('n')} "
             f"coefficients per layer log-spaced from {grid.get('low'):g} to {grid.get('high'):g} x mean ||h|| / ||v|| "
             f"(0 is the baseline); {sel['n_controls']} random control directions (seed {sel['control_seed']})")
+
+
+def coherence_lines(res: SteeringResults) -> list[str]:
+    """The header's coherence validation in two sentences: each signal's AUROC (intact against damaged answers
+    of held-out questions) and whether selection uses the judge's coherence."""
+    v = res.header.coherence_validity
+    if not v:
+        return ["Coherence validity: not measured (results written before the coherence validation); the judge's "
+                "coherence is not used in selection."]
+    n, q = v["n_items"]["held_out"], v["n_questions"]["held_out"]
+    aurocs = "; ".join(f"{SIGNAL_NAMES.get(k, k)} {fmt_ci(e, '.3f')}" for k, e in v["auroc"].items())
+    min_coherence = res.selection_rule()[0]
+    use = (f"the judge's coherence is shown valid (interval above 0.5), so selection requires it >= "
+           f"{min_coherence:g}." if min_coherence is not None else
+           "the judge's coherence is not shown valid (its interval reaches 0.5), so selection does not use it: "
+           "the KL budget alone limits the damage.")
+    return [f"Coherence validity (AUROC of intact against damaged answers, {n['items']} answers of {q} held-out "
+            f"`{v['prompt_set']}` questions, {n['intact']} intact; 0.5 is chance): {aurocs}.", f"In selection: {use}"]
 
 
 def _search_table(res: SteeringResults, max_kl: float | None) -> list[str]:

@@ -1,7 +1,7 @@
 """Vector selection: walk the validation hierarchy and say where each answer came from.
 
-1. steering: the best valid steering run (coherence >= `min_coherence`, KL within the results' budget) per
-   (layer, method, component),
+1. steering: the best valid steering run (KL within the results' budget; coherence >= `min_coherence` where
+   the results' coherence validation shows the judge's coherence valid) per (layer, method, component),
    ranked by its trait delta over the baseline in the trait's direction;
 2. evaluation: separation on the select split (AUROC, then Cohen's d) from the extraction stage; the
    test-split numbers (with intervals and the chance verdict) travel in `VectorResult.test`, unused for ranking;
@@ -58,7 +58,8 @@ def _from_steering(exp, trait, variant, position, component, min_coherence) -> l
         return []  # the vectors were re-extracted after this search: its runs no longer describe them
     sign = 1.0 if results.header.direction == "positive" else -1.0
     best: dict[tuple, VectorResult] = {}
-    for run in results.valid_runs(min_coherence, max_kl=results.header.selection.get("max_kl")):
+    rule_coherence, max_kl = results.selection_rule()  # coherence counts only where the judge's was shown valid
+    for run in results.valid_runs(None if rule_coherence is None else min_coherence, max_kl):
         delta = results.delta(run)
         if delta is None or run.component != component:
             continue

@@ -19,11 +19,14 @@ Judge-free metrics (teacher forcing, no sampling, see `judge_free_metrics`) for 
   kl             mean KL(unsteered || steered) of the next-token distributions over those answers.
 Each is a mean over items with a 95% bootstrap interval.
 
-Selection (`SteeringResults.best_run`): the run that moves the judge's trait score furthest in the trait's
-direction among those with `kl <= max_kl` and, when the judge's coherence is used, coherence >=
-`min_coherence`. KL, not the NLL cost, is the budget: on the model's own answers the NLL cost is a one-sample
-estimate of the same divergence, and KL averages the whole next-token distribution at every position.
-Runs over budget are stored and shown, never selected.
+Selection (`SteeringResults.selected_run`): the run that moves the judge's trait score furthest in the
+trait's direction among those with `kl <= max_kl` and, when the judge's coherence is shown valid, coherence
+>= `min_coherence`. A new results file first measures the judge's coherence, the degeneracy guard and the
+NLL under the unsteered model on the variant's coherence validation set (`coherence_validity`; held-out
+questions disjoint from the steering ones) and keeps the record in its header: a coherence threshold whose
+AUROC interval does not clear 0.5 is not applied. KL, not the NLL cost, is the budget: on the model's own
+answers the NLL cost is a one-sample estimate of the same divergence, and KL averages the whole next-token
+distribution at every position. Runs over budget are stored and shown, never selected.
 
 The report re-answers the report questions unsteered, prompted (the unsteered model with the trait's own
 instruction: the system prompts of the extraction's positive scenarios, or negative ones when steering
@@ -54,11 +57,13 @@ from tracelens.errors import ConfigError, MissingArtifactError
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import parse_layers, vetting_hash
 from tracelens.judges.base import summarize_judge_scores
+from tracelens.judges.fluency import Fluency
+from tracelens.pipeline.coherence_validation import coherence_set, coherence_signals, measure_coherence_validity
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.datasets.prompt_sets import load_prompt_set
 from tracelens.datasets.traits import TraitDataset, load_trait
 from tracelens.serving.protocol import Backend
-from tracelens.types import (DEFAULT_MAX_KL, MIN_COHERENCE, N_CONTROLS, ModelVariant, NeutralReference, ProjectionConfig, SteeringHeader,
+from tracelens.types import (DEFAULT_MAX_KL, MIN_COHERENCE, N_CONTROLS, CoherenceValidation, ModelVariant, NeutralReference, ProjectionConfig, SteeringHeader,
                              SteeringResults, SteeringRunRecord, VectorSpec)
 
 GRID_LOW, GRID_HIGH = 0.02, 1.0  # the coefficient grid's ends, in units of mean ||h_L|| / ||v||
@@ -380,8 +385,19 @@ def _open_results(s: _Setup, judge_info: dict | None, command: str) -> SteeringR
     if stored is not None:
         s.exp.set_aside_steering_results(*s.results_at)
     header.eval["validity"] = judge_validity(s.judge, s.exp, *s.source_at)
+    header.coherence_validity = coherence_validity(s).to_dict()
     s.exp.append_steering(*s.results_at, header)
     return SteeringResults(header)
+
+
+def coherence_validity(s: _Setup) -> CoherenceValidation:
+    """The judge's coherence, the degeneracy guard and (with a local model) the NLL under the unsteered model,
+    validated on the variant's coherence set of answers as long as the steered ones (`coherence_set`)."""
+    fluency = getattr(s.judge, "fluency", None)
+    if fluency is None and isinstance(s.backend, LocalBackend):
+        fluency = Fluency(s.backend.model)
+    cset = coherence_set(s.exp, s.variant.name, s.backend, s.data.steering.questions, s.config.max_new_tokens)
+    return measure_coherence_validity(cset, *coherence_signals(s.judge, s.trait, s.data.definition, fluency))
 
 
 def _grids(s: _Setup) -> dict[int, list[float]]:
@@ -407,13 +423,14 @@ def _step(s: _Setup, done: dict[tuple, SteeringRunRecord], todo: list[tuple[int,
         done[_key(run)] = run
 
 
-def _refinements(s: _Setup, done: dict[tuple, SteeringRunRecord], grids: dict[int, list[float]]) -> list[tuple]:
-    """Per layer whose grid turns from selectable to not (`is_valid` under the selection rule), the geometric
+def _refinements(s: _Setup, done: dict[tuple, SteeringRunRecord], grids: dict[int, list[float]],
+                 rule: tuple[float | None, float | None]) -> list[tuple]:
+    """Per layer whose grid turns from selectable to not (`is_valid` under the selection `rule`), the geometric
     mean of the last selectable coefficient and the next one: where the best run within the rule lies."""
     c, todo = s.config, []
     for l, grid in grids.items():
         runs = [done.get((l, c.method, c.component, c.position, _sig(k))) for k in grid]
-        ok = [r is not None and r.is_valid(c.min_coherence, c.max_kl) for r in runs]
+        ok = [r is not None and r.is_valid(*rule) for r in runs]
         edges = [i for i in range(len(ok) - 1) if ok[i] and not ok[i + 1]]
         if edges:
             i = edges[-1]
@@ -421,14 +438,15 @@ def _refinements(s: _Setup, done: dict[tuple, SteeringRunRecord], grids: dict[in
     return todo
 
 
-def _search(s: _Setup, done: dict[tuple, SteeringRunRecord], reference) -> None:
+def _search(s: _Setup, done: dict[tuple, SteeringRunRecord], reference, rule: tuple[float | None, float | None]
+            ) -> None:
     """The grid, one step (all layers) per backend call, then, without explicit `coefficients`, one refining
-    coefficient per layer between its last selectable grid run and the next (`_refinements`)."""
+    coefficient per layer between its last selectable grid run and the next (`_refinements` under `rule`)."""
     grids = _grids(s)
     for step in range(max(len(g) for g in grids.values())):
         _step(s, done, [(l, _sig(g[step])) for l, g in grids.items() if step < len(g)], reference)
     if s.config.coefficients is None:
-        _step(s, done, _refinements(s, done, grids), reference)
+        _step(s, done, _refinements(s, done, grids, rule), reference)
 
 
 def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: SteeringEvalConfig | None = None,
@@ -458,9 +476,9 @@ def run_steering_eval(experiment: str | Experiment, trait: str, judge, config: S
             "judge_free": {"llr": bootstrap_mean(reference()[1].llr).to_dict(),
                            "nll": bootstrap_mean(reference()[1].nll).to_dict()},
             "timestamp": _now()})
-    _search(s, {_key(r): r for r in stored.runs}, reference)
+    _search(s, {_key(r): r for r in stored.runs}, reference, stored.selection_rule())
     results = s.exp.steering_results(*s.results_at)
-    best = results.best_run(s.config.min_coherence, max_kl=s.config.max_kl)
+    best = results.selected_run()
     if best is not None and (results.report is None or results.report["config"] != best.config.to_dict()):
         # The best run may come from an earlier call with other layers: load its vector by layer.
         vector = s.exp.vector(*s.source_at, best.method, best.layer)
@@ -535,18 +553,18 @@ def _steerability(per_question: dict[str, list[float | None]], sign: float, ques
     return {"moved": moved, "control_spread": [round(float(lo), 4), round(float(hi), 4)], "anti_steerable": anti}
 
 
-def _selection(s: _Setup, results: SteeringResults, best: SteeringRunRecord) -> dict:
+def _selection(results: SteeringResults, best: SteeringRunRecord) -> dict:
     """The selection rule and what it chose, beside the run the search would pick without the KL budget."""
     def brief(run: SteeringRunRecord) -> dict:
         jf = run.judge_free or {}
         return {"config": run.config.to_dict(), "trait_mean": run.result.trait_mean,
                 "coherence_mean": run.result.coherence_mean, "kl": jf.get("kl"), "trait_effect": jf.get("trait_effect")}
 
-    c = s.config
-    unconstrained = results.best_run(c.min_coherence)
-    return {"max_kl": c.max_kl, "min_coherence": c.min_coherence, "selected": brief(best),
+    min_coherence, max_kl = results.selection_rule()
+    unconstrained = results.best_run(min_coherence)
+    return {"max_kl": max_kl, "min_coherence": min_coherence, "selected": brief(best),
             "unconstrained": None if unconstrained is None or unconstrained is best else brief(unconstrained),
-            "n_runs": len(results.runs), "n_over_budget": sum(not r.within_budget(c.max_kl) for r in results.runs)}
+            "n_runs": len(results.runs), "n_over_budget": sum(not r.within_budget(max_kl) for r in results.runs)}
 
 
 def _report(s: _Setup, results: SteeringResults, best: SteeringRunRecord, vector: torch.Tensor, reference) -> dict:
@@ -573,7 +591,7 @@ def _report(s: _Setup, results: SteeringResults, best: SteeringRunRecord, vector
     kl = (best.judge_free or {}).get("kl")
     return {
         "type": "report", "config": best.config.to_dict(), "n_questions": len(qs),
-        "selection": _selection(s, results, best), "instructions": s.instructions,
+        "selection": _selection(results, best), "instructions": s.instructions,
         "results": {k: summarize_judge_scores(v).to_dict() for k, v in scores.items()},
         "trait": {k: _mean_of([x["trait_score"] for x in v]) for k, v in scores.items()},
         "coherence": {k: _mean_of([x["coherence_score"] for x in v]) for k, v in scores.items()},

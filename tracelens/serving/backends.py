@@ -65,6 +65,7 @@ class LocalBackend(PromptSide):
         self.batch_size: int | None = None  # learned: halved on out-of-memory, then kept
         self.experiment: str | None = None  # set by from_experiment
         self.variant: str | None = None
+        self._unsteered: tuple[tuple, list[Tensor]] | None = None  # (texts, distributions) of the last KL reference
 
     @classmethod
     def from_model(cls, model, tokenizer=None, use_chat_template: bool | None = None) -> "LocalBackend":
@@ -124,16 +125,25 @@ class LocalBackend(PromptSide):
                           steering: Sequence[SteeringSpec] | None = None, *, kl: bool = False) -> ResponseLogprobs:
         """Teacher-forced log-probabilities of each response token (`tracelens.model.likelihood.response_logprobs`,
         batches of 8) under `steering` at every position; `kl` adds the per-token KL divergence from the unsteered
-        distributions (a second, unsteered pass). ConfigError for steering limited to rows, the response or a
-        condition (`check_every_position`)."""
+        distributions (a second, unsteered pass, kept for the next call on the same texts: a search scores every
+        run against one reference; the model's weights must not change meanwhile). ConfigError for steering
+        limited to rows, the response or a condition (`check_every_position`)."""
         check_every_position(steering)
         with _steering_adapters(self._model, steering, 0):
             scored = response_logprobs(self._model, prompt_ids, response_ids, distributions=kl)
         if not kl:
             return ResponseLogprobs(scored)
         logprobs, steered = scored
-        _, unsteered = response_logprobs(self._model, prompt_ids, response_ids, distributions=True)
+        unsteered = self._unsteered_distributions(prompt_ids, response_ids)
         return ResponseLogprobs(logprobs, [(u.exp() * (u - s)).sum(-1) for u, s in zip(unsteered, steered)])
+
+    def _unsteered_distributions(self, prompt_ids: Sequence[Sequence[int]],
+                                 response_ids: Sequence[Sequence[int]]) -> list[Tensor]:
+        """The unsteered next-token log-distributions of the responses, recomputed only for other texts."""
+        key = (tuple(map(tuple, prompt_ids)), tuple(map(tuple, response_ids)))
+        if self._unsteered is None or self._unsteered[0] != key:
+            self._unsteered = (key, response_logprobs(self._model, prompt_ids, response_ids, distributions=True)[1])
+        return self._unsteered[1]
 
     # --- generation ---------------------------------------------------------------------------------
 
