@@ -98,7 +98,10 @@ def test_build_and_measure_on_a_tiny_model(tiny_llama):
     c = list(cset.coefficients.values())
     assert c[0] > 0 and c[1] == pytest.approx(2 * c[0]) and c[2] == pytest.approx(4 * c[0])
     fluency = Fluency(tiny_llama.model, use_chat_template=True)
-    record = cv.measure_coherence_validity(cset, {"degeneracy": cv.degeneracy_signal, "nll": cv.nll_signal(fluency)},
+    nll = cv.nll_signal(backend)(cset.items)  # through the backend: the Fluency judge's NLL, by another path
+    assert nll == pytest.approx((-fluency.nll([it.question for it in cset.items],
+                                              [it.response for it in cset.items])).tolist(), abs=1e-6)
+    record = cv.measure_coherence_validity(cset, {"degeneracy": cv.degeneracy_signal, "nll": cv.nll_signal(backend)},
                                            {"nll": fluency.name}, n_resamples=100)
     held = cset.split("held_out")
     assert record.n_items["held_out"] == {"items": len(held), "intact": len(cset.held_out)}

@@ -120,8 +120,9 @@ RUNS = [SteeringRunRecord(JudgeResult(trait_mean=t, coherence_mean=c, n=5),
                                       "nll_cost": _est(nll, nll - 0.02, nll + 0.02), "kl": _est(nll / 2, nll / 3, nll)})
         for layer, coef, t, c, te, nll in STEERING]
 CONTROL_CURVE = [{"coefficient": k, "per_direction": {}, "band": {
-    "trait_effect": _est(te, te - 0.03, te + 0.03), "nll_cost": _est(0.1, 0.05, 0.15), "kl": _est(kl, kl, kl)}}
-    for k, te, kl in ((2.0, 0.01, 0.03), (4.0, -0.02, 0.09))]
+    "trait_effect": _est(te, te - 0.03, te + 0.03), "nll_cost": _est(0.1, 0.05, 0.15), "kl": _est(kl, kl, kl)},
+    "judged": {"trait": _est(jt, jt - 6.0, jt + 6.0), "coherence": _est(80.0, 75.0, 85.0)}}
+    for k, te, kl, jt in ((2.0, 0.01, 0.03, 24.0), (4.0, -0.02, 0.09, 18.0))]
 REPORT = {"type": "report", "config": RUNS[1].config.to_dict(), "n_questions": 4,
           "results": {k: JudgeResult(trait_mean=v, coherence_mean=88.0, n=4).to_dict()
                       for k, v in (("unsteered", 20.0), ("prompted", 50.0), ("steered", 55.0), ("control", 22.0))},
@@ -413,6 +414,11 @@ def _check_steering_chart(page) -> None:
     controls = [p for p in _data(page, f"{effect} g.point") if p["series"] == "control"]
     assert [(p["coefficient"], p["kl"], p["value"], p["lo"], p["hi"]) for p in controls] == [
         (c["coefficient"], c["band"]["kl"]["value"], *(c["band"]["trait_effect"][k] for k in ("value", "lo", "hi")))
+        for c in CONTROL_CURVE]
+    judged_controls = [p for p in _data(page, f'{chart} g.panel[data-panel="judge_trait"] g.point')
+                       if p["series"] == "control"]
+    assert [(p["coefficient"], p["kl"], p["value"], p["lo"], p["hi"]) for p in judged_controls] == [
+        (c["coefficient"], c["band"]["kl"]["value"], *(c["judged"]["trait"][k] for k in ("value", "lo", "hi")))
         for c in CONTROL_CURVE]
     assert [b["kl"] for b in _data(page, f"{chart} line.budget")] == [0.08, 0.08]
     cells = page.locator("table.steering").text_content()

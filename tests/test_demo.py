@@ -7,7 +7,7 @@ import pytest
 from tracelens.errors import ConfigError
 from tracelens.io import read_json, write_json
 from tracelens.pipeline.demo import VARIANT, DemoSettings, run_demo, steering_plan
-from tracelens.pipeline.report import fmt_ci, reported_run, steering_verdicts
+from tracelens.pipeline.report import coherence_lines, fmt_ci, reported_run, steering_verdicts
 from tracelens.store import Experiment
 from tracelens.testing import tiny_model
 from tracelens.types import Evaluation, EvaluationRow, SteeringResults
@@ -17,7 +17,8 @@ def _steering(exp: Experiment, trait: str) -> SteeringResults:
 
 
 def _check_closing_lines(log: list[str], results: SteeringResults) -> None:
-    """The lines after "[4/4] report" name the reported run with its KL and the budget, then give the report's
+    """The lines after "[4/4] report" name the reported run with its KL and the budget, the coherence validation,
+    then give the report's
     rows (unsteered, prompted, steered, control) with the stored numbers, then the report's verdicts."""
     tail = [line.strip() for line in log[log.index("[4/4] report") + 1:]]
     report = results.report
@@ -26,7 +27,9 @@ def _check_closing_lines(log: list[str], results: SteeringResults) -> None:
     assert tail[0] == (f"selected run: {v['method']} layer {v['layer']}, coefficient {v['weight']:g}; KL "
                        f"{fmt_ci(run.judge_free['kl'])} nats/token within the budget of "
                        f"{report['selection']['max_kl']}")
-    assert tail[1].startswith(f"on {report['n_questions']} report questions")
+    n = len(coherence_lines(results))
+    assert n == 2 and tail[1 : 1 + n] == coherence_lines(results)  # the coherence validation and its use
+    assert tail[1 + n].startswith(f"on {report['n_questions']} report questions")
     for cond in ("unsteered", "prompted", "steered", "control"):
         [line] = [l for l in tail if l.split()[0] == cond]
         assert f"{cond} {fmt_ci(report['trait'][cond], '.1f')}" in " ".join(line.split())

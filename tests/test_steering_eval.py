@@ -184,6 +184,8 @@ def test_every_run_stores_judge_free_metrics_and_the_report_uses_other_questions
         assert report["results"][cond]["n"] == 2
     for point in report["control_curve"]:
         assert all(len(v) >= 10 for v in point["per_direction"].values())
+        trait = point["judged"]["trait"]  # judged on the search questions, comparable with the search runs
+        assert trait["lo"] <= trait["value"] <= trait["hi"] and point["judged"]["coherence"]["value"] == 90.0
     assert report["judge_free"]["control"] == report["control_curve"][0]["band"]
     assert set(report["judge_free"]["prompted"]) == {"trait_effect", "nll_cost"}
 
@@ -322,7 +324,8 @@ def test_the_prompting_baseline_uses_the_traits_instruction_and_the_same_judge(e
     results = run_steering_eval(exp, TRAIT, judge, CONFIG, backend=recording)
     instructions = list(dict.fromkeys(s.system_prompt for s in load_trait(TRAIT).positive if s.system_prompt))
     assert instructions and results.report["instructions"] == instructions
-    prompts, systems = recording.calls[-1]  # the report's call: one block of 2 questions per condition
+    # the report's call: one block of 2 questions per condition
+    prompts, systems = next(c for c in recording.calls if len(c[0]) == 2 * len(CONDITIONS))
     blocks = {c: systems[2 * b : 2 * b + 2] for b, c in enumerate(CONDITIONS)}
     assert blocks["prompted"] == blocks["prompted_steered"] == instructions[:2]
     assert blocks["unsteered"] == blocks["steered"] == blocks["control"] == [None, None]

@@ -19,7 +19,8 @@
   ``{logprobs: [[float]], kl: [[float]] | null}``: teacher-forced log-probabilities of each response token under
   the steering (positions ``all``), and with ``kl: true`` the per-token KL divergence from the unsteered model
 - ``POST /prompt_token_ids`` ``{prompts, system_prompts?}`` -> ``{token_ids}`` (the ids generation feeds the model);
-  ``POST /token_texts`` ``{token_ids}`` -> ``{tokens}`` (each id decoded alone)
+  ``POST /token_texts`` ``{token_ids}`` -> ``{tokens}`` (each id decoded alone); ``POST /text_token_ids``
+  ``{texts}`` -> ``{token_ids}`` (each text tokenized alone, no special tokens: a response's ids)
 - ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` as OpenAI's, ``stream`` (server-sent
   events) included, for the model id ``experiment``. Supported: ``max_tokens`` (completions default 16; chat
   default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
@@ -570,6 +571,7 @@ class ModelServer:
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
                        "/stream": self.stream, "/forward_with_capture": self.forward_with_capture,
                        "/prompt_token_ids": self.prompt_token_ids, "/token_texts": self.token_texts,
+                       "/text_token_ids": self.text_token_ids,
                        "/response_logprobs": self.response_logprobs,
                        "/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions}
         self.get_routes = {"/health": self.health, "/v1/models": self.models}
@@ -764,6 +766,10 @@ class ModelServer:
         check_fields(body, ("token_ids",), ())
         [ids] = parse_id_rows([body["token_ids"]], "token_ids", self._d_vocab())
         return {"tokens": self.backend.token_texts(ids)}
+
+    def text_token_ids(self, body: dict, req: _Request) -> dict:
+        check_fields(body, ("texts",), ())
+        return {"token_ids": self.backend.text_token_ids(parse_prompts(body["texts"], "texts", self.max_prompts))}
 
     def response_logprobs(self, body: dict, req: _Request) -> dict:
         check_fields(body, ("prompt_ids", "response_ids"), ("steering", "kl"))

@@ -21,9 +21,11 @@ its results header, where `SteeringResults.selection_rule` reads whether the jud
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -152,9 +154,20 @@ def degeneracy_signal(items: Sequence[CoherenceItem]) -> list[float]:
     return [0.0 if degeneracy(it.response).degenerate else 1.0 for it in items]
 
 
-def nll_signal(fluency: Fluency) -> Signal:
-    """Minus the mean per-token NLL (nats/token) of each answer under ``fluency``'s (unsteered) model."""
-    return lambda items: (-fluency.nll([it.question for it in items], [it.response for it in items])).tolist()
+def nll_signal(backend: Backend) -> Signal:
+    """Minus the mean per-token NLL (nats/token) of each answer given its chat-formatted question under the
+    backend's unsteered model (teacher forcing, as `Fluency.nll`); -inf for an answer without tokens."""
+    def signal(items: Sequence[CoherenceItem]) -> list[float]:
+        prompts = backend.prompt_token_ids([it.question for it in items])
+        answers = backend.text_token_ids([it.response for it in items])
+        rows, out = [i for i, a in enumerate(answers) if a], [-math.inf] * len(items)
+        if rows:
+            scored = backend.response_logprobs([prompts[i] for i in rows], [answers[i] for i in rows]).logprobs
+            for i, logprobs in zip(rows, scored):
+                out[i] = float(logprobs.mean())
+        return out
+
+    return signal
 
 
 def clustered_auroc(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[str],
@@ -242,13 +255,12 @@ def coherence_set(exp: Experiment, variant: str, backend: Backend, steering_ques
 
 
 def coherence_signals(judge, trait_name: str, definition: str,
-                      fluency: Fluency | None) -> tuple[dict[str, Signal], dict[str, str]]:
+                      backend: Backend) -> tuple[dict[str, Signal], dict[str, str]]:
     """``(signals, sources)`` measured beside every steering search: the judge's coherence
-    (``JUDGE_COHERENCE``, what selection's threshold reads), the degeneracy guard and, given ``fluency`` (the
-    unsteered model), the NLL under it (the per-answer form of the KL budget's damage)."""
-    signals = {JUDGE_COHERENCE: judge_signal(judge, trait_name, definition), "degeneracy": degeneracy_signal}
+    (``JUDGE_COHERENCE``, what selection's threshold reads), the degeneracy guard and the NLL under the
+    backend's unsteered model (the per-answer form of the KL budget's damage)."""
+    signals = {JUDGE_COHERENCE: judge_signal(judge, trait_name, definition), "degeneracy": degeneracy_signal,
+               "nll": nll_signal(backend)}
     sources = {JUDGE_COHERENCE: getattr(judge, "name", type(judge).__name__),
-               "degeneracy": "tracelens.judges.degeneracy"}
-    if fluency is not None:
-        signals["nll"], sources["nll"] = nll_signal(fluency), fluency.name
+               "degeneracy": "tracelens.judges.degeneracy", "nll": Path(str(backend.model_name)).name}
     return signals, sources

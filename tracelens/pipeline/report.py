@@ -339,7 +339,8 @@ def _steering_section(position_dir: str, res: SteeringResults) -> list[str]:
     figure = tradeoff_figure_name(h.trait, position_dir)
     out += [f"![Trait against KL for the searched layers, with random controls and the budget]({figure})", "",
             f"*Figure `{figure}`: trait effect and judge trait score against KL per searched layer; grey: random "
-            "controls (mean and 5-95% band over directions); dashed red: the KL budget.*", ""]
+            "controls at their mean KL (trait effect: mean and 5-95% band over directions; judge trait: on the "
+            "search questions, one direction per question, with its interval); dashed red: the KL budget.*", ""]
     return (out + _report_part(res, judge, valid_text) + _examples(res.report)
             + _caveats(_steering_caveats(res.report, res, validity)))
 

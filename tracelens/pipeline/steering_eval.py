@@ -57,7 +57,6 @@ from tracelens.errors import ConfigError, MissingArtifactError
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.extraction import parse_layers, vetting_hash
 from tracelens.judges.base import summarize_judge_scores
-from tracelens.judges.fluency import Fluency
 from tracelens.pipeline.coherence_validation import coherence_set, coherence_signals, measure_coherence_validity
 from tracelens.metrics import bootstrap_mean, paired_separation
 from tracelens.datasets.prompt_sets import load_prompt_set
@@ -391,13 +390,10 @@ def _open_results(s: _Setup, judge_info: dict | None, command: str) -> SteeringR
 
 
 def coherence_validity(s: _Setup) -> CoherenceValidation:
-    """The judge's coherence, the degeneracy guard and (with a local model) the NLL under the unsteered model,
-    validated on the variant's coherence set of answers as long as the steered ones (`coherence_set`)."""
-    fluency = getattr(s.judge, "fluency", None)
-    if fluency is None and isinstance(s.backend, LocalBackend):
-        fluency = Fluency(s.backend.model)
+    """The judge's coherence, the degeneracy guard and the NLL under the unsteered model, validated on the
+    variant's coherence set of answers as long as the steered ones (`coherence_set`)."""
     cset = coherence_set(s.exp, s.variant.name, s.backend, s.data.steering.questions, s.config.max_new_tokens)
-    return measure_coherence_validity(cset, *coherence_signals(s.judge, s.trait, s.data.definition, fluency))
+    return measure_coherence_validity(cset, *coherence_signals(s.judge, s.trait, s.data.definition, s.backend))
 
 
 def _grids(s: _Setup) -> dict[int, list[float]]:
@@ -506,7 +502,7 @@ def _report_answers(s: _Setup, best: SteeringRunRecord, vector: torch.Tensor) ->
     control (question q steered by control direction q mod n_controls, the vector's norm and coefficient)."""
     qs, n, k = s.report_qs, len(s.report_qs), best.coefficient
     conditions = [c for c in CONDITIONS if s.instructions or not c.startswith("prompted")]
-    controls = control_directions(vector.shape[-1], s.config.n_controls) * vector.float().norm()
+    controls = _controls(s, vector)
     systems, specs = [], []
     for b, cond in enumerate(conditions):
         systems += _round_robin(s.instructions, n) if cond.startswith("prompted") else [None] * n
@@ -519,14 +515,21 @@ def _report_answers(s: _Setup, best: SteeringRunRecord, vector: torch.Tensor) ->
     return {cond: answers[b * n : (b + 1) * n] for b, cond in enumerate(conditions)}
 
 
+def _controls(s: _Setup, vector: torch.Tensor) -> Float[Tensor, "n d"]:
+    """The `n_controls` control directions at the norm of `vector`."""
+    return control_directions(vector.shape[-1], s.config.n_controls) * vector.float().norm()
+
+
 def _control_curve(s: _Setup, results: SteeringResults, best: SteeringRunRecord, vector: torch.Tensor,
                    reference) -> list[dict]:
     """Every control direction's judge-free metrics at the selected coefficient and, when some direction's KL
     stays below the selected run's there, also at the next larger coefficient searched at that layer:
-    `{"coefficient", "per_direction": {metric: [one per direction]}, "band"}` per coefficient."""
+    `{"coefficient", "per_direction": {metric: [one per direction]}, "band", "judged"}` per coefficient, where
+    `judged` is the judge's trait and coherence on the search questions (question q steered by direction q mod
+    n_controls), comparable with the search runs."""
     larger = sorted((r.coefficient for r in results.runs if r.layer == best.layer and r.method == best.method
                      and abs(r.coefficient) > abs(best.coefficient)), key=abs)
-    controls = control_directions(vector.shape[-1], s.config.n_controls) * vector.float().norm()
+    controls = _controls(s, vector)
     target = ((best.judge_free or {}).get("kl") or {}).get("value", 0.0)
     curve = []
     for coef in [best.coefficient, *larger[:1]]:
@@ -538,6 +541,13 @@ def _control_curve(s: _Setup, results: SteeringResults, best: SteeringRunRecord,
             for key in per:
                 per[key].append(metrics[key]["value"])
         curve.append({"coefficient": coef, "per_direction": per, "band": {k: _band(v) for k, v in per.items()}})
+    qs, n = s.search, len(s.search)
+    specs = [s.spec(best.layer, controls[q % len(controls)], p["coefficient"], (b * n + q, b * n + q + 1))
+             for b, p in enumerate(curve) for q in range(n)]
+    answers = s.backend.generate(list(qs) * len(curve), GenerationConfig(s.config.max_new_tokens), specs)
+    for b, point in enumerate(curve):
+        scores = s.score(qs, answers[b * n : (b + 1) * n])
+        point["judged"] = {k: _mean_of([x[f"{k}_score"] for x in scores]) for k in ("trait", "coherence")}
     return curve
 
 

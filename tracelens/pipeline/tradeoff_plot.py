@@ -4,8 +4,10 @@ Two panels against KL(unsteered || steered) on the neutral answers (nats/token, 
 low-damage end is legible): the judge-free trait effect (nats/token) and the judge's trait score (0-100, on
 the search questions). Each searched layer is one curve from the unsteered point (coefficient 0: KL 0, trait
 effect 0, the baseline's judge score); the selected layer is drawn dark, the others light, the selected run
-ringed. In the trait-effect panel the random controls (the report's `control_curve`) are grey: their mean,
-with whiskers over the 5-95% band of the directions. The KL budget is a dashed vertical line. Every point
+ringed. The random controls (the report's `control_curve`) are grey, at the directions' mean KL: in the
+trait-effect panel their mean trait effect, with whiskers over the 5-95% band of the directions; in the judge
+panel the judge's trait on the search questions (question q under direction q mod n), with its interval over
+questions. The KL budget is a dashed vertical line. Every point
 carries its numbers as `data-*` attributes (the dashboard's browser test reads them back).
 """
 
@@ -54,14 +56,19 @@ def tradeoff_svg(results: SteeringResults) -> str | None:
     baseline_trait = results.baseline.trait_mean
     panels = (("trait_effect", "trait effect (nats/token)", (min(effects), max(effects))),
               ("judge_trait", "judge trait (search questions)", (0.0, 100.0)))
+    controls = {"trait_effect": [(p["coefficient"], p["band"]["kl"]["value"], p["band"]["trait_effect"])
+                                 for p in curve],
+                "judge_trait": [(p["coefficient"], p["band"]["kl"]["value"], p["judged"]["trait"])
+                                for p in curve if (p.get("judged") or {}).get("trait")]}
     for n, (key, label, y_range) in enumerate(panels):
-        out += _panel(n, key, label, y_range, x_max, by_layer, chosen, curve if n == 0 else [], max_kl,
-                      baseline_trait)
+        out += _panel(n, key, label, y_range, x_max, by_layer, chosen, controls[key], max_kl, baseline_trait)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def _panel(n, key, label, y_range, x_max, by_layer, chosen, curve, max_kl, baseline_trait) -> list[str]:
+def _panel(n, key, label, y_range, x_max, by_layer, chosen, controls, max_kl, baseline_trait) -> list[str]:
+    """Panel `n`: `key`'s curves per layer from the unsteered point, the `controls` ((coefficient, KL, estimate)
+    per point) and the budget."""
     ox, oy = 10 + n * (PANEL_W + 10), 30
     w, h = PANEL_W - MARGIN - 10, PANEL_H - MARGIN
     y0, y1 = y_range
@@ -94,13 +101,12 @@ def _panel(n, key, label, y_range, x_max, by_layer, chosen, curve, max_kl, basel
         for r in runs:
             out.append(_point("steered", layer, r.coefficient, r.judge_free["kl"]["value"], _y_value(r, key), color,
                               x, y, selected=layer == chosen["layer"] and r.coefficient == chosen["weight"]))
-    if curve:
-        pts = [(0.0, 0.0)] + [(p["band"]["kl"]["value"], p["band"]["trait_effect"]["value"]) for p in curve]
+    if controls:
+        pts = [origin] + [(kl, est["value"]) for _, kl, est in controls]
         out.append(f'<polyline points="{" ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts)}" fill="none" '
                    f'stroke="{CONTROL}" stroke-dasharray="4 3"/>')
-        for p in curve:
-            out.append(_point("control", chosen["layer"], p["coefficient"], p["band"]["kl"]["value"],
-                              p["band"]["trait_effect"], CONTROL, x, y))
+        for coefficient, kl, est in controls:
+            out.append(_point("control", chosen["layer"], coefficient, kl, est, CONTROL, x, y))
     out.append(_point("unsteered", chosen["layer"], 0.0, 0.0, {"value": origin[1], "lo": origin[1], "hi": origin[1]},
                       "black", x, y))
     return out + ["</g>"]

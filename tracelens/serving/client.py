@@ -167,6 +167,9 @@ class RemoteBackend:
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         return self._call("/token_texts", {"token_ids": [int(i) for i in token_ids]})["tokens"]
 
+    def text_token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._call("/text_token_ids", {"texts": check_prompts(texts)})["token_ids"]
+
     def response_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                           steering: Sequence[SteeringSpec] | None = None, *, kl: bool = False) -> ResponseLogprobs:
         body = {"prompt_ids": [[int(i) for i in row] for row in prompt_ids],

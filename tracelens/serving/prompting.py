@@ -39,6 +39,10 @@ class PromptSide:
         """Each id decoded alone (readable text, special tokens kept)."""
         return [self.tokenizer.decode([int(i)]) for i in token_ids]
 
+    def text_token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text tokenized alone, no special tokens added (a response's ids after its prompt's)."""
+        return [list(self.tokenizer(t, add_special_tokens=False).input_ids) for t in check_prompts(texts)]
+
     def _texts(self, prompts: Sequence[str], system_prompts: Sequence[str | None] | None,
                formatted: bool) -> list[str]:
         """The model's text of each prompt: `prompts` as given when `formatted` (then no system prompts), else

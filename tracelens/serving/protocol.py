@@ -56,6 +56,9 @@ class Backend(Protocol):
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """The readable text of each token id (decoded alone, special tokens kept, no BPE markers)."""
 
+    def text_token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as a response continues a prompt: tokenized alone, no special tokens added."""
+
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
                  system_prompts: Sequence[str | None] | None = None) -> list[str]:
