@@ -128,6 +128,9 @@ def test_response_logprobs_and_token_facts_agree_across_the_wire(experiments):
     assert remote.prompt_token_ids(["hi", "yo"], ["be brief", None]) == local.prompt_token_ids(["hi", "yo"],
                                                                                                ["be brief", None])
     assert remote.token_texts([5, 6, 7]) == local.token_texts([5, 6, 7])
+    texts = ["An answer.", " leading space", "x"]
+    assert remote.text_token_ids(texts) == local.text_token_ids(texts) == [
+        local.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     assert (remote.n_layers, remote.hidden_dim) == (local.n_layers, local.hidden_dim)
     with pytest.raises(ValueError, match="positions 'all', no rows"):
         local.response_logprobs(prompts, responses, [SteeringSpec(layer=1, vector=torch.ones(local.hidden_dim), rows=(0, 1))])
@@ -167,6 +170,7 @@ def _post(url, body):
     ("/response_logprobs", {"prompt_ids": [[1]], "response_ids": [[2]], "kl": "yes"}, "kl must be"),
     ("/response_logprobs", {"prompt_ids": [1], "response_ids": [[2]]}, "non-empty list of integer token ids"),
     ("/token_texts", {"token_ids": ["a"]}, "non-empty list of integer token ids"),
+    ("/text_token_ids", {"texts": "one string"}, "texts must be a list of 1 to"),
     ("/prompt_token_ids", {"prompts": ["a"], "system_prompts": []}, "system_prompts"),
 ])
 def test_malformed_protocol_requests_get_400_with_the_reason(experiments, path, body, reason):

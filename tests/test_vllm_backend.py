@@ -273,6 +273,6 @@ def test_every_backend_formats_and_tokenizes_prompts_with_one_prompt_side():
     from tracelens.serving.prompting import PromptSide
     from tracelens.serving.tl_vllm_backend import TLVLLMBackend
 
-    for name in ("format", "prompt_token_ids", "token_texts", "_texts"):
+    for name in ("format", "prompt_token_ids", "token_texts", "text_token_ids", "_texts"):
         assert (getattr(LocalBackend, name) is getattr(VLLMBackend, name) is getattr(TLVLLMBackend, name)
                 is getattr(PromptSide, name)), name
