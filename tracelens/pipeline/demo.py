@@ -19,7 +19,8 @@ from tracelens.judges.fluency import Fluency
 from tracelens.judges.offline import offline_judge
 from tracelens.errors import ConfigError
 from tracelens.metrics import Estimate
-from tracelens.pipeline.report import JUDGE_FREE, coherence_lines, fmt_ci, reported_run, steering_verdicts, write_report
+from tracelens.pipeline.report import (JUDGE_FREE, coherence_lines, fmt_ci, reported_run, steering_verdicts,
+                                       write_report)
 from tracelens.pipeline.steering_eval import SteeringEvalConfig, run_steering_eval
 from tracelens.types import Evaluation, SteeringResults
 

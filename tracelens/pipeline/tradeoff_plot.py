@@ -7,8 +7,8 @@ effect 0, the baseline's judge score); the selected layer is drawn dark, the oth
 ringed. The random controls (the report's `control_curve`) are grey, at the directions' mean KL: in the
 trait-effect panel their mean trait effect, with whiskers over the 5-95% band of the directions; in the judge
 panel the judge's trait on the search questions (question q under direction q mod n), with its interval over
-questions. The KL budget is a dashed vertical line. Every point
-carries its numbers as `data-*` attributes (the dashboard's browser test reads them back).
+questions. The KL budget is a dashed vertical line. Every point carries its numbers as `data-*` attributes
+(the dashboard's browser test reads them back).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Monitoring and the steering evaluation use nothing but these members, so `LocalBackend` (the model in this
 process) and `RemoteBackend` (a running `tracelens server`) serve them alike (tests/test_backend_protocol.py).
-`VLLMBackend` honours the text part (model name, prompt token ids, token texts, `generate`, `generate_results`)
-and raises `tracelens.errors.BackendError` naming what vLLM cannot do for the rest (layer counts, capture,
-teacher-forced scoring); steering there is refused the same way.
+`VLLMBackend` honours the text part (model name, prompt token ids, token texts, text token ids, `generate`,
+`generate_results`) and raises `tracelens.errors.BackendError` naming what vLLM cannot do for the rest (layer
+counts, capture, teacher-forced scoring); steering there is refused the same way.
 
 Steering is a sequence of `SteeringSpec`; `SteeringSpec.rows=(start, end)` limits one entry to prompts
 `start..end-1` of the call, so several steering settings share one batch.

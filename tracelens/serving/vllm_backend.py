@@ -4,8 +4,8 @@ For bulk text (stories, dialogues, rollouts, the response stage of extraction) w
 model internals. vLLM's continuous batching is typically several times faster than `LocalBackend`.
 
 It honours the text part of `tracelens.serving.protocol.Backend` (`model_name`, `prompt_token_ids`,
-`token_texts`, `generate`, `generate_results`). Constraints (vLLM exposes no model internals), each refused with
-`tracelens.errors.BackendError` naming it:
+`token_texts`, `text_token_ids`, `generate`, `generate_results`). Constraints (vLLM exposes no model
+internals), each refused with `tracelens.errors.BackendError` naming it:
 - no steering: `generate`/`generate_results` with `steering` (`TLVLLMBackend` in
   `tracelens.serving.tl_vllm_backend` steers and captures on TransformerLens' instrumented vLLM engine);
 - no activation capture, no teacher-forced scoring, no layer facts: `generate_with_capture`,
