@@ -208,6 +208,36 @@ def test_server_answers_a_steered_request_and_stops_on_ctrl_c(home, extracted):
         _stop(proc)
 
 
+def _post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_server_serves_a_model_and_its_lora_without_an_experiment_as_vllm_serve_does(home):
+    from transformers import AutoModelForCausalLM
+
+    from tracelens.model.loading import load_model
+    from tracelens.serving.backends import LocalBackend
+    from tracelens.testing import save_tiny_lora
+
+    model, adapter = str(home / "model"), save_tiny_lora(AutoModelForCausalLM.from_pretrained(home / "model"),
+                                                          home / "adapter")
+    proc, url = _serve(home, "server", "--model", model, "--lora", str(adapter))
+    try:
+        assert [m["id"] for m in json.loads(_get(url + "/v1/models"))["data"]] == [model]
+        answer = _post_json(url + "/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 3})
+        assert answer["model"] == model and answer["choices"][0]["text"] is not None
+        assert json.loads(_get(url + "/health"))["experiment"] is None
+        ids = {"prompt_ids": [[5, 17, 33]], "response_ids": [[7, 8, 9]]}
+        served = _post_json(url + "/response_logprobs", ids)["logprobs"][0]
+        merged, base = (LocalBackend(load_model(model, lora=lora, device="cpu")).response_logprobs(
+            ids["prompt_ids"], ids["response_ids"]).logprobs[0].tolist() for lora in (adapter, None))
+        assert served == pytest.approx(merged, abs=1e-5) and served != pytest.approx(base, abs=1e-3)
+    finally:
+        _stop(proc)
+
+
 def test_version_and_debug_after_the_subcommand(home):
     assert re.fullmatch(r"tracelens \d+\.\d+\.\d+\S*\n", tracelens(home, "--version").stdout)
     done = tracelens(home, "steer", "--experiment", "e", "--traits", TRAIT, "--n-search", "0", "--debug", ok=False)

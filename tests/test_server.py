@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -25,7 +26,8 @@ from tracelens.io import save_tensors
 from tracelens.judges.openai import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
 from tracelens.model.prompts import tokenize_batch
 from tracelens.serving.codec import encode_tensor
-from tracelens.app.server import ModelServer
+from tracelens.app.server import ModelServer, serve
+from tracelens.errors import ConfigError
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]
@@ -403,8 +405,42 @@ def _text(local, results) -> list[str]:
     return [local.tokenizer.decode(r.response_token_ids, skip_special_tokens=True) for r in results]
 
 
-def test_models_lists_the_experiment(client):
-    assert [(m.id, m.owned_by) for m in client.models.list().data] == [("exp", "tracelens")]
+def test_models_names_the_model_and_the_experiments_name_is_accepted_too(client, server, tiny):
+    model_id = Path(tiny.model.cfg.model_name).name
+    assert [(m.id, m.owned_by) for m in client.models.list().data] == [(model_id, "tracelens")]
+    for name in (model_id, "exp"):
+        answer = client.completions.create(model=name, prompt="hi", max_tokens=2, temperature=0)
+        assert answer.model == model_id
+    assert json.loads(urllib.request.urlopen(server.url + "/health").read())["model_id"] == model_id
+
+
+def test_a_server_without_an_experiment_steers_by_vector_and_refuses_trait_names(tiny, local):
+    srv = ModelServer(LocalBackend.from_model(tiny.model), port=0, model_id="tiny-llama-folder", verbose=False).start()
+    try:
+        models = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0).models.list()
+        assert [m.id for m in models.data] == ["tiny-llama-folder"]
+        health = json.loads(urllib.request.urlopen(srv.url + "/health").read())
+        assert health["experiment"] is None and health["model_id"] == "tiny-llama-folder"
+        vector = [{"layer": 0, "vector": encode_tensor(torch.ones(local.hidden_dim)), "coefficient": 4.0}]
+        body = {"prompts": ["hi"], "config": {"max_new_tokens": 4}, "steering": vector}
+        status, answer = _post(srv.url + "/generate", json.dumps(body).encode())
+        spec = [SteeringSpec(layer=0, vector=torch.ones(local.hidden_dim), coefficient=4.0)]
+        assert status == 200 and answer["responses"] == local.generate(["hi"], GenerationConfig(4), spec)
+        status, answer = _post(srv.url + "/generate",
+                               json.dumps({"prompts": ["hi"], "steering": [{"trait": "starter/optimism"}]}).encode())
+        assert status == 400 and "needs an experiment" in answer["error"]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "not both or neither"), ({"experiment": "e", "model": "default"}, "not both or neither"),
+    ({"model": "default", "variant": "instruct"}, "--variant names a variant"),
+    ({"experiment": "e", "lora": "adapter"}, "--lora goes with --model"),
+])
+def test_serve_needs_one_model_source_before_loading_anything(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        serve(port=0, **kwargs)
 
 
 def test_chat_answer_equals_local_generation_with_and_without_steering(client, local):
@@ -636,7 +672,7 @@ def test_bad_requests_get_400_in_openais_error_shape(server, body, reason):
 def test_errors_reach_the_openai_client_as_its_exceptions(server, client):
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model="exp", prompt="hi", max_tokens=2, echo=True)
-    with pytest.raises(openai.NotFoundError, match="this server serves 'exp'") as err:
+    with pytest.raises(openai.NotFoundError, match=re.escape(f"this server serves {server.model_id!r}")) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert err.value.code == "model_not_found"
 

@@ -241,11 +241,12 @@ def dashboard(*, experiment: str, host: str, port: int, allow_remote: bool, toke
     serve(experiment, host=host, port=port, allow_remote=allow_remote, token=token or os.environ.get(TOKEN_ENV) or None)
 
 
-def server(*, experiment: str, variant: str | None, host: str, port: int, token: str | None, **settings) -> None:
+def server(*, experiment: str | None, variant: str | None, model: str | None, lora: str | None, host: str,
+           port: int, token: str | None, **settings) -> None:
     from tracelens.app.server import TOKEN_ENV, serve
 
     serve(experiment, host=host, port=port, token=token or os.environ.get(TOKEN_ENV) or None, variant=variant,
-          **settings)
+          model=model, lora=lora, **settings)
 
 
 # --- parsers --------------------------------------------------------------------------------------
@@ -420,9 +421,18 @@ def _add_monitoring(sub) -> None:
 
 
 def _add_server(sub) -> None:
-    p = _subparser(sub, "server", server, "keep an experiment's model loaded and serve generation, capture and "
-                                          "steering over HTTP (its own API and OpenAI's)")
-    _experiment_options(p, traits=False)
+    p = _subparser(sub, "server", server, "keep a model loaded and serve generation, capture and steering over "
+                                          "HTTP (its own API and OpenAI's): --model MODEL as vllm serve does, or "
+                                          "--experiment NAME, which adds steering by trait name")
+    p.add_argument("--model", default=None, help="the model to serve: a Hugging Face id (cached), a folder, or "
+                                                 "'default' (the embedded SmolLM2-135M-Instruct); its id in "
+                                                 "/v1/models is this text (default: none, give --experiment)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter (folder or id) merged into --model (default: none)")
+    p.add_argument("--experiment", default=None, help="serve this experiment's model (a folder under "
+                                                      "$TRACELENS_EXPERIMENTS, default ./experiments) and steer by "
+                                                      "its traits' vectors (default: none, give --model)")
+    p.add_argument("--variant", default=None, help="model variant of --experiment's config (default: the config's "
+                                                   "application default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs --token)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (0: any free port)")
     p.add_argument("--token", default=None, help="bearer token every request must send; required to bind a "

@@ -1,9 +1,9 @@
 """A persistent model server: load a model once, then generate, steer and capture from other processes.
 
-``ModelServer(backend, experiment)`` serves one `LocalBackend` over HTTP (standard library only) with JSON
+``ModelServer(backend, experiment=None)`` serves one `LocalBackend` over HTTP (standard library only) with JSON
 ``POST`` endpoints mirroring the backend's methods, ``GET /health``, and an OpenAI-compatible API under ``/v1``:
 
-- ``GET /health`` -> ``{status: "ok", experiment, variant, model: {name, n_layers, hidden_dim, d_vocab, dtype,
+- ``GET /health`` -> ``{status: "ok", model_id, experiment, variant, model: {name, n_layers, hidden_dim, d_vocab, dtype,
   device}, use_chat_template, limits, batching}``
 - ``POST /generate`` ``{prompts, config?, steering?, system_prompts?}`` -> ``{responses: [str], results: [result]}``
   (results as below, without activations)
@@ -22,7 +22,7 @@
   ``POST /token_texts`` ``{token_ids}`` -> ``{tokens}`` (each id decoded alone); ``POST /text_token_ids``
   ``{texts}`` -> ``{token_ids}`` (each text tokenized alone, no special tokens: a response's ids)
 - ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` as OpenAI's, ``stream`` (server-sent
-  events) included, for the model id ``experiment``. Supported: ``max_tokens`` (completions default 16; chat
+  events) included, for the model id (``GET /v1/models``; the experiment's name is accepted too). Supported: ``max_tokens`` (completions default 16; chat
   default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
   ``seed``, ``stop`` (strings: the text is cut before the first, generation runs on to the end of the batch),
   ``logprobs`` (completions: 0-20 alternatives; chat: ``logprobs`` + ``top_logprobs`` 0-20; not with ``stream``),
@@ -41,7 +41,7 @@ and tokens travel in the wire format of `tracelens.serving.codec` (no pickle any
 those prompts of a ``/generate`` or ``/generate_with_capture`` request), or names an extracted vector:
 ``{trait, layer?, method?, position?, coefficient?, component?, positions?, rows?}`` steers with the best vector of
 the experiment's selection (`tracelens.pipeline.selection`) that matches the given fields (position default
-``response[:]``).
+``response[:]``; a server without an experiment refuses it with a 400).
 
 Bounds: every validation error is a 400 naming the field (``config: max_new_tokens must be an integer >= 1; got
 0``). ``config.max_new_tokens`` (``max_tokens`` under ``/v1``) is in [1, ``max_new_tokens_limit``]; a request has
@@ -526,7 +526,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ModelServer:
-    """Serve ``backend`` (a `LocalBackend`) for ``experiment`` over HTTP; see the module docstring for the API.
+    """Serve ``backend`` (a `LocalBackend`) over HTTP as ``model_id`` (default: the last part of the model's name),
+    with steering by trait name from ``experiment`` (None: steering by vector only); see the module docstring.
 
     The socket is bound on construction (``port=0`` picks a free one; see ``.port``/``.url``); call
     ``serve_forever()`` or ``start()`` (a daemon thread), and ``close()`` when done. Raises ValueError for a
@@ -538,8 +539,9 @@ class ModelServer:
     is where steering vectors named by trait are read (default: `tracelens.store.experiments_root()`).
     """
 
-    def __init__(self, backend: LocalBackend, experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 token: str | None = None, *, variant: str | None = None, verbose: bool = True,
+    def __init__(self, backend: LocalBackend, experiment: str | None = None, host: str = "127.0.0.1",
+                 port: int = DEFAULT_PORT, token: str | None = None, *, model_id: str | None = None,
+                 variant: str | None = None, verbose: bool = True,
                  max_new_tokens_limit: int = 1024, max_prompts: int = 256, request_timeout: float = 600.0,
                  io_timeout: float = 30.0,
                  stream_buffer: int = 256, batch_window_ms: int | float = 10.0, max_batch_size: int = 16,
@@ -559,13 +561,16 @@ class ModelServer:
         if not _is_num(batch_window_ms) or batch_window_ms < 0:
             raise ConfigError(f"batch_window_ms must be a finite number of milliseconds >= 0; got {batch_window_ms!r}")
         self.backend, self.experiment, self.variant = backend, experiment, variant
-        self.exp = Experiment.named(experiment, None if experiments_root is None else Path(experiments_root))
+        self.model_id = model_id or Path(str(backend.model_name or "model")).name
+        self.exp = (None if experiment is None else
+                    Experiment.named(experiment, None if experiments_root is None else Path(experiments_root)))
         self.token, self.verbose = token, verbose
         self.max_new_tokens_limit, self.max_prompts = max_new_tokens_limit, max_prompts
         self.stream_buffer = stream_buffer
         self.request_timeout, self.io_timeout = float(request_timeout), float(io_timeout)
-        self.openai = OpenAIAPI(backend, experiment, frozenset(HookedGenerator(backend.model).stop_ids().tolist()),
-                                max_new_tokens_limit, max_prompts, self._steering)
+        self.openai = OpenAIAPI(backend, self.model_id, frozenset(HookedGenerator(backend.model).stop_ids().tolist()),
+                                max_new_tokens_limit, max_prompts, self._steering,
+                                () if experiment is None else (experiment,))
         self.created = int(time.time())
         self.lock = threading.Lock()
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
@@ -647,6 +652,9 @@ class ModelServer:
         """``(layer, vector)`` of a steering entry that names a trait: the best vector of the experiment's
         selection (`tracelens.pipeline.selection`) matching its ``layer`` (already counted from the front),
         ``method``, ``position`` (default ``response[:]``) and ``component``; 400 when there is none."""
+        if self.exp is None:
+            raise RequestError(f"{what}: steering by trait name needs an experiment; this server has none (start it "
+                               "with --experiment, or send the vector itself)")
         args = {k: entry.get(k) for k in ("trait", "method")}
         args["position"] = entry.get("position", "response[:]")
         for k, v in args.items():
@@ -671,7 +679,7 @@ class ModelServer:
     def health(self) -> dict:
         b = self.backend
         cfg = b.model.cfg
-        return {"status": "ok", "experiment": self.experiment, "variant": self.variant,
+        return {"status": "ok", "model_id": self.model_id, "experiment": self.experiment, "variant": self.variant,
                 "model": {"name": getattr(cfg, "model_name", None), "n_layers": b.n_layers, "hidden_dim": b.hidden_dim,
                           "d_vocab": getattr(cfg, "d_vocab", None), "n_ctx": getattr(cfg, "n_ctx", None),
                           "dtype": str(getattr(cfg, "dtype", "")), "device": str(b.device)},
@@ -795,7 +803,7 @@ class ModelServer:
     # --- OpenAI-compatible endpoints (see the module docstring) ---
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.experiment, "object": "model", "created": self.created,
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
                                             "owned_by": "tracelens"}]}
 
     def completions(self, body: dict, req: _Request) -> dict | _Stream:
@@ -814,13 +822,32 @@ class ModelServer:
         return self.openai.answer(r, self._batched(r.texts, r.config, r.steering, None, req, r.logprobs))
 
 
-def serve(experiment: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
-          variant: str | None = None, use_chat_template: bool | None = None, **settings) -> None:
-    """Load ``experiment``'s model once and serve it until interrupted (Ctrl-C); ``settings`` are `ModelServer`'s
-    (``max_new_tokens_limit``, ``max_prompts``, ``request_timeout``, ``io_timeout``, ``stream_buffer``, ``batch_window_ms``,
-    ``max_batch_size``, ``max_queue``)."""
+def serve(experiment: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
+          variant: str | None = None, use_chat_template: bool | None = None, *, model: str | None = None,
+          lora: str | None = None, **settings) -> None:
+    """Load a model once and serve it until interrupted (Ctrl-C): ``model`` (a Hugging Face id or cached id, a
+    folder, or "default"; ``lora``: an adapter merged into it) as ``vllm serve MODEL`` does, its id as given, or
+    ``experiment``'s model (its ``variant``; id: the model the variant names), which adds steering by trait
+    name. ConfigError for both or neither, and for ``lora`` or ``variant`` without their source. ``settings``
+    are `ModelServer`'s (``max_new_tokens_limit``, ``max_prompts``, ``request_timeout``, ``io_timeout``,
+    ``stream_buffer``, ``batch_window_ms``, ``max_batch_size``, ``max_queue``)."""
+    if (model is None) == (experiment is None):
+        raise ConfigError("serve a model (--model) or an experiment's model (--experiment), not both or neither")
+    if lora is not None and model is None:
+        raise ConfigError("--lora goes with --model (an experiment's variant names its own adapter)")
+    if variant is not None and experiment is None:
+        raise ConfigError("--variant names a variant of --experiment's config; got no experiment")
     if host not in LOCAL_HOSTS and token is None:  # fail before the (slow) model load
         raise ConfigError(f"host {host!r} needs a token (--token or ${TOKEN_ENV})")
-    backend = LocalBackend.from_experiment(experiment, variant, use_chat_template=use_chat_template)
-    server = ModelServer(backend, experiment, host, port, token, variant=backend.variant, **settings)
-    serve_until_interrupted(server.serve_forever, server.close, f"tracelens model server for {experiment!r}: {server.url}")
+    if model is not None:
+        from tracelens.model.loading import load_model
+
+        backend = LocalBackend(load_model(model, lora=lora, device="auto"), use_chat_template=use_chat_template)
+    else:
+        backend = LocalBackend.from_experiment(experiment, variant, use_chat_template=use_chat_template)
+        model = get_model_variant(Experiment.named(experiment), backend.variant, "application").model
+    server = ModelServer(backend, experiment, host, port, token, model_id=str(model), variant=backend.variant,
+                         **settings)
+    source = "" if experiment is None else f" (experiment {experiment!r})"
+    serve_until_interrupted(server.serve_forever, server.close,
+                            f"tracelens model server for {str(model)!r}{source}: {server.url}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -21,12 +21,14 @@ from tracelens.serving.parsing import bad_request, check_fields, check_max_new_t
 
 class OpenAIAPI:
     """The translation for one served model: ``backend`` (a `LocalBackend`: formats chats, decodes tokens), the
-    model id ``experiment``, the ``eos_ids`` that end an answer, the server's ``max_new_tokens_limit`` and
-    ``max_prompts`` and ``steering``, the server's parser of the extra ``steering`` field."""
+    ``model_id`` (requests may also name it by one of ``aliases``: the experiment's name), the ``eos_ids`` that
+    end an answer, the server's ``max_new_tokens_limit`` and ``max_prompts`` and ``steering``, the server's
+    parser of the extra ``steering`` field."""
 
-    def __init__(self, backend, experiment: str, eos_ids: frozenset[int], max_new_tokens_limit: int, max_prompts: int,
-                 steering: Callable[[object], list[SteeringSpec] | None]) -> None:
-        self.backend, self.experiment, self.eos_ids = backend, experiment, eos_ids
+    def __init__(self, backend, model_id: str, eos_ids: frozenset[int], max_new_tokens_limit: int, max_prompts: int,
+                 steering: Callable[[object], list[SteeringSpec] | None], aliases: Sequence[str] = ()) -> None:
+        self.backend, self.model_id, self.eos_ids = backend, model_id, eos_ids
+        self.names = frozenset((model_id, *aliases))
         self.max_new_tokens_limit, self.max_prompts, self.steering = max_new_tokens_limit, max_prompts, steering
 
     def parse(self, body: dict, chat: bool) -> OpenAIRequest:
@@ -45,7 +47,7 @@ class OpenAIAPI:
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
             used += n
         prompt_tokens = sum(len(res.prompt_token_ids) for res in results)
-        return {**r.head(self.experiment), "choices": choices,
+        return {**r.head(self.model_id), "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
 
     def finish(self, ids: list[int], r: OpenAIRequest) -> tuple[str, int, str]:
@@ -79,7 +81,7 @@ class OpenAIAPI:
         """Server-sent events of one streamed answer: a chunk per piece of text, the finish reason in the last,
         usage when asked (``stream_options.include_usage``), then ``[DONE]``. Text within the longest stop string
         of the end is held back until it cannot start a stop string, so the pieces join to the unstreamed text."""
-        tok, head = self.backend.tokenizer, r.head(self.experiment)
+        tok, head = self.backend.tokenizer, r.head(self.model_id)
         ids: list[int] = []
         sent, hold = 0, max((len(s) - 1 for s in r.stop), default=0)
 
@@ -200,8 +202,8 @@ class OpenAIRequest:
             check_fields(body, ("model", "messages"), _OPENAI_COMMON + ("max_completion_tokens", "logprobs", "top_logprobs"))
         else:
             check_fields(body, ("model", "prompt"), _OPENAI_COMMON + ("logprobs", "echo", "suffix", "best_of"))
-        if body["model"] != app.experiment:
-            raise RequestError(f"model {body['model']!r} is not served here; this server serves {app.experiment!r} "
+        if body["model"] not in app.names:
+            raise RequestError(f"model {body['model']!r} is not served here; this server serves {app.model_id!r} "
                                "(GET /v1/models)", HTTPStatus.NOT_FOUND, "model_not_found")
         for name, allowed, why in (("n", (None, 1), "one choice per request"),
                                    ("top_p", (None, 1, 1.0), "nucleus sampling is not supported"),
