@@ -109,3 +109,14 @@ def test_kl_equals_the_hf_models_and_the_unsteered_pass_is_kept_for_the_same_tex
     assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))  # the steered pass only
     backend.response_logprobs(PROMPTS[:2], RESPONSES[:2], spec, kl=True)
     assert len(calls) == 3  # other texts: a new unsteered pass
+
+
+def test_prompt_logprobs_score_every_token_after_the_first_in_bounded_batches(tiny):
+    backend = LocalBackend.from_model(tiny.model)
+    rows = [p + r for p, r in zip(PROMPTS, RESPONSES)] + [[5]]
+    got = backend.prompt_logprobs(rows, top=4, batch_size=2)  # two batches and a one-token row
+    assert got[-1] == ([], [])
+    for row, (logprobs, top) in zip(rows[:-1], got):
+        want = _hf_distributions(tiny.reference, row[:1], row[1:])
+        assert logprobs == pytest.approx(want.gather(-1, torch.tensor(row[1:])[:, None])[:, 0].tolist(), abs=1e-5)
+        assert [[i for i, _ in t] for t in top] == torch.topk(want, 4).indices.tolist()

@@ -24,7 +24,7 @@ from tracelens.serving.client import RemoteBackend, ServerError, get_backend
 from tracelens.store import Experiment
 from tracelens.io import save_tensors
 from tracelens.judges.openai import COHERENCE_SYSTEM, SCORE_USER, OpenAIJudge
-from tracelens.model.prompts import tokenize_batch
+from tracelens.model.prompts import encode, tokenize_batch
 from tracelens.serving.codec import encode_tensor
 from tracelens.app.server import ModelServer, serve
 from tracelens.errors import ConfigError
@@ -530,6 +530,47 @@ def test_logprobs_equal_the_models(client, local):
                                                                  want.response_logprobs))
 
 
+def test_echo_scores_the_prompt_as_the_hf_model_does(client, local, tiny):
+    """lm-eval's log-likelihood request: echo, max_tokens 0, logprobs: each prompt token's log-probability given
+    the ones before it (the first null), with its top alternatives, as the plain HF model computes them."""
+    prompt = "The weather is"
+    ids = encode(local.tokenizer, prompt)
+    answer = client.completions.create(model="exp", prompt=prompt, max_tokens=0, echo=True, logprobs=3,
+                                       temperature=0)
+    choice, lp = answer.choices[0], answer.choices[0].logprobs
+    assert choice.text == prompt and lp.tokens == [local.tokenizer.decode([i]) for i in ids]
+    with torch.no_grad():
+        ref = tiny.reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([float(ref[k - 1, ids[k]]) for k in range(1, len(ids))], abs=1e-5)
+    for k in range(1, len(ids)):
+        assert 1 <= len(lp.top_logprobs[k]) <= 3
+        assert max(lp.top_logprobs[k].values()) == pytest.approx(float(ref[k - 1].max()), abs=1e-5)
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), 0)
+    # under steering: the backend's teacher forcing of the same tokens, steered
+    v = _unit(64, 5)
+    steered = client.completions.create(model="exp", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                        extra_body={"steering": [{"layer": 1, "vector": v.tolist(),
+                                                                  "coefficient": 6.0}]})
+    want = local.response_logprobs([ids[:1]], [ids[1:]], [SteeringSpec(layer=1, vector=v, coefficient=6.0)])
+    got = steered.choices[0].logprobs.token_logprobs[1:]
+    assert got == pytest.approx(want.logprobs[0].tolist(), abs=1e-5) and got != pytest.approx(lp.token_logprobs[1:])
+
+
+def test_echo_with_generation_leads_with_the_prompt_and_keeps_the_answer(client):
+    prompt = "The weather is"
+    plain = client.completions.create(model="exp", prompt=prompt, max_tokens=3, temperature=0, logprobs=1)
+    echoed = client.completions.create(model="exp", prompt=prompt, max_tokens=3, temperature=0, logprobs=1,
+                                       echo=True)
+    a, b = plain.choices[0], echoed.choices[0]
+    assert b.text == prompt + a.text and b.finish_reason == a.finish_reason
+    n = len(b.logprobs.tokens) - len(a.logprobs.tokens)
+    assert n == echoed.usage.prompt_tokens and b.logprobs.tokens[n:] == a.logprobs.tokens
+    assert b.logprobs.token_logprobs[n:] == a.logprobs.token_logprobs
+    assert b.logprobs.text_offset == sorted(b.logprobs.text_offset)
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+
+
 def test_openai_judge_reads_its_top_logprobs_from_the_server(server, local):
     """`OpenAIJudge` asks for one token with logprobs=True, top_logprobs=20: it gets the model's 20 most likely
     first tokens. (A random tiny model puts no mass on the numbers 0-100, so its score is None.)"""
@@ -670,8 +711,12 @@ def test_bad_requests_get_400_in_openais_error_shape(server, body, reason):
 
 
 def test_errors_reach_the_openai_client_as_its_exceptions(server, client):
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        client.completions.create(model="exp", prompt="hi", max_tokens=2, echo=True)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model="exp", prompt="hi", max_tokens=2, suffix="!")
+    with pytest.raises(openai.BadRequestError, match="echo with stream=true is not supported"):
+        client.completions.create(model="exp", prompt="hi", max_tokens=2, echo=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="echo must be true or false"):
+        client.completions.create(model="exp", prompt="hi", max_tokens=2, extra_body={"echo": "yes"})
     with pytest.raises(openai.NotFoundError, match=re.escape(f"this server serves {server.model_id!r}")) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert err.value.code == "model_not_found"

@@ -26,8 +26,10 @@
   default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
   ``seed``, ``stop`` (strings: the text is cut before the first, generation runs on to the end of the batch),
   ``logprobs`` (completions: 0-20 alternatives; chat: ``logprobs`` + ``top_logprobs`` 0-20; not with ``stream``),
-  ``stream_options.include_usage``, ``user``; ``n``, ``top_p``, ``best_of`` only at 1, penalties at 0, no ``echo``,
-  ``suffix`` or ``logit_bias``. Steering is the extra field ``steering`` (the same entries as ``/generate``). A
+  ``stream_options.include_usage``, ``user``, completions' ``echo`` (the prompt's text and, with ``logprobs``, its
+  tokens' teacher-forced log-probabilities lead the answer, the first null; ``max_tokens: 0`` scores the prompt
+  only; not with ``stream``); ``n``, ``top_p``, ``best_of`` only at 1, penalties at 0, no ``suffix`` or
+  ``logit_bias``. Steering is the extra field ``steering`` (the same entries as ``/generate``). A
   chat of one user message (and an optional system message first) is formatted as ``/generate`` formats a
   prompt; longer conversations go through the tokenizer's chat template. Completion prompts are used as given.
   Errors have OpenAI's shape ``{"error": {message, type, param, code}}`` (an unknown model: 404
@@ -103,6 +105,7 @@ from tracelens.model.requests import (CaptureResult, CaptureSpec, GenerationConf
                                       check_every_position)
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.selection import select_vector
+from tracelens.model.prompts import encode
 from tracelens.serving.backends import LocalBackend
 from tracelens.serving.codec import encode_activations, result_to_json, token_to_json
 from tracelens.app.local_http import (
@@ -115,7 +118,7 @@ from tracelens.app.local_http import (
     threading_server,
     token_ok,
 )
-from tracelens.serving.openai_api import OpenAIAPI, OpenAIRequest, openai_error, sse_error
+from tracelens.serving.openai_api import Echo, OpenAIAPI, OpenAIRequest, openai_error, sse_error
 from tracelens.serving.prompting import placed
 from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.parsing import (
@@ -819,7 +822,24 @@ class ModelServer:
             tokens = _TokenStream(self, req, lambda cancel: b.stream(r.texts[0], r.config, None, r.steering,
                                                                      cancel=cancel, formatted=True))
             return _Stream(tokens, lambda items: self.openai.sse(r, items), sse_error, "text/event-stream")
-        return self.openai.answer(r, self._batched(r.texts, r.config, r.steering, None, req, r.logprobs))
+        echoed = self._echo(r, req) if r.echo else None
+        results = self._batched(r.texts, r.config, r.steering, None, req, r.logprobs) if r.generate else []
+        return self.openai.answer(r, results, echoed)
+
+    def _echo(self, r: OpenAIRequest, req: _Request) -> list[Echo]:
+        """The prompts of an ``echo`` request scored under its steering (`LocalBackend.prompt_logprobs`), with
+        ``r.logprobs`` alternatives per token; 400 for a prompt over the context or steering not at every
+        position."""
+        rows = [encode(self.backend.tokenizer, t) for t in r.texts]
+        n_ctx = getattr(self.backend.model.cfg, "n_ctx", None)
+        for i, row in enumerate(rows):
+            if n_ctx is not None and len(row) > n_ctx:
+                raise RequestError(f"prompt {i} has {len(row)} tokens, over the model's context of {n_ctx}")
+        with bad_request():  # echo scores the prompt: steering must reach every position
+            check_every_position(r.steering)
+        with self.model_lock(req):
+            scored = self.backend.prompt_logprobs(rows, r.steering, r.logprobs or 0)
+        return [Echo(row, logprobs, top) for row, (logprobs, top) in zip(rows, scored)]
 
 
 def serve(experiment: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,

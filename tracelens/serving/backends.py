@@ -137,6 +137,27 @@ class LocalBackend(PromptSide):
         unsteered = self._unsteered_distributions(prompt_ids, response_ids)
         return ResponseLogprobs(logprobs, [(u.exp() * (u - s)).sum(-1) for u, s in zip(unsteered, steered)])
 
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]], steering: Sequence[SteeringSpec] | None = None,
+                        top: int = 0, batch_size: int = 8) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+        """Per row of token ids, each token after the first scored by teacher forcing under `steering` (at every
+        position): its `log p(token | the tokens before it)` and the `top` most likely `(token_id, logprob)`
+        there (OpenAI's `echo`); a one-token row scores nothing. Rows run in left-padded batches of
+        `batch_size`, so at most one batch's next-token distributions are held at once."""
+        check_every_position(steering)
+        out = []
+        for start in range(0, len(token_ids), batch_size):
+            rows = [list(r) for r in token_ids[start : start + batch_size]]
+            scored = [r for r in rows if len(r) > 1]
+            dists = []
+            if scored:
+                with _steering_adapters(self._model, steering, 0):
+                    _, dists = response_logprobs(self._model, [r[:1] for r in scored], [r[1:] for r in scored],
+                                                 batch_size, distributions=True)
+            found = iter(dists)
+            out += [_logprobs(next(found), r[1:], top, log_softmaxed=True) if len(r) > 1 else ([], [])
+                    for r in rows]
+        return out
+
     def _unsteered_distributions(self, prompt_ids: Sequence[Sequence[int]],
                                  response_ids: Sequence[Sequence[int]]) -> list[Tensor]:
         """The unsteered next-token log-distributions of the responses, recomputed only for other texts."""
@@ -329,10 +350,11 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return responses
 
 
-def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int],
-              k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """Each token's log-probability under its step's `logits`, and the `k` most likely `(token_id, logprob)`."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int], k: int,
+              log_softmaxed: bool = False) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each token's log-probability under its step's `logits` (already log-probabilities when
+    `log_softmaxed`), and the `k` most likely `(token_id, logprob)`."""
+    logp = logits.float() if log_softmaxed else torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long)[:, None])[:, 0].tolist()
     top = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
     return chosen, [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]

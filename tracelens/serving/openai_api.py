@@ -34,19 +34,27 @@ class OpenAIAPI:
     def parse(self, body: dict, chat: bool) -> OpenAIRequest:
         return OpenAIRequest.parse(body, chat, self)
 
-    def answer(self, r: OpenAIRequest, results: list[CaptureResult]) -> dict:
-        """OpenAI's answer to ``r``: one choice per result, with usage (logprobs when asked)."""
+    def answer(self, r: OpenAIRequest, results: list[CaptureResult], echoed: list[Echo] | None = None) -> dict:
+        """OpenAI's answer to ``r``: one choice per prompt, with usage (logprobs when asked). With ``echo``,
+        ``echoed`` holds each prompt's tokens and their scores (`LocalBackend.prompt_logprobs`): the text and the
+        logprobs start with the prompt's (its first token's logprob is null); ``results`` is empty when
+        ``max_tokens`` is 0."""
         choices, used = [], 0
-        for i, res in enumerate(results):
-            text, n, finish = self.finish(res.response_token_ids, r)
+        for i in range(len(r.texts)):
+            res = results[i] if results else None
+            text, n, finish = self.finish(res.response_token_ids, r) if res else ("", 0, "length")
             logprobs = None if r.logprobs is None else self.logprobs_json(res, n, r.chat)
+            if echoed:
+                text = r.texts[i] + text
+                logprobs = None if r.logprobs is None else self.echo_json(echoed[i], logprobs)
             if r.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": logprobs, "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
             used += n
-        prompt_tokens = sum(len(res.prompt_token_ids) for res in results)
+        prompt_tokens = (sum(len(e.token_ids) for e in echoed) if echoed else
+                         sum(len(res.prompt_token_ids) for res in results))
         return {**r.head(self.model_id), "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
 
@@ -61,11 +69,14 @@ class OpenAIAPI:
         stopped = len(ids) < r.config.max_new_tokens or (ids and ids[-1] in self.eos_ids)
         return text, len(ids), "stop" if stopped else "length"
 
-    def logprobs_json(self, res: CaptureResult, n: int, chat: bool) -> dict:
+    def logprobs_json(self, res: CaptureResult | None, n: int, chat: bool) -> dict:
         """OpenAI's logprobs object of the first ``n`` response tokens (chat: ``content``; completions: the
         legacy ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``)."""
         tok = self.backend.tokenizer
-        ids, chosen, tops = res.response_token_ids[:n], res.response_logprobs[:n], res.response_top_logprobs[:n]
+        if res is None:  # echo with max_tokens 0: nothing generated
+            ids, chosen, tops = [], [], []
+        else:
+            ids, chosen, tops = res.response_token_ids[:n], res.response_logprobs[:n], res.response_top_logprobs[:n]
         strings = [tok.decode([i]) for i in ids]
         if chat:
             def entry(i: int, lp: float) -> dict:
@@ -75,7 +86,22 @@ class OpenAIAPI:
                                 for i, lp, top in zip(ids, chosen, tops)]}
         offsets = [sum(len(s) for s in strings[:k]) for k in range(len(strings))]
         return {"tokens": strings, "token_logprobs": chosen, "text_offset": offsets,
-                "top_logprobs": [{tok.decode([j]): l for j, l in top} for top in tops]}
+                "top_logprobs": [_top_dict(tok, top) for top in tops]}
+
+    def echo_json(self, echo: Echo, answer: dict) -> dict:
+        """The legacy logprobs object of the prompt's tokens followed by the ``answer``'s (same form); text
+        offsets count the prompt's text, special tokens (a BOS) as zero characters."""
+        tok = self.backend.tokenizer
+        special = set(tok.all_special_ids)
+        strings = [tok.decode([i]) for i in echo.token_ids]
+        lengths = [0 if i in special else len(s) for i, s in zip(echo.token_ids, strings)]
+        offsets = [sum(lengths[:k]) for k in range(len(strings))]
+        base = sum(lengths)
+        return {"tokens": strings + answer["tokens"],
+                "token_logprobs": [None, *echo.logprobs][: len(strings)] + answer["token_logprobs"],
+                "text_offset": offsets + [base + o for o in answer["text_offset"]],
+                "top_logprobs": [None, *(_top_dict(tok, top) for top in echo.top)][: len(strings)]
+                                + answer["top_logprobs"]}
 
     def sse(self, r: OpenAIRequest, tokens: Iterator[TokenOutput]) -> Iterator[bytes]:
         """Server-sent events of one streamed answer: a chunk per piece of text, the finish reason in the last,
@@ -167,6 +193,15 @@ def stop_index(text: str, stops: list[str]) -> int | None:
     return min(found) if found else None
 
 
+def _top_dict(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The legacy ``top_logprobs`` entry of one position: decoded token -> logprob, most likely first; ids that
+    decode to the same text keep the likelier one's logprob."""
+    out: dict[str, float] = {}
+    for token_id, logprob in top:
+        out.setdefault(tok.decode([token_id]), logprob)
+    return out
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -174,6 +209,16 @@ def _is_int(v) -> bool:
 def _only(body: dict, name: str, allowed: tuple, why: str) -> None:
     if body.get(name) not in allowed:
         raise RequestError(f"{name} must be {' or '.join(map(json.dumps, allowed))} ({why}); got {body[name]!r}")
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as ``echo`` returns it: its ``token_ids``, the ``logprobs`` of every token after the first and
+    their ``top`` alternatives (`LocalBackend.prompt_logprobs`)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
 
 
 @dataclass
@@ -188,6 +233,8 @@ class OpenAIRequest:
     logprobs: int | None  # top alternatives per token; None: no logprobs
     stream: bool
     include_usage: bool
+    echo: bool = False  # completions: the prompt's text (and logprobs) lead the answer
+    generate: bool = True  # False: echo with max_tokens 0, the prompt scored only
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -210,7 +257,6 @@ class OpenAIRequest:
                                    ("presence_penalty", (None, 0, 0.0), "penalties are not supported"),
                                    ("frequency_penalty", (None, 0, 0.0), "penalties are not supported"),
                                    ("best_of", (None, 1), "one candidate per prompt"),
-                                   ("echo", (None, False), "prompt logprobs are not supported"),
                                    ("suffix", (None,), "insertion is not supported")):
             if name in body:
                 _only(body, name, allowed, why)
@@ -232,12 +278,18 @@ class OpenAIRequest:
         logprobs = cls._logprobs(body, chat)
         if stream and logprobs is not None:
             raise RequestError("logprobs with stream=true is not supported; ask without streaming")
+        echo = False if body.get("echo") is None else body["echo"]
+        if not isinstance(echo, bool):
+            raise RequestError(f"echo must be true or false; got {body['echo']!r}")
+        if echo and stream:
+            raise RequestError("echo with stream=true is not supported; ask without streaming")
         texts = cls._chat_texts(body["messages"], app) if chat else cls._prompts(body["prompt"], app.max_prompts)
         if stream and len(texts) != 1:
             raise RequestError(f"stream=true takes one prompt; got {len(texts)}")
-        config = cls._config(body, chat, app.max_new_tokens_limit)
+        generate = not (echo and body.get("max_tokens") == 0)  # echo alone: the prompt scored, nothing generated
+        config = cls._config({**body, "max_tokens": None} if not generate else body, chat, app.max_new_tokens_limit)
         return cls(chat, texts, config, app.steering(body.get("steering")), stop, logprobs, stream,
-                   bool((options or {}).get("include_usage", False)))
+                   bool((options or {}).get("include_usage", False)), echo, generate)
 
     @staticmethod
     def _config(body: dict, chat: bool, limit: int) -> GenerationConfig:
