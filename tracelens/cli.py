@@ -442,9 +442,12 @@ def _add_server(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait and generate")
     p.add_argument("--io-timeout", type=float, default=30.0, help="seconds one socket read or write may block")
     p.add_argument("--stream-buffer", type=int, default=256, help="tokens a stream reader may fall behind")
+    p.add_argument("--batching", choices=("continuous", "window"), default="continuous",
+                   help="continuous: requests join the running batch between decode steps and leave as they finish; "
+                        "window: requests start only into an empty batch, after --batch-window-ms")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="milliseconds to gather concurrent requests into one batch (0: no waiting)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="most prompts in one batch")
+                   help="with --batching window: milliseconds to gather requests into one batch (0: no waiting)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most rows (prompts) decoding at once")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for the model; more get 503")
 
 

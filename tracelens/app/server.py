@@ -53,14 +53,20 @@ inside the vocabulary; ``top_logprobs`` (``logprobs`` for completions) is at mos
 ``/v1`` is in [0, 2] (OpenAI's range); a prompt plus its ``max_new_tokens`` fits the model's context; a body is at
 most 256 MiB (tests/test_server.py, tests/test_reliability_server.py).
 
-Batching: ``/generate``, ``/generate_with_capture`` and the unstreamed ``/v1`` requests queue for one worker
-thread, which gathers requests for ``batch_window_ms`` after the oldest arrived (or until ``max_batch_size``
-prompts wait) and runs those with equal ``max_new_tokens``, temperature, ``stop_token_ids`` and capture as one
-left-padded generation, each request's steering limited to its own rows (`SteeringSpec.rows`); requests with other
-settings wait for a later batch, and seeded sampling runs alone (its random draws would depend on the batch).
-A greedy request gets the same tokens as alone (tests/test_server.py). At most ``max_queue`` requests wait; more
-get 503 with the reason. Streams (``/stream``, ``stream: true``) and ``/forward_with_capture`` run one at a time
-between batches. One lock serialises all model access, so hooks of different calls never mix.
+Batching (``batching="continuous"``, the default): every generation (``/generate``, ``/generate_with_capture``,
+``/stream`` and ``/v1`` with or without ``stream``) is a job for one worker thread that runs a
+`tracelens.model.continuous.ContinuousBatch`. Between two decode steps a waiting job's prompts join the running
+batch (their prompt pass runs then, with the job's own steering), and a row that finishes leaves it at once, so its
+client is answered without waiting for the others. Rows of any settings share the batch: each keeps its steering,
+temperature, ``max_new_tokens``, stop ids, capture and logprobs. At most ``max_batch_size`` rows run at once (a
+larger request starts in slices as rows free); a greedy request gets the same tokens as alone
+(tests/test_server.py, tests/test_continuous.py). Seeded sampling waits for an empty batch and runs alone (its
+random draws would depend on the batch). ``batching="window"`` is the earlier window batcher's policy on the same
+engine: jobs start only into an empty batch, ``batch_window_ms`` after the oldest arrived (or once
+``max_batch_size`` prompts wait). At most ``max_queue`` requests wait; more get 503 with the reason and
+``Retry-After: 1`` (as every 503 has). One lock serialises all model access; the worker holds it for one step at a
+time and lets ``/forward_with_capture``, ``/response_logprobs``, ``echo`` and the checks of new requests go
+between steps, so hooks of different calls never mix.
 
 Security: binds 127.0.0.1 by default and then checks the Host header (against DNS rebinding); a non-loopback
 host is refused unless a token is set. With a token every request (``/health`` and ``/v1`` included) must send
@@ -72,16 +78,16 @@ Reliability (settings of `ModelServer`): ``config.max_new_tokens`` defaults, whe
 and ``max_new_tokens_limit``. Each request has a deadline of ``request_timeout``
 seconds for waiting on the model plus generating; past it the answer is 503 (a stream ends with an ``{error}``
 line with status 503). Every socket read or write may block at most ``io_timeout`` seconds: a body shorter than its
-Content-Length gets 408, and a client that stops reading is dropped. Generation stops (between tokens) when
-its client disconnects (a batch: when all of its clients have gone or passed their deadlines; one that leaves
-early is answered at once). A stream generates into a per-request buffer of at most ``stream_buffer`` tokens on a
-worker thread, so the model lock is never held while waiting on a reader; a reader that falls that far behind is
-dropped and its generation stops.
+Content-Length gets 408, and a client that stops reading is dropped. A request's rows leave the batch at the
+next step when its client disconnects or its deadline passes. A stream's tokens go into a per-request buffer of at
+most ``stream_buffer`` tokens, so the worker never waits on a reader; a reader that falls that far behind is dropped
+and its row leaves the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -100,12 +106,13 @@ from urllib.parse import urlsplit
 import torch
 
 from tracelens.errors import ConfigError, GenerationCancelled, RequestError
+from tracelens.model.continuous import BatchRow, ContinuousBatch
 from tracelens.model.generation import HookedGenerator, check_capture
 from tracelens.model.requests import (CaptureResult, CaptureSpec, GenerationConfig, SteeringSpec, TokenOutput,
                                       check_every_position)
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.selection import select_vector
-from tracelens.model.prompts import encode
+from tracelens.model.prompts import encode, tokenize_batch
 from tracelens.serving.backends import LocalBackend
 from tracelens.serving.codec import encode_activations, result_to_json, token_to_json
 from tracelens.app.local_http import (
@@ -119,7 +126,7 @@ from tracelens.app.local_http import (
     token_ok,
 )
 from tracelens.serving.openai_api import Echo, OpenAIAPI, OpenAIRequest, openai_error, sse_error
-from tracelens.serving.prompting import placed
+from tracelens.serving.prompting import rows_within
 from tracelens.serving.protocol import DEFAULT_PORT, TOKEN_ENV
 from tracelens.serving.parsing import (
     bad_request,
@@ -133,6 +140,8 @@ from tracelens.serving.parsing import (
 )
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
+BATCHING = ("continuous", "window")
+"""`ModelServer`'s batching policies (module docstring, "Batching")."""
 
 
 def _is_int(v) -> bool:
@@ -195,33 +204,24 @@ class _End:
 
 
 class _TokenStream:
-    """One /stream generation on a worker thread: it takes the model lock, puts tokens into a buffer of at most
-    ``app.stream_buffer`` tokens without ever waiting for the reader, and releases the lock when generation
-    ends, so a slow reader never holds the model. Generation stops between tokens when the request's deadline
-    passes, its client has gone, or the buffer is full (the reader is that far behind: it is dropped)."""
+    """The tokens of one streamed job, put by the scheduler as they are generated into a buffer of at most
+    ``limit`` tokens (the scheduler never waits for the reader), then one `_End`. A reader that falls ``limit``
+    tokens behind is dropped: its row leaves the batch at the next step."""
 
-    def __init__(self, app: "ModelServer", req: _Request, start: Callable[..., Iterator[TokenOutput]]) -> None:
-        self.app, self.req, self.start = app, req, start
-        self.items: queue.Queue = queue.Queue()  # tokens, then one _End
-        threading.Thread(target=self._produce, daemon=True, name="tracelens-stream").start()
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: queue.Queue = queue.Queue()
+        self.overflowed = False
 
-    def _produce(self) -> None:
-        error: BaseException | None = None
-        try:
-            with self.app.model_lock(self.req):
-                tokens = self.start(cancel=self.req.cancelled)
-                try:
-                    for t in tokens:
-                        if self.items.qsize() >= self.app.stream_buffer:
-                            self.req.gone.set()
-                            raise _ClientGone(f"the reader fell {self.app.stream_buffer} tokens behind")
-                        self.items.put(t)
-                finally:
-                    tokens.close()  # removes its hooks before the lock is released
-        except GenerationCancelled as err:
-            error = self.req.cancelled_error(err)
-        except BaseException as err:  # handed to the reader
-            error = err
+    def put(self, token: TokenOutput) -> bool:
+        """Buffer ``token``; False (and nothing buffered) when the reader is ``limit`` tokens behind."""
+        if self.items.qsize() >= self.limit:
+            self.overflowed = True
+            return False
+        self.items.put(token)
+        return True
+
+    def end(self, error: BaseException | None) -> None:
         self.items.put(_End(error))
 
     def __iter__(self) -> Iterator[TokenOutput]:
@@ -234,8 +234,9 @@ class _TokenStream:
 
 @dataclass(eq=False)
 class _Job:
-    """One /generate, /generate_with_capture or /v1 request waiting for (or in) a batch: its prompts as the
-    model sees them, its settings and its steering (over its own prompts)."""
+    """One generation request waiting for (or in) the running batch: its prompts as the model sees them, its
+    settings, its steering (over its own prompts) and its capture: of each token as it is generated for a stream
+    (``stream``: where its tokens go), of the whole answer by one teacher-forced forward otherwise."""
 
     texts: list[str]
     config: GenerationConfig
@@ -243,51 +244,64 @@ class _Job:
     capture: CaptureSpec | None
     top_logprobs: int | None
     req: _Request
+    stream: _TokenStream | None = None
     queued_at: float = 0.0
+    rows: list[BatchRow] = field(default_factory=list)  # the started rows, in prompt order
     results: list[CaptureResult] | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def key(self) -> tuple | None:
-        """Jobs with equal keys share a batch; None: this job runs alone (seeded sampling, whose random draws
-        would change with the batch)."""
-        c = self.config
-        if c.temperature > 0 and c.seed is not None:
-            return None
-        capture = None if self.capture is None else (
-            None if self.capture.layers is None else tuple(self.capture.layers), tuple(self.capture.components))
-        return c.max_new_tokens, c.temperature, tuple(c.stop_token_ids or ()), capture
+    def alone(self) -> bool:
+        """Seeded sampling runs alone: its random draws would depend on the batch."""
+        return self.config.temperature > 0 and self.config.seed is not None
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Answer the job: its results (already set) or ``error``."""
+        self.error = error
+        if self.stream is not None:
+            self.stream.end(error)
+        self.done.set()
 
 
-class _Batcher:
-    """Gathers jobs into batches on one worker thread and runs each batch as one left-padded generation.
+class _Scheduler:
+    """Runs every generation on one worker thread, as one `ContinuousBatch` (module docstring, "Batching").
 
-    The oldest waiting job opens a batch; the worker waits until ``window`` seconds after it arrived (or until
-    ``max_rows`` prompts with its key wait), then takes, in arrival order, every waiting job with that key that
-    still fits in ``max_rows`` (the oldest always). Each job's steering is limited to its own rows
-    (`SteeringSpec.rows`), so every prompt gets what it would get alone. At most ``max_queue`` jobs wait
-    (503 beyond). Jobs that arrive while a batch runs form the next one.
+    Each turn the worker takes the model lock and: answers 503 or drops the jobs whose deadline passed or whose
+    client has gone (their rows leave at once), starts waiting jobs in arrival order while the batch has fewer
+    than ``max_rows`` rows (a job larger than the room starts in slices as rows free), runs one decode step, and
+    answers every job whose rows have all finished; then it lets a waiting `ModelServer.model_lock` go first.
+    ``policy="window"``: jobs start only into an empty batch, ``window`` seconds after the oldest arrived (or
+    once ``max_rows`` rows wait). A seeded sampling job waits for an empty batch and runs alone through the
+    backend. At most ``max_queue`` jobs wait (503 beyond).
     """
 
-    def __init__(self, app: "ModelServer", window: float, max_rows: int, max_queue: int) -> None:
-        self.app, self.window, self.max_rows, self.max_queue = app, window, max_rows, max_queue
+    def __init__(self, app: "ModelServer", policy: str, window: float, max_rows: int, max_queue: int) -> None:
+        self.app, self.policy, self.window, self.max_rows, self.max_queue = app, policy, window, max_rows, max_queue
+        self.batch = ContinuousBatch(app.backend.model)
         self.cond = threading.Condition()
         self.pending: list[_Job] = []
+        self.running: list[_Job] = []
         self.closed = False
         self.thread = threading.Thread(target=self._loop, daemon=True, name="tracelens-batcher")
         self.thread.start()
 
-    def run(self, job: _Job) -> list[CaptureResult]:
-        """Queue ``job`` and wait for its results; 503 when the queue is full or the job's deadline passes
-        first (it then leaves the queue, or its batch, whose generation stops once all its jobs have left)."""
+    def submit(self, job: _Job) -> None:
+        """Queue ``job``; 503 when ``max_queue`` jobs wait already."""
         with self.cond:
+            if self.closed:
+                raise RequestError("the model server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
             if len(self.pending) >= self.max_queue:
                 raise RequestError(f"the model server's queue is full ({len(self.pending)} requests waiting, "
                                    f"max_queue={self.max_queue}); retry later", HTTPStatus.SERVICE_UNAVAILABLE)
             job.queued_at = time.monotonic()
             self.pending.append(job)
             self.cond.notify_all()
+
+    def run(self, job: _Job) -> list[CaptureResult]:
+        """Queue ``job`` and wait for its results; 503 when the queue is full or the job's deadline passes first
+        (it then leaves the queue, or the batch at the next step)."""
+        self.submit(job)
         while not job.done.wait(0.02):
             if job.req.cancelled():
                 with self.cond:
@@ -303,85 +317,151 @@ class _Batcher:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            for job in self.pending:
-                job.error = RequestError("the model server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
-                job.done.set()
-            self.pending.clear()
             self.cond.notify_all()
         self.thread.join()
+        shutdown = RequestError("the model server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+        for job in self.pending + self.running:
+            job.end(shutdown)
+        self.pending.clear()
+        self.running.clear()
+
+    @property
+    def rows(self) -> int:
+        """Rows in the running batch now."""
+        return len(self.batch.rows)
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run(batch)
-
-    def _next_batch(self) -> list[_Job] | None:
-        with self.cond:
-            while True:
-                while not self.pending and not self.closed:
-                    self.cond.wait()
-                if self.closed:
-                    return None
-                first = self.pending[0]
-                key = first.key
-                while key is not None and first in self.pending and not self.closed:
-                    rows = sum(len(j.texts) for j in self.pending if j.key == key)
-                    left = first.queued_at + self.window - time.monotonic()
-                    if rows >= self.max_rows or left <= 0:
+        while True:
+            with self.cond:
+                while not self.closed and not self.running:
+                    wait = self._wait()
+                    if wait is not None and wait <= 0:
                         break
-                    self.cond.wait(left)
-                if first in self.pending and not self.closed:
-                    break
-            batch, rows = [], 0
-            for job in list(self.pending):
-                if job is first or (key is not None and job.key == key and rows + len(job.texts) <= self.max_rows):
-                    batch.append(job)
-                    rows += len(job.texts)
-                    self.pending.remove(job)
-            return batch
+                    self.cond.wait(wait)
+                if self.closed:
+                    return
+            self._turn()
 
-    def _run(self, jobs: list[_Job]) -> None:
-        """Generate for ``jobs`` as one call under the model lock; each job gets its rows of the results."""
+    def _wait(self) -> float | None:
+        """Seconds until a waiting job may start into the empty batch (None: none waits)."""
+        if not self.pending:
+            return None
+        if self.policy == "continuous" or sum(len(j.texts) for j in self.pending) >= self.max_rows:
+            return 0.0
+        return self.pending[0].queued_at + self.window - time.monotonic()
+
+    def _turn(self) -> None:
         lock = self.app.lock
-        while not lock.acquire(timeout=0.05):  # a /stream or /forward_with_capture holds the model
-            jobs = [j for j in jobs if not j.req.cancelled()]  # their handlers have answered already
-            if not jobs:
-                return
+        lock.acquire()
         try:
-            texts, steering = [], []
-            for job in jobs:
-                steering += placed(job.steering, len(texts), len(job.texts))
-                texts += job.texts
-            asked = [j.top_logprobs for j in jobs if j.top_logprobs is not None]
-            kwargs = {"steering": steering or None, "formatted": True, "top_logprobs": max(asked) if asked else None,
-                      "cancel": lambda: all(j.req.cancelled() for j in jobs)}
-            b = self.app.backend
-            if jobs[0].capture is not None:
-                results = b.generate_with_capture(texts, jobs[0].config, jobs[0].capture, **kwargs)
-            else:
-                results = b.generate_results(texts, jobs[0].config, **kwargs)
-            start = 0
-            for job in jobs:
-                job.results = [_keep_logprobs(r, job.top_logprobs) for r in results[start:start + len(job.texts)]]
-                start += len(job.texts)
-        except GenerationCancelled as err:
-            for job in jobs:
-                job.error = job.req.cancelled_error(err)
-        except Exception as err:  # answered to every job of the batch (500)
-            for job in jobs:
-                job.error = err
+            self._leave_cancelled()
+            for job, start, end in self._admit():
+                self._start(job, start, end)
+            if self.batch.rows:
+                self.batch.step()
+            self._answer_finished()
+        except Exception as err:  # a failed step fails every running job (500); the batch starts afresh
+            for job in self.running:
+                job.end(err)
+            self.running.clear()
+            self.batch = ContinuousBatch(self.app.backend.model)
         finally:
             lock.release()
-            for job in jobs:
-                job.done.set()
+        while self.app.lock_waiters and not self.closed:  # another model call goes between two steps
+            time.sleep(0.0005)
 
+    def _leave_cancelled(self) -> None:
+        with self.cond:
+            for job in [j for j in self.pending if j.req.cancelled()]:
+                self.pending.remove(job)
+                job.end(job.req.cancelled_error(GenerationCancelled("while waiting for the model")))
+        for job in [j for j in self.running if j.req.cancelled() or (j.stream is not None and j.stream.overflowed)]:
+            self.batch.remove(job.rows)
+            self.running.remove(job)
+            if job.stream is not None and job.stream.overflowed:
+                job.req.gone.set()
+                job.end(_ClientGone(f"the reader fell {job.stream.limit} tokens behind"))
+            else:
+                job.end(job.req.cancelled_error(GenerationCancelled("while its batch was generating")))
 
-def _keep_logprobs(r: CaptureResult, k: int | None) -> CaptureResult:
-    """``r`` with the top ``k`` alternatives per token (the batch may have asked for more), none for None."""
-    if k is None:
-        return replace(r, response_logprobs=None, response_top_logprobs=None)
-    if r.response_top_logprobs is None:
-        return r
-    return replace(r, response_top_logprobs=[top[:k] for top in r.response_top_logprobs])
+    def _admit(self) -> list[tuple[_Job, int, int]]:
+        """The slices ``(job, start, end)`` of prompts to start now: running jobs' unstarted prompts first, then
+        waiting jobs in arrival order, while the batch has room (see the class docstring for the window policy)."""
+        room = self.max_rows - len(self.batch.rows)
+        todo = []
+        for job in self.running:
+            n = min(room, len(job.texts) - len(job.rows))
+            if n > 0:
+                todo.append((job, len(job.rows), len(job.rows) + n))
+                room -= n
+        with self.cond:
+            empty = not self.batch.rows and not self.running
+            if self.policy == "window" and not (empty and (wait := self._wait()) is not None and wait <= 0):
+                return todo
+            while self.pending and room > 0:
+                job = self.pending[0]
+                if job.alone and not (empty and not todo):
+                    break
+                self.pending.pop(0)
+                self.running.append(job)
+                n = len(job.texts) if job.alone else min(room, len(job.texts))
+                todo.append((job, 0, n))
+                room -= n
+                if job.alone:
+                    break
+        return todo
+
+    def _start(self, job: _Job, start: int, end: int) -> None:
+        """Start prompts ``start..end-1`` of ``job`` in the batch (a seeded job: run it whole, alone)."""
+        b = self.app.backend
+        try:
+            if job.alone:
+                return self._run_alone(job)
+            ids, mask = tokenize_batch(b.tokenizer, job.texts[start:end])
+            on_token = None if job.stream is None else functools.partial(self._streamed, job)
+            job.rows += self.batch.add(ids, mask, job.config, rows_within(job.steering, start, end),
+                                       job.capture if job.stream is not None else None,
+                                       top_logprobs=job.top_logprobs, on_token=on_token)
+        except Exception as err:  # this job's failure only (500)
+            self.batch.remove(job.rows)
+            self.running.remove(job)
+            job.end(err)
+
+    def _streamed(self, job: _Job, row: BatchRow, token: TokenOutput) -> None:
+        job.stream.put(replace(token, token=self.app.backend.tokenizer.decode([token.token_id])))
+
+    def _run_alone(self, job: _Job) -> None:
+        b, c = self.app.backend, job.config
+        self.running.remove(job)
+        try:
+            if job.stream is not None:
+                tokens = b.stream(job.texts[0], c, job.capture, job.steering, cancel=job.req.cancelled, formatted=True)
+                for t in tokens:
+                    if not job.stream.put(t):
+                        tokens.close()
+                        job.req.gone.set()
+                        return job.end(_ClientGone(f"the reader fell {job.stream.limit} tokens behind"))
+            elif job.capture is not None:
+                job.results = b.generate_with_capture(job.texts, c, job.capture, job.steering, formatted=True,
+                                                      top_logprobs=job.top_logprobs, cancel=job.req.cancelled)
+            else:
+                job.results = b.generate_results(job.texts, c, job.steering, formatted=True,
+                                                 top_logprobs=job.top_logprobs, cancel=job.req.cancelled)
+            job.end()
+        except GenerationCancelled as err:
+            job.end(job.req.cancelled_error(err))
+
+    def _answer_finished(self) -> None:
+        for job in [j for j in self.running if len(j.rows) == len(j.texts) and all(r.finished for r in j.rows)]:
+            self.running.remove(job)
+            try:
+                if job.stream is None:
+                    scored = None if job.top_logprobs is None else [(r.logprobs, r.top) for r in job.rows]
+                    job.results = self.app.backend.results(job.texts, [r.token_ids for r in job.rows], scored,
+                                                           job.capture, job.steering)
+                job.end()
+            except Exception as err:  # the capture forward failed: this job's failure (500)
+                job.end(err)
 
 
 @dataclass
@@ -520,6 +600,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         if auth_challenge:
             self.send_header("WWW-Authenticate", 'Bearer realm="tracelens"')
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            self.send_header("Retry-After", "1")
         self.end_headers()
         self.wfile.write(body)
 
@@ -537,8 +619,9 @@ class ModelServer:
     non-loopback ``host`` without a ``token``, and for settings out of range. Settings (see the module docstring):
     ``max_new_tokens_limit`` (tokens, default 1024), ``max_prompts`` (prompts per request, default 256),
     ``request_timeout`` (seconds, default 600), ``io_timeout``
-    (seconds, default 30), ``stream_buffer`` (tokens, default 256), ``batch_window_ms`` (milliseconds, default
-    10), ``max_batch_size`` (prompts, default 16), ``max_queue`` (requests, default 64). ``experiments_root``
+    (seconds, default 30), ``stream_buffer`` (tokens, default 256), ``batching`` ("continuous" or "window"),
+    ``batch_window_ms`` (milliseconds, default 10; the window policy's), ``max_batch_size`` (rows decoding at
+    once, default 16), ``max_queue`` (requests waiting, default 64). ``experiments_root``
     is where steering vectors named by trait are read (default: `tracelens.store.experiments_root()`).
     """
 
@@ -547,8 +630,9 @@ class ModelServer:
                  variant: str | None = None, verbose: bool = True,
                  max_new_tokens_limit: int = 1024, max_prompts: int = 256, request_timeout: float = 600.0,
                  io_timeout: float = 30.0,
-                 stream_buffer: int = 256, batch_window_ms: int | float = 10.0, max_batch_size: int = 16,
-                 max_queue: int = 64, experiments_root: str | os.PathLike | None = None) -> None:
+                 stream_buffer: int = 256, batching: str = "continuous", batch_window_ms: int | float = 10.0,
+                 max_batch_size: int = 16, max_queue: int = 64,
+                 experiments_root: str | os.PathLike | None = None) -> None:
         check_token(token)
         if host not in LOCAL_HOSTS and token is None:
             raise ConfigError(f"host {host!r} would let anyone on the network run the model; bind 127.0.0.1, "
@@ -561,6 +645,8 @@ class ModelServer:
         for name, value in (("request_timeout", request_timeout), ("io_timeout", io_timeout)):
             if not _is_num(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number of seconds > 0; got {value!r}")
+        if batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING)}; got {batching!r}")
         if not _is_num(batch_window_ms) or batch_window_ms < 0:
             raise ConfigError(f"batch_window_ms must be a finite number of milliseconds >= 0; got {batch_window_ms!r}")
         self.backend, self.experiment, self.variant = backend, experiment, variant
@@ -576,6 +662,7 @@ class ModelServer:
                                 () if experiment is None else (experiment,))
         self.created = int(time.time())
         self.lock = threading.Lock()
+        self.lock_waiters = 0  # model_lock calls waiting for the lock (the batcher lets them go first)
         self.routes = {"/generate": self.generate, "/generate_with_capture": self.generate_with_capture,
                        "/stream": self.stream, "/forward_with_capture": self.forward_with_capture,
                        "/prompt_token_ids": self.prompt_token_ids, "/token_texts": self.token_texts,
@@ -589,7 +676,7 @@ class ModelServer:
         self.port = self.httpd.server_address[1]
         self.allowed_hosts = None if host not in LOCAL_HOSTS else loopback_host_headers(self.port)
         self._thread: threading.Thread | None = None
-        self.batcher = _Batcher(self, batch_window_ms / 1000, max_batch_size, max_queue)
+        self.batcher = _Scheduler(self, batching, batch_window_ms / 1000, max_batch_size, max_queue)
 
     @property
     def url(self) -> str:
@@ -629,8 +716,11 @@ class ModelServer:
 
     @contextlib.contextmanager
     def model_lock(self, req: _Request) -> Iterator[None]:
-        """Hold the model lock; 503 when it is not free before ``req``'s deadline."""
-        if not self.lock.acquire(timeout=max(req.remaining(), 0.0)):
+        """Hold the model lock (between two decode steps of the batch); 503 when it is not free before ``req``'s
+        deadline."""
+        with self._counted_waiter():
+            got = self.lock.acquire(timeout=max(req.remaining(), 0.0))
+        if not got:
             raise RequestError(f"the model stayed busy past this request's deadline of {self.request_timeout:g} s; "
                                "retry later", HTTPStatus.SERVICE_UNAVAILABLE)
         try:
@@ -638,17 +728,28 @@ class ModelServer:
         finally:
             self.lock.release()
 
+    @contextlib.contextmanager
+    def _counted_waiter(self) -> Iterator[None]:
+        with self.batcher.cond:
+            self.lock_waiters += 1
+        try:
+            yield
+        finally:
+            with self.batcher.cond:
+                self.lock_waiters -= 1
+
     def _check_fits(self, prompts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
-                    capture: CaptureSpec | None, formatted: bool = False) -> None:
+                    capture: CaptureSpec | None, req: _Request, formatted: bool = False) -> None:
         """400 for what the model cannot run (`LocalBackend.check_generation`: a prompt that does not fit the
-        model's context, steering or capture layers outside it, vectors of another width), before any model work."""
-        with bad_request():
+        model's context, steering or capture layers outside it, vectors of another width), before any model work.
+        The checks read the model's module tree, which a decode step's fast path rewires: they hold the model lock."""
+        with self.model_lock(req), bad_request():
             self.backend.check_generation(prompts, config, steering=steering, capture=capture, formatted=formatted)
 
     def _batched(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
                  capture: CaptureSpec | None, req: _Request, top_logprobs: int | None = None) -> list[CaptureResult]:
-        """Results for the formatted ``texts``, generated in a batch with other requests (see `_Batcher`)."""
-        self._check_fits(texts, config, steering, capture, formatted=True)
+        """Results for the formatted ``texts``, generated in the running batch with other requests (`_Scheduler`)."""
+        self._check_fits(texts, config, steering, capture, req, formatted=True)
         return self.batcher.run(_Job(texts, config, steering, capture, top_logprobs, req))
 
     def _named_vector(self, entry: dict, what: str) -> tuple[int, torch.Tensor]:
@@ -689,8 +790,9 @@ class ModelServer:
                 "use_chat_template": b.use_chat_template,
                 "limits": {"max_new_tokens": self.max_new_tokens_limit, "max_prompts": self.max_prompts,
                            "request_timeout_s": self.request_timeout},
-                "batching": {"window_ms": self.batcher.window * 1000, "max_batch_size": self.batcher.max_rows,
-                             "max_queue": self.batcher.max_queue, "waiting": len(self.batcher.pending)}}
+                "batching": {"policy": self.batcher.policy, "window_ms": self.batcher.window * 1000,
+                             "max_batch_size": self.batcher.max_rows, "max_queue": self.batcher.max_queue,
+                             "waiting": len(self.batcher.pending), "running_rows": self.batcher.rows}}
 
     def _config(self, body: dict) -> GenerationConfig:
         d_vocab = getattr(self.backend.model.cfg, "d_vocab", None)
@@ -731,7 +833,7 @@ class ModelServer:
         return {"results": [result_to_json(r) for r in self._batched(texts, config, steering, capture, req)]}
 
     def stream(self, body: dict, req: _Request) -> _Stream:
-        """Validate now; then generate on a worker thread (see `_TokenStream`)."""
+        """Validate now; then generate in the running batch, token by token (see `_TokenStream`)."""
         b = self.backend
         check_fields(body, ("prompt",), ("config", "capture", "steering"))
         prompt = body["prompt"]
@@ -740,9 +842,16 @@ class ModelServer:
         config = self._config(body)
         capture = parse_capture(body.get("capture"))
         steering = self._steering(body.get("steering"), 1)
-        self._check_fits([prompt], config, steering, capture)
-        tokens = _TokenStream(self, req, lambda cancel: b.stream(prompt, config, capture, steering, cancel=cancel))
-        return _Stream(tokens, _ndjson_tokens, _ndjson_error, "application/x-ndjson")
+        self._check_fits([prompt], config, steering, capture, req)
+        return _Stream(self._streamed(b.format(prompt), config, steering, capture, req), _ndjson_tokens, _ndjson_error,
+                       "application/x-ndjson")
+
+    def _streamed(self, text: str, config: GenerationConfig, steering: list[SteeringSpec] | None,
+                  capture: CaptureSpec | None, req: _Request) -> _TokenStream:
+        """The tokens of the formatted ``text``, generated in the running batch as a stream job."""
+        tokens = _TokenStream(self.stream_buffer)
+        self.batcher.submit(_Job([text], config, steering, capture, None, req, tokens))
+        return tokens
 
     def forward_with_capture(self, body: dict, req: _Request) -> dict:
         b = self.backend
@@ -817,11 +926,9 @@ class ModelServer:
 
     def _openai(self, r: OpenAIRequest, req: _Request) -> dict | _Stream:
         if r.stream:
-            self._check_fits(r.texts, r.config, r.steering, None, formatted=True)
-            b = self.backend
-            tokens = _TokenStream(self, req, lambda cancel: b.stream(r.texts[0], r.config, None, r.steering,
-                                                                     cancel=cancel, formatted=True))
-            return _Stream(tokens, lambda items: self.openai.sse(r, items), sse_error, "text/event-stream")
+            self._check_fits(r.texts, r.config, r.steering, None, req, formatted=True)
+            return _Stream(self._streamed(r.texts[0], r.config, r.steering, None, req),
+                           lambda items: self.openai.sse(r, items), sse_error, "text/event-stream")
         echoed = self._echo(r, req) if r.echo else None
         results = self._batched(r.texts, r.config, r.steering, None, req, r.logprobs) if r.generate else []
         return self.openai.answer(r, results, echoed)
@@ -850,7 +957,7 @@ def serve(experiment: str | None = None, host: str = "127.0.0.1", port: int = DE
     ``experiment``'s model (its ``variant``; id: the model the variant names), which adds steering by trait
     name. ConfigError for both or neither, and for ``lora`` or ``variant`` without their source. ``settings``
     are `ModelServer`'s (``max_new_tokens_limit``, ``max_prompts``, ``request_timeout``, ``io_timeout``,
-    ``stream_buffer``, ``batch_window_ms``, ``max_batch_size``, ``max_queue``)."""
+    ``stream_buffer``, ``batching``, ``batch_window_ms``, ``max_batch_size``, ``max_queue``)."""
     if (model is None) == (experiment is None):
         raise ConfigError("serve a model (--model) or an experiment's model (--experiment), not both or neither")
     if lora is not None and model is None:

@@ -280,16 +280,24 @@ class LocalBackend(PromptSide):
                 ids, mask, config.max_new_tokens, config.temperature, None, steer,
                 config.stop_token_ids, config.seed, output_logits=top_logprobs is not None, cancel=cancel,
             )
-            results = [self._result(text, o.token_ids) for text, o in zip(batch_texts, outs)]
-            if top_logprobs is not None:
-                for r, o in zip(results, outs):
-                    r.response_logprobs, r.response_top_logprobs = _logprobs(o.logits, r.response_token_ids, top_logprobs)
-            if capture is not None:
-                self._capture_positions(results, capture, steer)
-            return results
+            scored = None if top_logprobs is None else [_logprobs(o.logits, o.token_ids, top_logprobs) for o in outs]
+            return self.results(batch_texts, [o.token_ids for o in outs], scored, capture, steer)
 
         batch_size = self._initial_batch_size(longest, config.max_new_tokens)
         return _batched(list(enumerate(texts)), run, batch_size, self, "generate")
+
+    def results(self, texts: Sequence[str], response_ids: Sequence[list[int]],
+                logprobs: Sequence[tuple[list[float], list[list[tuple[int, float]]]]] | None = None,
+                capture: CaptureSpec | None = None, steering: Sequence[SteeringSpec] | None = None) -> list[CaptureResult]:
+        """The `CaptureResult`s of generated `response_ids` for the formatted `texts`: decoded, with each token's
+        `(logprob, top alternatives)` when given, and with `capture` the activations of one teacher-forced forward
+        over prompt + response under `steering` (over these rows), as generation produces them."""
+        results = [self._result(text, ids) for text, ids in zip(texts, response_ids)]
+        for r, scored in zip(results, logprobs or ()):
+            r.response_logprobs, r.response_top_logprobs = scored
+        if capture is not None:
+            self._capture_positions(results, capture, steering)
+        return results
 
     def _result(self, prompt_text: str, response_ids: list[int]) -> CaptureResult:
         tok = self._tokenizer

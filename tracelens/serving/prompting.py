@@ -75,14 +75,3 @@ def rows_within(steering: Sequence[SteeringSpec] | None, start: int, end: int) -
             spec.rows = (max(spec.rows[0], start) - start, min(spec.rows[1], end) - start)
         out.append(spec)
     return out or None
-
-
-def placed(steering: Sequence[SteeringSpec] | None, start: int, n: int) -> list[SteeringSpec]:
-    """One call's steering placed at prompts `start..start+n-1` of a larger batch (the inverse of `rows_within`):
-    `rows` shifted by `start`, `rows=None` becoming all `n`. The specs are copied, not re-checked."""
-    out = []
-    for spec in steering or ():
-        spec = copy.copy(spec)
-        spec.rows = (start, start + n) if spec.rows is None else (start + spec.rows[0], start + spec.rows[1])
-        out.append(spec)
-    return out
