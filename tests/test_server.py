@@ -28,6 +28,7 @@ from tracelens.model.prompts import encode, tokenize_batch
 from tracelens.serving.codec import encode_tensor
 from tracelens.app.server import ModelServer, serve
 from tracelens.errors import ConfigError
+from tracelens.model.generation import HookedGenerator
 from tracelens.testing import make_tokenizer, tiny_hf_model
 
 PROMPTS = ["What is the capital of France?", "Hi there", "Tell me something happy."]
@@ -587,6 +588,32 @@ def test_echo_with_generation_leads_with_the_prompt_and_keeps_the_answer(client)
     assert echoed.usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_token_id_prompts_are_used_as_given(client, local, tiny):
+    """OpenAI's token-id prompts (a list of ids, or a list of id lists), as lm-eval sends them: generation and
+    echo scoring start from exactly those ids, even ids that no text encodes to (two pieces encoded apart)."""
+    ids = encode(local.tokenizer, "The weather") + local.tokenizer("is", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = tiny.reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    scored = client.completions.create(model="exp", prompt=[ids, ids[:3]], max_tokens=0, echo=True, logprobs=1)
+    a, b = scored.choices
+    assert a.logprobs.token_logprobs[1:] == pytest.approx([float(ref[k - 1, ids[k]]) for k in range(1, len(ids))],
+                                                          abs=1e-5)
+    assert b.logprobs.token_logprobs[1:] == pytest.approx(a.logprobs.token_logprobs[1:3], abs=1e-5)
+    assert scored.usage.prompt_tokens == len(ids) + 3
+    one = client.completions.create(model="exp", prompt=ids, max_tokens=4, temperature=0, logprobs=0)
+    out = HookedGenerator(tiny.model).generate(torch.tensor([ids]), None, 4, stop_at_eos=True)[0]
+    assert one.choices[0].text == local.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert one.usage.prompt_tokens == len(ids)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="exp", prompt=ids, max_tokens=4,
+                                                                            temperature=0, stream=True))
+    assert streamed == one.choices[0].text
+    for bad, msg in (([[]], "prompt[0] must be a non-empty list of integer token ids"),
+                     ([[1, 10**6]], "prompt[0] must hold token ids inside [0, 512)"),
+                     ([1, "a"], "prompt[0] must be a non-empty list of integer token ids")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(msg)):
+            client.completions.create(model="exp", prompt=bad, max_tokens=1)
+
+
 def test_openai_judge_reads_its_top_logprobs_from_the_server(server, local):
     """`OpenAIJudge` asks for one token with logprobs=True, top_logprobs=20: it gets the model's 20 most likely
     first tokens. (A random tiny model puts no mass on the numbers 0-100, so its score is None.)"""
@@ -697,7 +724,7 @@ def test_every_request_type_error_is_a_400_naming_the_field_under_v1(server, fie
         assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
         assert answer["error"]["message"][:len(reason)] == reason, answer
     status, answer = _post(server.url + "/v1/completions", json.dumps({"model": "exp", "prompt": ["hi"] * 257}).encode())
-    assert status == 400 and answer["error"]["message"].startswith("prompt must be a string or a list of 1 to 256 strings")
+    assert status == 400 and answer["error"]["message"].startswith("prompt must be a string, a list of 1 to 256 strings")
 
 
 OPENAI_CHAT = {"model": "exp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -112,8 +112,8 @@ from tracelens.model.requests import (CaptureResult, CaptureSpec, GenerationConf
                                       check_every_position)
 from tracelens.store import Experiment, get_model_variant
 from tracelens.pipeline.selection import select_vector
-from tracelens.model.prompts import encode, tokenize_batch
-from tracelens.serving.backends import LocalBackend
+from tracelens.model.prompts import encode, left_pad, pad_id
+from tracelens.serving.backends import LocalBackend, token_logprobs
 from tracelens.serving.codec import encode_activations, result_to_json, token_to_json
 from tracelens.app.local_http import (
     LOCAL_HOSTS,
@@ -239,6 +239,7 @@ class _Job:
     (``stream``: where its tokens go), of the whole answer by one teacher-forced forward otherwise."""
 
     texts: list[str]
+    ids: list[list[int]]  # the prompts' tokens, as the model gets them
     config: GenerationConfig
     steering: list[SteeringSpec] | None
     capture: CaptureSpec | None
@@ -267,10 +268,11 @@ class _Job:
 class _Scheduler:
     """Runs every generation on one worker thread, as one `ContinuousBatch` (module docstring, "Batching").
 
-    Each turn the worker takes the model lock and: answers 503 or drops the jobs whose deadline passed or whose
-    client has gone (their rows leave at once), starts waiting jobs in arrival order while the batch has fewer
-    than ``max_rows`` rows (a job larger than the room starts in slices as rows free), runs one decode step, and
-    answers every job whose rows have all finished; then it lets a waiting `ModelServer.model_lock` go first.
+    Each turn, under the model lock, the worker answers 503 or drops the jobs whose deadline passed or whose client
+    has gone (their rows leave at once), starts waiting jobs in arrival order while the batch has fewer than
+    ``max_rows`` rows (a job larger than the room starts in slices as rows free), runs one decode step, and answers
+    every job whose rows have all finished. It keeps the lock (and the steps' hooks) from turn to turn until the
+    batch is empty or a `ModelServer.model_lock` waits; it then removes the hooks and lets that call go first.
     ``policy="window"``: jobs start only into an empty batch, ``window`` seconds after the oldest arrived (or
     once ``max_rows`` rows wait). A seeded sampling job waits for an empty batch and runs alone through the
     backend. At most ``max_queue`` jobs wait (503 beyond).
@@ -331,6 +333,7 @@ class _Scheduler:
         return len(self.batch.rows)
 
     def _loop(self) -> None:
+        lock = self.app.lock
         while True:
             with self.cond:
                 while not self.closed and not self.running:
@@ -340,7 +343,15 @@ class _Scheduler:
                     self.cond.wait(wait)
                 if self.closed:
                     return
-            self._turn()
+            with lock:  # held from step to step while no other model call waits for it
+                try:
+                    self._turn()
+                    while self.running and not self.app.lock_waiters and not self.closed:
+                        self._turn()
+                finally:
+                    self.batch.unhook()
+            while self.app.lock_waiters and not self.closed:  # they go between two steps
+                time.sleep(0.0005)
 
     def _wait(self) -> float | None:
         """Seconds until a waiting job may start into the empty batch (None: none waits)."""
@@ -351,8 +362,7 @@ class _Scheduler:
         return self.pending[0].queued_at + self.window - time.monotonic()
 
     def _turn(self) -> None:
-        lock = self.app.lock
-        lock.acquire()
+        """One step of the batch, under the model lock."""
         try:
             self._leave_cancelled()
             for job, start, end in self._admit():
@@ -364,11 +374,8 @@ class _Scheduler:
             for job in self.running:
                 job.end(err)
             self.running.clear()
+            self.batch.unhook()
             self.batch = ContinuousBatch(self.app.backend.model)
-        finally:
-            lock.release()
-        while self.app.lock_waiters and not self.closed:  # another model call goes between two steps
-            time.sleep(0.0005)
 
     def _leave_cancelled(self) -> None:
         with self.cond:
@@ -417,7 +424,7 @@ class _Scheduler:
         try:
             if job.alone:
                 return self._run_alone(job)
-            ids, mask = tokenize_batch(b.tokenizer, job.texts[start:end])
+            ids, mask = left_pad(job.ids[start:end], pad_id(b.tokenizer))
             on_token = None if job.stream is None else functools.partial(self._streamed, job)
             job.rows += self.batch.add(ids, mask, job.config, rows_within(job.steering, start, end),
                                        job.capture if job.stream is not None else None,
@@ -431,22 +438,27 @@ class _Scheduler:
         job.stream.put(replace(token, token=self.app.backend.tokenizer.decode([token.token_id])))
 
     def _run_alone(self, job: _Job) -> None:
+        """Generate a seeded job as one `HookedGenerator` call (its draws as alone), the batch being empty."""
         b, c = self.app.backend, job.config
         self.running.remove(job)
+        ids, mask = left_pad(job.ids, pad_id(b.tokenizer))
+        gen = HookedGenerator(b.model)
         try:
             if job.stream is not None:
-                tokens = b.stream(job.texts[0], c, job.capture, job.steering, cancel=job.req.cancelled, formatted=True)
+                tokens = gen.stream(ids, mask, c.max_new_tokens, c.temperature, job.capture, job.steering,
+                                    c.stop_token_ids, c.seed, cancel=job.req.cancelled)
                 for t in tokens:
-                    if not job.stream.put(t):
+                    if not job.stream.put(replace(t, token=b.tokenizer.decode([t.token_id]), logits=None)):
                         tokens.close()
                         job.req.gone.set()
                         return job.end(_ClientGone(f"the reader fell {job.stream.limit} tokens behind"))
-            elif job.capture is not None:
-                job.results = b.generate_with_capture(job.texts, c, job.capture, job.steering, formatted=True,
-                                                      top_logprobs=job.top_logprobs, cancel=job.req.cancelled)
             else:
-                job.results = b.generate_results(job.texts, c, job.steering, formatted=True,
-                                                 top_logprobs=job.top_logprobs, cancel=job.req.cancelled)
+                k = job.top_logprobs
+                outs = gen.generate(ids, mask, c.max_new_tokens, c.temperature, None, job.steering, c.stop_token_ids,
+                                    c.seed, output_logits=k is not None, cancel=job.req.cancelled)
+                scored = None if k is None else [token_logprobs(o.logits, o.token_ids, k) for o in outs]
+                job.results = b.results(job.texts, [o.token_ids for o in outs], scored, job.capture, job.steering,
+                                        job.ids)
             job.end()
         except GenerationCancelled as err:
             job.end(job.req.cancelled_error(err))
@@ -458,7 +470,7 @@ class _Scheduler:
                 if job.stream is None:
                     scored = None if job.top_logprobs is None else [(r.logprobs, r.top) for r in job.rows]
                     job.results = self.app.backend.results(job.texts, [r.token_ids for r in job.rows], scored,
-                                                           job.capture, job.steering)
+                                                           job.capture, job.steering, job.ids)
                 job.end()
             except Exception as err:  # the capture forward failed: this job's failure (500)
                 job.end(err)
@@ -738,19 +750,27 @@ class ModelServer:
             with self.batcher.cond:
                 self.lock_waiters -= 1
 
-    def _check_fits(self, prompts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
-                    capture: CaptureSpec | None, req: _Request, formatted: bool = False) -> None:
-        """400 for what the model cannot run (`LocalBackend.check_generation`: a prompt that does not fit the
-        model's context, steering or capture layers outside it, vectors of another width), before any model work.
-        The checks read the model's module tree, which a decode step's fast path rewires: they hold the model lock."""
+    def _prompt_ids(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
+                    capture: CaptureSpec | None, req: _Request, ids: list[list[int]] | None = None) -> list[list[int]]:
+        """The token ids of the formatted ``texts`` (or ``ids`` as given), after a 400 for what the model cannot run
+        (`LocalBackend.check_generation`: a prompt that does not fit the model's context, steering or capture
+        layers outside it, vectors of another width), before any model work. The checks read the model's module
+        tree, which a decode step's fast path rewires: they hold the model lock."""
+        b = self.backend
         with self.model_lock(req), bad_request():
-            self.backend.check_generation(prompts, config, steering=steering, capture=capture, formatted=formatted)
+            if ids is not None:
+                b.check_token_prompts(ids, config, steering=steering, capture=capture)
+                return ids
+            b.check_generation(texts, config, steering=steering, capture=capture, formatted=True)
+            return [encode(b.tokenizer, t) for t in texts]
 
     def _batched(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
-                 capture: CaptureSpec | None, req: _Request, top_logprobs: int | None = None) -> list[CaptureResult]:
-        """Results for the formatted ``texts``, generated in the running batch with other requests (`_Scheduler`)."""
-        self._check_fits(texts, config, steering, capture, req, formatted=True)
-        return self.batcher.run(_Job(texts, config, steering, capture, top_logprobs, req))
+                 capture: CaptureSpec | None, req: _Request, top_logprobs: int | None = None,
+                 ids: list[list[int]] | None = None) -> list[CaptureResult]:
+        """Results for the formatted ``texts`` (tokens: ``ids``, None: the texts encoded), generated in the running
+        batch with other requests (`_Scheduler`)."""
+        ids = self._prompt_ids(texts, config, steering, capture, req, ids)
+        return self.batcher.run(_Job(texts, ids, config, steering, capture, top_logprobs, req))
 
     def _named_vector(self, entry: dict, what: str) -> tuple[int, torch.Tensor]:
         """``(layer, vector)`` of a steering entry that names a trait: the best vector of the experiment's
@@ -842,15 +862,16 @@ class ModelServer:
         config = self._config(body)
         capture = parse_capture(body.get("capture"))
         steering = self._steering(body.get("steering"), 1)
-        self._check_fits([prompt], config, steering, capture, req)
-        return _Stream(self._streamed(b.format(prompt), config, steering, capture, req), _ndjson_tokens, _ndjson_error,
-                       "application/x-ndjson")
+        return _Stream(self._streamed(b.format(prompt), None, config, steering, capture, req), _ndjson_tokens,
+                       _ndjson_error, "application/x-ndjson")
 
-    def _streamed(self, text: str, config: GenerationConfig, steering: list[SteeringSpec] | None,
-                  capture: CaptureSpec | None, req: _Request) -> _TokenStream:
-        """The tokens of the formatted ``text``, generated in the running batch as a stream job."""
+    def _streamed(self, text: str, ids: list[int] | None, config: GenerationConfig,
+                  steering: list[SteeringSpec] | None, capture: CaptureSpec | None, req: _Request) -> _TokenStream:
+        """The tokens of the formatted ``text`` (its tokens: ``ids``, None: encoded), generated in the running batch
+        as a stream job (checked first)."""
+        rows = self._prompt_ids([text], config, steering, capture, req, None if ids is None else [ids])
         tokens = _TokenStream(self.stream_buffer)
-        self.batcher.submit(_Job([text], config, steering, capture, None, req, tokens))
+        self.batcher.submit(_Job([text], rows, config, steering, capture, None, req, tokens))
         return tokens
 
     def forward_with_capture(self, body: dict, req: _Request) -> dict:
@@ -926,18 +947,18 @@ class ModelServer:
 
     def _openai(self, r: OpenAIRequest, req: _Request) -> dict | _Stream:
         if r.stream:
-            self._check_fits(r.texts, r.config, r.steering, None, req, formatted=True)
-            return _Stream(self._streamed(r.texts[0], r.config, r.steering, None, req),
+            ids = None if r.token_ids is None else r.token_ids[0]
+            return _Stream(self._streamed(r.texts[0], ids, r.config, r.steering, None, req),
                            lambda items: self.openai.sse(r, items), sse_error, "text/event-stream")
         echoed = self._echo(r, req) if r.echo else None
-        results = self._batched(r.texts, r.config, r.steering, None, req, r.logprobs) if r.generate else []
+        results = self._batched(r.texts, r.config, r.steering, None, req, r.logprobs, r.token_ids) if r.generate else []
         return self.openai.answer(r, results, echoed)
 
     def _echo(self, r: OpenAIRequest, req: _Request) -> list[Echo]:
         """The prompts of an ``echo`` request scored under its steering (`LocalBackend.prompt_logprobs`), with
         ``r.logprobs`` alternatives per token; 400 for a prompt over the context or steering not at every
         position."""
-        rows = [encode(self.backend.tokenizer, t) for t in r.texts]
+        rows = r.token_ids or [encode(self.backend.tokenizer, t) for t in r.texts]
         n_ctx = getattr(self.backend.model.cfg, "n_ctx", None)
         for i, row in enumerate(rows):
             if n_ctx is not None and len(row) > n_ctx:

@@ -9,12 +9,13 @@ layers alike). Each `step()` then runs one decode forward for every row, each wi
 conditional spec steers a row only if the prompt pass's decision passed it), temperature, stop ids, step
 capture and top log-probabilities. A row that produced a stop token or its last token leaves the batch at once
 (`BatchRow.finished`), `remove` drops rows between steps, and leading cache columns no remaining row uses are cut,
-so a row that has gone costs nothing.
+so a row that has gone costs nothing. Only the last position's logits are computed.
 
 A row's tokens are those its group gets alone from `HookedGenerator.generate` when greedy: the batch changes
 only floating-point rounding (tests/test_continuous.py). Sampled rows draw from the global RNG; seeded sampling
 needs its group's own draws, so `add` refuses it (generate it alone with `HookedGenerator`). Hooks are
-registered for each forward only, so other model calls may run between steps. Not thread-safe.
+registered until the rows change or `unhook()` is called: call it before another model call runs between two
+steps. Not thread-safe.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class ContinuousBatch:
         self._mask: Int[Tensor, "batch pos"] | None = None  # real (1) and padding (0) cache positions, and the next
         self._positions: Int[Tensor, "batch"] | None = None  # each row's next position (its first real token is 0)
         self._last: Int[Tensor, "batch"] | None = None  # each row's last token, the next step's input
-        self._steering: list[SteeringSpec] | None = None  # the rows' decode steering placed at their rows
+        self._hooks: contextlib.ExitStack | None = None  # the decode adapters of the current rows, while registered
+        self._grabbed: dict = {}  # their step capture's last reads
 
     def add(self, input_ids: Int[Tensor, "group pos"], attention_mask: Int[Tensor, "group pos"] | None,
             config: GenerationConfig, steering: Sequence[SteeringSpec] | None = None,
@@ -93,6 +95,7 @@ class ContinuousBatch:
             raise ConfigError("the group must be left-padded with its attention mask: every row's last position a "
                               "real token")
         lengths = mask.sum(dim=1)
+        self.unhook()
         stops = frozenset(HookedGenerator(self.model).stop_ids(config.stop_token_ids).tolist())
         with contextlib.ExitStack() as stack:
             adapters = [stack.enter_context(steering_hook(self.model, spec, lengths)) for spec in specs]
@@ -115,18 +118,13 @@ class ContinuousBatch:
         """One decode step for every row; the rows that finished with it (they have left the batch)."""
         if not self.rows:
             return []
-        if self._steering is None:
-            self._steering = [replace(s, rows=(i, i + 1)) for i, row in enumerate(self.rows) for s in row.steering]
-        sites = _capture_union([row.capture for row in self.rows])
+        if self._hooks is None:
+            self._hook()
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        with contextlib.ExitStack() as stack:
-            if self._steering:
-                stack.enter_context(PerSampleSteering(self.model, self._steering))
-            grabbed = {} if sites is None else stack.enter_context(StepCapture(self.model, sites)).last
-            out = self._forward(self._last[:, None], mask, self._positions[:, None], self._cache)
+        out = self._forward(self._last[:, None], mask, self._positions[:, None], self._cache)
         self._cache, self._mask = out.past_key_values, mask
         self._positions = self._positions + 1
-        self._last = self._record(self.rows, out.logits[:, -1, :], grabbed)
+        self._last = self._record(self.rows, out.logits[:, -1, :], self._grabbed)
         done = [row for row in self.rows if row.finished]
         if done:
             self.remove(done)
@@ -139,7 +137,7 @@ class ContinuousBatch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
-        self._steering = None
+        self.unhook()
         if not keep:
             self._cache = self._mask = self._positions = self._last = None
             return
@@ -151,12 +149,33 @@ class ContinuousBatch:
             self._mask = self._mask[:, unused:]
             _crop_front(self._cache, unused)
 
+    def unhook(self) -> None:
+        """Remove the decode steps' hooks from the model (the next `step` registers them again)."""
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks, self._grabbed = None, {}
+
     # --- internals ----------------------------------------------------------------------------------
+
+    def _hook(self) -> None:
+        """Register the current rows' decode steering, each spec at its own row, and one step capture of every
+        row's sites."""
+        stack = contextlib.ExitStack()
+        steering = [replace(s, rows=(i, i + 1)) for i, row in enumerate(self.rows) for s in row.steering]
+        sites = _capture_union([row.capture for row in self.rows])
+        try:
+            if steering:
+                stack.enter_context(PerSampleSteering(self.model, steering))
+            self._grabbed = {} if sites is None else stack.enter_context(StepCapture(self.model, sites)).last
+        except BaseException:
+            stack.close()
+            raise
+        self._hooks = stack
 
     def _forward(self, ids, mask, positions, cache):
         with torch.inference_mode(), (fast_path(self.model) if self.fast_path else contextlib.nullcontext()):
             return self.model.original_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                             past_key_values=cache, use_cache=True)
+                                             past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     def _record(self, rows: list[BatchRow], logits: Tensor, grabbed: dict) -> Int[Tensor, "batch"]:
         """Sample each row's token from `logits` `[batch, vocab]`, append it (with its log-probabilities), call
@@ -185,7 +204,7 @@ class ContinuousBatch:
     def _join(self, cache, mask: Tensor, lengths: Tensor, tokens: Tensor, rows: list[BatchRow]) -> None:
         """Put a prompt pass's cache (its rows, `mask` `[n, pos]`) after the batch's rows, both padded on the left
         to the longer timeline."""
-        self._steering = None
+        self.unhook()
         if not self.rows:
             self._cache, self._mask, self._positions, self._last, self.rows = cache, mask, lengths, tokens, rows
             return

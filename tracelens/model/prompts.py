@@ -61,8 +61,12 @@ def tokenize_batch(tokenizer, texts: Sequence[str]) -> tuple[Int[Tensor, "batch 
     """Left-padded `input_ids` and `attention_mask` for `texts` (each encoded by `encode`)."""
     if not texts:
         raise ConfigError("tokenize_batch needs at least one text")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return left_pad([encode(tokenizer, t) for t in texts], pad)
+    return left_pad([encode(tokenizer, t) for t in texts], pad_id(tokenizer))
+
+
+def pad_id(tokenizer) -> int:
+    """The id left padding uses: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:

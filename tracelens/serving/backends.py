@@ -154,7 +154,7 @@ class LocalBackend(PromptSide):
                     _, dists = response_logprobs(self._model, [r[:1] for r in scored], [r[1:] for r in scored],
                                                  batch_size, distributions=True)
             found = iter(dists)
-            out += [_logprobs(next(found), r[1:], top, log_softmaxed=True) if len(r) > 1 else ([], [])
+            out += [token_logprobs(next(found), r[1:], top, log_softmaxed=True) if len(r) > 1 else ([], [])
                     for r in rows]
         return out
 
@@ -179,6 +179,15 @@ class LocalBackend(PromptSide):
         width, rows past the prompts), the message naming the entry (`steering[1]: ...`). Every generating
         method runs these checks first."""
         self._prepare(prompts, config, system_prompts, formatted, steering, capture)
+
+    def check_token_prompts(self, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                            steering: Sequence[SteeringSpec] | None = None,
+                            capture: CaptureSpec | None = None) -> None:
+        """`check_generation` for prompts given as token ids (used as given): the same rules, the longest row's
+        length counted in its ids."""
+        if len(prompt_ids) == 0:
+            raise ConfigError("prompt_ids must be a non-empty list of token-id lists; got an empty list")
+        self._check_request(len(prompt_ids), max(len(r) for r in prompt_ids), config, steering, capture)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None,
                  steering: Sequence[SteeringSpec] | None = None,
@@ -252,17 +261,22 @@ class LocalBackend(PromptSide):
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts must be a non-empty list of strings; got an empty list")
         texts = self._texts(prompts, system_prompts, formatted)
+        longest = max(len(encode(self._tokenizer, t)) for t in texts)
+        self._check_request(len(texts), longest, config, steering, capture)
+        return texts, longest
+
+    def _check_request(self, n_prompts: int, longest: int, config: GenerationConfig | None, steering,
+                       capture: CaptureSpec | None) -> None:
+        """The checks of a generation over `n_prompts` prompts whose longest has `longest` tokens."""
         config = GenerationConfig() if config is None else config
         for what, value, kind in (("config", config, GenerationConfig), ("capture", capture, CaptureSpec)):
             if value is not None and not isinstance(value, kind):
                 raise InputTypeError(f"{what} must be a {kind.__name__}; got {type(value).__name__}")
-        check_steering_request(steering, len(texts), functools.partial(check_steering, self._model))
+        check_steering_request(steering, n_prompts, functools.partial(check_steering, self._model))
         if capture is not None:
             with field_errors("capture"):
                 check_capture(self._model, capture)
-        longest = max(len(encode(self._tokenizer, t)) for t in texts)
         check_generation_args(self._model, longest, config.max_new_tokens, config.temperature)
-        return texts, longest
 
     def _generate(self, prompts, config, steering, capture, system_prompts, cancel, formatted=False,
                   top_logprobs=None) -> list[CaptureResult]:
@@ -280,7 +294,7 @@ class LocalBackend(PromptSide):
                 ids, mask, config.max_new_tokens, config.temperature, None, steer,
                 config.stop_token_ids, config.seed, output_logits=top_logprobs is not None, cancel=cancel,
             )
-            scored = None if top_logprobs is None else [_logprobs(o.logits, o.token_ids, top_logprobs) for o in outs]
+            scored = None if top_logprobs is None else [token_logprobs(o.logits, o.token_ids, top_logprobs) for o in outs]
             return self.results(batch_texts, [o.token_ids for o in outs], scored, capture, steer)
 
         batch_size = self._initial_batch_size(longest, config.max_new_tokens)
@@ -288,20 +302,22 @@ class LocalBackend(PromptSide):
 
     def results(self, texts: Sequence[str], response_ids: Sequence[list[int]],
                 logprobs: Sequence[tuple[list[float], list[list[tuple[int, float]]]]] | None = None,
-                capture: CaptureSpec | None = None, steering: Sequence[SteeringSpec] | None = None) -> list[CaptureResult]:
-        """The `CaptureResult`s of generated `response_ids` for the formatted `texts`: decoded, with each token's
-        `(logprob, top alternatives)` when given, and with `capture` the activations of one teacher-forced forward
-        over prompt + response under `steering` (over these rows), as generation produces them."""
-        results = [self._result(text, ids) for text, ids in zip(texts, response_ids)]
+                capture: CaptureSpec | None = None, steering: Sequence[SteeringSpec] | None = None,
+                prompt_ids: Sequence[list[int]] | None = None) -> list[CaptureResult]:
+        """The `CaptureResult`s of generated `response_ids` for the formatted `texts` (their tokens: `prompt_ids`,
+        None: the texts encoded): decoded, with each token's `(logprob, top alternatives)` when given, and with
+        `capture` the activations of one teacher-forced forward over prompt + response under `steering` (over these
+        rows), as generation produces them."""
+        prompt_ids = prompt_ids or [encode(self._tokenizer, t) for t in texts]
+        results = [self._result(text, ids, p) for text, ids, p in zip(texts, response_ids, prompt_ids)]
         for r, scored in zip(results, logprobs or ()):
             r.response_logprobs, r.response_top_logprobs = scored
         if capture is not None:
             self._capture_positions(results, capture, steering)
         return results
 
-    def _result(self, prompt_text: str, response_ids: list[int]) -> CaptureResult:
+    def _result(self, prompt_text: str, response_ids: list[int], prompt_ids: list[int]) -> CaptureResult:
         tok = self._tokenizer
-        prompt_ids = encode(tok, prompt_text)
         return CaptureResult(
             prompt_text=prompt_text,
             response_text=tok.decode(response_ids, skip_special_tokens=True).strip(),
@@ -358,7 +374,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return responses
 
 
-def _logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int], k: int,
+def token_logprobs(logits: Float[Tensor, "n vocab"], token_ids: list[int], k: int,
               log_softmaxed: bool = False) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Each token's log-probability under its step's `logits` (already log-probabilities when
     `log_softmaxed`), and the `k` most likely `(token_id, logprob)`."""

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from tracelens.errors import RequestError
 from tracelens.model.prompts import encode
 from tracelens.model.requests import CaptureResult, GenerationConfig, SteeringSpec, TokenOutput, check_max_new_tokens
-from tracelens.serving.parsing import bad_request, check_fields, check_max_new_tokens_limit
+from tracelens.serving.parsing import bad_request, check_fields, check_max_new_tokens_limit, parse_id_rows
 
 
 class OpenAIAPI:
@@ -140,7 +140,7 @@ class OpenAIAPI:
             text, _, finish = self.finish(ids, r)
             yield chunk(text[sent:], finish)
         if r.include_usage:
-            prompt_tokens = len(encode(tok, r.texts[0]))
+            prompt_tokens = len(r.token_ids[0]) if r.token_ids else len(encode(tok, r.texts[0]))
             n = self.finish(ids, r)[1]
             yield sse_data({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                                               "total_tokens": prompt_tokens + n}})
@@ -223,7 +223,8 @@ class Echo:
 
 @dataclass
 class OpenAIRequest:
-    """A parsed ``/v1/completions`` or ``/v1/chat/completions`` body (``texts``: the model's text per choice)."""
+    """A parsed ``/v1/completions`` or ``/v1/chat/completions`` body (``texts``: the model's text per choice;
+    ``token_ids``: a completion's prompts sent as token ids, used as given, ``texts`` then their decoded text)."""
 
     chat: bool
     texts: list[str]
@@ -235,6 +236,7 @@ class OpenAIRequest:
     include_usage: bool
     echo: bool = False  # completions: the prompt's text (and logprobs) lead the answer
     generate: bool = True  # False: echo with max_tokens 0, the prompt scored only
+    token_ids: list[list[int]] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -283,13 +285,19 @@ class OpenAIRequest:
             raise RequestError(f"echo must be true or false; got {body['echo']!r}")
         if echo and stream:
             raise RequestError("echo with stream=true is not supported; ask without streaming")
-        texts = cls._chat_texts(body["messages"], app) if chat else cls._prompts(body["prompt"], app.max_prompts)
+        token_ids = None if chat else cls._token_prompts(body["prompt"], app)
+        if chat:
+            texts = cls._chat_texts(body["messages"], app)
+        elif token_ids is not None:
+            texts = [app.backend.tokenizer.decode(ids) for ids in token_ids]
+        else:
+            texts = cls._prompts(body["prompt"], app.max_prompts)
         if stream and len(texts) != 1:
             raise RequestError(f"stream=true takes one prompt; got {len(texts)}")
         generate = not (echo and body.get("max_tokens") == 0)  # echo alone: the prompt scored, nothing generated
         config = cls._config({**body, "max_tokens": None} if not generate else body, chat, app.max_new_tokens_limit)
         return cls(chat, texts, config, app.steering(body.get("steering")), stop, logprobs, stream,
-                   bool((options or {}).get("include_usage", False)), echo, generate)
+                   bool((options or {}).get("include_usage", False)), echo, generate, token_ids=token_ids)
 
     @staticmethod
     def _config(body: dict, chat: bool, limit: int) -> GenerationConfig:
@@ -330,9 +338,17 @@ class OpenAIRequest:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if (not isinstance(prompts, list) or not 1 <= len(prompts) <= limit
                 or not all(isinstance(p, str) for p in prompts)):
-            raise RequestError(f"prompt must be a string or a list of 1 to {limit} strings (token-id prompts are not "
-                               f"supported); got {json.dumps(prompt)[:80]}")
+            raise RequestError(f"prompt must be a string, a list of 1 to {limit} strings, a list of token ids or a "
+                               f"list of 1 to {limit} token-id lists; got {json.dumps(prompt)[:80]}")
         return prompts
+
+    @staticmethod
+    def _token_prompts(prompt, app: OpenAIAPI) -> list[list[int]] | None:
+        """Token-id prompts (OpenAI's list of ids, or list of id lists), checked; None for text prompts."""
+        if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str):
+            return None
+        rows = [prompt] if _is_int(prompt[0]) else prompt
+        return parse_id_rows(rows, "prompt", getattr(app.backend.model.cfg, "d_vocab", None), app.max_prompts)
 
     @staticmethod
     def _chat_texts(messages, app: OpenAIAPI) -> list[str]:
