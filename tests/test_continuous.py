@@ -25,8 +25,10 @@ def _groups(model):
     return [
         ([[5, 6, 7, 8, 9]], GenerationConfig(max_new_tokens=12), None, CaptureSpec(layers=[0, -1]), 0),
         ([[11, 12, 13, 14, 15, 16, 17, 18, 19], [20, 21]], GenerationConfig(max_new_tokens=7),
-         [SteeringSpec(layer=0, vector=v, coefficient=2.0, rows=(1, 2)), SteeringSpec(layer=1, vector=w, coefficient=-1.0, component="attn_contribution")], None, 2),
-        ([[30, 31, 32]], GenerationConfig(max_new_tokens=9), [SteeringSpec(layer=0, vector=w, coefficient=3.0, positions="response")],
+         [SteeringSpec(layer=0, vector=v, coefficient=2.0, rows=(1, 2)),
+          SteeringSpec(layer=1, vector=w, coefficient=-1.0, component="attn_contribution")], None, 2),
+        ([[30, 31, 32]], GenerationConfig(max_new_tokens=9),
+         [SteeringSpec(layer=0, vector=w, coefficient=3.0, positions="response")],
          CaptureSpec(layers=[1], components=["residual", "mlp_contribution"]), 3),
         ([[40, 41, 42, 43]], GenerationConfig(max_new_tokens=10, stop_token_ids=None), None, None, 3),
     ]
@@ -88,7 +90,8 @@ def test_conditional_steering_keeps_the_prompt_pass_decision_for_each_row(tiny_s
     ids, mask = left_pad(rows, 0)
     scores = []
     for threshold in (-1e9, 1e9):  # every row passes, then none
-        spec = SteeringSpec(layer=1, vector=v, coefficient=4.0, condition=Condition(vector=c, layer=0, threshold=threshold))
+        condition = Condition(vector=c, layer=0, threshold=threshold)
+        spec = SteeringSpec(layer=1, vector=v, coefficient=4.0, condition=condition)
         config = GenerationConfig(max_new_tokens=6)
         want = HookedGenerator(model).generate(ids, mask, 6, 0.0, None, [spec])
         batch = ContinuousBatch(model)

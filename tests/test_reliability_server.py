@@ -5,8 +5,13 @@ empty, NaN, negative or too-long inputs. Every network call goes to 127.0.0.1 an
 import http.client
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -175,6 +180,27 @@ def test_a_client_that_disconnects_stops_its_generation(server, forwards, path):
     assert forwards.by_batch[1] < LONG // 4, f"{forwards.by_batch[1]} forward passes after the client left"
 
 
+def test_a_client_that_disconnects_frees_its_row_at_the_next_step_and_the_batch_goes_on(server, forwards):
+    """A stream joins a running generation's batch and its client leaves after two tokens: its row leaves the
+    batch while the other row still generates, and that answer equals the same request alone."""
+    _model_idle(server)
+    body = {"prompts": ["Hello there"], "config": {"max_new_tokens": 60, "stop_token_ids": []}}
+    alone = _post(server.url + "/generate", body)
+    forwards.reset(delay=0.01)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        kept = pool.submit(_post, server.url + "/generate", body)
+        _wait_for(lambda: server.batcher.rows == 1, 30, "the kept request to generate")
+        s = _raw_request(server, "/stream", {"prompt": "Hi", "config": {"max_new_tokens": LONG}})
+        try:
+            assert all(json.loads(line)["token_id"] >= 0 for line in _read_lines(s, 2))
+            assert server.batcher.rows == 2
+        finally:
+            s.close()
+        _wait_for(lambda: server.batcher.rows <= 1, 10, "the dropped row to leave")
+        assert not kept.done()  # the dropped row left while the kept one still generated
+        assert kept.result() == alone
+
+
 def test_a_stream_may_capture_components_that_are_one_tensor(server):
     """Llama's attn_out and attn_contribution are the same tensor; the stream must still encode both."""
     capture = {"layers": [0], "components": list(COMPONENTS)}
@@ -315,3 +341,14 @@ def test_negative_or_non_finite_temperature_and_coefficients_are_errors(tiny, fo
     with pytest.raises(TypeError, match="coefficient must be a number; got str"):
         SteeringHook(tiny.model, v, path, coefficient="2")
     assert SteeringHook(tiny.model, v, path, coefficient=torch.tensor(2.0)).coefficient == 2.0
+
+
+def test_the_soak_script_checks_every_answer_and_leaves_the_batch_empty():
+    """scripts/bench/server_soak.py on the tiny model for 12 s: staggered clients, every way of asking, dropped
+    streams; it exits 1 on a mismatch, an error or rows left behind."""
+    script = Path(__file__).parents[1] / "scripts" / "bench" / "server_soak.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "tiny", "--minutes", "0.2", "--clients", "4",
+                           "--sample-s", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mismatches 0, errors 0" in done.stdout and "left at the end: 0, 0" in done.stdout

@@ -12,7 +12,7 @@ request's tokens or steering in it). The process's resident memory (the server r
 Printed: requests, mismatches, errors, dropped streams, the RSS curve and its growth after the first quarter;
 the batch must be empty at the end. Exits 1 on any mismatch or error.
 
-    python scripts/bench/server_soak.py [--model default|tiny] [--minutes 10] [--clients 8]
+    python scripts/bench/server_soak.py [--model default|tiny] [--minutes 10] [--clients 8] [--norm 16]
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class _Soak:
         body = json.dumps({"prompt": PROMPTS[p], "config": {"max_new_tokens": n},
                            "steering": self._steering(v)}).encode()
         with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
-            sock.sendall(b"POST /stream HTTP/1.0\r\nHost: " + url.netloc.encode() + b"\r\nContent-Type: application/json"
+            sock.sendall(b"POST /stream HTTP/1.0\r\nHost: " + url.netloc.encode()
+                         + b"\r\nContent-Type: application/json"
                          b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             got = b""
             while got.count(b"\n{") < 3 and (chunk := sock.recv(4096)):  # the headers end, two tokens
@@ -132,11 +133,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--sample-s", type=float, default=10.0)
+    ap.add_argument("--norm", type=float, default=16.0,
+                    help="the steering vectors' norm (large enough to change answers)")
     args = ap.parse_args()
 
     backend = _backend(args.model)
     d, layer = backend.hidden_dim, backend.n_layers // 2
-    vectors = [None] + [4.0 * v / v.norm() for v in (torch.randn(d, generator=torch.Generator().manual_seed(i))
+    vectors = [None] + [args.norm * v / v.norm() for v in (torch.randn(d, generator=torch.Generator().manual_seed(i))
                                                      for i in range(2))]
     with ModelServer(backend, port=0, verbose=False, max_batch_size=16, max_new_tokens_limit=64).start() as srv:
         soak = _Soak(srv, layer, vectors, [8, 24])

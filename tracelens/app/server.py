@@ -24,14 +24,16 @@
 - ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` as OpenAI's, ``stream`` (server-sent
   events) included, for the model id (``GET /v1/models``; the experiment's name is accepted too). Supported: ``max_tokens`` (completions default 16; chat
   default as ``config.max_new_tokens``; ``max_completion_tokens`` too), ``temperature`` (default 1.0; 0 is greedy),
-  ``seed``, ``stop`` (strings: the text is cut before the first, generation runs on to the end of the batch),
+  ``seed``, ``stop`` (strings: the text is cut before the first; the row generates on to ``max_tokens`` or EOS,
+  a stream stops there),
   ``logprobs`` (completions: 0-20 alternatives; chat: ``logprobs`` + ``top_logprobs`` 0-20; not with ``stream``),
   ``stream_options.include_usage``, ``user``, completions' ``echo`` (the prompt's text and, with ``logprobs``, its
   tokens' teacher-forced log-probabilities lead the answer, the first null; ``max_tokens: 0`` scores the prompt
   only; not with ``stream``); ``n``, ``top_p``, ``best_of`` only at 1, penalties at 0, no ``suffix`` or
   ``logit_bias``. Steering is the extra field ``steering`` (the same entries as ``/generate``). A
   chat of one user message (and an optional system message first) is formatted as ``/generate`` formats a
-  prompt; longer conversations go through the tokenizer's chat template. Completion prompts are used as given.
+  prompt; longer conversations go through the tokenizer's chat template. Completion prompts are used as given:
+  text, or token ids (a list of ids, or a list of id lists, as lm-eval sends them).
   Errors have OpenAI's shape ``{"error": {message, type, param, code}}`` (an unknown model: 404
   ``model_not_found``).
 
@@ -224,6 +226,9 @@ class _TokenStream:
     def end(self, error: BaseException | None) -> None:
         self.items.put(_End(error))
 
+    def overflow_error(self) -> "_ClientGone":
+        return _ClientGone(f"the reader fell {self.limit} tokens behind")
+
     def __iter__(self) -> Iterator[TokenOutput]:
         """The tokens in order, then raises the error that ended generation, if any."""
         while not isinstance(item := self.items.get(), _End):
@@ -387,7 +392,7 @@ class _Scheduler:
             self.running.remove(job)
             if job.stream is not None and job.stream.overflowed:
                 job.req.gone.set()
-                job.end(_ClientGone(f"the reader fell {job.stream.limit} tokens behind"))
+                job.end(job.stream.overflow_error())
             else:
                 job.end(job.req.cancelled_error(GenerationCancelled("while its batch was generating")))
 
@@ -451,7 +456,7 @@ class _Scheduler:
                     if not job.stream.put(replace(t, token=b.tokenizer.decode([t.token_id]), logits=None)):
                         tokens.close()
                         job.req.gone.set()
-                        return job.end(_ClientGone(f"the reader fell {job.stream.limit} tokens behind"))
+                        return job.end(job.stream.overflow_error())
             else:
                 k = job.top_logprobs
                 outs = gen.generate(ids, mask, c.max_new_tokens, c.temperature, None, job.steering, c.stop_token_ids,
@@ -753,16 +758,14 @@ class ModelServer:
     def _prompt_ids(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
                     capture: CaptureSpec | None, req: _Request, ids: list[list[int]] | None = None) -> list[list[int]]:
         """The token ids of the formatted ``texts`` (or ``ids`` as given), after a 400 for what the model cannot run
-        (`LocalBackend.check_generation`: a prompt that does not fit the model's context, steering or capture
+        (`LocalBackend.check_token_prompts`: a prompt that does not fit the model's context, steering or capture
         layers outside it, vectors of another width), before any model work. The checks read the model's module
         tree, which a decode step's fast path rewires: they hold the model lock."""
         b = self.backend
         with self.model_lock(req), bad_request():
-            if ids is not None:
-                b.check_token_prompts(ids, config, steering=steering, capture=capture)
-                return ids
-            b.check_generation(texts, config, steering=steering, capture=capture, formatted=True)
-            return [encode(b.tokenizer, t) for t in texts]
+            ids = ids if ids is not None else [encode(b.tokenizer, t) for t in texts]
+            b.check_token_prompts(ids, config, steering=steering, capture=capture)
+        return ids
 
     def _batched(self, texts: list[str], config: GenerationConfig, steering: list[SteeringSpec] | None,
                  capture: CaptureSpec | None, req: _Request, top_logprobs: int | None = None,

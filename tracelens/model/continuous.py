@@ -182,10 +182,9 @@ class ContinuousBatch:
         `on_token`, and mark rows that are done; the tokens."""
         logits = logits.float().to(self.device)  # the head may sit on another device
         tokens = logits.argmax(dim=-1)
-        sampled = [i for i, row in enumerate(rows) if row.temperature > 0]
-        for i in sampled:
-            probs = torch.softmax(logits[i] / rows[i].temperature, dim=-1)
-            tokens[i] = torch.multinomial(probs, 1)[0]
+        for i, row in enumerate(rows):
+            if row.temperature > 0:
+                tokens[i] = HookedGenerator._sample(logits[i:i + 1], row.temperature, None)[0]
         k = max((row.top_logprobs for row in rows if row.top_logprobs is not None), default=None)
         logp = None if k is None else torch.log_softmax(logits, dim=-1).cpu()
         top = None if k is None else torch.topk(logp, min(k, logp.shape[1]), dim=-1)

@@ -294,7 +294,8 @@ class LocalBackend(PromptSide):
                 ids, mask, config.max_new_tokens, config.temperature, None, steer,
                 config.stop_token_ids, config.seed, output_logits=top_logprobs is not None, cancel=cancel,
             )
-            scored = None if top_logprobs is None else [token_logprobs(o.logits, o.token_ids, top_logprobs) for o in outs]
+            k = top_logprobs
+            scored = None if k is None else [token_logprobs(o.logits, o.token_ids, k) for o in outs]
             return self.results(batch_texts, [o.token_ids for o in outs], scored, capture, steer)
 
         batch_size = self._initial_batch_size(longest, config.max_new_tokens)
