@@ -771,3 +771,17 @@ def test_the_token_is_required_under_v1(tiny):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="exp", prompt="hi", max_tokens=2, temperature=0).choices[0].index == 0
+
+
+def test_seeded_sampling_runs_alone_and_draws_as_the_local_backend(server, local):
+    """Seeded sampling waits for an empty batch and runs as one `HookedGenerator` call: a stream and a two-prompt
+    generate draw the same tokens as the local backend with the same seed."""
+    config = GenerationConfig(max_new_tokens=6, temperature=0.9, seed=7)
+    remote = RemoteBackend(server.url, timeout=60.0)
+    streamed = [t.token_id for t in remote.stream("Hi there", config)]
+    assert streamed == [t.token_id for t in local.stream("Hi there", config)]
+    got = remote.generate_results(["Hi", "Tell me more"], config)
+    want = local.generate_results(["Hi", "Tell me more"], config)
+    assert [r.response_token_ids for r in got] == [r.response_token_ids for r in want]
+    greedy = local.generate_results(["Hi", "Tell me more"], GenerationConfig(max_new_tokens=6))
+    assert [r.response_token_ids for r in want] != [r.response_token_ids for r in greedy]  # it sampled

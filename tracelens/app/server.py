@@ -439,8 +439,10 @@ class _Scheduler:
             self.running.remove(job)
             job.end(err)
 
-    def _streamed(self, job: _Job, row: BatchRow, token: TokenOutput) -> None:
-        job.stream.put(replace(token, token=self.app.backend.tokenizer.decode([token.token_id])))
+    def _streamed(self, job: _Job, row: BatchRow | None, token: TokenOutput) -> bool:
+        """Put ``token`` (with its text, without logits) into the job's stream; False when its reader is too far
+        behind (`_TokenStream.put`)."""
+        return job.stream.put(replace(token, token=self.app.backend.tokenizer.decode([token.token_id]), logits=None))
 
     def _run_alone(self, job: _Job) -> None:
         """Generate a seeded job as one `HookedGenerator` call (its draws as alone), the batch being empty."""
@@ -453,7 +455,7 @@ class _Scheduler:
                 tokens = gen.stream(ids, mask, c.max_new_tokens, c.temperature, job.capture, job.steering,
                                     c.stop_token_ids, c.seed, cancel=job.req.cancelled)
                 for t in tokens:
-                    if not job.stream.put(replace(t, token=b.tokenizer.decode([t.token_id]), logits=None)):
+                    if not self._streamed(job, None, t):
                         tokens.close()
                         job.req.gone.set()
                         return job.end(job.stream.overflow_error())
